@@ -1,0 +1,158 @@
+"""YAML experiment files + dotted command-line overrides -> a type-checked `Config`.
+
+    cfg = load_config("config/cifar10_lt/stage1_softmax.yaml", ["train.epochs=30"])
+
+Every key is checked against the schema: an unknown key is an error listing the closest valid
+keys, a value of the wrong type names the key, the value and the expected type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _leaf_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    valid = _leaf_keys(Config)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    # A bare or misplaced leaf (`epochs`, `data.epochs`) should point at `train.epochs`.
+    leaf = key.rsplit(".", 1)[-1]
+    close += [k for k in valid if k.rsplit(".", 1)[-1] == leaf and k not in close]
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key {key!r} ({source}){hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Return value as type tp, or raise a ConfigError naming key, value and type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg, source)
+            except ConfigError:
+                pass
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(f"{key}[{i}]", v, item_tp, source) for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `name=123` means the string "123"
+    raise ConfigError(
+        f"config key {key!r} ({source}) expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _set(cfg: Any, key: str, value: Any, source: str) -> None:
+    *sections, leaf = key.split(".")
+    node = cfg
+    for part in sections:
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise _unknown_key(key, source)
+        node = getattr(node, part)
+    if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in dataclasses.fields(node)}:
+        raise _unknown_key(key, source)
+    tp = typing.get_type_hints(type(node))[leaf]
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"config key {key!r} ({source}) is a section; set its keys, e.g. {key}.<key>=...")
+    setattr(node, leaf, _coerce(key, value, tp, source))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file's keys, then `key=value` overrides, in that order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass --cfg with a YAML under config/")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(tree).__name__}")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value, f"in {path}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=30")
+        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", f"override {item!r}")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from a checkpoint's or run directory's saved dict (same checks)."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _set(cfg, key, value, "saved config")
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (e.g. a checkpoint's and now)."""
+    a, b = _flatten(saved), _flatten(current)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

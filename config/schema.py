@@ -1,0 +1,82 @@
+"""Every configuration key of both stages, with its default and why.
+
+Experiment YAML files under config/<dataset>/ hold only what differs from these defaults; the
+command line overrides any key with a dotted path (`train.epochs=30`). Only the two entry scripts
+read this; the packages below them take plain arguments.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _default_data_root() -> str:
+    # One environment variable points every run at a shared copy of the datasets.
+    return os.environ.get("LT_DATA_ROOT", "datasets")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10 | cifar100 (official python formats under root)
+    root: str = field(default_factory=_default_data_root)  # folder holding cifar-10-batches-py/ ...; $LT_DATA_ROOT
+    download: bool = False  # fetch the official archive (MD5-checked) when the folder is missing
+    imbalance_factor: float = 100.0  # n_max / n_min of the long-tailed training set; 1 = balanced
+    profile: str = "exp"  # exp | step: how counts fall from head to tail
+    subset_seed: int = 0  # which images form the long-tailed subset (independent of train.seed)
+    val_per_class: int = 0  # images per class held out of the training images for model selection
+    crop_padding: int = 4  # pixels of zero padding before the random crop; 0 = no crop
+    flip: bool = True  # random horizontal flip
+    autoaugment: bool = False  # CIFAR AutoAugment policy (Cubuk et al. 2019)
+    cutout: int = 0  # side of the Cutout square in pixels; 0 = off
+    sampler: str = "instance"  # how a training epoch draws images (data.samplers.SAMPLERS)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet32"  # models.MODELS
+    channels_last: bool = True  # NHWC convolutions: faster on CPU for ResNet-32
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"  # models.losses.LOSSES
+    label_smoothing: float = 0.0  # for ce only
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200  # length of training in epochs (ignored when iterations > 0)
+    iterations: int = 0  # length in optimiser steps instead of epochs (the BALMS schedule: 13000)
+    batch_size: int = 128  # images per step
+    lr: float = 0.1  # peak learning rate, reached after warm-up
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4  # L2 on all parameters, as the papers' code does
+    schedule: str = "cosine"  # cosine | step: decay after warm-up
+    warmup: float = 5.0  # linear warm-up length, in epochs (or in iterations when iterations > 0)
+    milestones: list[float] = field(default_factory=lambda: [160.0, 180.0])  # step schedule, same unit as warmup
+    gamma: float = 0.1  # step schedule: lr factor at each milestone
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixup; 0 = off
+    seed: int = 0  # torch / numpy / python seed: init, data order, augmentation
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
+    select_metric: str = "top1"  # validation metric that picks the best checkpoint: top1 | many | medium | few
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 512  # images per evaluation batch (no gradients: larger is faster)
+
+
+@dataclass
+class Config:
+    name: str = "default"  # experiment name: the run directory is logs/<name>/ unless log_dir is set
+    log_dir: str = ""  # run directory; empty = logs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.log_dir or os.path.join("logs", self.name)

@@ -1,0 +1,132 @@
+"""Long-tailed subsets of a balanced labelled set, and per-class count bookkeeping.
+
+The CIFAR-LT protocol (Cui et al. 2019, Cao et al. 2019) keeps ``n_i`` training images of
+class ``i``, where ``n_i`` follows an exponential or step profile with imbalance factor
+IF = n_max / n_min. Draws are seeded so a subset is reproducible from (counts, seed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _exp_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    # Written exactly as in the reference implementations so the rounding matches them.
+    return [int(n_max * (1 / imbalance_factor) ** (i / (num_classes - 1))) for i in range(num_classes)]
+
+
+def _step_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    head = num_classes // 2
+    return [n_max] * head + [int(n_max / imbalance_factor)] * (num_classes - head)
+
+
+PROFILES: dict[str, Callable[[int, int, float], list[int]]] = {
+    "exp": _exp_counts,
+    "step": _step_counts,
+}
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str) -> list[int]:
+    """Images to keep per class (class 0 is the head) for the given profile and IF."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown long-tail profile {profile!r}; valid profiles: {sorted(PROFILES)}")
+    if n_max < 1:
+        raise ValueError(f"n_max must be at least 1, got {n_max}")
+    if num_classes < 2:
+        raise ValueError(f"a long-tailed profile needs at least 2 classes, got num_classes={num_classes}")
+    if imbalance_factor < 1:
+        raise ValueError(
+            f"imbalance_factor is n_max / n_min and must be >= 1 (1 = balanced), got {imbalance_factor}"
+        )
+    return PROFILES[profile](n_max, num_classes, imbalance_factor)
+
+
+def _check_labels(labels: torch.Tensor) -> None:
+    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be a 1-D integer tensor, got dtype {labels.dtype} and shape {tuple(labels.shape)}"
+        )
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"labels must be non-negative class indices, found {int(labels.min())}")
+
+
+def _draw_per_class(
+    labels: torch.Tensor, counts: Sequence[int], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each class c, split its indices into a seeded draw of counts[c] and the rest."""
+    drawn, rest = [], []
+    for c, wanted in enumerate(counts):
+        members = torch.nonzero(labels == c).flatten()
+        if wanted < 0:
+            raise ValueError(f"class {c}: asked for {wanted} images, counts must be >= 0")
+        if wanted > members.numel():
+            raise ValueError(
+                f"class {c}: asked for {wanted} images but only {members.numel()} are available; "
+                f"lower n_max / the counts or hold out fewer images"
+            )
+        order = members[torch.randperm(members.numel(), generator=generator)]
+        drawn.append(order[:wanted])
+        rest.append(order[wanted:])
+    empty = torch.empty(0, dtype=torch.int64)
+    drawn_all = torch.cat([empty, *drawn]).sort().values
+    rest_all = torch.cat([empty, *rest]).sort().values
+    return drawn_all, rest_all
+
+
+def select_long_tail(labels: torch.Tensor, counts: Sequence[int], seed: int) -> torch.Tensor:
+    """Sorted int64 indices into ``labels`` keeping a seeded draw of counts[c] images of class c."""
+    _check_labels(labels)
+    if labels.numel() and int(labels.max()) >= len(counts):
+        raise ValueError(
+            f"labels contain class {int(labels.max())} but counts has only {len(counts)} entries; "
+            f"pass one count per class"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    selected, _ = _draw_per_class(labels, counts, generator)
+    logger.info("long-tailed subset: kept %d of %d images", selected.numel(), labels.numel())
+    return selected
+
+
+def hold_out_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (remaining, held_out) with exactly ``per_class`` held out of each class.
+
+    Classes are 0..labels.max(); every one of them must have at least ``per_class`` images.
+    Both outputs are sorted int64 tensors.
+    """
+    _check_labels(labels)
+    if per_class < 0:
+        raise ValueError(f"per_class must be >= 0, got {per_class}")
+    if per_class == 0 or labels.numel() == 0:
+        return torch.arange(labels.numel(), dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    num_classes = int(labels.max()) + 1
+    generator = torch.Generator().manual_seed(seed)
+    held_out, remaining = _draw_per_class(labels, [per_class] * num_classes, generator)
+    return remaining, held_out
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
+    """Number of images of each class 0..num_classes-1."""
+    _check_labels(labels)
+    if labels.numel() and int(labels.max()) >= num_classes:
+        raise ValueError(f"labels contain class {int(labels.max())} but num_classes={num_classes}")
+    return torch.bincount(labels.long(), minlength=num_classes).tolist()
+
+
+def shot_groups(train_counts: Sequence[int], many_above: int = 100, few_below: int = 20) -> dict[str, list[int]]:
+    """Class indices split by training count: many (> many_above), few (< few_below), medium (the rest)."""
+    if few_below > many_above:
+        raise ValueError(f"few_below ({few_below}) must not exceed many_above ({many_above})")
+    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
+    for c, n in enumerate(train_counts):
+        if n > many_above:
+            groups["many"].append(c)
+        elif n < few_below:
+            groups["few"].append(c)
+        else:
+            groups["medium"].append(c)
+    return groups

@@ -1,0 +1,74 @@
+"""Self-describing checkpoints, written atomically, loaded with explicit key checks.
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists) so that it loads with
+`torch.load(weights_only=True)`: model and optimiser state, scheduler state, epoch and step,
+the resolved config, the model's constructor arguments and the training class counts.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+FORMAT = "lt-decoupled/1"  # bumped when the layout of the dict changes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model or is not one of ours."""
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A run killed mid-write leaves the previous checkpoint intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; train first, or pass --ckpt with the path of a .pt file from a run directory"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this tool (expected format {FORMAT!r})")
+    return ckpt
+
+
+def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """load_state_dict(strict) with an error that names every missing, unexpected or misshapen key."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshapen = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if misshapen:
+        problems.append(f"shape mismatches: {'; '.join(misshapen)}")
+    if problems:
+        raise CheckpointError(f"{what} does not fit the model: " + " | ".join(problems))
+    module.load_state_dict(state)

@@ -1,0 +1,17 @@
+"""Model names -> builders. Every model exposes `forward_features(x) -> (B, D)`, `feature_dim`
+and a linear `head`, the boundary stage 2 works at."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from models.resnet_cifar import resnet32
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"resnet32": resnet32}
+
+
+def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
+    return MODELS[name](num_classes=num_classes, **kwargs)

@@ -1,0 +1,160 @@
+"""Behaviour of long-tailed count profiles, seeded subset draws and shot grouping."""
+
+import pytest
+import torch
+
+from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, select_long_tail, shot_groups
+
+
+def test_cifar10_exp_if200_matches_published_counts():
+    assert long_tail_counts(5000, 10, 200, "exp") == [5000, 2775, 1540, 854, 474, 263, 146, 81, 45, 25]
+
+
+def test_cifar10_exp_if100_head_and_tail_counts():
+    counts = long_tail_counts(5000, 10, 100, "exp")
+    assert counts[0] == 5000
+    assert counts[-1] == 50
+    assert sum(counts) == 12406  # CIFAR-10-LT IF100 training-set size reported by Cao et al.
+
+
+def test_cifar100_exp_if100_tail_is_five():
+    counts = long_tail_counts(500, 100, 100, "exp")
+    assert counts[0] == 500
+    assert counts[-1] == 5
+    assert sum(counts) == 10847  # CIFAR-100-LT IF100 training-set size reported by Cao et al.
+
+
+@pytest.mark.parametrize("n_max,num_classes", [(5000, 10), (500, 100)])
+@pytest.mark.parametrize("imbalance_factor", [10, 50, 100, 200])
+def test_exp_profile_follows_geometric_decay(n_max, num_classes, imbalance_factor):
+    # n_i = int(n_max * (1/IF) ** (i / (C - 1))), the CIFAR-LT reference formula.
+    expected = [int(n_max * (1 / imbalance_factor) ** (i / (num_classes - 1))) for i in range(num_classes)]
+    got = long_tail_counts(n_max, num_classes, imbalance_factor, "exp")
+    assert got == expected
+    assert got[0] == n_max
+    assert got[-1] == int(n_max / imbalance_factor)  # the tail class holds n_max / IF images
+
+
+@pytest.mark.parametrize("n_max,num_classes", [(5000, 10), (500, 100)])
+@pytest.mark.parametrize("imbalance_factor", [10, 50, 100, 200])
+def test_step_profile_keeps_head_half_and_divides_tail_half(n_max, num_classes, imbalance_factor):
+    half = num_classes // 2
+    expected = [n_max] * half + [n_max // imbalance_factor] * (num_classes - half)
+    assert long_tail_counts(n_max, num_classes, imbalance_factor, "step") == expected
+
+
+def test_step_profile_odd_class_count_puts_middle_class_in_tail():
+    assert long_tail_counts(100, 5, 10, "step") == [100, 100, 10, 10, 10]
+
+
+@pytest.mark.parametrize("profile", ["exp", "step"])
+def test_imbalance_factor_one_is_balanced(profile):
+    assert long_tail_counts(500, 100, 1, profile) == [500] * 100
+
+
+def test_imbalance_factor_below_one_is_rejected():
+    with pytest.raises(ValueError, match="imbalance_factor"):
+        long_tail_counts(5000, 10, 0.5, "exp")
+
+
+def test_unknown_profile_error_lists_valid_profiles():
+    with pytest.raises(ValueError, match=r"'linear'.*\['exp', 'step'\]"):
+        long_tail_counts(5000, 10, 100, "linear")
+
+
+def _balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    return torch.arange(num_classes).repeat(per_class)
+
+
+def test_select_long_tail_keeps_requested_count_per_class_sorted_int64():
+    labels = _balanced_labels(4, 10)
+    idx = select_long_tail(labels, [10, 6, 3, 0], seed=0)
+    assert idx.dtype == torch.int64
+    assert torch.equal(idx, idx.sort().values)
+    assert len(set(idx.tolist())) == idx.numel()
+    assert torch.bincount(labels[idx], minlength=4).tolist() == [10, 6, 3, 0]
+
+
+def test_select_long_tail_same_seed_same_indices():
+    labels = _balanced_labels(3, 50)
+    assert torch.equal(select_long_tail(labels, [20, 10, 5], 7), select_long_tail(labels, [20, 10, 5], 7))
+
+
+def test_select_long_tail_different_seed_different_indices():
+    labels = _balanced_labels(3, 50)
+    assert not torch.equal(select_long_tail(labels, [20, 10, 5], 1), select_long_tail(labels, [20, 10, 5], 2))
+
+
+def test_select_long_tail_draws_first_counts_of_seeded_class_permutation():
+    labels = torch.tensor([1, 0, 1, 0, 1, 0])
+    g = torch.Generator().manual_seed(3)
+    class0 = torch.tensor([1, 3, 5])[torch.randperm(3, generator=g)][:2]
+    class1 = torch.tensor([0, 2, 4])[torch.randperm(3, generator=g)][:1]
+    expected = sorted(class0.tolist() + class1.tolist())
+    assert select_long_tail(labels, [2, 1], seed=3).tolist() == expected
+
+
+def test_select_long_tail_too_few_images_names_class_asked_and_available():
+    labels = _balanced_labels(3, 4)
+    with pytest.raises(ValueError, match=r"class 2: asked for 5 images but only 4"):
+        select_long_tail(labels, [4, 4, 5], seed=0)
+
+
+def test_select_long_tail_rejects_labels_beyond_counts():
+    with pytest.raises(ValueError, match="class 3"):
+        select_long_tail(torch.tensor([0, 1, 3]), [1, 1], seed=0)
+
+
+def test_select_long_tail_rejects_float_labels():
+    with pytest.raises(ValueError, match="integer"):
+        select_long_tail(torch.tensor([0.0, 1.0]), [1, 1], seed=0)
+
+
+def test_hold_out_takes_exactly_per_class_and_partitions_indices():
+    labels = _balanced_labels(5, 12)
+    remaining, held = hold_out_per_class(labels, 3, seed=0)
+    assert torch.bincount(labels[held], minlength=5).tolist() == [3] * 5
+    assert torch.bincount(labels[remaining], minlength=5).tolist() == [9] * 5
+    assert sorted(remaining.tolist() + held.tolist()) == list(range(60))
+    assert torch.equal(held, held.sort().values)
+    assert torch.equal(remaining, remaining.sort().values)
+
+
+def test_hold_out_is_seeded():
+    labels = _balanced_labels(5, 12)
+    assert torch.equal(hold_out_per_class(labels, 3, 4)[1], hold_out_per_class(labels, 3, 4)[1])
+    assert not torch.equal(hold_out_per_class(labels, 3, 4)[1], hold_out_per_class(labels, 3, 5)[1])
+
+
+def test_hold_out_zero_returns_everything_and_empty():
+    remaining, held = hold_out_per_class(torch.tensor([2, 0, 1, 0]), 0, seed=0)
+    assert remaining.tolist() == [0, 1, 2, 3]
+    assert held.numel() == 0 and held.dtype == torch.int64
+
+
+def test_hold_out_more_than_available_names_class():
+    with pytest.raises(ValueError, match=r"class 1: asked for 3 images but only 2"):
+        hold_out_per_class(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2]), 3, seed=0)
+
+
+def test_class_counts_counts_each_class_including_absent_ones():
+    assert class_counts(torch.tensor([0, 2, 2, 0, 2]), 4) == [2, 0, 3, 0]
+
+
+def test_class_counts_rejects_label_out_of_range():
+    with pytest.raises(ValueError, match="num_classes=2"):
+        class_counts(torch.tensor([0, 2]), 2)
+
+
+def test_shot_groups_boundaries_are_exact():
+    groups = shot_groups([101, 100, 20, 19, 500, 0])
+    assert groups == {"many": [0, 4], "medium": [1, 2], "few": [3, 5]}
+
+
+def test_shot_groups_allow_empty_groups():
+    assert shot_groups([5000, 2000]) == {"many": [0, 1], "medium": [], "few": []}
+    assert shot_groups([]) == {"many": [], "medium": [], "few": []}
+
+
+def test_shot_groups_custom_thresholds():
+    assert shot_groups([10, 5, 4], many_above=9, few_below=5) == {"many": [0], "medium": [1], "few": [2]}
