@@ -1,0 +1,53 @@
+"""Loss registry: choose a long-tailed classification loss by name.
+
+Every loss is built as ``Cls(class_counts, **params)`` and called as
+``loss(logits (B, C), labels (B,) int64) -> scalar``. All of them expose
+``set_epoch(epoch)`` (call at each epoch start) and ``init_bias() -> float | None``
+(a classifier-bias init the head should use, or None). Mixup is composed by the caller
+as ``lam * loss(z, y_a) + (1 - lam) * loss(z, y_b)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from models.losses_base import LongTailLoss
+from models.losses_logit import ARBLoss, BalancedSoftmaxLoss, CrossEntropyLoss, LogitAdjustLoss, posthoc_logit_adjust
+from models.losses_weighted import ClassBalancedLoss, FocalLoss, LDAMLoss, ReweightLoss
+
+__all__ = ["LOSSES", "LongTailLoss", "build_loss", "posthoc_logit_adjust"]
+
+logger = logging.getLogger(__name__)
+
+LOSSES: dict[str, type[LongTailLoss]] = {
+    "ce": CrossEntropyLoss,
+    "balanced_softmax": BalancedSoftmaxLoss,
+    "logit_adjust": LogitAdjustLoss,
+    "class_balanced": ClassBalancedLoss,
+    "focal": FocalLoss,
+    "reweight": ReweightLoss,
+    "ldam": LDAMLoss,
+    "arb": ARBLoss,
+}
+
+
+def build_loss(name: str, class_counts: Sequence[int] | torch.Tensor, **params: Any) -> LongTailLoss:
+    """Build the loss registered as ``name`` for the given training-set class counts.
+
+    Raises ValueError for an unknown name or a parameter the loss does not take.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {sorted(LOSSES)}")
+    cls = LOSSES[name]
+    signature = inspect.signature(cls.__init__)
+    valid = [p for p in signature.parameters if p not in ("self", "class_counts")]
+    for param in params:
+        if param not in valid:
+            raise ValueError(f"unknown param {param!r} for loss {name!r}; valid params: {valid}")
+    logger.info("building loss %r with params %s", name, params)
+    return cls(class_counts, **params)
