@@ -1,0 +1,171 @@
+"""Learnable class-level sampling distribution for BALMS stage-2 classifier retraining.
+
+The meta-sampler of Balanced Meta-Softmax (Ren et al., NeurIPS 2020) draws an image of
+class c with probability proportional to a learned weight w_c = sigmoid(theta_c), so class
+c receives a share n_c * w_c / sum_k n_k * w_k of every batch. BALMS materialises this as a
+Gumbel-softmax over all N images (an (B, N) matrix); here the same distribution is
+factored into "draw a class" (an (B, C) Gumbel-softmax, differentiable in theta) followed
+by "draw a uniform image of that class" (an O(B) lookup), which is exact because all images
+of a class share one weight.
+
+The per-sample weight returned with each drawn class has value exactly 1 and carries the
+straight-through gradient to theta; the caller multiplies per-sample losses by it inside
+the differentiable inner step (see ``meta_sampler.meta_step``). Nothing here keeps those
+weights: they travel as return values.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+
+def _validate_labels(labels: Tensor, num_classes: int) -> None:
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    if labels.dim() != 1 or labels.dtype != torch.int64:
+        raise ValueError(
+            f"labels must be a 1-D int64 tensor of class indices, got shape "
+            f"{tuple(labels.shape)} and dtype {labels.dtype}; pass labels.long().view(-1)."
+        )
+    if labels.numel() == 0:
+        raise ValueError("labels is empty: the sampler needs at least one labelled image.")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}] but range over [{low}, {high}]; "
+            f"check num_classes or remap the labels."
+        )
+
+
+def init_class_weights(class_counts: Sequence[int], init_pow: float) -> Tensor:
+    """BALMS's initial per-class weights w = (1/pi^p) / (min + max), values in (0, 1).
+
+    pi = n / sum(n) are the class frequencies and min/max are taken over 1/pi^p of the
+    non-empty classes. p = 0 gives w = 1/2 everywhere (instance-balanced sampling); p = 1
+    gives n_c * w_c constant (class-balanced sampling). Empty classes are never drawn, so
+    their weight is irrelevant; they get 1/2 to keep theta = logit(w) finite.
+    Returns a float32 tensor of shape (C,).
+    """
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError("class_counts must be a non-empty sequence of per-class image counts.")
+    if bool((counts < 0).any()) or not bool((counts > 0).any()):
+        raise ValueError(
+            f"class_counts must be >= 0 with at least one positive entry, got {counts.tolist()}."
+        )
+    if not math.isfinite(init_pow):
+        raise ValueError(f"init_pow must be a finite float, got {init_pow}.")
+    present = counts > 0
+    freq = counts[present] / counts.sum()
+    inv = freq.pow(-init_pow)
+    weights = torch.full_like(counts, 0.5)
+    weights[present] = inv / (inv.min() + inv.max())
+    return weights.float()
+
+
+def balanced_batch(
+    labels: Tensor, num_classes: int, batch_size: int, generator: torch.Generator
+) -> Tensor:
+    """Indices (batch_size,) of a class-balanced batch: uniform non-empty class, then uniform image.
+
+    Implemented as one multinomial draw over the N images with weight 1 / n_{y_i}, which
+    gives every non-empty class total mass 1 and is uniform within a class; O(N) per call.
+    """
+    _validate_labels(labels, num_classes)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    image_weights = counts[labels].reciprocal()
+    return torch.multinomial(image_weights, batch_size, replacement=True, generator=generator)
+
+
+class ClassSampler(nn.Module):
+    """Learned sampling distribution p(c) = n_c w_c / sum_k n_k w_k with w_c = sigmoid(theta_c).
+
+    Built from the training labels (N,) so that it knows the class counts n (C,) and can map
+    drawn classes to image indices. The only parameter is ``theta`` (C,); ``counts`` and
+    ``log_counts`` are persistent buffers; the class-sorted image index used by
+    ``draw_images`` is a non-persistent buffer rebuilt from the labels at construction.
+    """
+
+    def __init__(self, labels: Tensor, num_classes: int, init_pow: float = 0.0) -> None:
+        super().__init__()
+        _validate_labels(labels, num_classes)
+        counts = torch.bincount(labels, minlength=num_classes)
+        weights = init_class_weights(counts.tolist(), init_pow)
+        self.theta = nn.Parameter(torch.logit(weights))
+        # Float counts so class_probs is exactly n_c w_c / sum (exp(log n) would round).
+        self.register_buffer("counts", counts.float())
+        # log 0 = -inf: an empty class gets zero probability and is never drawn.
+        self.register_buffer("log_counts", counts.float().log())
+        # Image indices grouped by class; class c occupies [offsets[c], offsets[c] + n_c).
+        self.register_buffer("sorted_indices", torch.argsort(labels, stable=True), persistent=False)
+        self.register_buffer("offsets", torch.cumsum(counts, 0) - counts, persistent=False)
+        empty = int((counts == 0).sum())
+        if empty:
+            logger.warning("%d of %d classes have no images and will never be sampled.", empty, num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.theta.numel()
+
+    def class_probs(self) -> Tensor:
+        """Detached (C,) share of each class in a batch: n_c w_c / sum_k n_k w_k."""
+        with torch.no_grad():
+            mass = self.counts * torch.sigmoid(self.theta)
+            return mass / mass.sum()
+
+    def sample_classes(
+        self, batch_size: int, generator: torch.Generator, tau: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        """Draw batch_size classes by hard straight-through Gumbel-softmax over C classes.
+
+        Logits are log n_c + log sigmoid(theta_c), so the draw follows ``class_probs``.
+        Returns (classes (B,) int64, weights (B,) float). Each weight equals the
+        straight-through one-hot's entry at the drawn class: its value is exactly 1
+        (written as 1 + (s - s.detach()) with s the soft entry, rather than
+        1 - s.detach() + s which rounds) and its gradient is ds/dtheta. tau is the softmax
+        temperature of the soft relaxation; it changes only the gradient.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if not tau > 0:
+            raise ValueError(f"tau must be a positive temperature, got {tau}.")
+        logits = self.log_counts + F.logsigmoid(self.theta)  # (C,)
+        uniform = torch.rand(
+            (batch_size, self.num_classes), generator=generator,
+            dtype=logits.dtype, device=logits.device,
+        )
+        # Clamp keeps Gumbel noise finite when rand returns exactly 0.
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(logits.dtype).tiny)))
+        perturbed = logits + gumbel  # (B, C); empty classes stay at -inf
+        classes = perturbed.detach().argmax(dim=1)  # (B,)
+        soft = torch.softmax(perturbed / tau, dim=1)  # (B, C)
+        picked = soft.gather(1, classes.unsqueeze(1)).squeeze(1)  # (B,)
+        weights = 1.0 + (picked - picked.detach())
+        return classes, weights
+
+    def draw_images(self, classes: Tensor, generator: torch.Generator) -> Tensor:
+        """Indices (B,) into the training set of a uniformly drawn image of each class in classes (B,)."""
+        if classes.dim() != 1 or classes.dtype != torch.int64:
+            raise ValueError(
+                f"classes must be a 1-D int64 tensor, got shape {tuple(classes.shape)} "
+                f"and dtype {classes.dtype}; pass the classes returned by sample_classes."
+            )
+        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
+            raise ValueError(f"classes must lie in [0, {self.num_classes - 1}].")
+        n = self.counts.long()[classes]  # (B,)
+        if bool((n == 0).any()):
+            raise ValueError("draw_images got a class with no images; such classes cannot be drawn.")
+        # float64 keeps floor(u * n) < n exactly for any realistic dataset size.
+        u = torch.rand(classes.shape, generator=generator, dtype=torch.float64, device=classes.device)
+        within = torch.minimum((u * n).long(), n - 1)
+        return self.sorted_indices[self.offsets[classes] + within]
