@@ -1,0 +1,36 @@
+# make demo   create .venv, get CIFAR-10, short stage-1 run on CIFAR-10-LT (imbalance 100), test table
+# make test   the test suite (what CI runs)
+# LT_DATA_ROOT points at the folder that holds cifar-10-batches-py/ (default: ./datasets).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export LT_DATA_ROOT ?= $(CURDIR)/datasets
+# On the project's own machines a JPEG copy of CIFAR-10 sits beside the checkout; elsewhere the
+# demo downloads the official archive (data.download=true, MD5-checked).
+SHARED_CIFAR := ../shared/datasets/make_cifar10.py
+DEMO := config/cifar10_lt/demo_stage1.yaml
+
+.PHONY: env data demo test
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+env: $(VENV)/.installed
+
+data: env
+	@if [ -d "$(LT_DATA_ROOT)/cifar-10-batches-py" ]; then \
+		echo "CIFAR-10 found in $(LT_DATA_ROOT)/cifar-10-batches-py"; \
+	elif [ -f "$(SHARED_CIFAR)" ]; then \
+		$(PY) $(SHARED_CIFAR) "$(LT_DATA_ROOT)"; \
+	else \
+		echo "no CIFAR-10 in $(LT_DATA_ROOT): the first run downloads it"; \
+	fi
+
+demo: data
+	$(PY) stage1_train.py --cfg $(DEMO) data.download=true --resume
+	$(PY) stage1_train.py --cfg $(DEMO) --test
+
+test: env
+	$(PY) -m pytest

@@ -1,0 +1,207 @@
+"""Fast, reproducible training augmentation for uint8 image batches held in memory.
+
+The whole training set lives in memory as a uint8 tensor (N, 3, H, W). The training
+loop gathers a batch (B, 3, H, W), calls :class:`BatchAugment` with its own
+``torch.Generator`` and then :func:`normalize`. The op order follows the
+BALMS / Decoupling CIFAR pipeline:
+
+    RandomCrop(H, padding) -> RandomHorizontalFlip -> CIFAR10 AutoAugment -> Cutout -> Normalize
+
+Crop, flip and cutout are vectorised over the batch. Every random draw comes from the
+generator passed in, in a fixed order per call (crop offsets (B, 2), flip coins (B,),
+one AutoAugment seed, cutout centres (B, 2); draws of disabled ops are skipped), so the
+same generator state always gives the same output bytes, and the global torch RNG seen
+by the caller is left untouched.
+"""
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms import v2
+
+logger = logging.getLogger(__name__)
+
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+
+# Grey fill for pixels that shear/translate/rotate move in from outside the image, as in
+# the DeepVoltaire CIFAR10Policy used by the BALMS / Decoupling code (fillcolor=128).
+_AUTOAUGMENT_FILL = 128
+# Exclusive upper bound of the per-batch AutoAugment seed (largest int64 torch.randint takes).
+_SEED_BOUND = 2**63 - 1
+
+
+def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 in [0, 255], got dtype {images.dtype}; "
+            "augment before converting to float and call normalize() afterwards"
+        )
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"images must have shape (B, 3, H, W), got {tuple(images.shape)}; "
+            "add a batch dimension with images.unsqueeze(0) for a single image"
+        )
+
+
+def _check_non_negative_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}; use 0 to turn it off")
+
+
+def _autoaugment_each(policy: v2.AutoAugment, images: Tensor, generator: torch.Generator) -> Tensor:
+    """Apply torchvision's CIFAR10 AutoAugment per image with randomness from `generator`.
+
+    torchvision draws the sub-policy, apply-coins and signs from the global CPU RNG.
+    Rather than re-implementing its policy table, we fork the global RNG, seed it with
+    one number drawn from our generator, run the per-image loop, and let fork_rng
+    restore the caller's state. That is exact reproducibility with the well-kept
+    implementation, at the cost of a Python loop over images (see bench/augment_speed.py).
+    Not thread-safe against other threads drawing from the global RNG meanwhile.
+    """
+    seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=generator))
+    out = torch.empty_like(images)
+    # devices=[]: AutoAugment draws only from the CPU generator, so no device state to fork.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        for i in range(images.shape[0]):
+            out[i] = policy(images[i])
+    return out
+
+
+class BatchAugment:
+    """Random crop with zero padding, horizontal flip, CIFAR10 AutoAugment and Cutout.
+
+    Args:
+        crop_padding: zero padding in pixels on each side before a random HxW crop;
+            0 turns the crop off.
+        flip: mirror each image left-right with probability 0.5.
+        autoaugment: apply one of the 25 CIFAR-10 AutoAugment sub-policies
+            (Cubuk et al. 2019) to each image.
+        cutout: side in pixels of one zero-filled square hole per image, centre uniform
+            over the image and clipped at the borders (DeVries & Taylor 2017); 0 turns it off.
+    """
+
+    def __init__(
+        self,
+        crop_padding: int = 4,
+        flip: bool = True,
+        autoaugment: bool = False,
+        cutout: int = 0,
+    ) -> None:
+        _check_non_negative_int("crop_padding", crop_padding)
+        _check_non_negative_int("cutout", cutout)
+        if not isinstance(flip, bool):
+            raise ValueError(f"flip must be a bool, got {flip!r}")
+        if not isinstance(autoaugment, bool):
+            raise ValueError(f"autoaugment must be a bool, got {autoaugment!r}")
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.cutout = cutout
+        # torchvision's implementation holds the paper's CIFAR-10 policy table and op
+        # magnitudes; we only make its randomness come from our generator (see _autoaugment_each).
+        self._autoaugment = (
+            v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=_AUTOAUGMENT_FILL)
+            if autoaugment
+            else None
+        )
+        logger.debug("built %r", self)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(crop_padding={self.crop_padding}, flip={self.flip}, "
+            f"autoaugment={self._autoaugment is not None}, cutout={self.cutout})"
+        )
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Augment a batch (B, 3, H, W) uint8 and return a (B, 3, H, W) uint8 tensor.
+
+        The input is never written to (it is usually a slice of the in-memory dataset);
+        any enabled op makes a new tensor, and with every op off the input is returned.
+        """
+        _check_images(images)
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator, got {type(generator).__name__}; "
+                "pass the training loop's generator so runs are reproducible"
+            )
+        out = images
+        if self.crop_padding > 0 or self.flip:
+            out = self._crop_flip(out, generator)
+        if self._autoaugment is not None:
+            out = _autoaugment_each(self._autoaugment, out, generator)
+        if self.cutout > 0:
+            out = self._cutout(out, generator)
+        return out
+
+    def _crop_flip(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Pad once, then one gather with per-image source indices does crop and flip."""
+        b, c, h, w = images.shape
+        p = self.crop_padding
+        padded_w = w + 2 * p
+        # Source row/column in the padded image of every output row/column: (B, H), (B, W).
+        rows = torch.arange(h).expand(b, h)
+        cols = torch.arange(w).expand(b, w)
+        if p > 0:
+            offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=generator)
+            rows = rows + offsets[:, :1]
+            cols = cols + offsets[:, 1:]
+        if self.flip:
+            mirror = torch.rand(b, generator=generator) < 0.5
+            # Flipping the cropped window reverses its column order.
+            cols = torch.where(mirror[:, None], cols.flip(1), cols)
+        padded = F.pad(images, (p, p, p, p)) if p > 0 else images
+        # Flat index into each padded image plane: (B, H*W), shared by the C channels.
+        flat_index = (rows[:, :, None] * padded_w + cols[:, None, :]).reshape(b, 1, h * w)
+        flat_index = flat_index.to(images.device).expand(b, c, h * w)
+        out = torch.gather(padded.reshape(b, c, -1), 2, flat_index)
+        return out.reshape(b, c, h, w)
+
+    def _cutout(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Zero one square of side `cutout` per image, centre uniform, clipped at borders.
+
+        The hole spans rows [cy - L//2, cy - L//2 + L) before clipping, so it has side L
+        for odd L too (DeVries & Taylor's code gives L - 1 for odd L) and always
+        contains its centre pixel.
+        """
+        b, _, h, w = images.shape
+        length = self.cutout
+        centre_y = torch.randint(0, h, (b, 1), generator=generator)
+        centre_x = torch.randint(0, w, (b, 1), generator=generator)
+        top = centre_y - length // 2
+        left = centre_x - length // 2
+        ys = torch.arange(h)
+        xs = torch.arange(w)
+        in_rows = (ys >= top) & (ys < top + length)  # (B, H)
+        in_cols = (xs >= left) & (xs < left + length)  # (B, W)
+        hole = (in_rows[:, :, None] & in_cols[:, None, :]).to(images.device)  # (B, H, W)
+        return images.masked_fill(hole[:, None], 0)
+
+
+def normalize(images_uint8: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Return float32 (x / 255 - mean[c]) / std[c] for uint8 images (..., C, H, W)."""
+    if not isinstance(images_uint8, Tensor) or images_uint8.dtype != torch.uint8:
+        got = images_uint8.dtype if isinstance(images_uint8, Tensor) else type(images_uint8).__name__
+        raise ValueError(f"normalize expects a uint8 tensor in [0, 255], got {got}")
+    if images_uint8.dim() < 3:
+        raise ValueError(
+            f"normalize expects images shaped (..., C, H, W), got {tuple(images_uint8.shape)}"
+        )
+    channels = images_uint8.shape[-3]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"mean and std need one value per channel ({channels}), "
+            f"got {len(mean)} and {len(std)}"
+        )
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std values must be positive, got {tuple(std)}")
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
+    return (images_uint8.float().div_(255.0) - mean_t).div_(std_t)

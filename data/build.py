@@ -1,0 +1,56 @@
+"""The long-tailed training set of an experiment, from a dataset name and plain arguments.
+
+Order matters for honest model selection: the validation images are held out of the full
+training set first (balanced, k per class), then the long-tailed subset is drawn from the rest.
+The class counts are computed here once and passed explicitly to everything that needs them.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+from data.cifar import get_spec, load_cifar
+from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, select_long_tail
+
+logger = logging.getLogger(__name__)
+
+# Per-channel mean / std of the training images, as the papers' code normalises.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": (tuple(CIFAR10_MEAN), tuple(CIFAR10_STD)),
+    "cifar100": (tuple(CIFAR100_MEAN), tuple(CIFAR100_STD)),
+}
+
+
+@dataclass
+class LongTailData:
+    train_images: torch.Tensor  # uint8 (N, 3, H, W)
+    train_labels: torch.Tensor  # int64 (N,)
+    val_images: torch.Tensor  # uint8 (V, 3, H, W); V = 0 without a validation split
+    val_labels: torch.Tensor  # int64 (V,)
+    class_names: list[str]
+    class_counts: list[int]  # training images per class of the long-tailed set
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_factor: float,
+                    profile: str, subset_seed: int, val_per_class: int) -> LongTailData:
+    spec = get_spec(dataset)
+    full = load_cifar(dataset, root, "train", download=download)
+    rest, val = hold_out_per_class(full.labels, val_per_class, subset_seed)
+    n_max = min(class_counts(full.labels[rest], spec.num_classes))
+    counts = long_tail_counts(n_max, spec.num_classes, imbalance_factor, profile)
+    keep = rest[select_long_tail(full.labels[rest], counts, subset_seed)]
+    mean, std = NORMALIZATION[dataset]
+    logger.info("%s-LT %s IF %g: %d training images, %d validation, counts %s",
+                spec.display_name, profile, imbalance_factor, len(keep), len(val), counts)
+    return LongTailData(
+        train_images=full.images[keep], train_labels=full.labels[keep],
+        val_images=full.images[val], val_labels=full.labels[val],
+        class_names=full.class_names, class_counts=class_counts(full.labels[keep], spec.num_classes),
+        mean=mean, std=std,
+    )

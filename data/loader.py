@@ -1,0 +1,67 @@
+"""One epoch of augmented, normalised batches from a dataset held in memory as uint8 tensors.
+
+No worker processes: the images are already decoded, and gathering + batched augmentation of a
+batch costs far less than the network's step on it. All randomness of an epoch comes from one
+generator seeded by (seed, epoch), so an epoch is the same whether or not the run was resumed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from data.augment import normalize
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A generator for epoch `epoch` of a run seeded `seed`, independent of every other epoch."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class BatchLoader:
+    """Yields (images float32 (B, 3, H, W) normalised, labels int64 (B,)) for one epoch.
+
+    `sampler.indices(epoch, generator)` chooses which images an epoch visits, `augment(images,
+    generator)` transforms a uint8 batch (None for evaluation). A trailing batch of one image is
+    dropped: BatchNorm in training mode cannot normalise a single sample.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        sampler,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 2:
+            raise ValueError(f"batch size must be at least 2 for BatchNorm, got {batch_size}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
+        self.mean, self.std, self.seed = mean, std, seed
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        n = self.sampler.num_samples
+        steps = math.ceil(n / self.batch_size)
+        return steps - 1 if n % self.batch_size == 1 and steps > 1 else steps
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = epoch_generator(self.seed, epoch)
+        order = self.sampler.indices(epoch, gen)
+        for step in range(len(self)):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment is not None:
+                x = self.augment(x, gen)
+            x = normalize(x, self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]

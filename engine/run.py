@@ -1,0 +1,57 @@
+"""What both entry scripts do around their loops: run directory, logging, seeding, and --test."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from engine.metrics import format_table
+
+logger = logging.getLogger(__name__)
+
+
+def setup_run(run_dir: str | Path, seed: int, num_threads: int) -> Path:
+    """Create the run directory, log to stderr and <run_dir>/train.log, seed every RNG."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "train.log")):
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    return run_dir
+
+
+def default_checkpoint(run_dir: Path) -> Path:
+    """best.pt (chosen on the validation split) when the run has one, else last.pt."""
+    best = run_dir / "best.pt"
+    return best if best.is_file() else run_dir / "last.pt"
+
+
+def report_test(metrics: dict, class_names: Sequence[str], out_path: Path, ckpt_path: Path) -> None:
+    """Print the many/medium/few table and write test_metrics.json."""
+    out = {"checkpoint": str(ckpt_path), "class_names": list(class_names), **metrics}
+    out_path.write_text(json.dumps(out, indent=1))
+    print(f"test split, checkpoint {ckpt_path}:\n{format_table(metrics, class_names)}\nwritten to {out_path}")
+
+
+def trim_metrics_log(run_dir: Path, last_epoch: int) -> None:
+    """On resume, drop metric lines of epochs after the checkpoint (logged before a kill)."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("epoch", 0) <= last_epoch]
+        path.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny datasets written in the official on-disk formats, and a subprocess runner."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_fake_cifar10(root: Path, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
+    """A learnable CIFAR-10 look-alike in the official python format under root/cifar-10-batches-py.
+
+    Class c is a noisy image whose mean colour depends on c, so a tiny run learns something.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def images(per_class: int) -> tuple[np.ndarray, list[int]]:
+        labels = np.repeat(np.arange(10), per_class)
+        rng.shuffle(labels)
+        base = np.stack([np.full((3, 32, 32), 0.0)] * len(labels))
+        for i, c in enumerate(labels):
+            base[i, c % 3] = 40 + 20 * c
+            base[i, :, : (c + 1) * 3] = 255 - 20 * c
+        data = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        return data.reshape(len(labels), 3072), labels.tolist()
+
+    data, labels = images(train_per_class)
+    for b, chunk in enumerate(np.array_split(np.arange(len(labels)), 5)):
+        with open(folder / f"data_batch_{b + 1}", "wb") as f:
+            pickle.dump({"batch_label": f"training batch {b + 1} of 5", "data": data[chunk],
+                         "labels": [labels[i] for i in chunk], "filenames": [f"{i}.png" for i in chunk]}, f)
+    data, labels = images(test_per_class)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"batch_label": "testing batch 1 of 1", "data": data, "labels": labels,
+                     "filenames": [f"{i}.png" for i in range(len(labels))]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_cifar10(tmp_path_factory) -> Path:
+    """60 training and 10 test images per class (LT IF10 keeps 60 ... 6)."""
+    return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), train_per_class=60, test_per_class=10)
+
+
+def run_script(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a repository script in a fresh python process, from the repository root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# A stage-1 schedule that takes seconds on the tiny data: single thread for bitwise determinism.
+TINY_STAGE1 = ("data.imbalance_factor=10", "train.epochs=3", "train.batch_size=32", "train.lr=0.05",
+               "train.warmup=1", "train.num_threads=1", "eval.batch_size=64")
+
+
+@pytest.fixture
+def run() -> callable:
+    return run_script
+
+
+@pytest.fixture
+def tiny_stage1() -> tuple[str, ...]:
+    return TINY_STAGE1

@@ -1,0 +1,98 @@
+"""Stage 1 as a user runs it: real processes on a tiny dataset in the official format."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(root, log_dir, *extra):
+    return ["stage1_train.py", f"data.root={root}", f"log_dir={log_dir}", *extra]
+
+
+def test_tiny_run_writes_run_directory_and_test_table(fake_cifar10, tmp_path, run, tiny_stage1):
+    log_dir = tmp_path / "run"
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "data.val_per_class=2"))
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "train.log"):
+        assert (log_dir / name).is_file(), name
+    assert any((log_dir / "tb").iterdir())
+    saved = yaml.safe_load((log_dir / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 3 and saved["data"]["val_per_class"] == 2
+    lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2, 3]
+    assert {"loss", "lr", "train_acc", "val_top1", "val_many", "val_medium", "val_few"} <= set(lines[0])
+
+    proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "data.val_per_class=2", "--test"))
+    assert "top-1" in proc.stdout and "best.pt" in proc.stdout
+    metrics = json.loads((log_dir / "test_metrics.json").read_text())
+    # 58 images per class remain after the hold-out; exp IF10 over 10 classes.
+    assert metrics["train_class_counts"] == [int(58 * 0.1 ** (i / 9)) for i in range(10)]
+    assert metrics["many"] is None  # no class has more than 100 training images
+    assert len(metrics["confusion_matrix"]) == 10 and sum(map(sum, metrics["confusion_matrix"])) == 100
+    for key in ("top1", "medium", "few"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert "-" in proc.stdout.splitlines()[2]  # the absent many-shot group prints as "-"
+
+
+def test_existing_run_is_not_overwritten_without_resume(fake_cifar10, tmp_path, run, tiny_stage1):
+    log_dir = tmp_path / "run"
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "train.epochs=1"))
+    proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "train.epochs=1"), check=False)
+    assert proc.returncode != 0 and "--resume" in proc.stderr
+
+
+def test_unknown_key_fails_before_training_with_suggestion(tmp_path, run):
+    proc = run("stage1_train.py", f"log_dir={tmp_path / 'x'}", "train.epoch=3", check=False)
+    assert proc.returncode != 0 and "did you mean train.epochs" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, run):
+    proc = run("stage1_train.py", f"data.root={tmp_path / 'nowhere'}", f"log_dir={tmp_path / 'x'}", check=False)
+    assert proc.returncode != 0
+    assert str(tmp_path / "nowhere") in proc.stderr and "data.download=true" in proc.stderr
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(fake_cifar10, tmp_path, run, tiny_stage1):
+    args = (*tiny_stage1, "train.epochs=6", "train.mixup_alpha=0.2", "data.autoaugment=true", "data.cutout=8")
+    full = tmp_path / "full"
+    run(*_args(fake_cifar10, full, *args))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *_args(fake_cifar10, killed, *args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = torch.load(killed / "last.pt", weights_only=True)["epoch"]
+    assert proc.returncode == -signal.SIGKILL and interrupted_at < 6, "the run finished before it was killed"
+
+    run(*_args(fake_cifar10, killed, *args, "--resume"))
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 6 and a["step"] == b["step"]
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    full_log = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [l["loss"] for l in full_log] == [l["loss"] for l in resumed_log]
+
+
+def test_resume_with_a_different_config_names_the_differing_keys(fake_cifar10, tmp_path, run, tiny_stage1):
+    log_dir = tmp_path / "run"
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "train.epochs=1"))
+    proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "train.epochs=1", "train.lr=0.2", "--resume"), check=False)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr
