@@ -91,7 +91,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     )
 
 
-def _set(cfg: Any, key: str, value: Any, source: str) -> None:
+def _resolve(cfg: Any, key: str, source: str) -> tuple[Any, str, Any]:
+    """(section object, field name, field type) of a dotted key, or an unknown-key error."""
     *sections, leaf = key.split(".")
     node = cfg
     for part in sections:
@@ -103,6 +104,25 @@ def _set(cfg: Any, key: str, value: Any, source: str) -> None:
     tp = typing.get_type_hints(type(node))[leaf]
     if dataclasses.is_dataclass(tp):
         raise ConfigError(f"config key {key!r} ({source}) is a section; set its keys, e.g. {key}.<key>=...")
+    return node, leaf, tp
+
+
+def _set(cfg: Any, key: str, value: Any, source: str) -> None:
+    node, leaf, tp = _resolve(cfg, key, source)
+    setattr(node, leaf, _coerce(key, value, tp, source))
+
+
+def _set_override(cfg: Any, key: str, raw: str, source: str) -> None:
+    """A command-line value: text as typed for string keys (`name=007`), YAML for the others."""
+    node, leaf, tp = _resolve(cfg, key, source)
+    if tp is str:
+        setattr(node, leaf, raw)
+        return
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config key {key!r} ({source}): {raw!r} is not a valid value "
+                          f"({str(e).splitlines()[0]}); lists look like [10, 20]") from None
     setattr(node, leaf, _coerce(key, value, tp, source))
 
 
@@ -132,7 +152,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=30")
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", f"override {item!r}")
+        _set_override(cfg, key.strip(), raw, f"override {item!r}")
     return cfg
 
 

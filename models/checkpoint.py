@@ -46,7 +46,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no checkpoint at {path}; train first, or pass --ckpt with the path of a .pt file from a run directory"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or pickled objects we do not load
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); was it written by this tool?") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this tool (expected format {FORMAT!r})")
     return ckpt

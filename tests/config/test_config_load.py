@@ -1,0 +1,197 @@
+"""Config loading: defaults, YAML then overrides, type coercion and strictness, helpful errors, round trips."""
+from pathlib import Path
+
+import pytest
+
+from config.load import ConfigError, config_diff, config_from_dict, config_to_dict, dump_config, load_config
+from config.schema import Config
+
+
+def _yaml(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_schema_documented_values():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.name == "default"
+    assert cfg.train.epochs == 200
+    assert cfg.train.lr == 0.1
+    assert cfg.train.milestones == [160.0, 180.0]
+    assert cfg.data.dataset == "cifar10"
+    assert cfg.data.flip is True
+    assert cfg.model.name == "resnet32"
+    assert cfg.eval.batch_size == 512
+    assert cfg.run_dir == "logs/default"
+
+
+def test_yaml_keys_apply_then_overrides_win(tmp_path):
+    path = _yaml(tmp_path, "name: from_yaml\ntrain:\n  epochs: 30\n  lr: 0.05\ndata:\n  imbalance_factor: 50\n")
+    cfg = load_config(path, ["train.epochs=7", "name=from_cli"])
+    assert cfg.train.epochs == 7  # override beats the file
+    assert cfg.name == "from_cli"
+    assert cfg.train.lr == 0.05  # file beats the default 0.1
+    assert cfg.data.imbalance_factor == 50.0
+    assert cfg.train.batch_size == 128  # untouched default
+
+
+def test_later_override_of_the_same_key_wins():
+    assert load_config(None, ["train.epochs=3", "train.epochs=9"]).train.epochs == 9
+
+
+def test_nested_dotted_override_sets_only_that_key():
+    cfg = load_config(None, ["data.sampler=class_balanced", "model.channels_last=false"])
+    assert cfg.data.sampler == "class_balanced"
+    assert cfg.model.channels_last is False
+    assert cfg.data.dataset == "cifar10"
+
+
+def test_int_value_for_float_key_becomes_float():
+    cfg = load_config(None, ["train.lr=1", "data.imbalance_factor=10"])
+    assert type(cfg.train.lr) is float and cfg.train.lr == 1.0
+    assert type(cfg.data.imbalance_factor) is float and cfg.data.imbalance_factor == 10.0
+
+
+def test_exponent_notation_for_float_key_is_parsed(tmp_path):
+    # YAML 1.1 reads `1e-3` (no dot) as a string; float keys must still accept it.
+    assert load_config(None, ["train.weight_decay=1e-3"]).train.weight_decay == 0.001
+    assert load_config(_yaml(tmp_path, "train:\n  weight_decay: 2e-4\n")).train.weight_decay == 0.0002
+
+
+def test_bool_key_rejects_integer_one():
+    with pytest.raises(ConfigError, match=r"data\.flip.*bool"):
+        load_config(None, ["data.flip=1"])
+
+
+def test_bool_key_accepts_true_and_false():
+    assert load_config(None, ["data.flip=false"]).data.flip is False
+    assert load_config(None, ["data.autoaugment=true"]).data.autoaugment is True
+
+
+@pytest.mark.parametrize("value", ["3.5", "abc", "true"])
+def test_int_key_rejects_non_integers_naming_key_value_and_type(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"train.epochs={value}"])
+    msg = str(err.value)
+    assert "train.epochs" in msg and "int" in msg and value.lower() in msg.lower()
+
+
+def test_list_of_float_key_parses_list_and_coerces_items():
+    milestones = load_config(None, ["train.milestones=[10,20]"]).train.milestones
+    assert milestones == [10.0, 20.0]
+    assert all(type(m) is float for m in milestones)
+
+
+def test_list_of_float_key_rejects_a_scalar_and_a_bad_item():
+    with pytest.raises(ConfigError, match="train.milestones"):
+        load_config(None, ["train.milestones=10"])
+    with pytest.raises(ConfigError, match=r"train\.milestones\[1\]"):
+        load_config(None, ["train.milestones=[10,abc]"])
+
+
+def test_str_key_given_a_number_becomes_a_string():
+    assert load_config(None, ["name=123"]).name == "123"
+    assert load_config(None, ["name=1.5"]).name == "1.5"
+
+
+def test_str_key_keeps_the_exact_spelling_of_a_numeric_value():
+    # `name=007` names a run "007"; parsing it as the YAML int 7 first loses the spelling.
+    assert load_config(None, ["name=007"]).name == "007"
+    assert load_config(None, ["name=1.10"]).name == "1.10"
+
+
+def test_unknown_key_suggests_closest_valid_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.epoch=3"])
+    msg = str(err.value)
+    assert "'train.epoch'" in msg and "did you mean" in msg and "train.epochs" in msg
+
+
+def test_bare_leaf_key_suggests_its_full_dotted_key():
+    with pytest.raises(ConfigError, match=r"did you mean.*train\.epochs"):
+        load_config(None, ["epochs=3"])
+
+
+def test_misplaced_leaf_key_suggests_the_section_that_has_it():
+    with pytest.raises(ConfigError, match=r"did you mean.*train\.batch_size"):
+        load_config(None, ["data.batch_size=3"])
+
+
+def test_setting_a_whole_section_is_an_error():
+    with pytest.raises(ConfigError, match="section"):
+        load_config(None, ["train=3"])
+
+
+@pytest.mark.parametrize("item", ["train.epochs", "=3"])
+def test_malformed_override_is_an_error(item):
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(None, [item])
+
+
+def test_override_value_that_is_not_valid_yaml_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match="train.milestones"):
+        load_config(None, ["train.milestones=[10,"])
+
+
+def test_missing_yaml_file_is_an_error_naming_it(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="does not exist") as err:
+        load_config(missing)
+    assert str(missing) in str(err.value)
+
+
+def test_yaml_that_is_not_a_mapping_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_yaml(tmp_path, "- train.epochs\n- 3\n"))
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    assert load_config(_yaml(tmp_path, "")) == Config()
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = _yaml(tmp_path, "train:\n  epoch: 3\n", name="typo.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "train.epochs" in str(err.value)
+
+
+def test_dump_then_load_round_trips_to_an_equal_config(tmp_path):
+    cfg = load_config(None, [
+        "name=123", "train.epochs=3", "train.lr=0.025", "train.weight_decay=1e-5", "train.milestones=[1.5,2]",
+        "data.flip=false", "data.imbalance_factor=50", "model.channels_last=false", "log_dir=runs/x",
+    ])
+    path = tmp_path / "dumped.yaml"
+    dump_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert again.name == "123"  # a numeric-looking string stays a string
+    assert again.train.weight_decay == 1e-5
+
+
+def test_config_from_dict_rebuilds_and_checks():
+    cfg = config_from_dict({"train": {"epochs": 5}, "data": {"imbalance_factor": 10}})
+    assert cfg.train.epochs == 5 and cfg.data.imbalance_factor == 10.0
+    assert cfg.train.lr == 0.1
+    full = load_config(None, ["train.lr=0.3", "data.sampler=sqrt"])
+    assert config_from_dict(config_to_dict(full)) == full
+    with pytest.raises(ConfigError, match="saved config"):
+        config_from_dict({"train": {"epoch": 5}})
+
+
+def test_config_diff_lists_exactly_the_differing_dotted_keys():
+    a = config_to_dict(Config())
+    b = config_to_dict(load_config(None, ["train.lr=0.2", "data.flip=false", "train.milestones=[1,2]"]))
+    assert config_diff(a, b) == ["data.flip", "train.lr", "train.milestones"]
+    assert config_diff(a, config_to_dict(Config())) == []
+    assert config_diff({"train": {"epochs": 1}}, {"train": {"epochs": 1, "lr": 0.1}}) == ["train.lr"]
+
+
+def test_lt_data_root_env_var_sets_default_data_root(monkeypatch):
+    monkeypatch.setenv("LT_DATA_ROOT", "/shared/datasets")
+    assert Config().data.root == "/shared/datasets"
+    assert load_config(None, ["data.root=/elsewhere"]).data.root == "/elsewhere"
+    monkeypatch.delenv("LT_DATA_ROOT")
+    assert Config().data.root == "datasets"

@@ -1,0 +1,123 @@
+"""BatchLoader: per-(seed, epoch) randomness, full coverage of an epoch, batch sizes, layout, errors.
+
+Image i has every pixel equal to i, and with mean 0 and std 1/255 normalisation gives
+(i / 255 - 0) / (1 / 255) = i back, so a batch tells which dataset indices it holds.
+"""
+import pytest
+import torch
+
+from data.loader import BatchLoader, epoch_generator
+from data.samplers import build_sampler
+
+C = 3  # classes; image i has label i % C
+IDENTITY_MEAN = (0.0, 0.0, 0.0)
+IDENTITY_STD = (1 / 255, 1 / 255, 1 / 255)
+
+
+def _loader(n: int, batch_size: int, seed: int = 0, augment=None, channels_last: bool = False) -> BatchLoader:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    labels = torch.arange(n, dtype=torch.int64) % C
+    sampler = build_sampler("instance", labels, C)
+    return BatchLoader(images, labels, batch_size, sampler, augment, IDENTITY_MEAN, IDENTITY_STD, seed,
+                       channels_last=channels_last)
+
+
+def _indices(x: torch.Tensor) -> list[int]:
+    """Dataset indices of a batch, read back from the pixel values."""
+    return x[:, 0, 0, 0].round().long().tolist()
+
+
+def test_epoch_generator_is_reproducible_for_same_seed_and_epoch():
+    a = torch.rand(8, generator=epoch_generator(3, 5))
+    b = torch.rand(8, generator=epoch_generator(3, 5))
+    assert torch.equal(a, b)
+
+
+def test_epoch_generator_differs_across_epochs_and_seeds():
+    base = torch.rand(8, generator=epoch_generator(0, 1))
+    assert not torch.equal(base, torch.rand(8, generator=epoch_generator(0, 2)))
+    assert not torch.equal(base, torch.rand(8, generator=epoch_generator(1, 1)))
+    # (seed, epoch) is not a symmetric pair: (1, 0) is another stream than (0, 1).
+    assert not torch.equal(base, torch.rand(8, generator=epoch_generator(1, 0)))
+
+
+def test_epoch_generator_streams_are_independent_and_default_to_zero():
+    default = torch.rand(8, generator=epoch_generator(2, 3))
+    assert torch.equal(default, torch.rand(8, generator=epoch_generator(2, 3, 0)))
+    assert not torch.equal(default, torch.rand(8, generator=epoch_generator(2, 3, 1)))
+    assert not torch.equal(torch.rand(8, generator=epoch_generator(2, 3, 1)),
+                           torch.rand(8, generator=epoch_generator(2, 3, 2)))
+
+
+def test_normalised_pixels_decode_to_dataset_index_and_label():
+    for x, y in _loader(12, 4).epoch(0):
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        idx = _indices(x)
+        # Every pixel of image i carries i.
+        assert torch.allclose(x, torch.tensor(idx, dtype=torch.float32).view(-1, 1, 1, 1).expand_as(x), atol=1e-4)
+        assert y.tolist() == [i % C for i in idx]
+
+
+def test_instance_sampler_epoch_visits_every_index_exactly_once():
+    loader = _loader(24, 8)
+    seen = []
+    for x, _ in loader.epoch(0):
+        seen += _indices(x)
+    assert sorted(seen) == list(range(24))
+    assert seen != list(range(24))  # shuffled
+
+
+def test_batch_sizes_keep_a_trailing_batch_larger_than_one():
+    loader = _loader(20, 8)
+    sizes = [x.shape[0] for x, _ in loader.epoch(0)]
+    assert sizes == [8, 8, 4]
+    assert len(loader) == 3
+
+
+def test_trailing_batch_of_one_is_dropped():
+    loader = _loader(17, 8)  # N = 2 * B + 1
+    batches = list(loader.epoch(0))
+    assert len(loader) == 2
+    assert [x.shape[0] for x, _ in batches] == [8, 8]
+    seen = [i for x, _ in batches for i in _indices(x)]
+    assert len(set(seen)) == 16
+
+
+def test_same_epoch_gives_same_batches_and_other_epoch_differs():
+    first = [(x.clone(), y.clone()) for x, y in _loader(24, 8, seed=5).epoch(2)]
+    again = [(x.clone(), y.clone()) for x, y in _loader(24, 8, seed=5).epoch(2)]
+    other = [x for x, _ in _loader(24, 8, seed=5).epoch(3)]
+    assert len(first) == len(again) == 3
+    for (xa, ya), (xb, yb) in zip(first, again):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert [_indices(x) for x, _ in first] != [_indices(x) for x in other]
+
+
+def test_augment_gets_uint8_batch_and_the_epoch_generator_in_order():
+    calls = []
+
+    def record(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        calls.append((images.dtype, tuple(images.shape), torch.rand(1, generator=gen).item()))
+        return images
+
+    list(_loader(16, 8, seed=4, augment=record).epoch(1))
+    assert [c[:2] for c in calls] == [(torch.uint8, (8, 3, 4, 4))] * 2
+    # The augment's draws continue the epoch's stream right after the sampler's permutation.
+    gen = epoch_generator(4, 1)
+    torch.randperm(16, generator=gen)
+    assert [c[2] for c in calls] == [torch.rand(1, generator=gen).item() for _ in range(2)]
+
+
+def test_channels_last_flag_gives_channels_last_batches():
+    for x, _ in _loader(8, 4, channels_last=True).epoch(0):
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert not x.is_contiguous()
+    for x, _ in _loader(8, 4, channels_last=False).epoch(0):
+        assert x.is_contiguous()
+        assert not x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("batch_size", [1, 0])
+def test_batch_size_below_two_is_rejected(batch_size):
+    with pytest.raises(ValueError, match="at least 2"):
+        _loader(8, batch_size)

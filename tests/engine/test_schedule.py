@@ -1,0 +1,77 @@
+"""Learning-rate schedule: linear warm-up, cosine to zero, step milestones, validation, LambdaLR wiring."""
+import math
+
+import pytest
+import torch
+
+from engine.schedule import build_scheduler, lr_factor
+
+W, TOTAL = 4, 20  # 4 warm-up steps, then 16 cosine steps
+
+
+@pytest.mark.parametrize("kind", ["cosine", "step"])
+def test_warmup_rises_linearly_from_one_over_w_to_one(kind):
+    assert [lr_factor(s, TOTAL, W, kind) for s in range(W)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_cosine_starts_at_one_after_warmup_and_is_half_at_midpoint():
+    assert lr_factor(W, TOTAL, W, "cosine") == pytest.approx(1.0)
+    assert lr_factor(W + 8, TOTAL, W, "cosine") == pytest.approx(0.5)  # 8 of 16 post-warm-up steps
+
+
+def test_cosine_reaches_zero_at_the_end_and_stays_there():
+    assert lr_factor(TOTAL, TOTAL, W, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(TOTAL + 5, TOTAL, W, "cosine") == pytest.approx(0.0, abs=1e-12)
+    # Last step: progress 15/16, factor (1 + cos(15 pi / 16)) / 2 = 0.0096074...
+    assert lr_factor(TOTAL - 1, TOTAL, W, "cosine") == pytest.approx(0.009607359798384785)
+
+
+def test_cosine_without_warmup_starts_at_one():
+    assert lr_factor(0, 10, 0, "cosine") == 1.0
+    assert lr_factor(5, 10, 0, "cosine") == pytest.approx(0.5)
+
+
+def test_step_schedule_multiplies_by_gamma_at_each_milestone():
+    f = [lr_factor(s, TOTAL, 2, "step", milestones=[5, 8], gamma=0.1) for s in range(TOTAL)]
+    assert f[:2] == pytest.approx([0.5, 1.0])
+    assert f[2:5] == pytest.approx([1.0, 1.0, 1.0])
+    assert f[5:8] == pytest.approx([0.1, 0.1, 0.1])
+    assert f[8:] == pytest.approx([0.01] * (TOTAL - 8))
+
+
+def test_step_schedule_uses_the_given_gamma():
+    assert lr_factor(9, TOTAL, 0, "step", milestones=[3, 6], gamma=0.5) == pytest.approx(0.25)
+
+
+def test_unknown_schedule_lists_valid_schedules():
+    with pytest.raises(ValueError, match=r"unknown schedule 'linear'.*cosine, step"):
+        lr_factor(0, TOTAL, W, "linear")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="cosine, step"):
+        build_scheduler(opt, TOTAL, W, "linear")
+
+
+def _lr_after(k: int, kind: str, **kw) -> float:
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.2, momentum=0.9)
+    sched = build_scheduler(opt, TOTAL, W, kind, **kw)
+    for _ in range(k):
+        param.grad = torch.ones(2)
+        opt.step()
+        sched.step()
+    return opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("k, expected", [
+    (0, 0.05), (1, 0.1), (3, 0.2), (4, 0.2),
+    (12, 0.1),  # cosine midpoint: 0.2 * 0.5
+    (8, 0.2 * 0.5 * (1 + math.cos(math.pi * 4 / 16))),
+    (20, 0.0),
+])
+def test_build_scheduler_sets_lr_to_peak_times_factor_after_k_steps(k, expected):
+    assert _lr_after(k, "cosine") == pytest.approx(expected, abs=1e-12)
+
+
+def test_build_scheduler_step_kind_applies_milestones_and_gamma():
+    assert _lr_after(6, "step", milestones=[6, 10], gamma=0.5) == pytest.approx(0.1)
+    assert _lr_after(10, "step", milestones=[6, 10], gamma=0.5) == pytest.approx(0.05)

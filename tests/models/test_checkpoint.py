@@ -1,0 +1,124 @@
+"""Checkpoints: round trip, atomic writes, key checks with precise messages, foreign and missing files."""
+import pytest
+import torch
+from torch import nn
+
+from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_save_then_load_round_trips_tensors_and_plain_values(tmp_path):
+    model = _model()
+    payload = {
+        "model": model.state_dict(),
+        "epoch": 7,
+        "step": 123,
+        "config": {"train": {"lr": 0.1, "milestones": [160.0, 180.0]}, "name": "run"},
+        "class_counts": [5000, 50],
+    }
+    path = tmp_path / "sub" / "last.pt"  # the folder is created
+    save_checkpoint(path, payload)
+    ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 7 and ckpt["step"] == 123
+    assert ckpt["config"] == payload["config"]
+    assert ckpt["class_counts"] == [5000, 50]
+    assert ckpt["format"] == "lt-decoupled/1"
+    assert set(ckpt["model"]) == set(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(ckpt["model"][k], v), k
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    load_state_checked(fresh, ckpt["model"], "model")
+    assert torch.equal(fresh[0].weight, model[0].weight)
+
+
+def test_save_overwrites_an_existing_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+    save_checkpoint(path, {"epoch": 2})
+    assert load_checkpoint(path)["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_failed_save_keeps_previous_checkpoint_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1, "w": torch.arange(4.0)})
+
+    def save_then_crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")  # some bytes reach the disk before the failure
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", save_then_crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(path, {"epoch": 2, "w": torch.zeros(4)})
+    monkeypatch.undo()
+
+    ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 1
+    assert torch.equal(ckpt["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_load_state_checked_names_missing_unexpected_and_misshapen_keys():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    del state["2.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["0.weight"] = torch.zeros(5, 3)
+    with pytest.raises(CheckpointError) as err:
+        load_state_checked(model, state, "stage-1 backbone")
+    msg = str(err.value)
+    assert "stage-1 backbone" in msg
+    assert "missing keys: 2.bias" in msg
+    assert "unexpected keys: extra.weight" in msg
+    assert "0.weight: checkpoint (5, 3) vs model (4, 3)" in msg
+    # Nothing was loaded into the model.
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_load_state_checked_lists_every_missing_key():
+    model = _model()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("1.")}
+    with pytest.raises(CheckpointError) as err:
+        load_state_checked(model, state, "model")
+    msg = str(err.value)
+    for key in ("1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert key in msg
+    assert "unexpected" not in msg and "shape" not in msg
+
+
+def test_load_state_checked_loads_a_fitting_state():
+    src, dst = _model(), nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    load_state_checked(dst, src.state_dict(), "model")
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_plain_torch_save_dict_is_not_our_checkpoint(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, path)
+    with pytest.raises(CheckpointError, match="not a checkpoint of this tool"):
+        load_checkpoint(path)
+
+
+def test_non_dict_and_wrong_format_files_are_rejected(tmp_path):
+    tensor_file = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor_file)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tensor_file)
+    other_version = tmp_path / "v0.pt"
+    torch.save({"format": "lt-decoupled/0", "epoch": 1}, other_version)
+    with pytest.raises(CheckpointError, match="lt-decoupled/1"):
+        load_checkpoint(other_version)
+
+
+def test_missing_checkpoint_raises_file_not_found_with_the_path(tmp_path):
+    path = tmp_path / "run" / "best.pt"
+    with pytest.raises(FileNotFoundError) as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)

@@ -1,0 +1,106 @@
+"""ResNet-32 for CIFAR: parameter count, option-A shortcuts, feature/head split, key names, registry, layout."""
+import copy
+
+import pytest
+import torch
+
+from models.registry import build_model
+from models.resnet_cifar import BasicBlock, resnet32
+
+
+def _n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny batches: intra-op threads only add overhead (and stall badly when other jobs share the cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet32", 10).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_resnet32_has_exactly_464154_parameters_for_10_classes(model):
+    # conv1 432 + bn1 32 + layer1 23,360 + layer2 88,192 + layer3 351,488 + head 650 (64 * 10 + 10)
+    assert _n_params(model) == 464_154
+
+
+def test_parameter_count_grows_only_by_the_head_for_more_classes():
+    assert _n_params(resnet32(100)) == 464_154 + 90 * 65
+
+
+def test_forward_features_gives_64_dimensional_features(model, images):
+    with torch.no_grad():
+        feats = model.forward_features(images)
+    assert feats.shape == (3, 64)
+    assert model.feature_dim == 64
+    assert model.head.in_features == 64 and model.head.out_features == 10
+
+
+def test_forward_equals_head_of_forward_features(model, images):
+    with torch.no_grad():
+        logits = model(images)
+        via_head = model.head(model.forward_features(images))
+    assert logits.shape == (3, 10)
+    assert torch.equal(logits, via_head)
+
+
+def test_downsampling_block_has_only_conv_and_bn_parameters(model):
+    block = model.layer2[0]
+    assert block.conv1.stride == (2, 2)
+    names = {name for name, _ in block.named_parameters()}
+    assert names == {"conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias"}
+    # conv 16->32 (4,608) + conv 32->32 (9,216) + two BN(32) (64 each): no shortcut parameters.
+    assert _n_params(block) == 4_608 + 9_216 + 64 + 64 == 13_952
+    assert _n_params(model.layer3[0]) == 18_432 + 36_864 + 128 + 128
+
+
+def test_option_a_shortcut_subsamples_and_zero_pads_channels():
+    block = BasicBlock(4, 8, stride=2)
+    x = torch.arange(4 * 4 * 4, dtype=torch.float32).view(1, 4, 4, 4)
+    out = block.shortcut(x)
+    assert out.shape == (1, 8, 2, 2)
+    assert torch.equal(out[:, :2], torch.zeros(1, 2, 2, 2))
+    assert torch.equal(out[:, 6:], torch.zeros(1, 2, 2, 2))
+    assert torch.equal(out[:, 2:6], x[:, :, ::2, ::2])
+    assert out[0, 2].tolist() == [[0.0, 2.0], [8.0, 10.0]]
+
+
+def test_identity_block_shortcut_returns_its_input():
+    block = BasicBlock(16, 16, stride=1)
+    x = torch.randn(2, 16, 8, 8)
+    assert block.shortcut(x) is x
+
+
+def test_state_dict_key_names_match_the_papers_checkpoints(model):
+    keys = set(model.state_dict())
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer3.4.bn2.weight",
+                "head.weight", "head.bias", "layer2.0.bn1.num_batches_tracked"):
+        assert key in keys, key
+    assert not any("layer4" in k or "layer3.5" in k or "shortcut" in k or "fc." in k for k in keys)
+
+
+def test_build_model_unknown_name_lists_valid_models():
+    with pytest.raises(ValueError, match=r"unknown model 'resnet50'.*valid models: resnet32"):
+        build_model("resnet50", 10)
+
+
+def test_channels_last_model_gives_same_output_as_default_layout(model, images):
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert cl_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(images)
+        out = cl_model(images.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
