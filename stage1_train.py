@@ -114,7 +114,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     record = {}
     for epoch in range(start_epoch, num_epochs):
         steps = min(steps_per_epoch, total_steps - step)
-        mixup_rng = np.random.default_rng([t.seed, epoch, 1])
+        mixup_rng = np.random.default_rng([t.seed, epoch, 1])  # stream 1 of data.loader.epoch_generator
         loss_fn.set_epoch(epoch)
         record = train_one_epoch(model, islice(loader.epoch(epoch), steps), steps, loss_fn, optimizer, scheduler,
                                  t.mixup_alpha, mixup_rng, desc=f"epoch {epoch + 1}/{num_epochs}")

@@ -63,6 +63,28 @@ class TrainConfig:
 
 
 @dataclass
+class Stage1Ref:
+    checkpoint: str = ""  # stage 2: the stage-1 checkpoint whose backbone is frozen (a .pt from a stage-1 run)
+
+
+@dataclass
+class Stage2Config:
+    method: str = "balanced_softmax"  # balanced_softmax | crt | balms | tau_norm | lws
+    init_head: str = "reinit"  # reinit (as the BALMS code) | stage1: start from the stage-1 classifier
+    cache_views: int = 10  # augmented views of the training set whose features are computed once; 0 = run the backbone every batch
+    tau: float = 1.0  # tau_norm exponent when there is no validation split to search it on
+    tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])  # tau values searched on val
+
+
+@dataclass
+class SamplerConfig:
+    init_pow: float = 0.0  # BALMS sampler init: w ~ 1/pi^p; 0 = instance-balanced, 1 = class-balanced
+    lr: float = 0.01  # Adam learning rate of the per-class sampler logits
+    meta_batch_size: int = 512  # class-balanced meta batch for the outer loss
+    tau: float = 1.0  # Gumbel-softmax temperature of the class draws
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 512  # images per evaluation batch (no gradients: larger is faster)
 
@@ -75,6 +97,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stage1: Stage1Ref = field(default_factory=Stage1Ref)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property

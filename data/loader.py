@@ -15,9 +15,13 @@ import torch
 from data.augment import normalize
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator for epoch `epoch` of a run seeded `seed`, independent of every other epoch."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A generator for epoch `epoch` of a run seeded `seed`, independent of every other epoch.
+
+    `stream` separates independent uses within a run (0: data order and augmentation,
+    1: mixup, 2: stage-2 feature views), so that no two draw correlated numbers.
+    """
+    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 

@@ -76,3 +76,35 @@ def run() -> callable:
 @pytest.fixture
 def tiny_stage1() -> tuple[str, ...]:
     return TINY_STAGE1
+
+
+@pytest.fixture(scope="session")
+def stage1_run(fake_cifar10, tmp_path_factory) -> Path:
+    """One tiny stage-1 run with a 2-per-class validation split, shared by the stage-2 tests."""
+    log_dir = tmp_path_factory.mktemp("stage1") / "run"
+    run_script("stage1_train.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", *TINY_STAGE1,
+               "data.val_per_class=2")
+    return log_dir
+
+
+def kill_after_first_checkpoint(args: list[str], log_dir: Path) -> int:
+    """Start a run, SIGKILL it as soon as its first last.pt appears; return the epoch it had saved."""
+    import signal
+    import time
+
+    import torch
+
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (log_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return torch.load(log_dir / "last.pt", weights_only=True)["epoch"]
+
+
+@pytest.fixture
+def kill_run() -> callable:
+    return kill_after_first_checkpoint

@@ -2,19 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import yaml
-
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _args(root, log_dir, *extra):
@@ -64,22 +55,13 @@ def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, run):
     assert str(tmp_path / "nowhere") in proc.stderr and "data.download=true" in proc.stderr
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(fake_cifar10, tmp_path, run, tiny_stage1):
+def test_killed_run_resumes_to_the_uninterrupted_result(fake_cifar10, tmp_path, run, kill_run, tiny_stage1):
     args = (*tiny_stage1, "train.epochs=6", "train.mixup_alpha=0.2", "data.autoaugment=true", "data.cutout=8")
     full = tmp_path / "full"
     run(*_args(fake_cifar10, full, *args))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, *_args(fake_cifar10, killed, *args)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "last.pt").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    interrupted_at = torch.load(killed / "last.pt", weights_only=True)["epoch"]
-    assert proc.returncode == -signal.SIGKILL and interrupted_at < 6, "the run finished before it was killed"
-
+    assert kill_run(_args(fake_cifar10, killed, *args), killed) < 6
     run(*_args(fake_cifar10, killed, *args, "--resume"))
     a = torch.load(full / "last.pt", weights_only=True)
     b = torch.load(killed / "last.pt", weights_only=True)

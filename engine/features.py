@@ -1,0 +1,78 @@
+"""Features of a frozen backbone for stage 2, either cached once or computed per batch.
+
+The stage-2 head never sees images, only (B, D) features. With the backbone frozen, computing
+the features of K augmented views of the training set once and training the head on them gives
+the same kind of augmented features as running the backbone every batch, at a small fraction
+of the cost (bench/stage2_speed.py measures it). `LiveFeatures` keeps the per-batch path of the
+BALMS code (backbone in train mode, BatchNorm statistics updating) for comparison.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data.augment import normalize
+from data.loader import epoch_generator
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@torch.no_grad()
+def compute_views(model: nn.Module, images: torch.Tensor, augment: Augment | None, num_views: int,
+                  mean: Sequence[float], std: Sequence[float], seed: int, batch_size: int,
+                  channels_last: bool = False) -> torch.Tensor:
+    """(K, N, D) features of K views of uint8 images (N, 3, H, W), BatchNorm in eval mode.
+
+    View k is augmented with the generator of (seed, k); augment=None gives K identical views.
+    """
+    model.eval()
+    views = []
+    for k in range(num_views):
+        gen = epoch_generator(seed, k)
+        chunks = []
+        for start in tqdm(range(0, len(images), batch_size), desc=f"features view {k + 1}/{num_views}",
+                          leave=False, disable=None):
+            x = images[start : start + batch_size]
+            if augment is not None:
+                x = augment(x, gen)
+            x = normalize(x, mean, std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            chunks.append(model.forward_features(x).float())
+        views.append(torch.cat(chunks))
+    return torch.stack(views)
+
+
+class CachedFeatures:
+    """Features of images by index: each draw takes one of the K cached views at random."""
+
+    def __init__(self, views: torch.Tensor) -> None:
+        self.views = views  # (K, N, D)
+
+    def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        k = torch.randint(self.views.shape[0], (len(indices),), generator=generator)
+        return self.views[k, indices]  # (B, D)
+
+
+class LiveFeatures:
+    """The reference path: augment the images of each batch and run the backbone on them.
+
+    The backbone's weights stay frozen but it runs in train mode, so BatchNorm uses batch
+    statistics and updates its running averages, as the BALMS code does.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, augment: Augment, mean: Sequence[float],
+                 std: Sequence[float], channels_last: bool = False) -> None:
+        self.model, self.images, self.augment = model, images, augment
+        self.mean, self.std, self.channels_last = mean, std, channels_last
+
+    @torch.no_grad()
+    def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        self.model.train()
+        x = normalize(self.augment(self.images[indices], generator), self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model.forward_features(x).float()

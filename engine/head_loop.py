@@ -1,0 +1,89 @@
+"""Stage-2 loop: train a classifier head on (B, D) features of a frozen backbone.
+
+Two ways to choose each batch: a data sampler's epoch of indices (instance or class-balanced),
+or the BALMS meta-sampler, which draws classes from learned weights and updates those weights
+by a bilevel step (meta_sampler.meta_step) before the head's own step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from meta_sampler.learner import ClassSampler, balanced_batch
+from meta_sampler.meta_step import meta_step
+
+Features = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (B,) indices -> (B, D)
+
+
+@dataclass
+class MetaSampling:
+    """What the BALMS path needs beyond the head: the sampler, its optimiser and the meta data."""
+
+    sampler: ClassSampler
+    optimizer: torch.optim.Optimizer
+    meta_labels: torch.Tensor  # (M,) labels of the split meta batches come from
+    meta_features: Features  # features of that split by index
+    meta_batch_size: int
+    tau: float  # Gumbel-softmax temperature
+
+
+def train_head_epoch(
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    labels: torch.Tensor,
+    features: Features,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    index_batches: Iterable[torch.Tensor] | None = None,
+    meta: MetaSampling | None = None,
+    desc: str = "head",
+) -> dict[str, float]:
+    """`steps` optimiser steps of the head; returns mean loss, training accuracy, meta loss, lr.
+
+    Exactly one of index_batches (plain sampling) and meta (BALMS) is given. For BALMS,
+    loss_fn must return per-sample losses (reduction "none").
+    """
+    if (index_batches is None) == (meta is None):
+        raise ValueError("give exactly one of index_batches (plain sampling) or meta (BALMS sampling)")
+    head.train()
+    batches = iter(index_batches) if index_batches is not None else None
+    total_loss = total_meta = 0.0
+    correct = seen = 0
+    lr = optimizer.param_groups[0]["lr"]
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
+        lr = optimizer.param_groups[0]["lr"]
+        if meta is None:
+            idx = next(batches)
+            x, y = features(idx, generator), labels[idx]
+            logits = head(x)
+            loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step_loss = loss.item()
+        else:
+            classes, weights = meta.sampler.sample_classes(batch_size, generator, meta.tau)
+            idx = meta.sampler.draw_images(classes, generator)
+            x, y = features(idx, generator), labels[idx]
+            midx = balanced_batch(meta.meta_labels, meta.sampler.num_classes, meta.meta_batch_size, generator)
+            out = meta_step(head, optimizer, meta.sampler, meta.optimizer, x, y, weights,
+                            meta.meta_features(midx, generator), meta.meta_labels[midx], loss_fn)
+            step_loss = out["loss"]
+            total_meta += out["meta_loss"] * len(y)
+            with torch.no_grad():
+                logits = head(x)
+        scheduler.step()
+        total_loss += step_loss * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    out = {"loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen), "lr": lr}
+    if meta is not None:
+        out["meta_loss"] = total_meta / max(1, seen)
+    return out

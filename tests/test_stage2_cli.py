@@ -1,0 +1,74 @@
+"""Stage 2 as a user runs it: stage 1 -> each stage-2 method -> --test, in real processes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+TINY_STAGE2 = ("data.imbalance_factor=10", "data.val_per_class=2", "train.iterations=12", "train.batch_size=32",
+               "train.warmup=0", "train.num_threads=1", "stage2.cache_views=2", "sampler.meta_batch_size=16",
+               "eval.batch_size=64")
+
+
+def _stage2(root, stage1_dir, log_dir, *extra):
+    return ["stage2_classifier.py", f"data.root={root}", f"log_dir={log_dir}",
+            f"stage1.checkpoint={stage1_dir / 'last.pt'}", *TINY_STAGE2, *extra]
+
+
+@pytest.mark.parametrize("method", ["balanced_softmax", "crt", "balms", "lws", "tau_norm"])
+def test_stage1_then_stage2_method_then_test_table(fake_cifar10, stage1_run, tmp_path, run, method):
+    log_dir = tmp_path / method
+    run(*_stage2(fake_cifar10, stage1_run, log_dir, f"stage2.method={method}"))
+    assert (log_dir / "best.pt").is_file() and (log_dir / "config.yaml").is_file()
+    proc = run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", "--test")
+    metrics = json.loads((log_dir / "test_metrics.json").read_text())
+    assert metrics["train_class_counts"] == torch.load(stage1_run / "last.pt", weights_only=True)["class_counts"]
+    assert sum(map(sum, metrics["confusion_matrix"])) == 100 and "top-1" in proc.stdout
+
+    stage1 = torch.load(stage1_run / "last.pt", weights_only=True)["model"]
+    stage2 = torch.load(log_dir / "last.pt", weights_only=True)["model"]
+    assert set(stage1) == set(stage2)  # one deployable layout: backbone + plain linear head
+    for key in stage1:  # the backbone is frozen and, with cached features, BN statistics too
+        if not key.startswith("head."):
+            assert torch.equal(stage1[key], stage2[key]), key
+    if method != "tau_norm":
+        lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
+        assert lines[-1]["step"] == 12 and "val_top1" in lines[-1]
+        if method == "balms":
+            probs = lines[-1]["sample_probs"]
+            assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_naive_path_updates_batchnorm_statistics_like_the_reference(fake_cifar10, stage1_run, tmp_path, run):
+    log_dir = tmp_path / "live"
+    run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=balms", "stage2.cache_views=0"))
+    stage1 = torch.load(stage1_run / "last.pt", weights_only=True)["model"]
+    stage2 = torch.load(log_dir / "last.pt", weights_only=True)["model"]
+    assert torch.equal(stage1["conv1.weight"], stage2["conv1.weight"])
+    assert not torch.equal(stage1["bn1.running_mean"], stage2["bn1.running_mean"])
+
+
+def test_stage2_on_a_different_training_set_is_refused(fake_cifar10, stage1_run, tmp_path, run):
+    proc = run(*_stage2(fake_cifar10, stage1_run, tmp_path / "x", "data.imbalance_factor=20"), check=False)
+    assert proc.returncode != 0 and "data.imbalance_factor" in proc.stderr
+
+
+def test_stage2_without_a_stage1_checkpoint_says_how_to_give_one(fake_cifar10, tmp_path, run):
+    proc = run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'x'}", check=False)
+    assert proc.returncode != 0 and "stage1.checkpoint=" in proc.stderr
+
+
+def test_killed_stage2_run_resumes_to_the_uninterrupted_result(fake_cifar10, stage1_run, tmp_path, run, kill_run):
+    # The live-feature path makes each step slow enough to be killed after its first epoch.
+    args = ("stage2.method=balms", "stage2.cache_views=0", "train.iterations=40")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run(*_stage2(fake_cifar10, stage1_run, full, *args))
+    assert kill_run(_stage2(fake_cifar10, stage1_run, killed, *args), killed) < 5
+    run(*_stage2(fake_cifar10, stage1_run, killed, *args, "--resume"))
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 40
+    for part in ("model", "sampler"):
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), (part, key)
