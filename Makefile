@@ -1,4 +1,5 @@
 # make demo   create .venv, get CIFAR-10, short stage-1 run on CIFAR-10-LT (imbalance 100), test table
+# make demo-stage2   then retrain its classifier with BALMS (stage 2) and print the test table
 # make test   the test suite (what CI runs)
 # LT_DATA_ROOT points at the folder that holds cifar-10-batches-py/ (default: ./datasets).
 PYTHON ?= python3
@@ -9,8 +10,9 @@ export LT_DATA_ROOT ?= $(CURDIR)/datasets
 # demo downloads the official archive (data.download=true, MD5-checked).
 SHARED_CIFAR := ../shared/datasets/make_cifar10.py
 DEMO := config/cifar10_lt/demo_stage1.yaml
+DEMO2 := config/cifar10_lt/demo_stage2_balms.yaml
 
-.PHONY: env data demo test
+.PHONY: env data demo demo-stage2 test
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,10 @@ data: env
 demo: data
 	$(PY) stage1_train.py --cfg $(DEMO) data.download=true --resume
 	$(PY) stage1_train.py --cfg $(DEMO) --test
+
+demo-stage2: data
+	$(PY) stage2_classifier.py --cfg $(DEMO2) --resume
+	$(PY) stage2_classifier.py --cfg $(DEMO2) --test
 
 test: env
 	$(PY) -m pytest

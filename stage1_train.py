@@ -3,6 +3,7 @@
     python stage1_train.py --cfg config/cifar10_lt/stage1_softmax.yaml [key=value ...]
     python stage1_train.py --cfg config/cifar10_lt/stage1_softmax.yaml --resume   # continue a killed run
     python stage1_train.py --cfg config/cifar10_lt/stage1_softmax.yaml --test     # test split table
+    python stage1_train.py --cfg config/cifar10_lt/stage1_softmax.yaml model.pretrained=NAME|URL|PATH  # fine-tune
 
 Writes logs/<name>/: config.yaml, metrics.jsonl, tb/, train.log, last.pt and (with a validation
 split, data.val_per_class > 0) best.pt; --test adds test_metrics.json.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -23,15 +25,16 @@ from config.schema import Config
 from data.augment import BatchAugment
 from data.build import NORMALIZATION, build_long_tail
 from data.cifar import load_cifar
-from data.loader import BatchLoader
+from data.loader import BatchLoader, steps_per_epoch
 from data.samplers import build_sampler
 from engine.loop import metrics_from_logits, predict_logits, train_one_epoch
-from engine.run import default_checkpoint, report_test, setup_run, trim_metrics_log
+from engine.run import default_checkpoint, report_test, setup_run, trim_metrics_log, user_errors
 from engine.runlog import RunLog
 from engine.schedule import build_scheduler
-from models import build_model
-from models.checkpoint import load_checkpoint, load_state_checked, save_checkpoint
-from models.losses import build_loss
+from models import build_model, load_pretrained
+from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
+from models.download import DownloadError
+from models.losses import build_loss, posthoc_logit_adjust
 
 logger = logging.getLogger("stage1")
 
@@ -46,6 +49,8 @@ def test(cfg: Config, ckpt_path: Path) -> dict:
     split = load_cifar(cfg.data.dataset, cfg.data.root, "test", download=cfg.data.download)
     mean, std = NORMALIZATION[cfg.data.dataset]
     logits = predict_logits(model, split.images, cfg.eval.batch_size, mean, std, cfg.model.channels_last, "test")
+    if cfg.eval.posthoc_tau:
+        logits = posthoc_logit_adjust(logits, ckpt["class_counts"], cfg.eval.posthoc_tau)
     metrics = metrics_from_logits(logits, split.labels, ckpt["class_counts"])
     report_test(metrics, split.class_names, Path(cfg.run_dir) / "test_metrics.json", ckpt_path)
     return metrics
@@ -61,35 +66,46 @@ def main(cfg: Config, resume: bool = False) -> dict:
     # ---- data: long-tailed training set, balanced validation hold-out, in-memory loader
     d = cfg.data
     data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
-    sampler = build_sampler(d.sampler, data.train_labels, len(data.class_counts))
+    t = cfg.train
+    # The progressive sampler interpolates over the run; it draws N images per epoch.
+    sampler_params = {}
+    if d.sampler == "progressive":
+        steps = steps_per_epoch(len(data.train_labels), t.batch_size)
+        sampler_params["total_epochs"] = t.epochs if t.iterations == 0 else math.ceil(t.iterations / steps)
+    sampler = build_sampler(d.sampler, data.train_labels, len(data.class_counts), **sampler_params)
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
-    loader = BatchLoader(data.train_images, data.train_labels, cfg.train.batch_size, sampler, augment,
-                         data.mean, data.std, cfg.train.seed, cfg.model.channels_last)
+    loader = BatchLoader(data.train_images, data.train_labels, t.batch_size, sampler, augment,
+                         data.mean, data.std, t.seed, cfg.model.channels_last)
     has_val = len(data.val_labels) > 0
 
-    # ---- model
+    # ---- model: random init, or model.pretrained to fine-tune (its head, or a new one with model.reset_head)
     model_args = {"name": cfg.model.name, "num_classes": len(data.class_counts)}
-    model = build_model(**model_args)
+    try:
+        model = (load_pretrained(cfg.model.pretrained, arch=cfg.model.name, num_classes=model_args["num_classes"],
+                                 reset_head=cfg.model.reset_head)
+                 if cfg.model.pretrained else build_model(**model_args))
+    except (CheckpointError, DownloadError) as e:
+        raise SystemExit(f"model.pretrained={cfg.model.pretrained}: {e}") from None
+    fresh_head = not cfg.model.pretrained or cfg.model.reset_head
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     # ---- loss
-    loss_fn = build_loss(cfg.loss.name, data.class_counts, **({"label_smoothing": cfg.loss.label_smoothing}
-                                                              if cfg.loss.label_smoothing else {}))
+    loss_params = {k: v for k, v in vars(cfg.loss).items() if k != "name" and v is not None}
+    loss_fn = build_loss(cfg.loss.name, data.class_counts, **loss_params)
     bias = loss_fn.init_bias()
-    if bias is not None:
+    if bias is not None and fresh_head:  # a pretrained head keeps its learned bias
         torch.nn.init.constant_(model.head.bias, bias)
 
     # ---- optimizer and per-step schedule (epochs or iterations)
-    t = cfg.train
-    steps_per_epoch = len(loader)
-    total_steps = t.iterations if t.iterations > 0 else t.epochs * steps_per_epoch
-    unit = 1 if t.iterations > 0 else steps_per_epoch  # steps per unit of warmup / milestones
+    epoch_len = len(loader)
+    total_steps = t.iterations if t.iterations > 0 else t.epochs * epoch_len
+    unit = 1 if t.iterations > 0 else epoch_len  # steps per unit of warmup / milestones
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay, nesterov=t.nesterov)
     scheduler = build_scheduler(optimizer, total_steps, round(t.warmup * unit), t.schedule,
                                 [round(m * unit) for m in t.milestones], t.gamma)
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    num_epochs = math.ceil(total_steps / epoch_len)
 
     # ---- resume
     start_epoch, step, best = 0, 0, {"metric": t.select_metric, "value": None, "epoch": None}
@@ -110,16 +126,17 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     # ---- train: one epoch, validate, checkpoint (atomically), log
     logger.info("%d training images, %d steps/epoch, %d epochs, %d steps", len(data.train_labels),
-                steps_per_epoch, num_epochs, total_steps)
+                epoch_len, num_epochs, total_steps)
     record = {}
     for epoch in range(start_epoch, num_epochs):
-        steps = min(steps_per_epoch, total_steps - step)
+        steps = min(epoch_len, total_steps - step)
         mixup_rng = np.random.default_rng([t.seed, epoch, 1])  # stream 1 of data.loader.epoch_generator
         loss_fn.set_epoch(epoch)
+        start = time.perf_counter()
         record = train_one_epoch(model, islice(loader.epoch(epoch), steps), steps, loss_fn, optimizer, scheduler,
                                  t.mixup_alpha, mixup_rng, desc=f"epoch {epoch + 1}/{num_epochs}")
         step += steps
-        record["epoch"] = epoch + 1
+        record["epoch"], record["train_seconds"] = epoch + 1, time.perf_counter() - start
         if has_val:
             val_logits = predict_logits(model, data.val_images, cfg.eval.batch_size, data.mean, data.std,
                                         cfg.model.channels_last, "val")
@@ -145,8 +162,9 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
 if __name__ == "__main__":
     cfg, args = parse_cli(None, __doc__)
-    if args.test:
-        setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
-        test(cfg, Path(args.ckpt) if args.ckpt else default_checkpoint(Path(cfg.run_dir)))
-    else:
-        main(cfg, resume=args.resume)
+    with user_errors():
+        if args.test:
+            setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
+            test(cfg, Path(args.ckpt) if args.ckpt else default_checkpoint(Path(cfg.run_dir)))
+        else:
+            main(cfg, resume=args.resume)

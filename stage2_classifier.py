@@ -2,6 +2,7 @@
 
     python stage2_classifier.py --cfg config/cifar10_lt/stage2_balms.yaml stage1.checkpoint=logs/<run>/last.pt
     python stage2_classifier.py --cfg config/cifar10_lt/stage2_balms.yaml --test
+    python stage2_classifier.py --cfg config/cifar10_lt/demo_stage2_crt.yaml model.pretrained=NAME|URL|PATH
 
 Methods (stage2.method): balanced_softmax, crt, balms (Balanced Softmax + meta-learned class
 sampler), lws (learnable weight scaling), tau_norm (post-hoc, tau searched on the validation
@@ -26,17 +27,18 @@ from config.load import config_diff, config_to_dict, dump_config
 from config.schema import Config
 from data.augment import BatchAugment
 from data.build import build_long_tail
-from data.loader import epoch_generator
+from data.loader import epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
 from engine.features import CachedFeatures, LiveFeatures, compute_views
 from engine.head_loop import MetaSampling, train_head_epoch
 from engine.loop import metrics_from_logits, predict_logits
-from engine.run import default_checkpoint, setup_run, trim_metrics_log
+from engine.run import default_checkpoint, setup_run, trim_metrics_log, user_errors
 from engine.runlog import RunLog
 from engine.schedule import build_scheduler
 from meta_sampler.learner import ClassSampler
-from models import build_model
-from models.checkpoint import load_checkpoint, load_state_checked, save_checkpoint
+from models import build_model, load_pretrained
+from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
+from models.download import DownloadError
 from models.heads import ScaledLinear, as_linear, tau_normalized
 from models.losses import build_loss
 from stage1_train import test
@@ -90,31 +92,51 @@ def main(cfg: Config, resume: bool = False) -> dict:
                          f"or choose another name=... / log_dir=... for a new run")
     if cfg.stage2.method not in METHODS:
         raise SystemExit(f"unknown stage2.method {cfg.stage2.method!r}; valid: {', '.join(METHODS)}")
-    if not cfg.stage1.checkpoint:
-        raise SystemExit("stage 2 needs a stage-1 checkpoint: stage1.checkpoint=logs/<stage-1 run>/last.pt")
+    if not cfg.stage1.checkpoint and not cfg.model.pretrained:
+        raise SystemExit("stage 2 needs a backbone: stage1.checkpoint=logs/<stage-1 run>/last.pt, "
+                         "or model.pretrained=NAME|URL|PATH (`python -m models list` shows the names)")
+    if cfg.stage1.checkpoint and cfg.model.pretrained:
+        raise SystemExit("set stage1.checkpoint or model.pretrained, not both: they name the same backbone")
     method = METHODS[cfg.stage2.method]
+    # Only these methods start from the checkpoint's head; the others train a new one.
+    keeps_head = method is None or method.head == "lws" or cfg.stage2.init_head == "stage1"
+    if cfg.model.reset_head and keeps_head:
+        raise SystemExit(f"model.reset_head=true drops the head that stage2.method={cfg.stage2.method} "
+                         f"(stage2.init_head={cfg.stage2.init_head}) starts from; balanced_softmax, crt and "
+                         f"balms with init_head=reinit train a new head for any number of classes")
 
-    # ---- stage-1 model, frozen; the same long-tailed training set as stage 1
-    s1 = load_checkpoint(cfg.stage1.checkpoint)
-    s1_data = s1["config"]["data"]
-    differ = [f"data.{k}: stage 1 {s1_data[k]!r}, now {getattr(cfg.data, k)!r}"
-              for k in SUBSET_KEYS if s1_data[k] != getattr(cfg.data, k)]
-    if differ:
-        raise SystemExit("stage 2 must train on stage 1's training set; set " + "; ".join(differ))
-    model = build_model(**s1["model_args"])
-    load_state_checked(model, s1["model"], f"model in {cfg.stage1.checkpoint}")
+    # ---- frozen backbone: a stage-1 run of this tool (then stage 1's long-tailed training set), or
+    # pretrained / imported weights, which have no training set to match
+    s1 = load_checkpoint(cfg.stage1.checkpoint) if cfg.stage1.checkpoint else {}
+    if s1.get("config"):
+        s1_data = s1["config"]["data"]
+        differ = [f"data.{k}: stage 1 {s1_data[k]!r}, now {getattr(cfg.data, k)!r}"
+                  for k in SUBSET_KEYS if s1_data[k] != getattr(cfg.data, k)]
+        if differ:
+            raise SystemExit("stage 2 must train on stage 1's training set; set " + "; ".join(differ))
+        model = build_model(**s1["model_args"])
+        load_state_checked(model, s1["model"], f"model in {cfg.stage1.checkpoint}")
+    d, t = cfg.data, cfg.train
+    data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
+    counts, labels, has_val = data.class_counts, data.train_labels, len(data.val_labels) > 0
+    if s1.get("config"):
+        if counts != s1["class_counts"]:
+            raise SystemExit(f"the training set differs from stage 1's ({counts} vs {s1['class_counts']}): "
+                             f"is data.root the same copy of the dataset?")
+        model_args = s1["model_args"]
+    else:
+        model_args = {"name": cfg.model.name, "num_classes": len(counts)}
+        source = cfg.stage1.checkpoint or cfg.model.pretrained
+        try:
+            model = load_pretrained(source, arch=cfg.model.name, num_classes=len(counts), reset_head=not keeps_head)
+        except (CheckpointError, DownloadError) as e:
+            raise SystemExit(f"{source}: {e}") from None
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
-    d, t = cfg.data, cfg.train
-    data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
-    counts, labels, has_val = data.class_counts, data.train_labels, len(data.val_labels) > 0
-    if counts != s1["class_counts"]:
-        raise SystemExit(f"the training set differs from stage 1's ({counts} vs {s1['class_counts']}): "
-                         f"is data.root the same copy of the dataset?")
     stage1_head = copy.deepcopy(model.head)
-    payload = {"config": config_to_dict(cfg), "model_args": s1["model_args"], "class_counts": counts,
+    payload = {"config": config_to_dict(cfg), "model_args": model_args, "class_counts": counts,
                "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint}
     dump_config(cfg, run_dir / "config.yaml")
     runlog = RunLog(run_dir)
@@ -154,7 +176,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     else:
         features = LiveFeatures(model, data.train_images, augment, data.mean, data.std, cfg.model.channels_last)
     meta_labels, meta_features = labels, features  # the meta batch comes from val when there is one
-    if has_val and method.sampler is None:
+    if has_val and method.sampler is None and cfg.sampler.meta_split == "val":
         meta_labels = data.val_labels
         meta_features = (CachedFeatures(compute_views(model, data.val_images, augment, max(sv, 1), data.mean,
                                                       data.std, t.seed + FEATURE_STREAM + 1, cfg.eval.batch_size,
@@ -169,8 +191,6 @@ def main(cfg: Config, resume: bool = False) -> dict:
         head = nn.Linear(stage1_head.in_features, stage1_head.out_features)
         if cfg.stage2.init_head == "stage1":
             head.load_state_dict(stage1_head.state_dict())
-        elif cfg.stage2.init_head != "reinit":
-            raise SystemExit(f"unknown stage2.init_head {cfg.stage2.init_head!r}; valid: reinit, stage1")
     model.head = head
     meta = None
     if method.sampler is None:
@@ -178,19 +198,21 @@ def main(cfg: Config, resume: bool = False) -> dict:
         sampler = ClassSampler(labels, len(counts), cfg.sampler.init_pow)
         meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=cfg.sampler.lr), meta_labels,
                             meta_features, cfg.sampler.meta_batch_size, cfg.sampler.tau)
+        logger.info("balms: class-balanced meta batches of %d from the %s split (%d images)",
+                    cfg.sampler.meta_batch_size, "val" if meta_labels is not labels else "train", len(meta_labels))
         num_samples = len(labels)
     else:
         loss_fn = build_loss(method.loss, counts)
         data_sampler = build_sampler(method.sampler, labels, len(counts))
         num_samples = data_sampler.num_samples
-    steps_per_epoch = math.ceil(num_samples / t.batch_size)
-    total_steps = t.iterations if t.iterations > 0 else t.epochs * steps_per_epoch
-    unit = 1 if t.iterations > 0 else steps_per_epoch
+    epoch_len = steps_per_epoch(num_samples, t.batch_size)
+    total_steps = t.iterations if t.iterations > 0 else t.epochs * epoch_len
+    unit = 1 if t.iterations > 0 else epoch_len
     optimizer = torch.optim.SGD(head.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                 nesterov=t.nesterov)
     scheduler = build_scheduler(optimizer, total_steps, round(t.warmup * unit), t.schedule,
                                 [round(m * unit) for m in t.milestones], t.gamma)
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    num_epochs = math.ceil(total_steps / epoch_len)
 
     # ---- resume
     start_epoch, step, best = 0, 0, {"metric": t.select_metric, "value": None, "epoch": None}
@@ -214,11 +236,11 @@ def main(cfg: Config, resume: bool = False) -> dict:
                 t.batch_size, num_epochs, f"cached x{sv}" if sv > 0 else "live")
     record = {}
     for epoch in range(start_epoch, num_epochs):
-        steps = min(steps_per_epoch, total_steps - step)
+        steps = min(epoch_len, total_steps - step)
         gen = epoch_generator(t.seed, epoch)
         batches = None
         if meta is None:
-            batches = [b for b in data_sampler.indices(epoch, gen).split(t.batch_size) if len(b) > 1]
+            batches = data_sampler.indices(epoch, gen).split(t.batch_size)[:epoch_len]
         loss_fn.set_epoch(epoch)
         record = train_head_epoch(head, optimizer, scheduler, loss_fn, labels, features, steps, t.batch_size, gen,
                                   batches, meta, desc=f"epoch {epoch + 1}/{num_epochs}")
@@ -249,8 +271,9 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
 if __name__ == "__main__":
     cfg, args = parse_cli(None, __doc__)
-    if args.test:
-        setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
-        test(cfg, Path(args.ckpt) if args.ckpt else default_checkpoint(Path(cfg.run_dir)))
-    else:
-        main(cfg, resume=args.resume)
+    with user_errors():
+        if args.test:
+            setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
+            test(cfg, Path(args.ckpt) if args.ckpt else default_checkpoint(Path(cfg.run_dir)))
+        else:
+            main(cfg, resume=args.resume)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from config.schema import Config
+from config.schema import CHOICES, Config
 
 
 class ConfigError(ValueError):
@@ -153,7 +153,17 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=30")
         _set_override(cfg, key.strip(), raw, f"override {item!r}")
+    check_choices(cfg)
     return cfg
+
+
+def check_choices(cfg: Config) -> None:
+    """Keys with a closed set of values (schema.CHOICES) hold one of them."""
+    for key, valid in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}")
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -165,6 +175,7 @@ def config_from_dict(tree: dict) -> Config:
     cfg = Config()
     for key, value in _flatten(tree).items():
         _set(cfg, key, value, "saved config")
+    check_choices(cfg)
     return cfg
 
 

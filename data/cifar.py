@@ -78,6 +78,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset folder or some of its files are not on disk."""
 
 
+class DatasetFormatError(ValueError):
+    """A dataset file that is not in the official format."""
+
+
 @dataclass
 class CifarSplit:
     """One split in memory: images uint8 (N, 3, 32, 32), labels int64 (N,), class names."""
@@ -153,8 +157,8 @@ def _download(spec: CifarSpec, root: Path) -> None:
         ) from err
 
 
-def _bad_file(path: Path, problem: str) -> ValueError:
-    return ValueError(
+def _bad_file(path: Path, problem: str) -> DatasetFormatError:
+    return DatasetFormatError(
         f"{path} is not a valid CIFAR file: {problem}. The file is damaged or from another source; "
         f"delete the folder {path.parent} and re-download with data.download=true."
     )

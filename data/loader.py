@@ -25,6 +25,13 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Batches in an epoch of num_samples: a trailing batch of one sample is dropped (BatchNorm
+    cannot train on it, and a one-sample step is noise), unless it is the epoch's only batch."""
+    steps = math.ceil(num_samples / batch_size)
+    return steps - 1 if num_samples % batch_size == 1 and steps > 1 else steps
+
+
 class BatchLoader:
     """Yields (images float32 (B, 3, H, W) normalised, labels int64 (B,)) for one epoch.
 
@@ -53,9 +60,7 @@ class BatchLoader:
         self.channels_last = channels_last
 
     def __len__(self) -> int:
-        n = self.sampler.num_samples
-        steps = math.ceil(n / self.batch_size)
-        return steps - 1 if n % self.batch_size == 1 and steps > 1 else steps
+        return steps_per_epoch(self.sampler.num_samples, self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = epoch_generator(self.seed, epoch)

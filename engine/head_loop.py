@@ -60,7 +60,9 @@ def train_head_epoch(
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]
         if meta is None:
-            idx = next(batches)
+            idx = next(batches, None)
+            if idx is None:
+                raise ValueError(f"index_batches ran out before {steps} steps: give at least as many batches as steps")
             x, y = features(idx, generator), labels[idx]
             logits = head(x)
             loss = loss_fn(logits, y)

@@ -6,14 +6,28 @@ import logging
 import random
 import sys
 from pathlib import Path
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.metrics import format_table
+from models.checkpoint import CheckpointError
+from models.download import DownloadError
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors the user causes and can fix (missing or damaged data, a bad checkpoint, a failed
+    download) end the program with their one message, which says what to do, and no traceback."""
+    try:
+        yield
+    except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def setup_run(run_dir: str | Path, seed: int, num_threads: int) -> Path:

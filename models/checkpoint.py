@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import torch
 from torch import nn
@@ -21,23 +21,28 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model or is not one of ours."""
 
 
-def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """write(file) into a temporary file in path's folder, fsync, then rename over `path`.
 
-    A run killed mid-write leaves the previous checkpoint intact, never a truncated one.
+    A process killed mid-write leaves the previous file intact, never a truncated one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Atomically write the checkpoint dict (with its format tag) to `path`."""
+    write_atomic(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

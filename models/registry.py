@@ -7,8 +7,18 @@ from typing import Callable
 from torch import nn
 
 from models.resnet_cifar import resnet32
+from models.resnet_imagenet import resnet10, resnet18, resnet34, resnet50, resnet101, resnet152
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"resnet32": resnet32}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet32": resnet32,  # CIFAR ResNet-32, 32x32 inputs
+    # ImageNet-style (torchvision layout): for torchvision / ImageNet-LT weights
+    "resnet10": resnet10,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+}
 
 
 def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:

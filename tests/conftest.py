@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,16 @@ def write_fake_cifar10(root: Path, train_per_class: int, test_per_class: int, se
         names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
         pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # In-process tests use tiny tensors: intra-op threads only add overhead, and stall badly
+    # when other jobs share the cores. Subprocess runs set train.num_threads=1 themselves.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ def test_tiny_run_writes_run_directory_and_test_table(fake_cifar10, tmp_path, ru
     lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2, 3]
     assert {"loss", "lr", "train_acc", "val_top1", "val_many", "val_medium", "val_few"} <= set(lines[0])
+    assert all(l["train_seconds"] > 0 for l in lines)
 
     proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "data.val_per_class=2", "--test"))
     assert "top-1" in proc.stdout and "best.pt" in proc.stdout
@@ -45,14 +46,18 @@ def test_existing_run_is_not_overwritten_without_resume(fake_cifar10, tmp_path, 
 
 def test_unknown_key_fails_before_training_with_suggestion(tmp_path, run):
     proc = run("stage1_train.py", f"log_dir={tmp_path / 'x'}", "train.epoch=3", check=False)
-    assert proc.returncode != 0 and "did you mean train.epochs" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("config error: unknown config key 'train.epoch' (override 'train.epoch=3'); "
+                                   "did you mean train.epochs, train.seed, train.schedule?")
     assert not (tmp_path / "x").exists()
 
 
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, run):
     proc = run("stage1_train.py", f"data.root={tmp_path / 'nowhere'}", f"log_dir={tmp_path / 'x'}", check=False)
-    assert proc.returncode != 0
-    assert str(tmp_path / "nowhere") in proc.stderr and "data.download=true" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: CIFAR-10 not found: looked in {tmp_path / 'nowhere' / 'cifar-10-batches-py'}")
+    assert "data.download=true" in last and "LT_DATA_ROOT" in last
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(fake_cifar10, tmp_path, run, kill_run, tiny_stage1):
@@ -78,3 +83,29 @@ def test_resume_with_a_different_config_names_the_differing_keys(fake_cifar10, t
     run(*_args(fake_cifar10, log_dir, *tiny_stage1, "train.epochs=1"))
     proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "train.epochs=1", "train.lr=0.2", "--resume"), check=False)
     assert proc.returncode != 0 and "train.lr" in proc.stderr
+
+
+def test_loss_parameter_the_loss_does_not_take_is_an_error(fake_cifar10, tmp_path, run, tiny_stage1):
+    proc = run(*_args(fake_cifar10, tmp_path / "x", *tiny_stage1, "loss.name=ce", "loss.beta=0.99"), check=False)
+    assert proc.returncode != 0 and "'beta'" in proc.stderr and "label_smoothing" in proc.stderr
+
+
+def test_end_to_end_loss_with_parameters_and_progressive_sampler_train(fake_cifar10, tmp_path, run, tiny_stage1):
+    log_dir = tmp_path / "ldam"
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "loss.name=ldam", "loss.drw_epoch=1", "data.sampler=progressive"))
+    lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(l["loss"] == l["loss"] for l in lines)  # three finite epochs
+    saved = yaml.safe_load((log_dir / "config.yaml").read_text())
+    assert saved["loss"]["drw_epoch"] == 1 and saved["data"]["sampler"] == "progressive"
+
+
+def test_posthoc_logit_adjustment_changes_test_predictions_toward_the_tail(fake_cifar10, tmp_path, run, tiny_stage1):
+    log_dir = tmp_path / "run"
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1))
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "--test"))
+    plain = json.loads((log_dir / "test_metrics.json").read_text())["confusion_matrix"]
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "eval.posthoc_tau=2.0", "--test"))
+    adjusted = json.loads((log_dir / "test_metrics.json").read_text())["confusion_matrix"]
+    # Subtracting tau * log prior favours rare classes: the tail (last 5 classes) gets more predictions.
+    tail_predictions = lambda cm: sum(row[c] for row in cm for c in range(5, 10))
+    assert tail_predictions(adjusted) > tail_predictions(plain)

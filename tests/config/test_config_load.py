@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from config.load import ConfigError, config_diff, config_from_dict, config_to_dict, dump_config, load_config
-from config.schema import Config
+from config.schema import CHOICES, Config
 
 
 def _yaml(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
@@ -23,7 +23,7 @@ def test_defaults_match_the_schema_documented_values():
     assert cfg.data.dataset == "cifar10"
     assert cfg.data.flip is True
     assert cfg.model.name == "resnet32"
-    assert cfg.eval.batch_size == 512
+    assert cfg.eval.batch_size == 128
     assert cfg.run_dir == "logs/default"
 
 
@@ -195,3 +195,20 @@ def test_lt_data_root_env_var_sets_default_data_root(monkeypatch):
     assert load_config(None, ["data.root=/elsewhere"]).data.root == "/elsewhere"
     monkeypatch.delenv("LT_DATA_ROOT")
     assert Config().data.root == "datasets"
+
+
+@pytest.mark.parametrize("key, bad", [("train.select_metric", "top5"), ("data.profile", "linear"),
+                                      ("train.schedule", "poly"), ("stage2.init_head", "random")])
+def test_closed_set_key_with_another_value_is_an_error_listing_the_valid_values(key, bad):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}={bad}"])
+    assert key in str(e.value) and repr(bad) in str(e.value)
+    for valid in CHOICES[key]:
+        assert valid in str(e.value)
+
+
+def test_closed_set_values_are_checked_in_yaml_files_too(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  select_metric: few_shot\n")
+    with pytest.raises(ConfigError, match="train.select_metric='few_shot' is not one of top1, many, medium, few"):
+        load_config(path)

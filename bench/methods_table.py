@@ -1,0 +1,88 @@
+"""Every end-to-end method of one config folder on the same short CPU schedule, side by side.
+
+    python bench/methods_table.py                                   # config/cifar10_lt/methods_if100_exp
+    python bench/methods_table.py --configs config/cifar10_lt/methods_if100_step --iterations 800
+
+Each config keeps its method (loss, sampler, mixup, post-hoc adjustment) and gets the same
+short schedule: `--iterations` steps at batch 128, lr 0.1, 5 % linear warm-up then cosine,
+20 validation images per class held out (best.pt is picked on them, never on test). LDAM's
+deferred re-weighting starts at 80 % of the run, as at epoch 160 of 200 in its paper.
+Runs are resumable: a method whose run directory already holds test_metrics.json is not rerun.
+Prints a Markdown table of test top-1 / many / medium / few (in %) and minutes per run, and
+writes it to <out>/table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.compare_runs import pct  # noqa: E402
+from config.load import load_config  # noqa: E402
+from data.build import build_long_tail  # noqa: E402
+from data.loader import steps_per_epoch  # noqa: E402
+from data.samplers import build_sampler  # noqa: E402
+from stage1_train import main as stage1_main  # noqa: E402
+from stage1_train import test  # noqa: E402
+
+VAL_PER_CLASS = 20
+
+
+def short_schedule(path: Path, iterations: int, out: Path) -> list[str]:
+    """Overrides that put one method's config on the shared short schedule."""
+    cfg = load_config(path)
+    overrides = [f"train.iterations={iterations}", "train.batch_size=128", "train.lr=0.1", "train.schedule=cosine",
+                 f"train.warmup={max(1, iterations // 20)}", f"data.val_per_class={VAL_PER_CLASS}",
+                 f"log_dir={out / path.stem}"]
+    if cfg.loss.drw_epoch is not None:
+        d = cfg.data
+        data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed,
+                               VAL_PER_CLASS)
+        n = build_sampler(d.sampler, data.train_labels, len(data.class_counts)).num_samples
+        epochs = math.ceil(iterations / steps_per_epoch(n, 128))
+        overrides.append(f"loss.drw_epoch={int(0.8 * epochs)}")
+    return overrides
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="config/cifar10_lt/methods_if100_exp", help="folder of method configs")
+    p.add_argument("--iterations", type=int, default=800, help="training steps per method at batch 128")
+    p.add_argument("--methods", nargs="*", help="config names (file stems) to run; default: all in the folder")
+    p.add_argument("--out", default="logs/methods_table", help="parent of the per-method run directories")
+    p.add_argument("overrides", nargs="*", help="more key=value overrides for every run (e.g. data.root=...)")
+    args = p.parse_args()
+    paths = sorted(Path(args.configs).glob("*.yaml"))
+    if args.methods:
+        paths = [q for q in paths if q.stem in args.methods]
+    out = Path(args.out) / Path(args.configs).name
+    rows = []
+    for path in paths:
+        run_dir = out / path.stem
+        metrics_path = run_dir / "test_metrics.json"
+        seconds_path = run_dir / "train_seconds.json"
+        if not metrics_path.is_file():
+            cfg = load_config(path, short_schedule(path, args.iterations, out) + args.overrides)
+            start = time.perf_counter()
+            stage1_main(cfg, resume=True)
+            seconds_path.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+            test(cfg, run_dir / "best.pt")
+        m = json.loads(metrics_path.read_text())
+        seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else float("nan")
+        rows.append((path.stem, m, seconds))
+
+    lines = [f"{args.configs}: {args.iterations} iterations at batch 128 (best on {VAL_PER_CLASS}/class val)", "",
+             "| method | top-1 | many | medium | few | minutes |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {pct(m['top1'])} | {pct(m['many'])} | {pct(m['medium'])} | {pct(m['few'])} | {s / 60:.1f} |"
+              for name, m, s in rows]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Pretrained checkpoints from the command line.
+
+    python -m models list                          # the registry, and what is in the download cache
+    python -m models fetch resnet50_imagenet       # download a registry name or URL into the cache
+    python -m models import final_model_checkpoint.pth balms_resnet32.pt --arch resnet32
+
+`import` converts a checkpoint in any known layout (BALMS / Decoupling, MiSLAS / ARB, torchvision,
+ours; models/foreign.py) into a checkpoint of this tool once. The cache is $LT_PRETRAINED_CACHE,
+else ~/.cache/lt-decoupled/pretrained.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from models.checkpoint import CheckpointError
+from models.download import DEFAULT_TIMEOUT, CACHE_ENV, DownloadError, cache_dir, cache_path
+from models.pretrained import import_checkpoint, resolve
+from models.registry import MODELS
+from models.zoo import PRETRAINED
+
+
+def list_registry(args: argparse.Namespace) -> None:
+    cache = cache_dir()
+    print(f"cache: {cache} (${CACHE_ENV} moves it)")
+    rows = [("name", "arch", "dataset", "classes", "format", "cached")]
+    registered = set()
+    for name, e in PRETRAINED.items():
+        path = cache_path(e.url, cache)
+        registered.add(path.name)
+        rows.append((name, e.arch, e.dataset, str(e.num_classes), e.format, str(path) if path.is_file() else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    others = sorted(p for p in cache.glob("*") if p.is_file() and p.name not in registered) if cache.is_dir() else []
+    if others:
+        print("other files in the cache:")
+    for p in others:
+        note = "partial download; fetching the same URL resumes it" if p.name.endswith(".part") else "downloaded by URL"
+        print(f"  {p.name}  {p.stat().st_size} bytes  ({note})")
+
+
+def fetch_source(args: argparse.Namespace) -> None:
+    path, _ = resolve(args.source, timeout=args.timeout)
+    print(path)
+
+
+def import_source(args: argparse.Namespace) -> None:
+    payload = import_checkpoint(args.source, args.out, arch=args.arch, timeout=args.timeout)
+    model_args = payload["model_args"]
+    print(f"wrote {args.out}: {model_args['name']}, {model_args['num_classes']} classes, converted from the "
+          f"{payload['layout']} layout; use it as model.pretrained={args.out}")
+
+
+COMMANDS = {"list": list_registry, "fetch": fetch_source, "import": import_source}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the registry of named checkpoints and the cache")
+    fetch = sub.add_parser("fetch", help="download a registry name or URL into the cache, print its path")
+    fetch.add_argument("source", help="registry name or http(s) URL (URL#sha256=<hex> to check it)")
+    imp = sub.add_parser("import", help="convert a checkpoint in any known layout into one of this tool")
+    imp.add_argument("source", help="registry name, http(s) URL or path")
+    imp.add_argument("out", help="path of the checkpoint to write (.pt)")
+    imp.add_argument("--arch", choices=sorted(MODELS),
+                     help="architecture of the weights (needed for foreign layouts, which do not record it)")
+    for p in (fetch, imp):
+        p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                       help="seconds to wait for the server before giving up (default %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (DownloadError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

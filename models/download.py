@@ -1,0 +1,132 @@
+"""Checkpoint downloads into a cache: resumable, SHA-256 checked, moved into place atomically.
+
+    path = fetch("https://download.pytorch.org/models/resnet50-0676ba61.pth", sha256="0676ba61")
+
+The file grows as `<cache>/<name>.part` (a later call resumes it with an HTTP Range request) and is
+renamed to `<cache>/<name>` only once its digest matches, so the cache never holds a damaged
+checkpoint; a download whose digest does not match is deleted. The cache is $LT_PRETRAINED_CACHE,
+else ~/.cache/lt-decoupled/pretrained. Every failure is one DownloadError saying what to do.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "LT_PRETRAINED_CACHE"
+DEFAULT_TIMEOUT = 30.0  # seconds without a byte from the server before a download gives up
+CHUNK_BYTES = 1 << 20
+# A full digest, or the leading hex digits a source publishes (torchvision: 8 in the file name).
+SHA256_HEX = re.compile(r"[0-9a-f]{8,64}")
+
+
+class DownloadError(OSError):
+    """A download that failed; the message names the URL, the cause and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lt-decoupled" / "pretrained")
+
+
+def cache_path(url: str, cache: Path) -> Path:
+    """<cache>/<10 hex digits of sha256(url)>-<file name>: two URLs never share a cache file."""
+    name = Path(urllib.parse.urlsplit(url).path).name or "checkpoint"
+    return Path(cache) / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{name}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(url: str, sha256: str | None = None, cache: str | Path | None = None,
+          timeout: float = DEFAULT_TIMEOUT) -> Path:
+    """The cached file of `url`, downloaded first unless already cached (and matching `sha256`).
+
+    sha256=None accepts any content (the digest is logged so that it can be pinned).
+    """
+    if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
+        raise ValueError(f"sha256 must be 8 to 64 lowercase hex digits, got {sha256!r}")
+    cache = Path(cache) if cache is not None else cache_dir()
+    dest = cache_path(url, cache)
+    if dest.is_file():
+        if sha256 is None or file_sha256(dest).startswith(sha256):
+            return dest
+        logger.warning("cached %s does not have SHA-256 %s; downloading it again", dest, sha256)
+        dest.unlink()
+    cache.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    _download(url, part, timeout)
+    digest = file_sha256(part)
+    if sha256 is not None and not digest.startswith(sha256):
+        part.unlink()
+        raise DownloadError(f"download of {url} failed: its SHA-256 is {digest}, expected {sha256}...; the file "
+                            f"was deleted. The transfer was damaged or the file on the server changed: run again, "
+                            f"and if it fails again download the file by hand, check it, and pass its path")
+    if sha256 is None:
+        logger.warning("%s was not checked (no SHA-256 given); its SHA-256 is %s: pin it by appending "
+                       "#sha256=%s to the URL", url, digest, digest)
+    os.replace(part, dest)
+    return dest
+
+
+def _download(url: str, part: Path, timeout: float) -> None:
+    """Append the rest of `url` to `part`, or write all of it when there is no part or Range is ignored."""
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": "lt-decoupled"} | ({"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the part is not a prefix the server can continue: start over
+            part.unlink()
+            return _download(url, part, timeout)
+        hint = ("the file is not at that address or not open to everyone: check the URL (or its entry in "
+                "models/zoo.py), or download it in a browser and pass its path" if e.code < 500 else
+                "the server failed: try again later, or download the file by hand and pass its path")
+        raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}; {hint}") from None
+    except OSError as e:  # URLError (DNS, refused, unreachable) and TimeoutError before the response
+        raise _unreachable(url, getattr(e, "reason", e), timeout, part) from None
+    with response:
+        range_start = response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        resumed = have > 0 and response.status == 206 and range_start
+        length = response.headers.get("Content-Length")
+        start = have if resumed else 0
+        received = 0
+        try:
+            with open(part, "ab" if resumed else "wb") as f, \
+                    tqdm(total=None if length is None else start + int(length), initial=start, unit="B",
+                         unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part"),
+                         disable=None) as bar:
+                while chunk := response.read(CHUNK_BYTES):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            # http.client ends a read early without an error when the server closes the connection.
+            if length is not None and received < int(length):
+                raise ConnectionError(f"the server closed the connection {int(length) - received} bytes short")
+        except (OSError, http.client.HTTPException) as e:  # timeout or dropped connection mid-file
+            raise DownloadError(f"download of {url} stopped after {part.stat().st_size} bytes "
+                                f"({type(e).__name__}: {e}); run the same command again to resume it") from None
+
+
+def _unreachable(url: str, reason: object, timeout: float, part: Path) -> DownloadError:
+    host = urllib.parse.urlsplit(url).netloc
+    cause = (f"no answer from {host} within {timeout:g} s" if isinstance(reason, TimeoutError)
+             else f"cannot reach {host} ({reason})")
+    dest = part.with_name(part.name.removesuffix(".part"))
+    return DownloadError(f"download of {url} failed: {cause}. Check the network (and https_proxy if you use "
+                         f"one) and run again, or download the file on a machine with network and pass its "
+                         f"path (or copy it to {dest})")

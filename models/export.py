@@ -1,0 +1,64 @@
+"""Inference export of a trained model: a plain state dict and a small JSON of what inference needs.
+
+    <dir>/model.pt    state dict of models.build_model(arch, num_classes), backbone + linear head;
+                      loads with torch.load(weights_only=True), no code of this tool needed
+    <dir>/model.json  {"format", "arch", "num_classes", "class_names", "class_counts",
+                       "mean", "std", "image_size"}: images are resized to image_size x image_size,
+                       scaled to [0, 1] and normalised per channel by mean / std
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from models.checkpoint import CheckpointError, load_state_checked, write_atomic
+from models.registry import build_model
+
+EXPORT_FORMAT = "lt-decoupled-export/1"  # bumped when model.json changes meaning
+WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
+
+
+def export_meta(model_args: dict, class_names: Sequence[str] | None, class_counts: Sequence[int] | None,
+                mean: Sequence[float], std: Sequence[float], image_size: int) -> dict:
+    """The model.json dict; class names and counts may be None (imported checkpoints lack them)."""
+    num_classes = model_args["num_classes"]
+    if class_names is not None and len(class_names) != num_classes:
+        raise CheckpointError(f"{len(class_names)} class names for a {num_classes}-class model")
+    return {"format": EXPORT_FORMAT, "arch": model_args["name"], "num_classes": num_classes,
+            "class_names": None if class_names is None else list(class_names),
+            "class_counts": None if class_counts is None else list(class_counts),
+            "mean": list(mean), "std": list(std), "image_size": image_size}
+
+
+def model_from_export(state: dict[str, torch.Tensor], meta: dict, what: str) -> nn.Module:
+    """The model of an export's meta with `state` loaded (every key checked), in eval mode."""
+    model = build_model(meta["arch"], meta["num_classes"])
+    load_state_checked(model, state, what)
+    return model.eval()
+
+
+def write_export(out_dir: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write model.pt and model.json into out_dir (created); returns out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / WEIGHTS_FILE, lambda f: torch.save(dict(state), f))
+    write_atomic(out_dir / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return out_dir
+
+
+def load_export(out_dir: str | Path) -> tuple[nn.Module, dict]:
+    """(model in eval mode, the model.json dict) of an export directory."""
+    out_dir = Path(out_dir)
+    meta_path, weights_path = out_dir / META_FILE, out_dir / WEIGHTS_FILE
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise CheckpointError(f"{out_dir} is not an export directory (it needs {WEIGHTS_FILE} and {META_FILE}); "
+                              f"write one with: python predict.py <checkpoint.pt> --export {out_dir}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{meta_path} is not an export of this tool (expected format {EXPORT_FORMAT!r})")
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    return model_from_export(state, meta, str(weights_path)), meta

@@ -1,0 +1,104 @@
+"""Pretrained weights from a registry name, URL or path, in any known layout, as our model.
+
+    from models import load_pretrained
+    model = load_pretrained("final_model_checkpoint.pth", arch="resnet32")  # a BALMS release
+    model = load_pretrained("resnet50_imagenet", num_classes=10, reset_head=True)  # fine-tune on 10 classes
+
+A source is a name in models.zoo.PRETRAINED (downloaded once into the cache, SHA-256 checked), an
+http(s) URL (pinned by appending #sha256=<hex>), or a file. Its layout is detected from its keys
+(models.foreign). Every key is checked: missing and unexpected keys are listed by name, a shape
+mismatch names the parameter and both shapes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from models.checkpoint import CheckpointError, load_state_checked, save_checkpoint
+from models.download import DEFAULT_TIMEOUT, fetch
+from models.foreign import Converted, convert, read_checkpoint_file
+from models.registry import MODELS, build_model
+from models.zoo import PRETRAINED, PretrainedEntry
+
+URL_SCHEMES = ("http://", "https://")
+
+
+def resolve(source: str, cache: str | Path | None = None,
+            timeout: float = DEFAULT_TIMEOUT) -> tuple[Path, PretrainedEntry | None]:
+    """The local file of a source (downloading it if needed) and its registry entry, if it has one."""
+    if source in PRETRAINED:
+        entry = PRETRAINED[source]
+        return fetch(entry.url, entry.sha256, cache, timeout), entry
+    if source.startswith(URL_SCHEMES):
+        url, _, fragment = source.partition("#")
+        if fragment and not fragment.startswith("sha256="):
+            raise CheckpointError(f"{source}: the only URL fragment understood is #sha256=<hex digest of the file>")
+        return fetch(url, fragment.removeprefix("sha256=") or None, cache, timeout), None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"pretrained source {source!r} is not a registry name ({', '.join(PRETRAINED)}), "
+                              f"an http(s) URL or an existing file; `python -m models list` shows the registry")
+    return path, None
+
+
+def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bool, cache: str | Path | None,
+          timeout: float) -> tuple[nn.Module, dict, Converted]:
+    """(model with the weights, its model_args, the converted checkpoint)."""
+    path, entry = resolve(source, cache, timeout)
+    ckpt = convert(read_checkpoint_file(path), str(path))
+    what = f"{source} ({ckpt.layout} layout)"
+    if entry is not None and ckpt.layout != entry.format:
+        raise CheckpointError(f"{what}: the registry entry says {entry.format!r}; the entry in models/zoo.py is wrong")
+    recorded = ckpt.model_args["name"] if ckpt.model_args else (entry.arch if entry else None)
+    if arch is None and recorded is None:
+        raise CheckpointError(f"{what} does not record its architecture: pass arch= (model.name=), "
+                              f"one of {', '.join(MODELS)}")
+    if arch is not None and recorded is not None and arch != recorded:
+        raise CheckpointError(f"{what} holds a {recorded}, not a {arch}: use arch={recorded!r} (model.name={recorded})")
+    arch = arch or recorded
+    head = ckpt.state.get("head.weight")
+    if num_classes is None:
+        if head is None:
+            raise CheckpointError(f"{what} has no classifier to take the number of classes from: "
+                                  f"pass num_classes= with reset_head=True")
+        num_classes = head.shape[0]
+    model = build_model(arch, num_classes)
+    state = ckpt.state
+    if reset_head:  # keep the freshly initialised head of the model, for its number of classes
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    try:
+        load_state_checked(model, state, what)
+    except CheckpointError as e:
+        if reset_head or (head is not None and tuple(head.shape) == tuple(model.head.weight.shape)):
+            raise
+        raise CheckpointError(f"{e}. Its classifier does not fit a {num_classes}-class head: reset_head=True "
+                              f"(model.reset_head=true) starts a new one") from None
+    return model, {"name": arch, "num_classes": num_classes}, ckpt
+
+
+def load_pretrained(source: str, arch: str | None = None, num_classes: int | None = None, reset_head: bool = False,
+                    cache: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT) -> nn.Module:
+    """Our model (backbone + head, training mode as from build_model) with the weights of `source`.
+
+    arch: models.MODELS name; None = the one the checkpoint or registry records (foreign files
+    record none). num_classes: None = the checkpoint's classifier. reset_head: keep a freshly
+    initialised head (another number of classes) and load the backbone only. timeout: seconds
+    a download may wait for the server.
+    """
+    return _load(source, arch, num_classes, reset_head, cache, timeout)[0]
+
+
+def import_checkpoint(source: str, out: str | Path, arch: str | None = None, cache: str | Path | None = None,
+                      timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """Convert `source` once into a checkpoint of this tool at `out`; returns what was written.
+
+    The result has no training config ("config": None), so stage 2 takes its class counts from
+    the data, as for any pretrained backbone.
+    """
+    model, model_args, ckpt = _load(source, arch, None, False, cache, timeout)
+    payload = {"model": model.state_dict(), "model_args": model_args, "class_counts": ckpt.class_counts,
+               "class_names": ckpt.class_names, "config": None, "imported_from": source, "layout": ckpt.layout}
+    save_checkpoint(out, payload)
+    return payload

@@ -1,0 +1,38 @@
+"""The table of named pretrained checkpoints that `model.pretrained=NAME` and `load_pretrained(NAME)` fetch.
+
+An entry is a direct download URL with the file's SHA-256: the full hex digest `sha256sum` prints,
+or, for torchvision's files, the leading hex digits in the file name (`resnet50-0676ba61.pth`),
+which torchvision publishes as the digest's prefix and torch.hub checks the same way.
+
+The papers' own CIFAR-LT releases (BALMS, Decoupling, MiSLAS) sit behind Google Drive / OneDrive
+pages with no direct link and no published digest, so they are not listed: download them by hand
+and pass the path, or convert them once with `python -m models import`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PretrainedEntry:
+    url: str  # direct http(s) download
+    sha256: str  # full hex digest, or its first >= 8 hex digits as published by the file's source
+    arch: str  # models.MODELS name the weights fit
+    dataset: str  # what the weights were trained on
+    num_classes: int  # classes of the checkpoint's classifier (reset the head for others)
+    format: str  # models.foreign.LAYOUTS name of the file's layout
+
+
+PRETRAINED: dict[str, PretrainedEntry] = {
+    # torchvision IMAGENET1K_V1 weights (the URLs torchvision.models.resnet itself uses)
+    "resnet18_imagenet": PretrainedEntry("https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                                         "f37072fd", "resnet18", "imagenet1k", 1000, "state_dict"),
+    "resnet34_imagenet": PretrainedEntry("https://download.pytorch.org/models/resnet34-b627a593.pth",
+                                         "b627a593", "resnet34", "imagenet1k", 1000, "state_dict"),
+    "resnet50_imagenet": PretrainedEntry("https://download.pytorch.org/models/resnet50-0676ba61.pth",
+                                         "0676ba61", "resnet50", "imagenet1k", 1000, "state_dict"),
+    "resnet101_imagenet": PretrainedEntry("https://download.pytorch.org/models/resnet101-63fe2227.pth",
+                                          "63fe2227", "resnet101", "imagenet1k", 1000, "state_dict"),
+    "resnet152_imagenet": PretrainedEntry("https://download.pytorch.org/models/resnet152-394f9c45.pth",
+                                          "394f9c45", "resnet152", "imagenet1k", 1000, "state_dict"),
+}

@@ -1,0 +1,90 @@
+"""Classify image files with a trained model, or export a model for inference.
+
+    python predict.py logs/<run>/best.pt cat.png dog.jpg       # a checkpoint of either stage
+    python predict.py exported/ cat.png dog.jpg                # an export directory
+    python predict.py logs/<run>/best.pt --export exported/    # write exported/model.pt + model.json
+
+Prints one tab-separated line per image: path, predicted class name (its index when the checkpoint
+has no class names), softmax probability. Images are converted to RGB and resized (bilinear) to
+the training resolution, 32x32 for the CIFAR models. Checkpoints without a training config
+(`python -m models import` results) need --dataset for their normalisation.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from data.build import NORMALIZATION
+from data.cifar import IMAGE_SHAPE
+from engine.loop import predict_logits
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.export import export_meta, load_export, model_from_export, write_export
+
+
+def read_images(paths: Sequence[str], size: int) -> torch.Tensor:
+    """uint8 (N, 3, size, size) RGB images."""
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise SystemExit(f"error: cannot read {path} as an image ({e})") from None
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+    return torch.stack(out)
+
+
+def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict]:
+    """(state dict, export meta) of a checkpoint of this tool; dataset=None takes its training config's."""
+    ckpt = load_checkpoint(path)
+    dataset = dataset or (ckpt["config"] or {}).get("data", {}).get("dataset")
+    if dataset is None:
+        raise SystemExit(f"error: {path} records no training dataset; pass --dataset "
+                         f"({' | '.join(NORMALIZATION)}) to choose the normalisation it expects")
+    mean, std = NORMALIZATION[dataset]
+    meta = export_meta(ckpt["model_args"], ckpt["class_names"], ckpt["class_counts"], mean, std, IMAGE_SHAPE[1])
+    return ckpt["model"], meta
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="checkpoint .pt of this tool, or an export directory")
+    parser.add_argument("images", nargs="*", help="image files to classify")
+    parser.add_argument("--export", metavar="DIR", help="write the checkpoint as DIR/model.pt + DIR/model.json")
+    parser.add_argument("--dataset", choices=sorted(NORMALIZATION),
+                        help="normalisation of a checkpoint without a training config")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    args = parser.parse_args(argv)
+    if not args.export and not args.images:
+        parser.error("give image files to classify, or --export DIR")
+    try:
+        if Path(args.model).is_dir():
+            if args.export:
+                raise SystemExit(f"error: {args.model} is already an export directory")
+            model, meta = load_export(args.model)
+        else:
+            state, meta = checkpoint_for_inference(args.model, args.dataset)
+            if args.export:
+                print(f"wrote {write_export(args.export, state, meta)}")
+            model = model_from_export(state, meta, args.model)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not args.images:
+        return
+    images = read_images(args.images, meta["image_size"])
+    probs = predict_logits(model, images, args.batch_size, meta["mean"], meta["std"]).softmax(dim=1)
+    confidence, predicted = probs.max(dim=1)
+    names = meta["class_names"]
+    for path, c, p in zip(args.images, predicted.tolist(), confidence.tolist()):
+        print(f"{path}\t{names[c] if names else c}\t{p:.4f}")
+
+
+if __name__ == "__main__":
+    main()

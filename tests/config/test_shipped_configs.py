@@ -1,0 +1,43 @@
+"""Every experiment YAML in config/ loads, names its own run command, and builds its loss and sampler."""
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from config.load import load_config
+from data.samplers import SAMPLERS
+from models import MODELS
+from models.losses import build_loss
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "config").rglob("*.yaml"))
+
+
+def test_there_are_configs_for_each_method_on_both_datasets_and_profiles():
+    for folder in ("cifar10_lt", "cifar100_lt"):
+        for profile in ("exp", "step"):
+            names = {p.stem for p in (ROOT / "config" / folder / f"methods_if100_{profile}").glob("*.yaml")}
+            assert {"ce", "mixup", "balanced_softmax", "logit_adjust", "cb_softmax", "cb_sigmoid", "cb_focal", "focal",
+                    "reweight", "ldam_drw", "arb", "resample_class_balanced", "resample_sqrt",
+                    "resample_progressive", "oversample", "undersample"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_loads_and_its_first_line_is_its_own_run_command(path):
+    cfg = load_config(path)
+    rel = path.relative_to(ROOT).as_posix()
+    first = path.read_text().splitlines()[0]
+    script = "stage2_classifier.py" if cfg.stage1.checkpoint else "stage1_train.py"
+    assert first.startswith(f"# python {script} --cfg {rel}"), first
+    assert cfg.model.name in MODELS and cfg.data.sampler in SAMPLERS
+    params = {k: v for k, v in asdict(cfg.loss).items() if k != "name" and v is not None}
+    build_loss(cfg.loss.name, [50, 20, 5], **params)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*/methods_if100_*/*.yaml")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_method_configs_differ_from_each_other_only_in_method_and_dataset_keys(path):
+    cfg = load_config(path)
+    assert cfg.data.imbalance_factor == 100 and cfg.data.profile == path.parent.name.rsplit("_", 1)[1]
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.schedule, cfg.train.milestones,
+            cfg.train.gamma, cfg.train.weight_decay) == (200, 128, 0.1, "step", [160.0, 180.0], 0.01, 2e-4)

@@ -1,0 +1,171 @@
+"""Stage-2 features: K cached views in eval mode, cached lookup by index, and the live train-mode path."""
+import copy
+
+import pytest
+import torch
+
+from data.augment import BatchAugment
+from data.loader import epoch_generator
+from engine.features import CachedFeatures, LiveFeatures, compute_views
+from models import build_model
+
+MEAN = (0.5, 0.4, 0.3)
+STD = (0.2, 0.25, 0.3)
+N, H = 5, 16
+
+
+def _normalize_by_hand(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randint(0, 256, (N, 3, H, H), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def base_model(images) -> torch.nn.Module:
+    """A resnet32 whose BatchNorm running stats are not the defaults (so eval != train mode)."""
+    torch.manual_seed(0)
+    model = build_model("resnet32", 10).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model.forward_features(_normalize_by_hand(images) * 2.0 + 1.0)
+    return model
+
+
+@pytest.fixture
+def model(base_model) -> torch.nn.Module:
+    m = copy.deepcopy(base_model)
+    m.train()  # compute_views must switch to eval itself
+    return m
+
+
+def _eval_features(model, x_uint8) -> torch.Tensor:
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        return ref.forward_features(_normalize_by_hand(x_uint8))
+
+
+def _bn_state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+# ---------------------------------------------------------------- compute_views
+
+
+def test_without_augmentation_all_views_equal_the_eval_mode_features(model, images):
+    expected = _eval_features(model, images)
+    views = compute_views(model, images, None, 3, MEAN, STD, seed=0, batch_size=2)  # chunks 2, 2, 1
+    assert views.shape == (3, N, 64) and views.dtype == torch.float32
+    for k in range(3):
+        torch.testing.assert_close(views[k], expected, rtol=1e-5, atol=1e-5)
+    # not the train-mode (batch-statistics) features
+    with torch.no_grad():
+        train_mode = copy.deepcopy(model).train().forward_features(_normalize_by_hand(images))
+    assert not torch.allclose(train_mode, expected, atol=1e-3)
+
+
+def test_augmented_view_k_uses_the_generator_of_seed_and_k(model, images):
+    augment = BatchAugment(4, True)
+    views = compute_views(model, images, augment, 2, MEAN, STD, seed=7, batch_size=N)
+    for k in range(2):
+        x = BatchAugment(4, True)(images, epoch_generator(7, k))
+        torch.testing.assert_close(views[k], _eval_features(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_augmented_views_differ_from_each_other(model, images):
+    views = compute_views(model, images, BatchAugment(4, True), 2, MEAN, STD, seed=7, batch_size=2)
+    assert not torch.allclose(views[0], views[1], atol=1e-4)
+
+
+def test_augmented_views_are_reproducible_for_a_seed_and_change_with_it(model, images):
+    augment = BatchAugment(4, True)
+    a = compute_views(model, images, augment, 2, MEAN, STD, seed=7, batch_size=2)
+    b = compute_views(model, images, augment, 2, MEAN, STD, seed=7, batch_size=2)
+    c = compute_views(model, images, augment, 2, MEAN, STD, seed=8, batch_size=2)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c, atol=1e-4)
+
+
+def test_compute_views_leaves_batchnorm_running_stats_and_weights_unchanged(model, images):
+    before = copy.deepcopy(model.state_dict())
+    compute_views(model, images, BatchAugment(4, True), 2, MEAN, STD, seed=1, batch_size=2)
+    after = model.state_dict()
+    assert set(before) == set(after)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+# ---------------------------------------------------------------- CachedFeatures
+
+
+def _distinct_views(k: int, n: int = 6, d: int = 4) -> torch.Tensor:
+    # entry (k, i, j) = 100 k + 10 i + j: every row identifies its view and index
+    return (100 * torch.arange(k).view(k, 1, 1) + 10 * torch.arange(n).view(1, n, 1)
+            + torch.arange(d).view(1, 1, d)).float()
+
+
+IDX = torch.tensor([5, 0, 0, 3, 2, 5, 1, 4, 4, 0, 3, 2])
+
+
+def test_cached_row_is_one_of_the_k_views_of_its_index():
+    views = _distinct_views(3)
+    out = CachedFeatures(views)(IDX, torch.Generator().manual_seed(0))
+    assert out.shape == (len(IDX), 4)
+    for row, i in zip(out, IDX.tolist()):
+        assert any(torch.equal(row, views[k, i]) for k in range(3))
+
+
+def test_cached_view_choice_is_randint_k_from_the_generator():
+    views = _distinct_views(3)
+    k = torch.randint(3, (len(IDX),), generator=torch.Generator().manual_seed(11))
+    expected = torch.stack([views[k[b], IDX[b]] for b in range(len(IDX))])
+    out = CachedFeatures(views)(IDX, torch.Generator().manual_seed(11))
+    assert torch.equal(out, expected)
+
+
+def test_cached_views_are_all_used_over_many_draws():
+    views = _distinct_views(3)
+    idx = torch.zeros(300, dtype=torch.int64)
+    out = CachedFeatures(views)(idx, torch.Generator().manual_seed(0))
+    assert set((out[:, 0] // 100).long().tolist()) == {0, 1, 2}
+
+
+def test_single_cached_view_is_exactly_views_zero_at_the_indices():
+    views = _distinct_views(1)
+    out = CachedFeatures(views)(IDX, torch.Generator().manual_seed(5))
+    assert torch.equal(out, views[0, IDX])
+
+
+# ---------------------------------------------------------------- LiveFeatures
+
+
+def test_live_features_run_in_train_mode_and_update_batchnorm_but_not_weights(model, images):
+    model.eval()
+    weights_before = {k: v.clone() for k, v in model.named_parameters()}
+    bn_before = _bn_state(model)
+    idx = torch.tensor([4, 1, 3])
+    live = LiveFeatures(model, images, BatchAugment(4, True), MEAN, STD)
+    out = live(idx, torch.Generator().manual_seed(2))
+
+    assert model.training
+    assert out.shape == (3, 64) and not out.requires_grad
+    bn_after = _bn_state(model)
+    changed = [k for k in bn_before if not torch.equal(bn_before[k], bn_after[k])]
+    assert "bn1.running_mean" in changed and "bn1.running_var" in changed
+    assert bn_after["bn1.num_batches_tracked"].item() == bn_before["bn1.num_batches_tracked"].item() + 1
+    for k, v in model.named_parameters():
+        assert torch.equal(v, weights_before[k]), k
+
+
+def test_live_features_are_train_mode_features_of_the_augmented_batch(model, images):
+    ref = copy.deepcopy(model).train()
+    idx = torch.tensor([4, 1, 3])
+    out = LiveFeatures(model, images, BatchAugment(4, True), MEAN, STD)(idx, torch.Generator().manual_seed(2))
+    x = BatchAugment(4, True)(images[idx], torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ref.forward_features(_normalize_by_hand(x))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

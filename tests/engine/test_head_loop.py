@@ -1,0 +1,157 @@
+"""Stage-2 head loop: plain index batches and the BALMS meta-sampler path, on synthetic features."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.head_loop import MetaSampling, train_head_epoch
+from meta_sampler.learner import ClassSampler
+from models.losses import build_loss
+
+
+def _blobs(per_class=(100, 100, 100), seed=0):
+    """Gaussian blobs (std 0.5) around (3, 0), (-3, 0), (0, 3): linearly separable."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]])
+    feats, labels = [], []
+    for c, n in enumerate(per_class):
+        feats.append(centres[c] + 0.5 * torch.randn(n, 2, generator=g))
+        labels.append(torch.full((n,), c, dtype=torch.int64))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _constant_lr(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def _batches(n, batch_size, seed):
+    return list(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).split(batch_size))
+
+
+def copy_params(module):
+    return {k: p.detach().clone() for k, p in module.named_parameters()}
+
+
+def _plain_setup(seed=0, lr=0.5):
+    torch.manual_seed(seed)
+    feats, labels = _blobs()
+    head = nn.Linear(2, 3)
+    opt = torch.optim.SGD(head.parameters(), lr=lr)
+    return feats, labels, head, opt, _constant_lr(opt)
+
+
+# ---------------------------------------------------------------- plain sampling
+
+
+def test_plain_sampling_learns_separable_blobs():
+    feats, labels, head, opt, sched = _plain_setup()
+    with torch.no_grad():
+        loss_before = F.cross_entropy(head(feats), labels).item()
+    records = []
+    for epoch in range(5):
+        records.append(train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels,
+                                        lambda idx, gen: feats[idx], 10, 30, torch.Generator().manual_seed(epoch),
+                                        index_batches=_batches(300, 30, epoch)))
+    with torch.no_grad():
+        logits = head(feats)
+    assert F.cross_entropy(logits, labels).item() < 0.2 * loss_before
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["train_acc"] > 0.95
+    assert (logits.argmax(1) == labels).float().mean().item() > 0.95
+
+
+def test_plain_sampling_takes_exactly_steps_optimiser_steps():
+    feats, labels, head, opt, sched = _plain_setup()
+    consumed = []
+
+    def batches():
+        for b in _batches(300, 30, 0):  # 10 available
+            consumed.append(b)
+            yield b
+
+    optimizer_steps = []
+    opt.register_step_post_hook(lambda optimizer, args, kwargs: optimizer_steps.append(1))
+    train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, lambda idx, gen: feats[idx], 7, 30,
+                     torch.Generator().manual_seed(0), index_batches=batches())
+    assert sched.last_epoch == 7
+    assert len(optimizer_steps) == 7
+    assert len(consumed) == 7
+
+
+def test_plain_sampling_with_fewer_batches_than_steps_is_a_clear_error():
+    feats, labels, head, opt, sched = _plain_setup()
+    with pytest.raises(ValueError, match="index_batches ran out before 11 steps"):
+        train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, lambda idx, gen: feats[idx], 11, 30,
+                         torch.Generator().manual_seed(0), index_batches=_batches(300, 30, 0))
+
+
+def test_plain_sampling_reports_sample_weighted_loss_and_accuracy_of_the_batches_seen():
+    # lr 0: the head is fixed at w = [[1, 0], [-1, 0]], b = 0, so predictions are sign(x0).
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    feats = torch.tensor([[1.0, 0.0], [-2.0, 0.0], [-1.0, 0.0], [3.0, 0.0], [0.5, 0.0]])
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        head.bias.zero_()
+    opt = torch.optim.SGD(head.parameters(), lr=0.0)
+    batches = [torch.tensor([0, 1, 2]), torch.tensor([3, 4])]
+    out = train_head_epoch(head, opt, _constant_lr(opt), nn.CrossEntropyLoss(), labels,
+                           lambda idx, gen: feats[idx], 2, 3, torch.Generator(), index_batches=batches)
+    # logits (x0, -x0); CE of a 2-class margin m = z_y - z_other is log(1 + exp(-m)).
+    # samples: m = 2, -4, 2, -6, 1 -> predictions right, wrong, right, wrong, right
+    per_sample = [math.log1p(math.exp(-m)) for m in (2.0, -4.0, 2.0, -6.0, 1.0)]
+    assert out["loss"] == pytest.approx(sum(per_sample) / 5, rel=1e-6)
+    assert out["train_acc"] == pytest.approx(3 / 5)
+    assert out["lr"] == 0.0
+    assert "meta_loss" not in out
+
+
+def test_reported_lr_is_the_lr_of_the_last_step_taken():
+    feats, labels, head, opt, _ = _plain_setup()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    out = train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, lambda idx, gen: feats[idx], 4, 30,
+                           torch.Generator(), index_batches=_batches(300, 30, 0))
+    assert out["lr"] == pytest.approx(0.5 / 4)  # steps 0..3 use lr 0.5 / (s + 1)
+
+
+@pytest.mark.parametrize("which", ["both", "neither"])
+def test_giving_both_or_neither_of_index_batches_and_meta_raises(which):
+    feats, labels, head, opt, sched = _plain_setup()
+    sampler = ClassSampler(labels, 3)
+    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels,
+                        lambda idx, gen: feats[idx], 6, 1.0)
+    kwargs = {"index_batches": _batches(300, 30, 0), "meta": meta} if which == "both" else {}
+    with pytest.raises(ValueError, match="exactly one"):
+        train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, lambda idx, gen: feats[idx], 1, 30,
+                         torch.Generator(), **kwargs)
+    assert sched.last_epoch == 0
+
+
+# ---------------------------------------------------------------- BALMS meta-sampling
+
+
+def test_meta_sampling_returns_finite_meta_loss_and_updates_theta_and_head():
+    torch.manual_seed(0)
+    counts = [300, 15]
+    feats, labels = _blobs(per_class=(300, 15, 0))
+    head = nn.Linear(2, 2)
+    head_before = copy_params(head)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    sched = _constant_lr(opt)
+    sampler = ClassSampler(labels, 2)
+    theta_before = sampler.theta.detach().clone()
+    features = lambda idx, gen: feats[idx]  # noqa: E731
+    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, features, 16, 1.0)
+    loss_fn = build_loss("balanced_softmax", counts, reduction="none")
+
+    out = train_head_epoch(head, opt, sched, loss_fn, labels, features, 5, 32, torch.Generator().manual_seed(1),
+                           meta=meta)
+
+    assert set(out) == {"loss", "train_acc", "lr", "meta_loss"}
+    assert math.isfinite(out["meta_loss"]) and out["meta_loss"] > 0
+    assert math.isfinite(out["loss"]) and 0.0 <= out["train_acc"] <= 1.0
+    assert sched.last_epoch == 5
+    assert not torch.equal(sampler.theta.detach(), theta_before)
+    assert any(not torch.equal(p, head_before[k]) for k, p in head.named_parameters())

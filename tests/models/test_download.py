@@ -1,0 +1,135 @@
+"""Downloads against a real HTTP server on 127.0.0.1: cache, resume, checksum, HTTP errors, timeouts."""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+
+from models.download import CACHE_ENV, DownloadError, cache_dir, cache_path, fetch
+
+PAYLOAD = hashlib.sha256(b"checkpoint").digest() * 80_000  # 2.56 MB: three 1 MiB read chunks
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def _part(url, cache):
+    dest = cache_path(url, cache)
+    return dest.with_name(dest.name + ".part")
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_download_lands_in_the_cache_and_a_second_call_does_not_download(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    path = fetch(srv.url, DIGEST, cache=tmp_path)
+    assert path == cache_path(srv.url, tmp_path) and path.read_bytes() == PAYLOAD
+    assert _files(tmp_path) == [path.name]  # no .part left behind
+    assert fetch(srv.url, DIGEST, cache=tmp_path) == path
+    assert srv.ranges == [None]  # one request in all
+
+
+def test_partial_download_resumes_from_where_it_stopped(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    part = _part(srv.url, tmp_path)
+    part.write_bytes(PAYLOAD[:1_000_000])
+    path = fetch(srv.url, DIGEST, cache=tmp_path)
+    assert srv.ranges == ["bytes=1000000-"]
+    assert srv.bytes_sent == len(PAYLOAD) - 1_000_000
+    assert path.read_bytes() == PAYLOAD and not part.exists()
+
+
+def test_server_ignoring_range_gives_the_whole_file_once(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    srv.honour_range = False
+    part = _part(srv.url, tmp_path)
+    part.write_bytes(b"stale bytes that must not stay in front")
+    assert fetch(srv.url, DIGEST, cache=tmp_path).read_bytes() == PAYLOAD
+    assert srv.bytes_sent == len(PAYLOAD)
+
+
+def test_part_longer_than_the_file_is_discarded_and_downloaded_again(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    _part(srv.url, tmp_path).write_bytes(PAYLOAD + b"junk")  # the server answers 416 to its Range
+    assert fetch(srv.url, DIGEST, cache=tmp_path).read_bytes() == PAYLOAD
+    assert srv.ranges == [f"bytes={len(PAYLOAD) + 4}-", None]
+
+
+def test_dropped_connection_keeps_the_part_and_the_next_call_resumes_it(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    srv.cut_after = 700_000
+    with pytest.raises(DownloadError, match="stopped after 700000 bytes .*run the same command again to resume"):
+        fetch(srv.url, DIGEST, cache=tmp_path)
+    assert _files(tmp_path) == [_part(srv.url, tmp_path).name]
+    srv.cut_after = None
+    assert fetch(srv.url, DIGEST, cache=tmp_path).read_bytes() == PAYLOAD
+    assert srv.ranges == [None, "bytes=700000-"]
+
+
+def test_wrong_sha256_is_a_clear_error_and_leaves_nothing_in_the_cache(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    with pytest.raises(DownloadError) as err:
+        fetch(srv.url, "0" * 64, cache=tmp_path)
+    msg = str(err.value)
+    assert f"its SHA-256 is {DIGEST}, expected {'0' * 64}" in msg
+    assert "the file was deleted" in msg and "pass its path" in msg
+    assert _files(tmp_path) == []
+
+
+def test_digest_prefix_as_torchvision_publishes_it_is_accepted(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    assert fetch(srv.url, DIGEST[:8], cache=tmp_path).read_bytes() == PAYLOAD
+
+
+def test_cached_file_that_no_longer_matches_is_downloaded_again(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    dest = cache_path(srv.url, tmp_path)
+    dest.write_bytes(b"damaged on disk")
+    assert fetch(srv.url, DIGEST, cache=tmp_path).read_bytes() == PAYLOAD
+    assert srv.ranges == [None]
+
+
+def test_http_404_names_the_status_and_what_to_do(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    url = srv.url.replace("ckpt.pth", "missing.pth")
+    with pytest.raises(DownloadError) as err:
+        fetch(url, DIGEST, cache=tmp_path)
+    assert str(err.value).startswith(f"download of {url} failed: HTTP 404 Not Found; the file is not at that address")
+    assert _files(tmp_path) == []
+
+
+def test_server_that_never_answers_times_out_with_a_clear_error(silent_url, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        fetch(silent_url, DIGEST, cache=tmp_path, timeout=0.3)
+    assert time.monotonic() - start < 5
+    host = silent_url.split("/")[2]
+    assert f"failed: no answer from {host} within 0.3 s. Check the network" in str(err.value)
+    assert "download the file on a machine with network and pass its path" in str(err.value)
+    assert _files(tmp_path) == []
+
+
+def test_unreachable_host_says_so_and_how_to_work_offline(closed_url, tmp_path):
+    with pytest.raises(DownloadError) as err:
+        fetch(closed_url, DIGEST, cache=tmp_path, timeout=2)
+    assert f"cannot reach {closed_url.split('/')[2]} (" in str(err.value)
+    assert f"or copy it to {cache_path(closed_url, tmp_path)}" in str(err.value)
+
+
+def test_cache_dir_follows_the_environment_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(CACHE_ENV)
+    assert cache_dir().parts[-3:] == (".cache", "lt-decoupled", "pretrained")
+
+
+def test_two_urls_with_the_same_file_name_get_different_cache_files(tmp_path):
+    a = cache_path("https://a.example/final_model_checkpoint.pth", tmp_path)
+    b = cache_path("https://b.example/final_model_checkpoint.pth", tmp_path)
+    assert a != b and a.name.endswith("-final_model_checkpoint.pth")
+
+
+def test_malformed_sha256_is_rejected_before_any_download(tmp_path):
+    with pytest.raises(ValueError, match="8 to 64 lowercase hex digits"):
+        fetch("http://127.0.0.1:9/x.pth", "XYZ", cache=tmp_path)

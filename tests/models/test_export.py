@@ -1,0 +1,45 @@
+"""Inference export: a plain state dict plus model.json, written atomically, loaded back to the same model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.checkpoint import CheckpointError
+from models.export import EXPORT_FORMAT, export_meta, load_export, write_export
+from models.registry import build_model
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet32", 3).eval()
+
+
+def test_export_round_trips_to_the_same_logits_and_plain_files(model, tmp_path):
+    meta = export_meta({"name": "resnet32", "num_classes": 3}, ["cat", "dog", "eel"], [50, 10, 2], MEAN, STD, 32)
+    write_export(tmp_path / "out", model.state_dict(), meta)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.json", "model.pt"]
+    assert json.loads((tmp_path / "out" / "model.json").read_text()) == {
+        "format": EXPORT_FORMAT, "arch": "resnet32", "num_classes": 3, "class_names": ["cat", "dog", "eel"],
+        "class_counts": [50, 10, 2], "mean": list(MEAN), "std": list(STD), "image_size": 32}
+    state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)  # a plain dict of tensors
+    assert set(state) == set(model.state_dict())
+    loaded, loaded_meta = load_export(tmp_path / "out")
+    assert loaded_meta == meta and not loaded.training
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_class_names_must_match_the_number_of_classes():
+    with pytest.raises(CheckpointError, match="2 class names for a 3-class model"):
+        export_meta({"name": "resnet32", "num_classes": 3}, ["a", "b"], None, MEAN, STD, 32)
+
+
+def test_folder_without_an_export_says_how_to_write_one(tmp_path):
+    with pytest.raises(CheckpointError, match=r"not an export directory .*python predict.py <checkpoint.pt> --export"):
+        load_export(tmp_path)

@@ -1,0 +1,194 @@
+"""Foreign checkpoint layouts built from our own modules import to the same logits as their source model."""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from models import load_pretrained
+from models.checkpoint import CheckpointError, save_checkpoint
+from models.registry import build_model
+
+
+@pytest.fixture(scope="module")
+def source() -> nn.Module:
+    """A ResNet-32 with random weights and BN statistics away from their init, in eval mode."""
+    torch.manual_seed(0)
+    model = build_model("resnet32", 10)
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32))  # moves running_mean / running_var
+        model.head.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _parallel_parts(model: nn.Module) -> tuple[dict, dict]:
+    """(feat_model, classifier) state dicts as the papers' code saves them: DataParallel-wrapped, head named fc."""
+    feat = copy.deepcopy(model)
+    del feat.head
+    classifier = nn.Module()
+    classifier.fc = copy.deepcopy(model.head)
+    return nn.DataParallel(feat).state_dict(), nn.DataParallel(classifier).state_dict()
+
+
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def test_balms_parts_carry_the_key_names_of_the_balms_resnet32(source):
+    feat, classifier = _parallel_parts(source)
+    assert {"module.conv1.weight", "module.bn1.running_var", "module.layer1.0.conv1.weight",
+            "module.layer3.4.bn2.num_batches_tracked", "module.layer3.4.bn2.running_mean"} <= set(feat)
+    assert not any("shortcut" in k for k in feat)  # option A: parameter-free shortcuts
+    # conv1 + bn1 (weight, bias, running_mean, running_var, num_batches_tracked), then 15 blocks of two of each
+    assert len(feat) == (1 + 5) + 15 * 2 * (1 + 5) == 186
+    assert set(classifier) == {"module.fc.weight", "module.fc.bias"}
+
+
+def test_balms_final_checkpoint_imports_to_identical_logits(source, images, tmp_path):
+    feat, classifier = _parallel_parts(source)
+    path = tmp_path / "final_model_checkpoint.pth"
+    torch.save({"epoch": 200, "best_epoch": 187, "best_acc": np.float64(0.412), "centroids": None,
+                "state_dict_best": {"feat_model": feat, "classifier": classifier}}, path)
+    model = load_pretrained(str(path), arch="resnet32", num_classes=10)
+    assert torch.equal(_logits(model, images), _logits(source, images))
+
+
+def test_balms_latest_checkpoint_imports_to_identical_logits(source, images, tmp_path):
+    feat, classifier = _parallel_parts(source)
+    path = tmp_path / "latest_model_checkpoint.pth"
+    torch.save({"epoch": 13, "state_dict": {"feat_model": feat, "classifier": classifier}}, path)
+    model = load_pretrained(str(path), arch="resnet32")
+    assert model.head.out_features == 10  # taken from the classifier
+    assert torch.equal(_logits(model, images), _logits(source, images))
+
+
+def test_mislas_checkpoint_imports_to_identical_logits(source, images, tmp_path):
+    feat, classifier = _parallel_parts(source)
+    path = tmp_path / "ckpt.best.pth.tar"
+    torch.save({"epoch": 200, "state_dict_model": feat, "state_dict_classifier": classifier,
+                "best_acc1": torch.tensor(41.2), "its_ece": torch.tensor(20.1)}, path)
+    model = load_pretrained(str(path), arch="resnet32", num_classes=10)
+    assert torch.equal(_logits(model, images), _logits(source, images))
+
+
+def test_mislas_stage2_scales_are_folded_into_the_head(source, images, tmp_path):
+    feat, classifier = _parallel_parts(source)
+    scales = torch.linspace(0.5, 2.0, 10).reshape(1, 10)  # LearnableWeightScaling.learned_norm
+    path = tmp_path / "stage2.pth.tar"
+    torch.save({"state_dict_model": feat, "state_dict_classifier": classifier,
+                "state_dict_lws_model": {"module.learned_norm": scales}}, path)
+    model = load_pretrained(str(path), arch="resnet32")
+    # MiSLAS computes lws(classifier(features)) = s * (W x + b); folded: (s W) x + s b, equal up to rounding.
+    torch.testing.assert_close(_logits(model, images), scales * _logits(source, images), rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_state_dict_imports_to_identical_logits(images, tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None).eval()  # ImageNet layout: 1000-class fc
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(reference.state_dict(), path)
+    model = load_pretrained(str(path), arch="resnet18")
+    assert model.head.out_features == 1000
+    assert torch.equal(_logits(model, images), _logits(reference, images))
+
+
+def test_resnet50_keys_are_torchvision_keys_with_fc_renamed_head():
+    ours = set(build_model("resnet50", 1000).state_dict())
+    theirs = set(torchvision.models.resnet50(weights=None).state_dict())
+    assert ours == {k.replace("fc.", "head.", 1) if k.startswith("fc.") else k for k in theirs}
+
+
+def test_our_checkpoint_imports_without_naming_the_architecture(source, images, tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": source.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10},
+                           "class_counts": [50] * 10, "class_names": list("abcdefghij"), "config": {}})
+    assert torch.equal(_logits(load_pretrained(str(path)), images), _logits(source, images))
+
+
+def test_plain_state_dict_with_dataparallel_prefix_imports(source, images, tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save(nn.DataParallel(source).state_dict(), path)
+    assert torch.equal(_logits(load_pretrained(str(path), arch="resnet32"), images), _logits(source, images))
+
+
+def test_reset_head_loads_the_backbone_only_for_another_number_of_classes(source, images, tmp_path):
+    feat, classifier = _parallel_parts(source)
+    path = tmp_path / "final_model_checkpoint.pth"
+    torch.save({"state_dict_best": {"feat_model": feat, "classifier": classifier}}, path)
+    model = load_pretrained(str(path), arch="resnet32", num_classes=3, reset_head=True).eval()
+    assert model.head.weight.shape == (3, 64)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(images), source.forward_features(images))
+
+
+def test_missing_and_unexpected_keys_are_listed_by_name(source, tmp_path):
+    feat, classifier = _parallel_parts(source)
+    del feat["module.layer3.4.bn2.running_var"]
+    feat["module.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "final_model_checkpoint.pth"
+    torch.save({"state_dict_best": {"feat_model": feat, "classifier": classifier}}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(str(path), arch="resnet32")
+    assert f"{path} (balms layout) does not fit the model" in str(err.value)
+    assert "missing keys: layer3.4.bn2.running_var | unexpected keys: extra.weight" in str(err.value)
+
+
+def test_head_for_another_number_of_classes_names_both_shapes_and_the_fix(source, tmp_path):
+    feat, classifier = _parallel_parts(source)
+    path = tmp_path / "mislas.pth"
+    torch.save({"state_dict_model": feat, "state_dict_classifier": classifier}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(str(path), arch="resnet32", num_classes=100)
+    msg = str(err.value)
+    assert ("shape mismatches: head.bias: checkpoint (10,) vs model (100,); "
+            "head.weight: checkpoint (10, 64) vs model (100, 64)") in msg
+    assert "reset_head=True (model.reset_head=true) starts a new one" in msg
+
+
+def test_foreign_checkpoint_without_an_architecture_asks_for_one(source, tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save(source.state_dict(), path)
+    with pytest.raises(CheckpointError, match="does not record its architecture: pass arch= .model.name=., one of"):
+        load_pretrained(str(path))
+
+
+def test_architecture_other_than_the_recorded_one_is_refused(source, tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": source.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10}})
+    with pytest.raises(CheckpointError, match=r"holds a resnet32, not a resnet50: use arch='resnet32' \(model.name="):
+        load_pretrained(str(path), arch="resnet50")
+
+
+def test_unknown_layout_lists_the_known_ones_and_the_top_level_keys(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({"weights": {"a": torch.zeros(1)}, "step": 3}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(str(path), arch="resnet32")
+    assert "has none of the known layouts (lt-decoupled, balms, mislas, state_dict" in str(err.value)
+    assert "its top-level keys are: step, weights" in str(err.value)
+
+
+def test_checkpoint_pickling_arbitrary_objects_is_refused_for_safety(source, tmp_path):
+    path = tmp_path / "train.pth"
+    torch.save({"model": source.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(CheckpointError, match="pickles argparse.Namespace, and only tensors, numbers and strings"):
+        load_pretrained(str(path), arch="resnet32")
+
+
+def test_truncated_checkpoint_is_a_clear_error(source, tmp_path):
+    path = tmp_path / "final_model_checkpoint.pth"
+    torch.save({"state_dict_best": {"feat_model": source.state_dict()}}, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cannot be read as a checkpoint .*is it complete"):
+        load_pretrained(str(path), arch="resnet32")

@@ -1,0 +1,147 @@
+"""Stage-2 heads: LWS ScaledLinear (frozen W, b; learned scales), tau-normalisation, as_linear."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.heads import ScaledLinear, as_linear, tau_normalized
+
+
+def _linear(weight, bias) -> nn.Linear:
+    w = torch.tensor(weight, dtype=torch.float32)
+    lin = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+    return lin
+
+
+W = [[1.0, 2.0], [3.0, -1.0]]
+B = [0.5, -1.0]
+X = [[1.0, 1.0], [2.0, 0.0]]
+
+
+def _scaled(scales=(2.0, -0.5)) -> ScaledLinear:
+    head = ScaledLinear(_linear(W, B))
+    with torch.no_grad():
+        head.scales.copy_(torch.tensor(scales))
+    return head
+
+
+# ---------------------------------------------------------------- ScaledLinear
+
+
+def test_scaled_linear_forward_is_scale_times_affine_score_per_class():
+    # x0: w0.x + b0 = 1 + 2 + 0.5 = 3.5 -> *2 = 7;   w1.x + b1 = 3 - 1 - 1 = 1 -> *-0.5 = -0.5
+    # x1: w0.x + b0 = 2 + 0 + 0.5 = 2.5 -> *2 = 5;   w1.x + b1 = 6 - 0 - 1 = 5 -> *-0.5 = -2.5
+    out = _scaled()(torch.tensor(X))
+    assert out.tolist() == [[7.0, -0.5], [5.0, -2.5]]
+
+
+def test_scaled_linear_starts_with_unit_scales_so_it_equals_the_stage1_linear():
+    lin = _linear(W, B)
+    head = ScaledLinear(lin)
+    assert head.scales.tolist() == [1.0, 1.0]
+    assert head(torch.tensor(X)).tolist() == [[3.5, 1.0], [2.5, 5.0]]
+
+
+def test_scaled_linear_only_parameter_is_scales_weight_and_bias_are_buffers():
+    head = _scaled()
+    assert [name for name, _ in head.named_parameters()] == ["scales"]
+    buffers = dict(head.named_buffers())
+    assert set(buffers) == {"weight", "bias"}
+    assert not buffers["weight"].requires_grad and not buffers["bias"].requires_grad
+    assert set(head.state_dict()) == {"weight", "bias", "scales"}
+
+
+def test_scaled_linear_copies_the_stage1_weights_instead_of_sharing_them():
+    lin = _linear(W, B)
+    head = ScaledLinear(lin)
+    with torch.no_grad():
+        lin.weight.fill_(100.0)
+        lin.bias.fill_(100.0)
+    assert head.weight.tolist() == W and head.bias.tolist() == B
+
+
+def test_training_scaled_linear_changes_only_the_scales():
+    head = _scaled()
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    loss = head(torch.tensor(X)).sum()
+    loss.backward()
+    # d(sum)/ds_c = sum over samples of (w_c.x + b_c): class 0: 3.5 + 2.5 = 6, class 1: 1 + 5 = 6
+    assert head.scales.grad.tolist() == [6.0, 6.0]
+    opt.step()
+    assert head.scales.tolist() == pytest.approx([2.0 - 0.6, -0.5 - 0.6])
+    assert head.weight.tolist() == W and head.bias.tolist() == B
+
+
+def test_to_linear_folds_scales_into_weight_and_bias():
+    lin = _scaled().to_linear()
+    assert type(lin) is nn.Linear
+    # rows scaled by s = (2, -0.5)
+    assert lin.weight.tolist() == [[2.0, 4.0], [-1.5, 0.5]]
+    assert lin.bias.tolist() == [1.0, 0.5]
+
+
+def test_to_linear_gives_identical_outputs():
+    head = _scaled((1.7, 0.3))
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(head.to_linear()(x), head(x))
+
+
+# ---------------------------------------------------------------- tau_normalized
+
+TAU_W = [[3.0, 4.0], [0.0, 2.0]]  # row norms 5 and 2
+
+
+def test_tau_one_gives_unit_norm_class_weights():
+    out = tau_normalized(_linear(TAU_W, [1.0, -2.0]), 1.0)
+    torch.testing.assert_close(out.weight, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+
+
+def test_tau_half_divides_each_row_by_the_square_root_of_its_norm():
+    out = tau_normalized(_linear(TAU_W, [1.0, -2.0]), 0.5)
+    s5, s2 = math.sqrt(5.0), math.sqrt(2.0)
+    torch.testing.assert_close(out.weight, torch.tensor([[3.0 / s5, 4.0 / s5], [0.0, 2.0 / s2]]))
+
+
+def test_tau_zero_keeps_the_weights():
+    out = tau_normalized(_linear(TAU_W, [1.0, -2.0]), 0.0)
+    assert out.weight.tolist() == TAU_W
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_tau_normalized_drops_the_bias(tau):
+    out = tau_normalized(_linear(TAU_W, [1.0, -2.0]), tau)
+    assert out.bias.tolist() == [0.0, 0.0]
+
+
+def test_tau_normalized_logits_are_normalised_weights_times_x_without_bias():
+    out = tau_normalized(_linear(TAU_W, [1.0, -2.0]), 1.0)
+    # x = (1, 1): (0.6 + 0.8, 0 + 1); with the bias kept it would be (2.4, -1)
+    torch.testing.assert_close(out(torch.tensor([[1.0, 1.0]])), torch.tensor([[1.4, 1.0]]))
+
+
+def test_tau_normalized_leaves_the_stage1_head_unchanged():
+    lin = _linear(TAU_W, [1.0, -2.0])
+    out = tau_normalized(lin, 1.0)
+    assert type(out) is nn.Linear and out is not lin
+    assert lin.weight.tolist() == TAU_W and lin.bias.tolist() == [1.0, -2.0]
+
+
+# ---------------------------------------------------------------- as_linear
+
+
+def test_as_linear_returns_a_plain_linear_unchanged():
+    lin = _linear(W, B)
+    assert as_linear(lin) is lin
+
+
+def test_as_linear_folds_a_scaled_linear():
+    out = as_linear(_scaled())
+    assert type(out) is nn.Linear
+    assert out.weight.tolist() == [[2.0, 4.0], [-1.5, 0.5]]
+    assert out.bias.tolist() == [1.0, 0.5]
+    assert out(torch.tensor(X)).tolist() == [[7.0, -0.5], [5.0, -2.5]]

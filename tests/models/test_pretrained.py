@@ -1,0 +1,103 @@
+"""Registry names and URLs resolve through the download cache (loopback server); the registry table is sound."""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from models import MODELS, load_pretrained
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.download import SHA256_HEX, cache_path
+from models.foreign import LAYOUTS
+from models.pretrained import import_checkpoint
+from models.registry import build_model
+from models.zoo import PRETRAINED, PretrainedEntry
+
+
+@pytest.fixture(scope="module")
+def source() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet32", 10).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def balms_bytes(source, tmp_path) -> bytes:
+    """A BALMS final_model_checkpoint.pth of `source`, as bytes to serve."""
+    state = source.state_dict()
+    feat = {f"module.{k}": v for k, v in state.items() if not k.startswith("head.")}
+    classifier = {f"module.fc.{k[5:]}": v for k, v in state.items() if k.startswith("head.")}
+    path = tmp_path / "final_model_checkpoint.pth"
+    torch.save({"epoch": 200, "best_epoch": 200, "best_acc": 0.4, "centroids": None,
+                "state_dict_best": {"feat_model": feat, "classifier": classifier}}, path)
+    return path.read_bytes()
+
+
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def test_registry_name_downloads_once_checks_and_loads(serve, balms_bytes, source, images, tmp_path, monkeypatch):
+    srv = serve(balms_bytes)
+    digest = hashlib.sha256(balms_bytes).hexdigest()
+    monkeypatch.setitem(PRETRAINED, "tiny_balms", PretrainedEntry(srv.url, digest, "resnet32", "fake", 10, "balms"))
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        model = load_pretrained("tiny_balms", cache=cache)  # the architecture comes from the entry
+        assert torch.equal(_logits(model, images), _logits(source, images))
+    assert srv.ranges == [None] and cache_path(srv.url, cache).is_file()
+
+
+def test_registry_entry_with_the_wrong_format_is_reported(serve, balms_bytes, tmp_path, monkeypatch):
+    srv = serve(balms_bytes)
+    digest = hashlib.sha256(balms_bytes).hexdigest()
+    monkeypatch.setitem(PRETRAINED, "tiny", PretrainedEntry(srv.url, digest, "resnet32", "fake", 10, "mislas"))
+    with pytest.raises(CheckpointError, match="the registry entry says 'mislas'; the entry in models/zoo.py is wrong"):
+        load_pretrained("tiny", cache=tmp_path)
+
+
+def test_url_pinned_by_sha256_fragment_is_checked(serve, balms_bytes, source, images, tmp_path):
+    srv = serve(balms_bytes)
+    digest = hashlib.sha256(balms_bytes).hexdigest()
+    model = load_pretrained(f"{srv.url}#sha256={digest}", arch="resnet32", cache=tmp_path)
+    assert torch.equal(_logits(model, images), _logits(source, images))
+    with pytest.raises(CheckpointError, match="only URL fragment understood is #sha256="):
+        load_pretrained(f"{srv.url}#md5=abc", arch="resnet32", cache=tmp_path)
+
+
+def test_unknown_source_lists_the_registry_names(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(str(tmp_path / "nothing.pth"))
+    assert "is not a registry name (resnet18_imagenet, resnet34_imagenet" in str(err.value)
+    assert "an http(s) URL or an existing file" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAINED))
+def test_registry_entry_is_consistent(name):
+    entry = PRETRAINED[name]
+    assert entry.url.startswith("https://") and entry.arch in MODELS and entry.format in LAYOUTS
+    assert SHA256_HEX.fullmatch(entry.sha256)
+    # torchvision publishes the digest prefix in the file name: the entry must carry the same digits
+    published = re.search(r"-([0-9a-f]{8,})\.pth$", entry.url)
+    assert published is None or published.group(1) == entry.sha256
+
+
+def test_import_writes_our_checkpoint_with_the_same_weights(balms_bytes, source, images, tmp_path):
+    path = tmp_path / "final_model_checkpoint.pth"
+    path.write_bytes(balms_bytes)
+    out = tmp_path / "imported" / "balms_resnet32.pt"
+    import_checkpoint(str(path), out, arch="resnet32")
+    ckpt = load_checkpoint(out)
+    assert ckpt["model_args"] == {"name": "resnet32", "num_classes": 10}
+    assert ckpt["layout"] == "balms" and ckpt["config"] is None and ckpt["imported_from"] == str(path)
+    assert torch.equal(_logits(load_pretrained(str(out)), images), _logits(source, images))
+    assert [p.name for p in Path(out).parent.iterdir()] == ["balms_resnet32.pt"]
