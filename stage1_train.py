@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config.cli import parse_cli
 from config.load import config_diff, config_to_dict, dump_config
 from config.schema import Config
 from data.augment import BatchAugment
@@ -28,7 +27,7 @@ from data.cifar import load_cifar
 from data.loader import BatchLoader, steps_per_epoch
 from data.samplers import build_sampler
 from engine.loop import metrics_from_logits, predict_logits, train_one_epoch
-from engine.run import default_checkpoint, report_test, setup_run, trim_metrics_log, user_errors
+from engine.run import report_test, run_cli, setup_run, trim_metrics_log
 from engine.runlog import RunLog
 from engine.schedule import build_scheduler
 from models import build_model, load_pretrained
@@ -161,10 +160,4 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    cfg, args = parse_cli(None, __doc__)
-    with user_errors():
-        if args.test:
-            setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
-            test(cfg, Path(args.ckpt) if args.ckpt else default_checkpoint(Path(cfg.run_dir)))
-        else:
-            main(cfg, resume=args.resume)
+    run_cli(__doc__, main, test)

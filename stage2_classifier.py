@@ -17,12 +17,10 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from config.cli import parse_cli
 from config.load import config_diff, config_to_dict, dump_config
 from config.schema import Config
 from data.augment import BatchAugment
@@ -32,7 +30,7 @@ from data.samplers import build_sampler
 from engine.features import CachedFeatures, LiveFeatures, compute_views
 from engine.head_loop import MetaSampling, train_head_epoch
 from engine.loop import metrics_from_logits, predict_logits
-from engine.run import default_checkpoint, setup_run, trim_metrics_log, user_errors
+from engine.run import run_cli, setup_run, trim_metrics_log
 from engine.runlog import RunLog
 from engine.schedule import build_scheduler
 from meta_sampler.learner import ClassSampler
@@ -270,10 +268,4 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    cfg, args = parse_cli(None, __doc__)
-    with user_errors():
-        if args.test:
-            setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
-            test(cfg, Path(args.ckpt) if args.ckpt else default_checkpoint(Path(cfg.run_dir)))
-        else:
-            main(cfg, resume=args.resume)
+    run_cli(__doc__, main, test)

@@ -1,4 +1,4 @@
-"""What both entry scripts do around their loops: run directory, logging, seeding, and --test."""
+"""What both entry scripts do around their loops: command line, run directory, logging, seeding, and --test."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,13 @@ import random
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from config.cli import parse_cli
+from config.schema import Config
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.metrics import format_table
 from models.checkpoint import CheckpointError
@@ -28,6 +30,17 @@ def user_errors() -> Iterator[None]:
         yield
     except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def run_cli(description: str, main: Callable[..., dict], test: Callable[[Config, Path], dict]) -> None:
+    """An entry script's command line: parse --cfg and overrides, then train (main) or --test."""
+    cfg, args = parse_cli(None, description)
+    with user_errors():
+        if args.test:
+            setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
+            test(cfg, Path(args.ckpt) if args.ckpt else default_checkpoint(Path(cfg.run_dir)))
+        else:
+            main(cfg, resume=args.resume)
 
 
 def setup_run(run_dir: str | Path, seed: int, num_threads: int) -> Path:
