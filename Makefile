@@ -7,8 +7,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export LT_DATA_ROOT ?= $(CURDIR)/datasets
 # On the project's own machines a JPEG copy of CIFAR-10 sits beside the checkout; elsewhere the
-# demo downloads the official archive (data.download=true, MD5-checked).
-SHARED_CIFAR := ../shared/datasets/make_cifar10.py
+# demo downloads the official archive (data.download=true, MD5-checked). SHARED_DATASETS=<dir>
+# points a checkout elsewhere (e.g. a CI clone in /tmp) at that copy.
+SHARED_DATASETS ?= ../shared/datasets
+SHARED_CIFAR := $(SHARED_DATASETS)/make_cifar10.py
 DEMO := config/cifar10_lt/demo_stage1.yaml
 DEMO2 := config/cifar10_lt/demo_stage2_balms.yaml
 

@@ -25,15 +25,16 @@ from data.augment import BatchAugment
 from data.build import NORMALIZATION, build_long_tail
 from data.cifar import load_cifar
 from data.loader import BatchLoader, steps_per_epoch
-from data.samplers import build_sampler
+from data.samplers import SAMPLERS, build_sampler
 from engine.loop import metrics_from_logits, predict_logits, train_one_epoch
-from engine.run import report_test, run_cli, setup_run, trim_metrics_log
+from engine.run import check_names, report_test, run_cli, setup_run, trim_metrics_log
 from engine.runlog import RunLog
 from engine.schedule import build_scheduler
-from models import build_model, load_pretrained
+from models import MODELS, build_model, load_pretrained
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
 from models.download import DownloadError
-from models.losses import build_loss, posthoc_logit_adjust
+from models.heads import HEADS, head_name
+from models.losses import LOSSES, build_loss, posthoc_logit_adjust
 
 logger = logging.getLogger("stage1")
 
@@ -56,6 +57,8 @@ def test(cfg: Config, ckpt_path: Path) -> dict:
 
 
 def main(cfg: Config, resume: bool = False) -> dict:
+    check_names({"model.name": (cfg.model.name, MODELS), "model.head": (cfg.model.head, HEADS),
+                 "loss.name": (cfg.loss.name, LOSSES), "data.sampler": (cfg.data.sampler, SAMPLERS)})
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if last_path.is_file() and not resume:
@@ -78,13 +81,17 @@ def main(cfg: Config, resume: bool = False) -> dict:
     has_val = len(data.val_labels) > 0
 
     # ---- model: random init, or model.pretrained to fine-tune (its head, or a new one with model.reset_head)
-    model_args = {"name": cfg.model.name, "num_classes": len(data.class_counts)}
+    model_args = {"name": cfg.model.name, "num_classes": len(data.class_counts), "head": cfg.model.head}
     try:
         model = (load_pretrained(cfg.model.pretrained, arch=cfg.model.name, num_classes=model_args["num_classes"],
-                                 reset_head=cfg.model.reset_head)
+                                 reset_head=cfg.model.reset_head, head=cfg.model.head)
                  if cfg.model.pretrained else build_model(**model_args))
     except (CheckpointError, DownloadError) as e:
         raise SystemExit(f"model.pretrained={cfg.model.pretrained}: {e}") from None
+    if head_name(model.head) != cfg.model.head:
+        raise SystemExit(f"model.pretrained={cfg.model.pretrained} has a {head_name(model.head)} head, not the "
+                         f"model.head={cfg.model.head} asked for: set model.head={head_name(model.head)}, or "
+                         f"model.reset_head=true for a new {cfg.model.head} head")
     fresh_head = not cfg.model.pretrained or cfg.model.reset_head
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -94,7 +101,13 @@ def main(cfg: Config, resume: bool = False) -> dict:
     loss_fn = build_loss(cfg.loss.name, data.class_counts, **loss_params)
     bias = loss_fn.init_bias()
     if bias is not None and fresh_head:  # a pretrained head keeps its learned bias
+        if getattr(model.head, "bias", None) is None:
+            raise SystemExit(f"loss.name={cfg.loss.name} initialises the classifier's bias, and "
+                             f"model.head={cfg.model.head} has none: use model.head=linear")
         torch.nn.init.constant_(model.head.bias, bias)
+    if cfg.loss.name == "ldam" and cfg.model.head == "linear" and getattr(loss_fn, "scale", 1.0) > 1:
+        logger.warning("loss ldam multiplies logits by loss.scale=%g, meant for the cosines of model.head=cosine "
+                       "(as the LDAM code); a linear head's logits times that can overflow", loss_fn.scale)
 
     # ---- optimizer and per-step schedule (epochs or iterations)
     epoch_len = len(loader)

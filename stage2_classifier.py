@@ -30,14 +30,14 @@ from data.samplers import build_sampler
 from engine.features import CachedFeatures, LiveFeatures, compute_views
 from engine.head_loop import MetaSampling, train_head_epoch
 from engine.loop import metrics_from_logits, predict_logits
-from engine.run import run_cli, setup_run, trim_metrics_log
+from engine.run import check_names, run_cli, setup_run, trim_metrics_log
 from engine.runlog import RunLog
 from engine.schedule import build_scheduler
 from meta_sampler.learner import ClassSampler
-from models import build_model, load_pretrained
+from models import MODELS, build_model, load_pretrained
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
 from models.download import DownloadError
-from models.heads import ScaledLinear, as_linear, tau_normalized
+from models.heads import ScaledLinear, as_linear, head_name, tau_normalized
 from models.losses import build_loss
 from stage1_train import test
 
@@ -83,6 +83,7 @@ def deployable_state(model: nn.Module, head: nn.Module) -> dict[str, torch.Tenso
 
 
 def main(cfg: Config, resume: bool = False) -> dict:
+    check_names({"model.name": (cfg.model.name, MODELS), "stage2.method": (cfg.stage2.method, METHODS)})
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if last_path.is_file() and not resume:
@@ -95,6 +96,9 @@ def main(cfg: Config, resume: bool = False) -> dict:
                          "or model.pretrained=NAME|URL|PATH (`python -m models list` shows the names)")
     if cfg.stage1.checkpoint and cfg.model.pretrained:
         raise SystemExit("set stage1.checkpoint or model.pretrained, not both: they name the same backbone")
+    if cfg.model.head != "linear":
+        raise SystemExit(f"model.head={cfg.model.head} is a stage-1 key: stage 2 always trains a linear head "
+                         f"(on the features of any stage-1 head); remove it from the stage-2 config")
     method = METHODS[cfg.stage2.method]
     # Only these methods start from the checkpoint's head; the others train a new one.
     keeps_head = method is None or method.head == "lws" or cfg.stage2.init_head == "stage1"
@@ -134,6 +138,12 @@ def main(cfg: Config, resume: bool = False) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     stage1_head = copy.deepcopy(model.head)
+    if keeps_head and not isinstance(stage1_head, nn.Linear):
+        raise SystemExit(f"stage2.method={cfg.stage2.method} (stage2.init_head={cfg.stage2.init_head}) starts from "
+                         f"the stage-1 classifier, which is a {head_name(stage1_head)} head, not linear: use "
+                         f"balanced_softmax, crt or balms with stage2.init_head=reinit, which train a new linear head")
+    # Every stage-2 checkpoint deploys a linear head (deployable_state), whatever stage 1 trained.
+    model_args = {**model_args, "head": "linear"}
     payload = {"config": config_to_dict(cfg), "model_args": model_args, "class_counts": counts,
                "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint}
     dump_config(cfg, run_dir / "config.yaml")
@@ -172,7 +182,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
         features = CachedFeatures(compute_views(model, data.train_images, augment, sv, data.mean, data.std,
                                                 t.seed + FEATURE_STREAM, cfg.eval.batch_size, cfg.model.channels_last))
     else:
-        features = LiveFeatures(model, data.train_images, augment, data.mean, data.std, cfg.model.channels_last)
+        features = LiveFeatures(model, data.train_images, augment, data.mean, data.std, cfg.model.channels_last,
+                                bn_train=cfg.stage2.live_bn == "train")
     meta_labels, meta_features = labels, features  # the meta batch comes from val when there is one
     if has_val and method.sampler is None and cfg.sampler.meta_split == "val":
         meta_labels = data.val_labels
@@ -180,7 +191,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
                                                       data.std, t.seed + FEATURE_STREAM + 1, cfg.eval.batch_size,
                                                       cfg.model.channels_last))
                          if sv > 0 else LiveFeatures(model, data.val_images, augment, data.mean, data.std,
-                                                     cfg.model.channels_last))
+                                                     cfg.model.channels_last, cfg.stage2.live_bn == "train"))
 
     # ---- head, loss, optimizers, schedule
     if method.head == "lws":
@@ -230,8 +241,9 @@ def main(cfg: Config, resume: bool = False) -> dict:
         logger.info("resumed from %s at epoch %d, step %d", last_path, start_epoch, step)
 
     # ---- train the head: one epoch, validate, checkpoint, log
+    feature_source = f"cached x{sv}" if sv > 0 else f"live, BatchNorm in {cfg.stage2.live_bn} mode"
     logger.info("stage 2 %s: %d steps of batch %d (%d epochs), features %s", cfg.stage2.method, total_steps,
-                t.batch_size, num_epochs, f"cached x{sv}" if sv > 0 else "live")
+                t.batch_size, num_epochs, feature_source)
     record = {}
     for epoch in range(start_epoch, num_epochs):
         steps = min(epoch_len, total_steps - step)

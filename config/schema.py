@@ -35,6 +35,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "resnet32"  # models.MODELS
     channels_last: bool = True  # NHWC convolutions: faster on CPU for ResNet-32
+    # Stage-1 classifier, models.heads.HEADS: linear | cosine (cos(x, w_c), no bias; the LDAM code's
+    # NormedLinear, which LDAM's logit scale of 30 assumes). Stage 2 trains a linear head either way.
+    head: str = "linear"
     # Weights to start from instead of a random init, since most users take a released model:
     # a models.zoo name, an http(s) URL (#sha256=<hex> pins it) or a path, in any layout of
     # models/foreign.py. Stage 1 fine-tunes it; stage 2 freezes it as the backbone (instead of
@@ -92,6 +95,9 @@ class Stage2Config:
     method: str = "balanced_softmax"  # balanced_softmax | crt | balms | tau_norm | lws
     init_head: str = "reinit"  # reinit (as the BALMS code) | stage1: start from the stage-1 classifier
     cache_views: int = 4  # augmented views of the training set whose features are computed once (bench/stage2_speed.py); 0 = run the backbone every batch
+    # BatchNorm of the backbone with cache_views=0: train (the BALMS code: batch statistics, running
+    # averages updated by every batch and meta batch) | eval (stage 1's statistics, as cached views use)
+    live_bn: str = "train"
     tau: float = 1.0  # tau_norm exponent when there is no validation split to search it on
     tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])  # tau values searched on val
 
@@ -119,6 +125,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "step"),
     "train.select_metric": ("top1", "many", "medium", "few"),
     "stage2.init_head": ("reinit", "stage1"),
+    "stage2.live_bn": ("train", "eval"),
     "sampler.meta_split": ("val", "train"),
 }
 

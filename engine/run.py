@@ -1,13 +1,14 @@
 """What both entry scripts do around their loops: command line, run directory, logging, seeding, and --test."""
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import random
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +31,18 @@ def user_errors() -> Iterator[None]:
         yield
     except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def check_names(names: dict[str, tuple[str, Collection[str]]]) -> None:
+    """Each config key that picks from a registry, {key: (value, registry)}, names an entry of it.
+
+    Checked before any work, so that a typo ends the run with one line: the close names and all valid ones.
+    """
+    for key, (value, registry) in names.items():
+        if value not in registry:
+            close = difflib.get_close_matches(value, list(registry), n=3, cutoff=0.5)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise SystemExit(f"config error: {key}={value!r} is not one of {', '.join(sorted(registry))}{hint}")
 
 
 def run_cli(description: str, main: Callable[..., dict], test: Callable[[Config, Path], dict]) -> None:

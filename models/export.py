@@ -1,8 +1,8 @@
 """Inference export of a trained model: a plain state dict and a small JSON of what inference needs.
 
-    <dir>/model.pt    state dict of models.build_model(arch, num_classes), backbone + linear head;
-                      loads with torch.load(weights_only=True), no code of this tool needed
-    <dir>/model.json  {"format", "arch", "num_classes", "class_names", "class_counts",
+    <dir>/model.pt    state dict of models.build_model(arch, num_classes, head), backbone + head (linear
+                      but for a stage-1 cosine head); loads with torch.load(weights_only=True)
+    <dir>/model.json  {"format", "arch", "head", "num_classes", "class_names", "class_counts",
                        "mean", "std", "image_size"}: images are resized to image_size x image_size,
                        scaled to [0, 1] and normalised per channel by mean / std
 """
@@ -28,7 +28,8 @@ def export_meta(model_args: dict, class_names: Sequence[str] | None, class_count
     num_classes = model_args["num_classes"]
     if class_names is not None and len(class_names) != num_classes:
         raise CheckpointError(f"{len(class_names)} class names for a {num_classes}-class model")
-    return {"format": EXPORT_FORMAT, "arch": model_args["name"], "num_classes": num_classes,
+    return {"format": EXPORT_FORMAT, "arch": model_args["name"], "head": model_args.get("head", "linear"),
+            "num_classes": num_classes,
             "class_names": None if class_names is None else list(class_names),
             "class_counts": None if class_counts is None else list(class_counts),
             "mean": list(mean), "std": list(std), "image_size": image_size}
@@ -36,7 +37,7 @@ def export_meta(model_args: dict, class_names: Sequence[str] | None, class_count
 
 def model_from_export(state: dict[str, torch.Tensor], meta: dict, what: str) -> nn.Module:
     """The model of an export's meta with `state` loaded (every key checked), in eval mode."""
-    model = build_model(meta["arch"], meta["num_classes"])
+    model = build_model(meta["arch"], meta["num_classes"], meta.get("head", "linear"))
     load_state_checked(model, state, what)
     return model.eval()
 

@@ -1,9 +1,52 @@
-"""Classifier heads for stage 2 beyond a plain nn.Linear: learnable weight scaling (LWS) and the
-tau-normalised classifier (Kang et al. 2020, "Decoupling representation and classifier")."""
+"""Classifier heads beyond a plain nn.Linear.
+
+Stage 1: the cosine head of the LDAM code (`CosineLinear`, its NormedLinear), chosen by name in
+HEADS. Stage 2: learnable weight scaling (LWS) and the tau-normalised classifier (Kang et al.
+2020, "Decoupling representation and classifier").
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+
+class CosineLinear(nn.Module):
+    """logits_c = cos(x, w_c) in [-1, 1], no bias: the LDAM code's NormedLinear (Cao et al. 2019).
+
+    LDAM multiplies these by its scale (30) inside the loss; a plain linear head's logits are
+    unbounded, and 30 times them overflows the softmax. weight is (C, D), nn.Linear's layout,
+    so that a checkpoint's `head.weight` has the same shape for both heads.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # Uniform in [-1, 1], then unit rows, as NormedLinear's renorm of each class vector.
+        self.weight = nn.Parameter(F.normalize(torch.empty(out_features, in_features).uniform_(-1, 1), dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) features -> (B, C) cosine similarities."""
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+HEADS: dict[str, Callable[[int, int], nn.Module]] = {
+    "linear": nn.Linear,  # w_c . x + b_c
+    "cosine": CosineLinear,  # cos(x, w_c); for ldam
+}
+
+
+def build_head(name: str, in_features: int, num_classes: int) -> nn.Module:
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; valid heads: {', '.join(HEADS)}")
+    return HEADS[name](in_features, num_classes)
+
+
+def head_name(head: nn.Module) -> str:
+    """The HEADS name of a head module (checkpoints record it in model_args)."""
+    return "cosine" if isinstance(head, CosineLinear) else "linear"
 
 
 class ScaledLinear(nn.Module):

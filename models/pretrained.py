@@ -42,8 +42,8 @@ def resolve(source: str, cache: str | Path | None = None,
     return path, None
 
 
-def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bool, cache: str | Path | None,
-          timeout: float) -> tuple[nn.Module, dict, Converted]:
+def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bool, head_type: str,
+          cache: str | Path | None, timeout: float) -> tuple[nn.Module, dict, Converted]:
     """(model with the weights, its model_args, the converted checkpoint)."""
     path, entry = resolve(source, cache, timeout)
     ckpt = convert(read_checkpoint_file(path), str(path))
@@ -63,7 +63,9 @@ def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bo
             raise CheckpointError(f"{what} has no classifier to take the number of classes from: "
                                   f"pass num_classes= with reset_head=True")
         num_classes = head.shape[0]
-    model = build_model(arch, num_classes)
+    if not reset_head:  # the checkpoint's own head type (foreign layouts have linear heads)
+        head_type = (ckpt.model_args or {}).get("head", "linear")
+    model = build_model(arch, num_classes, head_type)
     state = ckpt.state
     if reset_head:  # keep the freshly initialised head of the model, for its number of classes
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -75,19 +77,21 @@ def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bo
             raise
         raise CheckpointError(f"{e}. Its classifier does not fit a {num_classes}-class head: reset_head=True "
                               f"(model.reset_head=true) starts a new one") from None
-    return model, {"name": arch, "num_classes": num_classes}, ckpt
+    return model, {"name": arch, "num_classes": num_classes, "head": head_type}, ckpt
 
 
 def load_pretrained(source: str, arch: str | None = None, num_classes: int | None = None, reset_head: bool = False,
-                    cache: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT) -> nn.Module:
+                    head: str = "linear", cache: str | Path | None = None,
+                    timeout: float = DEFAULT_TIMEOUT) -> nn.Module:
     """Our model (backbone + head, training mode as from build_model) with the weights of `source`.
 
     arch: models.MODELS name; None = the one the checkpoint or registry records (foreign files
     record none). num_classes: None = the checkpoint's classifier. reset_head: keep a freshly
-    initialised head (another number of classes) and load the backbone only. timeout: seconds
-    a download may wait for the server.
+    initialised head (another number of classes) and load the backbone only; head: its type
+    (models.heads.HEADS) - without reset_head the model keeps the checkpoint's head type.
+    timeout: seconds a download may wait for the server.
     """
-    return _load(source, arch, num_classes, reset_head, cache, timeout)[0]
+    return _load(source, arch, num_classes, reset_head, head, cache, timeout)[0]
 
 
 def import_checkpoint(source: str, out: str | Path, arch: str | None = None, cache: str | Path | None = None,
@@ -97,7 +101,7 @@ def import_checkpoint(source: str, out: str | Path, arch: str | None = None, cac
     The result has no training config ("config": None), so stage 2 takes its class counts from
     the data, as for any pretrained backbone.
     """
-    model, model_args, ckpt = _load(source, arch, None, False, cache, timeout)
+    model, model_args, ckpt = _load(source, arch, None, False, "linear", cache, timeout)
     payload = {"model": model.state_dict(), "model_args": model_args, "class_counts": ckpt.class_counts,
                "class_names": ckpt.class_names, "config": None, "imported_from": source, "layout": ckpt.layout}
     save_checkpoint(out, payload)

@@ -1,11 +1,12 @@
 """Model names -> builders. Every model exposes `forward_features(x) -> (B, D)`, `feature_dim`
-and a linear `head`, the boundary stage 2 works at."""
+and a `head` (linear, or another of models.heads.HEADS), the boundary stage 2 works at."""
 from __future__ import annotations
 
 from typing import Callable
 
 from torch import nn
 
+from models.heads import build_head
 from models.resnet_cifar import resnet32
 from models.resnet_imagenet import resnet10, resnet18, resnet34, resnet50, resnet101, resnet152
 
@@ -21,7 +22,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+def build_model(name: str, num_classes: int, head: str = "linear") -> nn.Module:
+    """Model `name` with a `head` classifier (models.heads.HEADS) for num_classes classes.
+
+    Checkpoints store these three arguments as model_args; older ones without `head` are linear.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes=num_classes, **kwargs)
+    model = MODELS[name](num_classes=num_classes)
+    if head != "linear":
+        model.head = build_head(head, model.feature_dim, num_classes)
+    return model

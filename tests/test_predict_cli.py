@@ -67,7 +67,8 @@ def test_export_writes_plain_state_dict_and_json_that_predict_the_same(checkpoin
     out = tmp_path / "exported"
     assert run("predict.py", str(path), "--export", str(out)).stdout.strip() == f"wrote {out}"
     meta = json.loads((out / "model.json").read_text())
-    assert meta == {"format": "lt-decoupled-export/1", "arch": "resnet32", "num_classes": 10, "class_names": NAMES,
+    assert meta == {"format": "lt-decoupled-export/1", "arch": "resnet32", "head": "linear", "num_classes": 10,
+                    "class_names": NAMES,
                     "class_counts": [50, 40, 30, 25, 20, 15, 12, 10, 7, 5], "mean": list(CIFAR10_MEAN),
                     "std": list(CIFAR10_STD), "image_size": 32}
     state = torch.load(out / "model.pt", weights_only=True)

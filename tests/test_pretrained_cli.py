@@ -62,7 +62,7 @@ def test_import_converts_a_balms_checkpoint_once(tmp_path, run):
     assert proc.stdout.strip() == (f"wrote {out}: resnet32, 10 classes, converted from the balms layout; "
                                    f"use it as model.pretrained={out}")
     imported = _weights(out)
-    assert imported["model_args"] == {"name": "resnet32", "num_classes": 10}
+    assert imported["model_args"] == {"name": "resnet32", "num_classes": 10, "head": "linear"}
     assert all(torch.equal(imported["model"][k], v) for k, v in state.items())
 
 
@@ -103,6 +103,21 @@ def test_stage1_resets_the_head_for_another_number_of_classes(fake_cifar10, tmp_
     assert torch.equal(saved["layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
 
 
+def test_stage1_cosine_head_on_a_linear_checkpoint_needs_reset_head(fake_cifar10, tmp_path, run, tiny_stage1):
+    state = _balms_checkpoint(tmp_path / "final_model_checkpoint.pth", 10)
+    args = ("stage1_train.py", f"data.root={fake_cifar10}", *tiny_stage1, "train.epochs=1", "train.lr=0",
+            f"model.pretrained={tmp_path / 'final_model_checkpoint.pth'}", "model.head=cosine")
+    proc = run(*args, f"log_dir={tmp_path / 'refused'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "has a linear head, not the model.head=cosine asked for" in proc.stderr
+    assert "model.reset_head=true for a new cosine head" in proc.stderr
+
+    run(*args, f"log_dir={tmp_path / 'run'}", "model.reset_head=true")
+    saved = _weights(tmp_path / "run" / "last.pt")
+    assert saved["model_args"]["head"] == "cosine" and "head.bias" not in saved["model"]
+    assert torch.equal(saved["model"]["layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
+
+
 def test_stage1_offline_pretrained_url_fails_with_one_message(fake_cifar10, tmp_path, run, tiny_stage1, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     url = _closed_url()
@@ -119,7 +134,7 @@ def test_stage2_on_a_pretrained_backbone_takes_class_counts_from_the_data(fake_c
         "stage2.method=crt", f"model.pretrained={tmp_path / 'final_model_checkpoint.pth'}")
     saved = _weights(log_dir / "last.pt")
     assert saved["class_counts"] == COUNTS and saved["step"] == 6
-    assert saved["model_args"] == {"name": "resnet32", "num_classes": 10}
+    assert saved["model_args"] == {"name": "resnet32", "num_classes": 10, "head": "linear"}
     assert torch.equal(saved["model"]["layer3.4.conv2.weight"], state["layer3.4.conv2.weight"])
     proc = run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", *TINY_STAGE2, "--test")
     assert "top-1" in proc.stdout

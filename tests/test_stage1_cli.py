@@ -108,3 +108,25 @@ def test_posthoc_logit_adjustment_changes_test_predictions_toward_the_tail(fake_
     # Subtracting tau * log prior favours rare classes: the tail (last 5 classes) gets more predictions.
     tail_predictions = lambda cm: sum(row[c] for row in cm for c in range(5, 10))
     assert tail_predictions(adjusted) > tail_predictions(plain)
+
+
+def test_sigmoid_bias_init_on_a_cosine_head_is_refused(fake_cifar10, tmp_path, run, tiny_stage1):
+    proc = run(*_args(fake_cifar10, tmp_path / "x", *tiny_stage1, "loss.name=class_balanced", "loss.variant=sigmoid",
+                      "model.head=cosine"), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "initialises the classifier's bias" in proc.stderr and "model.head=linear" in proc.stderr
+
+
+def test_unknown_registry_names_fail_in_one_line_with_the_close_valid_ones(fake_cifar10, tmp_path, run):
+    for override, expected in [
+        ("model.head=cosin", "model.head='cosin' is not one of cosine, linear (did you mean cosine?)"),
+        ("loss.name=balanced", "loss.name='balanced' is not one of arb, balanced_softmax, ce, class_balanced, "
+                               "focal, ldam, logit_adjust, reweight (did you mean class_balanced or balanced_softmax?)"),
+        ("data.sampler=random", "data.sampler='random' is not one of class_balanced, instance, oversample, "
+                                "progressive, sqrt, undersample"),
+        ("model.name=resnet33", "model.name='resnet33' is not one of resnet10, resnet101, resnet152, resnet18, "
+                                "resnet32, resnet34, resnet50 (did you mean resnet34 or resnet32 or resnet50?)"),
+    ]:
+        proc = run(*_args(fake_cifar10, tmp_path / "x", override), check=False)
+        assert proc.returncode == 1 and proc.stderr.strip() == f"config error: {expected}", proc.stderr
+    assert not (tmp_path / "x").exists()  # nothing was started

@@ -58,6 +58,17 @@ def test_naive_path_updates_batchnorm_statistics_like_the_reference(fake_cifar10
     assert not torch.equal(stage1["bn1.running_mean"], stage2["bn1.running_mean"])
 
 
+def test_naive_path_with_eval_batchnorm_keeps_the_stage1_backbone_exactly(fake_cifar10, stage1_run, tmp_path, run):
+    log_dir = tmp_path / "live_eval"
+    proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=balms", "stage2.cache_views=0",
+                        "stage2.live_bn=eval"))
+    assert "features live, BatchNorm in eval mode" in proc.stderr
+    stage1 = torch.load(stage1_run / "last.pt", weights_only=True)["model"]
+    stage2 = torch.load(log_dir / "last.pt", weights_only=True)["model"]
+    backbone = [k for k in stage1 if not k.startswith("head.")]
+    assert all(torch.equal(stage1[k], stage2[k]) for k in backbone)
+
+
 def test_stage2_on_a_different_training_set_is_refused(fake_cifar10, stage1_run, tmp_path, run):
     proc = run(*_stage2(fake_cifar10, stage1_run, tmp_path / "x", "data.imbalance_factor=20"), check=False)
     assert proc.returncode != 0 and "data.imbalance_factor" in proc.stderr
@@ -66,6 +77,18 @@ def test_stage2_on_a_different_training_set_is_refused(fake_cifar10, stage1_run,
 def test_stage2_without_a_stage1_checkpoint_says_how_to_give_one(fake_cifar10, tmp_path, run):
     proc = run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'x'}", check=False)
     assert proc.returncode != 0 and "stage1.checkpoint=" in proc.stderr
+
+
+def test_unknown_stage2_method_fails_in_one_line_with_the_close_valid_ones(fake_cifar10, stage1_run, tmp_path, run):
+    proc = run(*_stage2(fake_cifar10, stage1_run, tmp_path / "x", "stage2.method=bals"), check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "config error: stage2.method='bals' is not one of balanced_softmax, balms, crt, lws, tau_norm "
+        "(did you mean balms or lws?)")
+
+
+def test_model_head_is_a_stage1_key_that_stage2_refuses(fake_cifar10, stage1_run, tmp_path, run):
+    proc = run(*_stage2(fake_cifar10, stage1_run, tmp_path / "x", "model.head=cosine"), check=False)
+    assert proc.returncode == 1 and "model.head=cosine is a stage-1 key" in proc.stderr
 
 
 def test_killed_stage2_run_resumes_to_the_uninterrupted_result(fake_cifar10, stage1_run, tmp_path, run, kill_run):
@@ -97,3 +120,29 @@ def test_stage2_epoch_whose_last_batch_has_one_sample_trains(fake_cifar10, stage
                "train.num_threads=1", "stage2.cache_views=1", "eval.batch_size=64", check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert torch.load(log_dir / "last.pt", weights_only=False)["step"] == 23
+
+
+def test_ldam_cosine_stage1_then_stage2_trains_and_deploys_a_linear_head(fake_cifar10, tmp_path, run, tiny_stage1):
+    s1 = tmp_path / "ldam"
+    ldam = ("data.val_per_class=2", "train.epochs=5", "loss.name=ldam", "loss.drw_epoch=4", "model.head=cosine")
+    run("stage1_train.py", f"data.root={fake_cifar10}", f"log_dir={s1}", *tiny_stage1, *ldam)
+    ckpt = torch.load(s1 / "last.pt", weights_only=True)
+    assert ckpt["model_args"] == {"name": "resnet32", "num_classes": 10, "head": "cosine"}
+    assert "head.bias" not in ckpt["model"]
+    losses = [json.loads(l)["loss"] for l in (s1 / "metrics.jsonl").read_text().splitlines()]
+    # LDAM at scale 30 learns on cosines (on a linear head here its loss stays in the tens to hundreds).
+    assert losses[3] < 0.7 * losses[0]
+    run("stage1_train.py", f"data.root={fake_cifar10}", f"log_dir={s1}", *tiny_stage1, *ldam, "--test")
+    assert 0.0 <= json.loads((s1 / "test_metrics.json").read_text())["top1"] <= 1.0
+
+    s2 = tmp_path / "bs"
+    run(*_stage2(fake_cifar10, s1, s2, "stage2.method=balanced_softmax"))
+    deployed = torch.load(s2 / "last.pt", weights_only=True)
+    assert deployed["model_args"]["head"] == "linear" and deployed["model"]["head.bias"].shape == (10,)
+    run(*_stage2(fake_cifar10, s1, s2, "stage2.method=balanced_softmax", "--test"))
+    assert (s2 / "test_metrics.json").is_file()
+
+    for method in ("tau_norm", "lws"):
+        proc = run(*_stage2(fake_cifar10, s1, tmp_path / method, f"stage2.method={method}"), check=False)
+        assert proc.returncode != 0 and "cosine head, not linear" in proc.stderr
+        assert "Traceback" not in proc.stderr and "stage2.init_head=reinit" in proc.stderr

@@ -24,7 +24,8 @@ def test_export_round_trips_to_the_same_logits_and_plain_files(model, tmp_path):
     write_export(tmp_path / "out", model.state_dict(), meta)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.json", "model.pt"]
     assert json.loads((tmp_path / "out" / "model.json").read_text()) == {
-        "format": EXPORT_FORMAT, "arch": "resnet32", "num_classes": 3, "class_names": ["cat", "dog", "eel"],
+        "format": EXPORT_FORMAT, "arch": "resnet32", "head": "linear", "num_classes": 3,
+        "class_names": ["cat", "dog", "eel"],
         "class_counts": [50, 10, 2], "mean": list(MEAN), "std": list(STD), "image_size": 32}
     state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)  # a plain dict of tensors
     assert set(state) == set(model.state_dict())
@@ -43,3 +44,15 @@ def test_class_names_must_match_the_number_of_classes():
 def test_folder_without_an_export_says_how_to_write_one(tmp_path):
     with pytest.raises(CheckpointError, match=r"not an export directory .*python predict.py <checkpoint.pt> --export"):
         load_export(tmp_path)
+
+
+def test_export_of_a_cosine_head_model_records_and_rebuilds_the_head(tmp_path):
+    torch.manual_seed(0)
+    cosine = build_model("resnet32", 3, head="cosine").eval()
+    meta = export_meta({"name": "resnet32", "num_classes": 3, "head": "cosine"}, None, None, MEAN, STD, 32)
+    write_export(tmp_path / "out", cosine.state_dict(), meta)
+    loaded, loaded_meta = load_export(tmp_path / "out")
+    assert loaded_meta["head"] == "cosine" and "head.bias" not in loaded.state_dict()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), cosine(x))

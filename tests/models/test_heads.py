@@ -1,11 +1,12 @@
-"""Stage-2 heads: LWS ScaledLinear (frozen W, b; learned scales), tau-normalisation, as_linear."""
+"""Heads: LWS ScaledLinear (frozen W, b; learned scales), tau-normalisation, as_linear; the cosine head."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from models.heads import ScaledLinear, as_linear, tau_normalized
+from models.heads import CosineLinear, ScaledLinear, as_linear, build_head, head_name, tau_normalized
+from models.losses import build_loss
 
 
 def _linear(weight, bias) -> nn.Linear:
@@ -145,3 +146,74 @@ def test_as_linear_folds_a_scaled_linear():
     assert out.weight.tolist() == [[2.0, 4.0], [-1.5, 0.5]]
     assert out.bias.tolist() == [1.0, 0.5]
     assert out(torch.tensor(X)).tolist() == [[7.0, -0.5], [5.0, -2.5]]
+
+
+# ---- cosine head (stage 1, for LDAM)
+
+
+def test_cosine_linear_gives_the_cosines_of_features_and_class_vectors():
+    head = CosineLinear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, -2.0]]))
+    out = head(torch.tensor([[1.0, 0.0], [2.0, 2.0]]))
+    s = 1 / math.sqrt(2)
+    expected = [[0.6, 0.0], [0.6 * s + 0.8 * s, -s]]
+    assert torch.allclose(out, torch.tensor(expected), atol=1e-6)
+
+
+def test_cosine_linear_ignores_feature_and_weight_norms_and_has_no_bias():
+    torch.manual_seed(0)
+    head = CosineLinear(8, 5)
+    x = torch.randn(4, 8)
+    assert torch.allclose(head(x), head(7.5 * x), atol=1e-6)
+    assert [name for name, _ in head.named_parameters()] == ["weight"] and head.weight.shape == (5, 8)
+    assert torch.allclose(head.weight.norm(dim=1), torch.ones(5), atol=1e-6)  # unit class vectors at init
+    assert head(x).abs().max() <= 1.0 + 1e-6
+
+
+def test_build_head_by_name_and_unknown_name_lists_the_valid_ones():
+    assert type(build_head("linear", 4, 3)) is nn.Linear and head_name(build_head("linear", 4, 3)) == "linear"
+    assert isinstance(build_head("cosine", 4, 3), CosineLinear) and head_name(build_head("cosine", 4, 3)) == "cosine"
+    with pytest.raises(ValueError, match="unknown head 'normed'; valid heads: linear, cosine"):
+        build_head("normed", 4, 3)
+
+
+def _ldam_problem():
+    """Features of 3 imbalanced classes (60 / 20 / 6), each around its own direction, norm ~10."""
+    gen = torch.Generator().manual_seed(0)
+    counts = [60, 20, 6]
+    centres = 10 * torch.eye(16)[:3]
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    feats = centres[labels] + 3 * torch.randn(len(labels), 16, generator=gen)
+    return counts, feats, labels
+
+
+def test_ldam_on_linear_logits_starts_huge_but_on_cosines_is_bounded():
+    counts, feats, labels = _ldam_problem()
+    loss = build_loss("ldam", counts)  # scale 30, max margin 0.5
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 3)
+    nn.init.kaiming_normal_(linear.weight)  # as ResNet-32 initialises its head
+    with torch.no_grad():
+        # The cross-entropy of 30 * (cos - margin) is at most 30 * (1 + 1 + 0.5) + log 3.
+        assert loss(CosineLinear(16, 3)(feats), labels) <= 30 * 2.5 + math.log(3)
+        assert loss(linear(feats), labels) > 100
+
+
+def test_one_ldam_epoch_on_a_cosine_head_lowers_the_loss():
+    counts, feats, labels = _ldam_problem()
+    loss = build_loss("ldam", counts, drw_epoch=0)
+    loss.set_epoch(0)  # with the deferred re-weighting on
+    torch.manual_seed(0)
+    head = CosineLinear(16, 3)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    with torch.no_grad():
+        before = loss(head(feats), labels).item()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
+    for batch in order.split(16):  # one epoch of 6 steps
+        opt.zero_grad()
+        loss(head(feats[batch]), labels[batch]).backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss(head(feats), labels).item()
+    assert after < 0.5 * before

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from models import MODELS, load_pretrained
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.download import SHA256_HEX, cache_path
 from models.foreign import LAYOUTS
+from models.heads import CosineLinear
 from models.pretrained import import_checkpoint
 from models.registry import build_model
 from models.zoo import PRETRAINED, PretrainedEntry
@@ -97,7 +98,22 @@ def test_import_writes_our_checkpoint_with_the_same_weights(balms_bytes, source,
     out = tmp_path / "imported" / "balms_resnet32.pt"
     import_checkpoint(str(path), out, arch="resnet32")
     ckpt = load_checkpoint(out)
-    assert ckpt["model_args"] == {"name": "resnet32", "num_classes": 10}
+    assert ckpt["model_args"] == {"name": "resnet32", "num_classes": 10, "head": "linear"}
     assert ckpt["layout"] == "balms" and ckpt["config"] is None and ckpt["imported_from"] == str(path)
     assert torch.equal(_logits(load_pretrained(str(out)), images), _logits(source, images))
     assert [p.name for p in Path(out).parent.iterdir()] == ["balms_resnet32.pt"]
+
+
+def test_checkpoint_with_a_cosine_head_loads_as_one_and_reset_head_picks_the_new_type(images, tmp_path):
+    torch.manual_seed(0)
+    cosine = build_model("resnet32", 10, head="cosine").eval()
+    path = tmp_path / "ldam.pt"
+    save_checkpoint(path, {"model": cosine.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10,
+                                                                        "head": "cosine"}})
+    loaded = load_pretrained(str(path))  # head="linear" is only the type of a reset head
+    assert isinstance(loaded.head, CosineLinear) and torch.equal(_logits(loaded, images), _logits(cosine, images))
+    fresh = load_pretrained(str(path), num_classes=5, reset_head=True, head="cosine")
+    assert isinstance(fresh.head, CosineLinear) and fresh.head.weight.shape == (5, 64)
+    relinear = load_pretrained(str(path), num_classes=5, reset_head=True)
+    assert type(relinear.head) is nn.Linear
+    assert torch.equal(relinear.layer3[4].conv2.weight, cosine.layer3[4].conv2.weight)

@@ -96,3 +96,17 @@ def test_channels_last_model_gives_same_output_as_default_layout(model, images):
         ref = model(images)
         out = cl_model(images.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_build_model_with_a_cosine_head_keeps_the_backbone_and_drops_the_bias():
+    torch.manual_seed(0)
+    model = build_model("resnet32", 10, head="cosine").eval()
+    keys = set(model.state_dict())
+    assert "head.weight" in keys and "head.bias" not in keys and model.head.weight.shape == (10, 64)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+        assert torch.allclose(logits, model.head(model.forward_features(x)))
+    assert logits.abs().max() <= 1.0 + 1e-6  # cosines
+    with pytest.raises(ValueError, match="unknown head 'normed'; valid heads: linear, cosine"):
+        build_model("resnet32", 10, head="normed")
