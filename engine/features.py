@@ -4,7 +4,8 @@ The stage-2 head never sees images, only (B, D) features. With the backbone froz
 the features of K augmented views of the training set once and training the head on them gives
 the same kind of augmented features as running the backbone every batch, at a small fraction
 of the cost (bench/stage2_speed.py measures it). `LiveFeatures` keeps the per-batch path of the
-BALMS code (backbone in train mode, BatchNorm statistics updating) for comparison.
+BALMS code (backbone in train mode, BatchNorm statistics updating) for comparison, or with
+BatchNorm in eval mode, which differs from the cache only in fresh augmentations.
 """
 from __future__ import annotations
 
@@ -60,18 +61,19 @@ class CachedFeatures:
 class LiveFeatures:
     """The reference path: augment the images of each batch and run the backbone on them.
 
-    The backbone's weights stay frozen but it runs in train mode, so BatchNorm uses batch
-    statistics and updates its running averages, as the BALMS code does.
+    The backbone's weights stay frozen. With bn_train (the BALMS code) it runs in train mode, so
+    BatchNorm uses batch statistics and updates its running averages; without, it keeps the
+    stage-1 statistics (eval mode), as compute_views does.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, augment: Augment, mean: Sequence[float],
-                 std: Sequence[float], channels_last: bool = False) -> None:
+                 std: Sequence[float], channels_last: bool = False, bn_train: bool = True) -> None:
         self.model, self.images, self.augment = model, images, augment
-        self.mean, self.std, self.channels_last = mean, std, channels_last
+        self.mean, self.std, self.channels_last, self.bn_train = mean, std, channels_last, bn_train
 
     @torch.no_grad()
     def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        self.model.train()
+        self.model.train(self.bn_train)
         x = normalize(self.augment(self.images[indices], generator), self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

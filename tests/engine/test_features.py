@@ -169,3 +169,17 @@ def test_live_features_are_train_mode_features_of_the_augmented_batch(model, ima
     with torch.no_grad():
         expected = ref.forward_features(_normalize_by_hand(x))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_live_features_with_eval_batchnorm_keep_stage1_statistics_and_match_a_cached_view(model, images):
+    idx = torch.tensor([4, 1, 3])
+    bn_before = _bn_state(model)
+    out = LiveFeatures(model, images, BatchAugment(4, True), MEAN, STD, bn_train=False)(
+        idx, torch.Generator().manual_seed(2))
+    assert not model.training
+    bn_after = _bn_state(model)
+    assert all(torch.equal(bn_before[k], bn_after[k]) for k in bn_before)
+    # The same augmented images through the eval-mode backbone: what compute_views caches.
+    x = BatchAugment(4, True)(images[idx], torch.Generator().manual_seed(2))
+    expected = compute_views(model, x, None, 1, MEAN, STD, 0, 8)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
