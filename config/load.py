@@ -184,6 +184,11 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (e.g. a checkpoint's and now)."""
+    """Dotted keys whose values differ between two config dicts (e.g. a checkpoint's and now).
+
+    A key the saved config lacks (added to the schema after that run was saved) differs only when
+    its current value is not the default: a new key's default keeps the old behaviour.
+    """
     a, b = _flatten(saved), _flatten(current)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    defaults = _flatten(config_to_dict(Config()))
+    return sorted(k for k in set(a) | set(b) if (a[k] if k in a else defaults.get(k)) != b.get(k))

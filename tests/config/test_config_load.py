@@ -186,7 +186,15 @@ def test_config_diff_lists_exactly_the_differing_dotted_keys():
     b = config_to_dict(load_config(None, ["train.lr=0.2", "data.flip=false", "train.milestones=[1,2]"]))
     assert config_diff(a, b) == ["data.flip", "train.lr", "train.milestones"]
     assert config_diff(a, config_to_dict(Config())) == []
-    assert config_diff({"train": {"epochs": 1}}, {"train": {"epochs": 1, "lr": 0.1}}) == ["train.lr"]
+    assert config_diff({"train": {"epochs": 1}, "data": {"flip": True}}, {"train": {"epochs": 1}}) == ["data.flip"]
+
+
+def test_config_diff_ignores_a_key_added_since_the_run_while_it_holds_its_default():
+    # A run saved before stage2.live_bn existed resumes under the new schema, unless the key is changed.
+    saved = config_to_dict(Config())
+    del saved["stage2"]["live_bn"]
+    assert config_diff(saved, config_to_dict(Config())) == []
+    assert config_diff(saved, config_to_dict(load_config(None, ["stage2.live_bn=eval"]))) == ["stage2.live_bn"]
 
 
 def test_lt_data_root_env_var_sets_default_data_root(monkeypatch):
