@@ -157,13 +157,20 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return cfg
 
 
+def not_one_of(key: str, value: str, valid: typing.Sequence[str]) -> str:
+    """The message for a key whose value is none of `valid`: all of them, and the close ones."""
+    close = difflib.get_close_matches(value, list(valid), n=3, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"{key}={value!r} is not one of {', '.join(valid)}{hint}"
+
+
 def check_choices(cfg: Config) -> None:
     """Keys with a closed set of values (schema.CHOICES) hold one of them."""
     for key, valid in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in valid:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}")
+            raise ConfigError(not_one_of(key, value, valid))
 
 
 def config_to_dict(cfg: Config) -> dict:

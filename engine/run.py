@@ -1,7 +1,6 @@
 """What both entry scripts do around their loops: command line, run directory, logging, seeding, and --test."""
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import random
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from config.cli import parse_cli
+from config.load import not_one_of
 from config.schema import Config
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.metrics import format_table
@@ -40,9 +40,7 @@ def check_names(names: dict[str, tuple[str, Collection[str]]]) -> None:
     """
     for key, (value, registry) in names.items():
         if value not in registry:
-            close = difflib.get_close_matches(value, list(registry), n=3, cutoff=0.5)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise SystemExit(f"config error: {key}={value!r} is not one of {', '.join(sorted(registry))}{hint}")
+            raise SystemExit(f"config error: {not_one_of(key, value, sorted(registry))}")
 
 
 def run_cli(description: str, main: Callable[..., dict], test: Callable[[Config, Path], dict]) -> None:

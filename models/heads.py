@@ -46,7 +46,7 @@ def build_head(name: str, in_features: int, num_classes: int) -> nn.Module:
 
 def head_name(head: nn.Module) -> str:
     """The HEADS name of a head module (checkpoints record it in model_args)."""
-    return "cosine" if isinstance(head, CosineLinear) else "linear"
+    return next((name for name, cls in HEADS.items() if type(head) is cls), type(head).__name__)
 
 
 class ScaledLinear(nn.Module):
