@@ -1,6 +1,7 @@
 # make demo   create .venv, get CIFAR-10, short stage-1 run on CIFAR-10-LT (imbalance 100), test table
 # make demo-stage2   then retrain its classifier with BALMS (stage 2) and print the test table
-# make test   the test suite (what CI runs)
+# make test   the whole test suite (what CI runs)
+# make test-fast   the tests that run no entry script as a process (under a minute)
 # LT_DATA_ROOT points at the folder that holds cifar-10-batches-py/ (default: ./datasets).
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ SHARED_CIFAR := $(SHARED_DATASETS)/make_cifar10.py
 DEMO := config/cifar10_lt/demo_stage1.yaml
 DEMO2 := config/cifar10_lt/demo_stage2_balms.yaml
 
-.PHONY: env data demo demo-stage2 test
+.PHONY: env data demo demo-stage2 test test-fast
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +43,6 @@ demo-stage2: data
 
 test: env
 	$(PY) -m pytest
+
+test-fast: env
+	$(PY) -m pytest -m "not slow"

@@ -22,12 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare_runs import pct  # noqa: E402
+from config.cli import test  # noqa: E402
 from config.load import load_config  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.loader import steps_per_epoch  # noqa: E402
 from data.samplers import build_sampler  # noqa: E402
 from stage1_train import main as stage1_main  # noqa: E402
-from stage1_train import test  # noqa: E402
 
 VAL_PER_CLASS = 20
 
@@ -65,7 +65,7 @@ def main() -> None:
         run_dir = out / path.stem
         metrics_path = run_dir / "test_metrics.json"
         if not metrics_path.is_file():
-            cfg = load_config(path, short_schedule(path, args.iterations, out) + args.overrides)
+            cfg = load_config(path, short_schedule(path, args.iterations, out) + args.overrides, stage="stage1")
             stage1_main(cfg, resume=True)  # writes the time of each epoch to metrics.jsonl
             test(cfg, run_dir / "best.pt")
         m = json.loads(metrics_path.read_text())

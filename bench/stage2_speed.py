@@ -24,20 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config.cli import test  # noqa: E402
 from config.load import config_from_dict, load_config  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
-from stage1_train import test  # noqa: E402
 from stage2_classifier import main as stage2_main  # noqa: E402
 
 
 def run(stage1: str, method: str, views: int, iterations: int, seed: int, out: Path,
         extra: list[str]) -> tuple[float, float]:
-    data = load_checkpoint(stage1)["config"]["data"]
-    overrides = [f"data.{k}={v}" for k, v in data.items() if k != "root"] + [
-        f"stage1.checkpoint={stage1}", f"stage2.method={method}", f"stage2.cache_views={views}",
-        f"train.iterations={iterations}", "train.batch_size=512", "train.lr=0.05", "train.warmup=0",
-        f"train.seed={seed}", f"log_dir={out / f'{method}_views{views}_seed{seed}'}", *extra]
-    cfg = load_config(None, overrides)
+    # The training set and the model come from the stage-1 checkpoint.
+    overrides = [f"stage1.checkpoint={stage1}", f"stage2.method={method}", f"stage2.cache_views={views}",
+                 f"train.iterations={iterations}", "train.batch_size=512", "train.lr=0.05", "train.warmup=0",
+                 f"train.seed={seed}", f"log_dir={out / f'{method}_views{views}_seed{seed}'}", *extra]
+    cfg = load_config(None, overrides, stage="stage2")
     start = time.perf_counter()
     stage2_main(cfg)
     seconds = time.perf_counter() - start

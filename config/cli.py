@@ -1,14 +1,23 @@
-"""The command line both entry scripts share: --cfg YAML, key=value overrides, --test, --ckpt, --resume, --pretrained."""
+"""The command line both entry scripts share: --cfg YAML, key=value overrides, --test, --ckpt,
+--resume, --pretrained; and what --test runs, which is the same for both stages."""
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 from config.load import ConfigError, load_config
 from config.schema import Config
+from data.cifar import DatasetFormatError, DatasetNotFoundError
+from engine.evaluate import evaluate_checkpoint, write_test_report
+from engine.run import RunDirError, default_checkpoint, setup_run
+from models.checkpoint import CheckpointError
+from models.download import DownloadError
 
 
-def parse_cli(argv: Sequence[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
+def parse_cli(stage: str, description: str, argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The config of a `stage` run (stage1 | stage2) and the parsed options; overrides and options mix freely."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", help="experiment YAML (only what differs from config/schema.py)")
     parser.add_argument("--test", action="store_true", help="evaluate a checkpoint on the test split and exit")
@@ -18,9 +27,41 @@ def parse_cli(argv: Sequence[str] | None, description: str) -> tuple[Config, arg
     parser.add_argument("--pretrained", metavar="NAME|URL|PATH",
                         help="start from these weights: same as model.pretrained=... (python -m models list)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=30")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"model.pretrained={args.pretrained}"] if args.pretrained else [])
+    with user_errors():
+        return load_config(args.cfg, overrides, stage), args
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors the user causes and can fix (a config mistake, missing or damaged data, a bad
+    checkpoint, a failed download, a run directory in use) end the program with their one
+    message, which says what to do, and no traceback."""
     try:
-        return load_config(args.cfg, overrides), args
-    except ConfigError as e:  # a user's typo: one line that says what to fix, no traceback
+        yield
+    except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError, RunDirError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def test(cfg: Config, ckpt_path: Path | None) -> dict:
+    """--test: the table of a checkpoint (default: the run's best.pt, else last.pt) on its test split,
+    written to <run_dir>/test_metrics.json."""
+    run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
+    ckpt_path = ckpt_path or default_checkpoint(run_dir)
+    metrics, class_names = evaluate_checkpoint(ckpt_path, cfg.data.root, cfg.data.download, cfg.eval.batch_size,
+                                               cfg.model.channels_last, cfg.eval.logit_adjust_tau)
+    write_test_report(metrics, class_names, run_dir / "test_metrics.json", ckpt_path)
+    return metrics
+
+
+def run_cli(stage: str, description: str, main: Callable[..., dict]) -> None:
+    """An entry script's command line: parse --cfg and overrides, then train (main) or --test."""
+    cfg, args = parse_cli(stage, description)
+    with user_errors():
+        if args.test:
+            test(cfg, Path(args.ckpt) if args.ckpt else None)
+        else:
+            main(cfg, resume=args.resume)

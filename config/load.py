@@ -3,7 +3,9 @@
     cfg = load_config("config/cifar10_lt/stage1_softmax.yaml", ["train.epochs=30"])
 
 Every key is checked against the schema: an unknown key is an error listing the closest valid
-keys, a value of the wrong type names the key, the value and the expected type.
+keys, a renamed key names its new name, a value of the wrong type names the key, the value and
+the expected type, and with `stage` a key that the other stage alone reads (schema.STAGE_KEYS)
+set away from its default names the stage that reads it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from config.schema import CHOICES, Config
+from config.schema import CHOICES, RENAMED, STAGE_KEYS, STAGE_SCRIPTS, Config
 
 
 class ConfigError(ValueError):
@@ -35,7 +37,18 @@ def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+def renamed(key: str) -> str | None:
+    """The new name of an old key (RENAMED holds keys and whole sections), or None."""
+    if key in RENAMED:
+        return RENAMED[key]
+    section, _, rest = key.partition(".")
+    return f"{RENAMED[section]}.{rest}" if rest and section in RENAMED else None
+
+
 def _unknown_key(key: str, source: str) -> ConfigError:
+    new = renamed(key)
+    if new is not None:
+        return ConfigError(f"config key {key!r} ({source}) was renamed: use {new}")
     valid = _leaf_keys(Config)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     # A bare or misplaced leaf (`epochs`, `data.epochs`) should point at `train.epochs`.
@@ -136,14 +149,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file's keys, then `key=value` overrides, in that order."""
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                stage: str | None = None) -> Config:
+    """Defaults, then the YAML file's keys, then `key=value` overrides, in that order.
+
+    stage ("stage1" | "stage2"): the stage that will run, whose unread keys must stay at their defaults.
+    """
     cfg = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass --cfg with a YAML under config/")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:  # PyYAML names the stream "<unicode string>": name the file
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(tree).__name__}")
         for key, value in _flatten(tree).items():
@@ -154,7 +176,39 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=30")
         _set_override(cfg, key.strip(), raw, f"override {item!r}")
     check_choices(cfg)
+    if stage is not None:
+        check_stage(cfg, stage)
     return cfg
+
+
+def stage_of(key: str) -> str | None:
+    """The stage that alone reads a dotted key, or None when both read it."""
+    return STAGE_KEYS.get(key) or STAGE_KEYS.get(key.split(".", 1)[0])
+
+
+def changed_keys(cfg: Config) -> dict[str, Any]:
+    """{dotted key: value} of every key set away from its default."""
+    defaults = _flatten(config_to_dict(Config()))
+    return {k: v for k, v in _flatten(config_to_dict(cfg)).items() if v != defaults[k]}
+
+
+def check_stage(cfg: Config, stage: str) -> None:
+    """No key that only the other stage reads is set away from its default."""
+    for key, value in changed_keys(cfg).items():
+        owner = stage_of(key)
+        if owner not in (None, stage):
+            raise ConfigError(f"{key}={value!r} is read by {owner} ({STAGE_SCRIPTS[owner]}) only; "
+                              f"{stage} ({STAGE_SCRIPTS[stage]}) does not use it: remove it")
+
+
+def check_names(names: dict[str, tuple[str, typing.Collection[str]]]) -> None:
+    """Each key that picks from a registry, {key: (value, registry)}, names an entry of it.
+
+    Checked before any work, so that a typo ends the run with one line: the close names and all valid ones.
+    """
+    for key, (value, registry) in names.items():
+        if value not in registry:
+            raise ConfigError(not_one_of(key, value, sorted(registry)))
 
 
 def not_one_of(key: str, value: str, valid: typing.Sequence[str]) -> str:
@@ -173,29 +227,48 @@ def check_choices(cfg: Config) -> None:
             raise ConfigError(not_one_of(key, value, valid))
 
 
-def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+def config_to_dict(cfg: Config, stage: str | None = None) -> dict:
+    """The config as nested dicts; with `stage`, only the keys that stage reads."""
+    tree = dataclasses.asdict(cfg)
+    if stage is None:
+        return tree
+    return {section: ({k: v for k, v in value.items() if stage_of(f"{section}.{k}") in (None, stage)}
+                      if isinstance(value, dict) else value)
+            for section, value in tree.items() if stage_of(section) in (None, stage)}
+
+
+def _saved_flat(tree: dict) -> dict[str, Any]:
+    """A saved config's dotted keys, old names (RENAMED) read as their new ones."""
+    return {renamed(k) or k: v for k, v in _flatten(tree).items()}
 
 
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a Config from a checkpoint's or run directory's saved dict (same checks)."""
     cfg = Config()
-    for key, value in _flatten(tree).items():
+    for key, value in _saved_flat(tree).items():
         _set(cfg, key, value, "saved config")
     check_choices(cfg)
     return cfg
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def dump_config(cfg: Config, path: str | Path, stage: str | None = None) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg, stage), sort_keys=False))
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ between two config dicts (e.g. a checkpoint's and now).
 
-    A key the saved config lacks (added to the schema after that run was saved) differs only when
-    its current value is not the default: a new key's default keeps the old behaviour.
+    A key that one side lacks (added to the schema after that run was saved, or a key the run's
+    stage does not read) differs only when the other side holds a value other than its default.
     """
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _saved_flat(saved), _flatten(current)
     defaults = _flatten(config_to_dict(Config()))
-    return sorted(k for k in set(a) | set(b) if (a[k] if k in a else defaults.get(k)) != b.get(k))
+    return sorted(k for k in set(a) | set(b) if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
+
+
+def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> None:
+    """--resume continues a run only with the config it was started with."""
+    diff = config_diff(saved, config_to_dict(cfg, stage))
+    if diff:
+        raise ConfigError(f"--resume with a config that differs from the run's at {', '.join(diff)}; "
+                          f"resume with the run's own config ({saved_at})")

@@ -2,7 +2,8 @@
 
 Experiment YAML files under config/<dataset>/ hold only what differs from these defaults; the
 command line overrides any key with a dotted path (`train.epochs=30`). Only the two entry scripts
-read this; the packages below them take plain arguments.
+read this; the packages below them take plain arguments. STAGE_KEYS says which keys only one stage
+reads: setting one of them in a run of the other stage is an error, never silently ignored.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flip
     autoaugment: bool = False  # CIFAR AutoAugment policy (Cubuk et al. 2019)
     cutout: int = 0  # side of the Cutout square in pixels; 0 = off
-    sampler: str = "instance"  # how a training epoch draws images (data.samplers.SAMPLERS)
+    sampler: str = "instance"  # how a stage-1 epoch draws images (data.samplers.SAMPLERS)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ModelConfig:
     channels_last: bool = True  # NHWC convolutions: faster on CPU for ResNet-32
     # Stage-1 classifier, models.heads.HEADS: linear | cosine (cos(x, w_c), no bias; the LDAM code's
     # NormedLinear, which LDAM's logit scale of 30 assumes). Stage 2 trains a linear head either way.
+    # Stage 2 with stage1.checkpoint reads name from the checkpoint.
     head: str = "linear"
     # Weights to start from instead of a random init, since most users take a released model:
     # a models.zoo name, an http(s) URL (#sha256=<hex> pins it) or a path, in any layout of
@@ -54,7 +56,7 @@ class LossConfig:
     # Parameters of the chosen loss. None = that loss's own default (given after the colon);
     # setting a parameter that the chosen loss does not take is an error.
     label_smoothing: float | None = None  # ce: 0.0
-    tau: float | None = None  # logit_adjust: 1.0, the weight of log prior
+    logit_adjust_tau: float | None = None  # logit_adjust: 1.0, the weight of log prior added to the logits
     beta: float | None = None  # class_balanced: 0.9999, effective-number decay
     variant: str | None = None  # class_balanced: softmax | sigmoid | focal
     gamma: float | None = None  # focal: 1.0; class_balanced with variant focal: 1.0
@@ -87,7 +89,10 @@ class TrainConfig:
 
 @dataclass
 class Stage1Ref:
-    checkpoint: str = ""  # stage 2: the stage-1 checkpoint whose backbone is frozen (a .pt from a stage-1 run)
+    # Stage 2: the stage-1 checkpoint whose backbone is frozen (a .pt of a stage-1 run). Its training
+    # set (data.dataset, imbalance_factor, profile, subset_seed, val_per_class) and model.name are
+    # read from it, so a stage-2 config need not repeat them.
+    checkpoint: str = ""
 
 
 @dataclass
@@ -98,16 +103,18 @@ class Stage2Config:
     # BatchNorm of the backbone with cache_views=0: train (the BALMS code: batch statistics, running
     # averages updated by every batch and meta batch) | eval (stage 1's statistics, as cached views use)
     live_bn: str = "train"
-    tau: float = 1.0  # tau_norm exponent when there is no validation split to search it on
-    tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])  # tau values searched on val
+    tau_norm_tau: float = 1.0  # tau_norm: exponent of w / ||w||^tau when there is no validation split to search it on
+    tau_norm_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])  # tau_norm: taus searched on val
 
 
 @dataclass
-class SamplerConfig:
-    init_pow: float = 0.0  # BALMS sampler init: w ~ 1/pi^p; 0 = instance-balanced, 1 = class-balanced
+class MetaSamplerConfig:
+    """The BALMS meta-learned class sampler of stage 2 (stage2.method=balms); not data.sampler."""
+
+    init_pow: float = 0.0  # sampler init: w ~ 1/pi^p; 0 = instance-balanced, 1 = class-balanced
     lr: float = 0.01  # Adam learning rate of the per-class sampler logits
     meta_batch_size: int = 512  # class-balanced meta batch for the outer loss
-    tau: float = 1.0  # Gumbel-softmax temperature of the class draws
+    gumbel_tau: float = 1.0  # Gumbel-softmax temperature of the class draws
     # Where class-balanced meta batches come from: val (the held-out split, when data.val_per_class > 0;
     # else train) | train (the long-tailed training set, as the BALMS code does on CIFAR)
     meta_split: str = "val"
@@ -116,7 +123,7 @@ class SamplerConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 128  # images per evaluation batch; on CPU, ResNet-32 runs 1.7x faster per image at 128 than at 512 (cache)
-    posthoc_tau: float = 0.0  # --test: logits - tau * log prior (post-hoc logit adjustment); 0 = off
+    logit_adjust_tau: float = 0.0  # --test: logits - tau * log prior (post-hoc logit adjustment); 0 = off
 
 
 # Keys whose values form a closed set that no registry owns (registries check their own names).
@@ -126,7 +133,32 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.select_metric": ("top1", "many", "medium", "few"),
     "stage2.init_head": ("reinit", "stage1"),
     "stage2.live_bn": ("train", "eval"),
-    "sampler.meta_split": ("val", "train"),
+    "meta_sampler.meta_split": ("val", "train"),
+}
+
+# Keys (or whole sections) that one stage alone reads; every other key is read by both stages.
+# A run of the other stage that sets one away from its default stops with an error naming the
+# stage that reads it: a key that does nothing must not look as if it did.
+STAGE_KEYS: dict[str, str] = {
+    "data.sampler": "stage1",  # stage 2 draws by stage2.method
+    "model.head": "stage1",  # stage 2 always trains a linear head
+    "loss": "stage1",  # stage 2's loss is fixed by stage2.method
+    "train.mixup_alpha": "stage1",
+    "stage1": "stage2",
+    "stage2": "stage2",
+    "meta_sampler": "stage2",
+}
+STAGE_SCRIPTS = {"stage1": "stage1_train.py", "stage2": "stage2_classifier.py"}
+
+# Old key -> new key (a whole section, or one key); an old name fails with the new one, and
+# configs saved by older runs are read with the new names.
+RENAMED: dict[str, str] = {
+    "sampler.tau": "meta_sampler.gumbel_tau",
+    "sampler": "meta_sampler",
+    "loss.tau": "loss.logit_adjust_tau",
+    "eval.posthoc_tau": "eval.logit_adjust_tau",
+    "stage2.tau": "stage2.tau_norm_tau",
+    "stage2.tau_grid": "stage2.tau_norm_grid",
 }
 
 
@@ -140,7 +172,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     stage1: Stage1Ref = field(default_factory=Stage1Ref)
     stage2: Stage2Config = field(default_factory=Stage2Config)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    meta_sampler: MetaSamplerConfig = field(default_factory=MetaSamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property

@@ -151,9 +151,10 @@ def _download(spec: CifarSpec, root: Path) -> None:
         tv_utils.download_and_extract_archive(spec.url, download_root=root, md5=spec.md5)
     # URLError and socket timeouts are OSErrors; torchvision raises RuntimeError on a bad checksum.
     except (urllib.error.URLError, OSError, RuntimeError) as err:
-        raise RuntimeError(
-            f"download of {spec.url} failed: {type(err).__name__}: {err}. Check the network connection, "
-            f"or download and extract the archive yourself so that {root / spec.folder}/ exists."
+        raise DatasetNotFoundError(
+            f"{spec.display_name} could not be downloaded from {spec.url} ({type(err).__name__}: {err}). "
+            f"Check the network connection, or download and extract the archive yourself so that "
+            f"{root / spec.folder}/ exists."
         ) from err
 
 

@@ -15,12 +15,17 @@ import torch
 from data.augment import normalize
 
 
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    """A generator for epoch `epoch` of a run seeded `seed`, independent of every other epoch.
+# The independent random streams of a run, each seeded by (seed, epoch or view, stream), so that no
+# two uses draw correlated numbers and a run with seed s shares no stream with a run of seed s + k.
+DATA_STREAM = 0  # data order and augmentation of a training epoch
+MIXUP_STREAM = 1  # stage 1: mixup's lambda and pairing (a numpy generator of the same seed sequence)
+VIEW_STREAM = 2  # stage 2: augmentation of the cached views of the training set
+META_VIEW_STREAM = 3  # stage 2: augmentation of the cached views of the BALMS meta split
 
-    `stream` separates independent uses within a run (0: data order and augmentation,
-    1: mixup, 2: stage-2 feature views), so that no two draw correlated numbers.
-    """
+
+def epoch_generator(seed: int, epoch: int, stream: int = DATA_STREAM) -> torch.Generator:
+    """A generator for epoch (or view) `epoch` of stream `stream` of a run seeded `seed`,
+    independent of every other (seed, epoch, stream)."""
     state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 

@@ -23,16 +23,17 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 @torch.no_grad()
 def compute_views(model: nn.Module, images: torch.Tensor, augment: Augment | None, num_views: int,
-                  mean: Sequence[float], std: Sequence[float], seed: int, batch_size: int,
+                  mean: Sequence[float], std: Sequence[float], seed: int, stream: int, batch_size: int,
                   channels_last: bool = False) -> torch.Tensor:
     """(K, N, D) features of K views of uint8 images (N, 3, H, W), BatchNorm in eval mode.
 
-    View k is augmented with the generator of (seed, k); augment=None gives K identical views.
+    View k is augmented with epoch_generator(seed, k, stream) (data.loader's *_STREAM constants);
+    augment=None gives K identical views.
     """
     model.eval()
     views = []
     for k in range(num_views):
-        gen = epoch_generator(seed, k)
+        gen = epoch_generator(seed, k, stream)
         chunks = []
         for start in tqdm(range(0, len(images), batch_size), desc=f"features view {k + 1}/{num_views}",
                           leave=False, disable=None):

@@ -28,7 +28,7 @@ class MetaSampling:
     meta_labels: torch.Tensor  # (M,) labels of the split meta batches come from
     meta_features: Features  # features of that split by index
     meta_batch_size: int
-    tau: float  # Gumbel-softmax temperature
+    gumbel_tau: float  # Gumbel-softmax temperature of the class draws
 
 
 def train_head_epoch(
@@ -48,7 +48,8 @@ def train_head_epoch(
     """`steps` optimiser steps of the head; returns mean loss, training accuracy, meta loss, lr.
 
     Exactly one of index_batches (plain sampling) and meta (BALMS) is given. For BALMS,
-    loss_fn must return per-sample losses (reduction "none").
+    loss_fn must return per-sample losses (reduction "none"). Training accuracy is that of the
+    head as it was before each step, on both paths.
     """
     if (index_batches is None) == (meta is None):
         raise ValueError("give exactly one of index_batches (plain sampling) or meta (BALMS sampling)")
@@ -71,16 +72,16 @@ def train_head_epoch(
             optimizer.step()
             step_loss = loss.item()
         else:
-            classes, weights = meta.sampler.sample_classes(batch_size, generator, meta.tau)
+            classes, weights = meta.sampler.sample_classes(batch_size, generator, meta.gumbel_tau)
             idx = meta.sampler.draw_images(classes, generator)
             x, y = features(idx, generator), labels[idx]
+            with torch.no_grad():  # before meta_step changes the head, as the plain path's logits
+                logits = head(x)
             midx = balanced_batch(meta.meta_labels, meta.sampler.num_classes, meta.meta_batch_size, generator)
             out = meta_step(head, optimizer, meta.sampler, meta.optimizer, x, y, weights,
                             meta.meta_features(midx, generator), meta.meta_labels[midx], loss_fn)
             step_loss = out["loss"]
             total_meta += out["meta_loss"] * len(y)
-            with torch.no_grad():
-                logits = head(x)
         scheduler.step()
         total_loss += step_loss * len(y)
         correct += (logits.argmax(1) == y).sum().item()

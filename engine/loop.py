@@ -5,7 +5,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -85,6 +84,9 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts
     return summarize(confusion_matrix(logits.argmax(1), labels, len(train_counts)), train_counts)
 
 
-def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Plain cross-entropy of evaluation logits (reported next to accuracy)."""
-    return F.cross_entropy(logits, labels).item()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int],
+             batch_size: int, mean: Sequence[float], std: Sequence[float], channels_last: bool = False,
+             desc: str = "val") -> dict:
+    """Metrics (engine.metrics.summarize) of the model on uint8 images (N, 3, H, W) with labels (N,)."""
+    logits = predict_logits(model, images, batch_size, mean, std, channels_last, desc)
+    return metrics_from_logits(logits, labels, train_counts)

@@ -1,57 +1,27 @@
-"""What both entry scripts do around their loops: command line, run directory, logging, seeding, and --test."""
+"""What both entry scripts do around their loops, on plain arguments: the run directory, logging,
+seeding, resuming, and the end of each epoch (best and last checkpoints, the metric log)."""
 from __future__ import annotations
 
 import json
 import logging
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Callable, Collection, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from config.cli import parse_cli
-from config.load import not_one_of
-from config.schema import Config
-from data.cifar import DatasetFormatError, DatasetNotFoundError
-from engine.metrics import format_table
-from models.checkpoint import CheckpointError
-from models.download import DownloadError
+from engine.runlog import RunLog
+from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Errors the user causes and can fix (missing or damaged data, a bad checkpoint, a failed
-    download) end the program with their one message, which says what to do, and no traceback."""
-    try:
-        yield
-    except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def check_names(names: dict[str, tuple[str, Collection[str]]]) -> None:
-    """Each config key that picks from a registry, {key: (value, registry)}, names an entry of it.
-
-    Checked before any work, so that a typo ends the run with one line: the close names and all valid ones.
-    """
-    for key, (value, registry) in names.items():
-        if value not in registry:
-            raise SystemExit(f"config error: {not_one_of(key, value, sorted(registry))}")
-
-
-def run_cli(description: str, main: Callable[..., dict], test: Callable[[Config, Path], dict]) -> None:
-    """An entry script's command line: parse --cfg and overrides, then train (main) or --test."""
-    cfg, args = parse_cli(None, description)
-    with user_errors():
-        if args.test:
-            setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
-            test(cfg, Path(args.ckpt) if args.ckpt else default_checkpoint(Path(cfg.run_dir)))
-        else:
-            main(cfg, resume=args.resume)
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (e.g. it holds a run and --resume was not given)."""
 
 
 def setup_run(run_dir: str | Path, seed: int, num_threads: int) -> Path:
@@ -74,17 +44,76 @@ def setup_run(run_dir: str | Path, seed: int, num_threads: int) -> Path:
     return run_dir
 
 
+def resume_checkpoint(run_dir: Path, resume: bool) -> dict | None:
+    """The run's last.pt to continue from, None for a new run; a run is never overwritten."""
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return None
+    if not resume:
+        raise RunDirError(f"{run_dir} already holds a run ({last}); pass --resume to continue it, "
+                          f"or choose another name=... / log_dir=... for a new run")
+    return load_checkpoint(last)
+
+
 def default_checkpoint(run_dir: Path) -> Path:
     """best.pt (chosen on the validation split) when the run has one, else last.pt."""
     best = run_dir / "best.pt"
     return best if best.is_file() else run_dir / "last.pt"
 
 
-def report_test(metrics: dict, class_names: Sequence[str], out_path: Path, ckpt_path: Path) -> None:
-    """Print the many/medium/few table and write test_metrics.json."""
-    out = {"checkpoint": str(ckpt_path), "class_names": list(class_names), **metrics}
-    out_path.write_text(json.dumps(out, indent=1))
-    print(f"test split, checkpoint {ckpt_path}:\n{format_table(metrics, class_names)}\nwritten to {out_path}")
+@dataclass
+class Progress:
+    """Where a run stands: epochs and optimiser steps done, and the best validation score so far."""
+
+    metric: str  # validation metric that picks best.pt
+    epoch: int = 0
+    step: int = 0
+    best_value: float | None = None
+    best_epoch: int | None = None
+
+    def as_checkpoint(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step,
+                "best": {"metric": self.metric, "value": self.best_value, "epoch": self.best_epoch}}
+
+
+def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path) -> Progress:
+    """Load ckpt[name] into each object (modules with every key checked) and return the progress.
+
+    Metric lines logged after the checkpoint (by a run killed mid-epoch) are dropped.
+    """
+    missing = [name for name in objects if name not in ckpt]
+    if missing:
+        raise CheckpointError(f"{run_dir / 'last.pt'} holds no {', '.join(missing)}: an older version of this tool "
+                              f"wrote it; start a new run (another name=... or log_dir=...)")
+    for name, obj in objects.items():
+        if isinstance(obj, nn.Module):
+            load_state_checked(obj, ckpt[name], f"{name} in {run_dir / 'last.pt'}")
+        else:
+            obj.load_state_dict(ckpt[name])
+    trim_metrics_log(run_dir, ckpt["epoch"])
+    logger.info("resumed from %s at epoch %d, step %d", run_dir / "last.pt", ckpt["epoch"], ckpt["step"])
+    best = ckpt["best"]
+    return Progress(best["metric"], ckpt["epoch"], ckpt["step"], best["value"], best["epoch"])
+
+
+def end_epoch(run_dir: Path, runlog: RunLog, progress: Progress, record: dict, val: dict | None,
+              payload: dict, num_epochs: int) -> None:
+    """Close epoch progress.epoch: validation metrics into the record, best.pt when they improved
+    (only with a validation split), last.pt always (atomically), then the metric log."""
+    record["epoch"] = progress.epoch
+    is_best = False
+    if val is not None:
+        record.update({f"val_{k}": val[k] for k in ("top1", "many", "medium", "few")})
+        score = val[progress.metric]
+        if score is not None and (progress.best_value is None or score > progress.best_value):
+            progress.best_value, progress.best_epoch, is_best = score, progress.epoch, True
+    state = {**payload, **progress.as_checkpoint()}
+    if is_best:
+        save_checkpoint(run_dir / "best.pt", state)
+    save_checkpoint(run_dir / "last.pt", state)
+    runlog.log(progress.step, record)
+    logger.info("epoch %d/%d %s", progress.epoch, num_epochs,
+                " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 
 
 def trim_metrics_log(run_dir: Path, last_epoch: int) -> None:

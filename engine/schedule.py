@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -33,3 +33,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, kind, milestones, gamma)
     )
+
+
+def total_steps(epoch_len: int, epochs: int, iterations: int) -> int:
+    """Optimiser steps of a run: `iterations` when > 0, else `epochs` epochs of epoch_len steps."""
+    return iterations if iterations > 0 else epochs * epoch_len
+
+
+def sgd_with_schedule(params: Iterable[torch.nn.Parameter], epoch_len: int, lr: float, momentum: float,
+                      weight_decay: float, nesterov: bool, epochs: int, iterations: int, warmup: float,
+                      kind: str, milestones: Sequence[float], gamma: float,
+                      ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR, int]:
+    """(SGD, its per-step schedule, total steps) of a run of `epochs` epochs or `iterations` steps.
+
+    warmup and milestones count epochs, or steps when iterations > 0.
+    """
+    steps = total_steps(epoch_len, epochs, iterations)
+    unit = 1 if iterations > 0 else epoch_len  # steps per unit of warmup and milestones
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    scheduler = build_scheduler(optimizer, steps, round(warmup * unit), kind, [round(m * unit) for m in milestones],
+                                gamma)
+    return optimizer, scheduler, steps

@@ -17,7 +17,6 @@ from the real step; the reweighting itself lives in which images were drawn.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import higher
@@ -26,8 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from meta_sampler.learner import ClassSampler
-
-logger = logging.getLogger(__name__)
 
 InnerLoss = Callable[[Tensor, Tensor], Tensor]
 

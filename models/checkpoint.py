@@ -21,6 +21,10 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model or is not one of ours."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint file at the path given."""
+
+
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """write(file) into a temporary file in path's folder, fsync, then rename over `path`.
 
@@ -48,9 +52,8 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at {path}; train first, or pass --ckpt with the path of a .pt file from a run directory"
-        )
+        raise CheckpointNotFoundError(f"no checkpoint at {path}: train first, or give the path of a .pt file "
+                                      f"of a run directory")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or pickled objects we do not load

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.checkpoint import load_state_checked
+
 
 class CosineLinear(nn.Module):
     """logits_c = cos(x, w_c) in [-1, 1], no bias: the LDAM code's NormedLinear (Cao et al. 2019).
@@ -86,3 +88,16 @@ def tau_normalized(linear: nn.Linear, tau: float) -> nn.Linear:
 def as_linear(head: nn.Module) -> nn.Linear:
     """The deployable nn.Linear of a trained head, so that every checkpoint has one model layout."""
     return head.to_linear() if isinstance(head, ScaledLinear) else head
+
+
+def deployable_state(model: nn.Module, head: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with `head` as a plain Linear: one layout for every checkpoint."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    state.update({f"head.{k}": v for k, v in as_linear(head).state_dict().items()})
+    return state
+
+
+def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load every tensor of `state` but the head's into model (all keys checked); model.head is kept."""
+    own_head = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    load_state_checked(model, {**{k: v for k, v in state.items() if not k.startswith("head.")}, **own_head}, what)

@@ -77,12 +77,12 @@ class BalancedSoftmaxLoss(LongTailLoss):
 
 
 class LogitAdjustLoss(LongTailLoss):
-    """Logit-adjusted CE: CE(z + tau * log(n / sum n), y)."""
+    """Logit-adjusted CE: CE(z + tau * log(n / sum n), y), tau = logit_adjust_tau (the config key's name)."""
 
-    def __init__(self, class_counts: Sequence[int] | torch.Tensor, tau: float = 1.0) -> None:
+    def __init__(self, class_counts: Sequence[int] | torch.Tensor, logit_adjust_tau: float = 1.0) -> None:
         super().__init__(class_counts, require_positive=True)
-        _check_tau(tau)
-        self.tau = tau
+        _check_tau(logit_adjust_tau)
+        self.tau = logit_adjust_tau
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.check_inputs(logits, labels)

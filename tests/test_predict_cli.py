@@ -14,6 +14,8 @@ from data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize
 from models.checkpoint import save_checkpoint
 from models.registry import build_model
 
+pytestmark = pytest.mark.slow
+
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -12,6 +12,8 @@ from models.download import CACHE_ENV, cache_path
 from models.registry import build_model
 from models.zoo import PRETRAINED
 
+pytestmark = pytest.mark.slow
+
 TINY_STAGE2 = ("data.imbalance_factor=10", "data.val_per_class=2", "train.iterations=6", "train.batch_size=32",
                "train.warmup=0", "train.num_threads=1", "stage2.cache_views=1", "eval.batch_size=64")
 # 58 training images per class remain after the 2-per-class hold-out; exp IF10 over 10 classes.

@@ -228,15 +228,15 @@ def test_missing_single_file_is_the_only_one_listed(tmp_path):
         RuntimeError("File not found or corrupted."),
     ],
 )
-def test_offline_download_raises_runtime_error_with_url_reason_and_fix(tmp_path, monkeypatch, error):
+def test_offline_download_is_a_dataset_error_with_url_reason_and_fix(tmp_path, monkeypatch, error):
     def fail(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", fail)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(DatasetNotFoundError) as err:  # a user error: one line at the command line
         load_cifar("cifar100", tmp_path, "train", download=True)
     message = str(err.value)
-    assert "download of https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz failed" in message
+    assert "CIFAR-100 could not be downloaded from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in message
     assert str(error) in message
     assert "network" in message and str(tmp_path / "cifar-100-python") in message
     assert err.value.__cause__ is error

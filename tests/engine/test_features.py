@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data.augment import BatchAugment
-from data.loader import epoch_generator
+from data.loader import DATA_STREAM, META_VIEW_STREAM, VIEW_STREAM, epoch_generator
 from engine.features import CachedFeatures, LiveFeatures, compute_views
 from models import build_model
 
@@ -58,7 +58,7 @@ def _bn_state(model) -> dict:
 
 def test_without_augmentation_all_views_equal_the_eval_mode_features(model, images):
     expected = _eval_features(model, images)
-    views = compute_views(model, images, None, 3, MEAN, STD, seed=0, batch_size=2)  # chunks 2, 2, 1
+    views = compute_views(model, images, None, 3, MEAN, STD, seed=0, stream=0, batch_size=2)  # chunks 2, 2, 1
     assert views.shape == (3, N, 64) and views.dtype == torch.float32
     for k in range(3):
         torch.testing.assert_close(views[k], expected, rtol=1e-5, atol=1e-5)
@@ -70,29 +70,45 @@ def test_without_augmentation_all_views_equal_the_eval_mode_features(model, imag
 
 def test_augmented_view_k_uses_the_generator_of_seed_and_k(model, images):
     augment = BatchAugment(4, True)
-    views = compute_views(model, images, augment, 2, MEAN, STD, seed=7, batch_size=N)
+    views = compute_views(model, images, augment, 2, MEAN, STD, seed=7, stream=0, batch_size=N)
     for k in range(2):
         x = BatchAugment(4, True)(images, epoch_generator(7, k))
         torch.testing.assert_close(views[k], _eval_features(model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_views_draw_from_their_own_stream_never_from_the_data_order_of_another_seed(model, images):
+    # A run with seed s must not reuse, for its cached views, the data-order stream of a run with seed s + k.
+    firsts = []
+
+    def recording_augment(x, gen):
+        firsts.append(torch.rand(4, generator=gen))
+        return x
+
+    compute_views(model, images, recording_augment, 2, MEAN, STD, seed=3, stream=VIEW_STREAM, batch_size=N)
+    for k in range(2):
+        assert torch.equal(firsts[k], torch.rand(4, generator=epoch_generator(3, k, VIEW_STREAM)))
+        for other_seed in range(3, 9):
+            for stream in (DATA_STREAM, META_VIEW_STREAM):
+                assert not torch.equal(firsts[k], torch.rand(4, generator=epoch_generator(other_seed, k, stream)))
+
+
 def test_augmented_views_differ_from_each_other(model, images):
-    views = compute_views(model, images, BatchAugment(4, True), 2, MEAN, STD, seed=7, batch_size=2)
+    views = compute_views(model, images, BatchAugment(4, True), 2, MEAN, STD, seed=7, stream=0, batch_size=2)
     assert not torch.allclose(views[0], views[1], atol=1e-4)
 
 
 def test_augmented_views_are_reproducible_for_a_seed_and_change_with_it(model, images):
     augment = BatchAugment(4, True)
-    a = compute_views(model, images, augment, 2, MEAN, STD, seed=7, batch_size=2)
-    b = compute_views(model, images, augment, 2, MEAN, STD, seed=7, batch_size=2)
-    c = compute_views(model, images, augment, 2, MEAN, STD, seed=8, batch_size=2)
+    a = compute_views(model, images, augment, 2, MEAN, STD, seed=7, stream=0, batch_size=2)
+    b = compute_views(model, images, augment, 2, MEAN, STD, seed=7, stream=0, batch_size=2)
+    c = compute_views(model, images, augment, 2, MEAN, STD, seed=8, stream=0, batch_size=2)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c, atol=1e-4)
 
 
 def test_compute_views_leaves_batchnorm_running_stats_and_weights_unchanged(model, images):
     before = copy.deepcopy(model.state_dict())
-    compute_views(model, images, BatchAugment(4, True), 2, MEAN, STD, seed=1, batch_size=2)
+    compute_views(model, images, BatchAugment(4, True), 2, MEAN, STD, seed=1, stream=0, batch_size=2)
     after = model.state_dict()
     assert set(before) == set(after)
     for k in before:
@@ -181,5 +197,5 @@ def test_live_features_with_eval_batchnorm_keep_stage1_statistics_and_match_a_ca
     assert all(torch.equal(bn_before[k], bn_after[k]) for k in bn_before)
     # The same augmented images through the eval-mode backbone: what compute_views caches.
     x = BatchAugment(4, True)(images[idx], torch.Generator().manual_seed(2))
-    expected = compute_views(model, x, None, 1, MEAN, STD, 0, 8)[0]
+    expected = compute_views(model, x, None, 1, MEAN, STD, 0, 0, 8)[0]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

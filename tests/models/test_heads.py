@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.heads import CosineLinear, ScaledLinear, as_linear, build_head, head_name, tau_normalized
+from models.heads import (CosineLinear, ScaledLinear, as_linear, build_head, deployable_state, head_name,
+                          load_backbone_state, tau_normalized)
+from models.registry import build_model
 from models.losses import build_loss
 
 
@@ -217,3 +219,23 @@ def test_one_ldam_epoch_on_a_cosine_head_lowers_the_loss():
     with torch.no_grad():
         after = loss(head(feats), labels).item()
     assert after < 0.5 * before
+
+
+def test_deployable_state_folds_lws_into_a_linear_head_and_load_backbone_state_keeps_the_head():
+    torch.manual_seed(0)
+    trained = build_model("resnet32", 10)
+    trained.bn1.running_mean.fill_(0.5)  # a backbone state that differs from a fresh model's
+    lws = ScaledLinear(trained.head)
+    with torch.no_grad():
+        lws.scales.copy_(torch.linspace(0.5, 2.0, 10))
+    state = deployable_state(trained, lws)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(x @ state["head.weight"].T + state["head.bias"], lws(x))
+    assert set(state) == set(trained.state_dict())  # one layout: backbone + plain linear head
+
+    fresh = build_model("resnet32", 10)
+    fresh.head = ScaledLinear(fresh.head)
+    head_before = {k: v.clone() for k, v in fresh.head.state_dict().items()}
+    load_backbone_state(fresh, state, "test")
+    assert torch.equal(fresh.bn1.running_mean, trained.bn1.running_mean)
+    assert all(torch.equal(head_before[k], v) for k, v in fresh.head.state_dict().items())

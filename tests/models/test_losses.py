@@ -160,7 +160,7 @@ def test_ce_label_smoothing_mixes_true_class_and_uniform_targets():
 
 
 def test_logit_adjust_tau_one_equals_balanced_softmax():
-    la = build_loss("logit_adjust", COUNTS, tau=1.0).double()
+    la = build_loss("logit_adjust", COUNTS, logit_adjust_tau=1.0).double()
     bs = build_loss("balanced_softmax", COUNTS).double()
     assert _value(la, _logits(), _labels()) == pytest.approx(_value(bs, _logits(), _labels()), rel=1e-12)
 
@@ -168,7 +168,7 @@ def test_logit_adjust_tau_one_equals_balanced_softmax():
 def test_logit_adjust_tau_half_shifts_by_half_log_prior():
     prior = np.array(COUNTS, dtype=np.float64) / sum(COUNTS)
     expected = _np_ce_per_sample(np.array(LOGITS) + 0.5 * np.log(prior), np.array(LABELS)).mean()
-    loss = build_loss("logit_adjust", COUNTS, tau=0.5)
+    loss = build_loss("logit_adjust", COUNTS, logit_adjust_tau=0.5)
     assert _value(loss, _logits(), _labels()) == pytest.approx(expected, rel=1e-6)
 
 

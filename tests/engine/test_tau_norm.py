@@ -1,9 +1,9 @@
-"""stage2_classifier.tau_search on hand-made validation features."""
+"""engine.tau_norm.tau_search on hand-made validation features."""
 import pytest
 import torch
 from torch import nn
 
-from stage2_classifier import tau_search
+from engine.tau_norm import tau_search
 
 
 COUNTS = [200, 10]  # class 0 many-shot (> 100), class 1 few-shot (< 20), no medium class

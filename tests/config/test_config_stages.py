@@ -1,0 +1,101 @@
+"""Which stage reads which key, renamed keys, and the config a stage saves."""
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from config.load import (ConfigError, check_resume, config_diff, config_from_dict, config_to_dict, load_config,
+                         renamed, stage_of)
+from config.schema import RENAMED, STAGE_KEYS, Config
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def test_every_stage_key_entry_names_a_real_key_or_section():
+    sections = _sections()
+    for entry in STAGE_KEYS:
+        section, _, leaf = entry.partition(".")
+        assert section in sections, entry
+        assert not leaf or leaf in {f.name for f in dataclasses.fields(sections[section])}, entry
+
+
+def test_every_new_name_exists_and_no_old_name_does():
+    cfg = Config()
+    for old, new in RENAMED.items():
+        node = cfg
+        for part in new.split("."):
+            node = getattr(node, part)  # raises AttributeError for a misspelt new name
+        assert renamed(old) == new
+    assert renamed("sampler.lr") == "meta_sampler.lr" and renamed("train.lr") is None
+
+
+@pytest.mark.parametrize("old, new", [("sampler.meta_split=train", "meta_sampler.meta_split"),
+                                      ("sampler.tau=0.5", "meta_sampler.gumbel_tau"),
+                                      ("loss.tau=1", "loss.logit_adjust_tau")])
+def test_an_old_key_in_an_override_or_a_yaml_fails_naming_the_new_one(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=f"was renamed: use {new}"):
+        load_config(None, [old])
+    key, value = old.split("=")
+    section, leaf = key.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {leaf}: {value}\n")
+    with pytest.raises(ConfigError, match=f"'{key}' \\(in {path}\\) was renamed: use {new}"):
+        load_config(path)
+
+
+def test_a_config_saved_under_the_old_names_is_read_with_the_new_ones():
+    saved = {"sampler": {"lr": 0.05, "tau": 0.5}, "eval": {"posthoc_tau": 1.0}, "stage2": {"tau_grid": [0.5]}}
+    cfg = config_from_dict(saved)
+    assert (cfg.meta_sampler.lr, cfg.meta_sampler.gumbel_tau) == (0.05, 0.5)
+    assert cfg.eval.logit_adjust_tau == 1.0 and cfg.stage2.tau_norm_grid == [0.5]
+    assert config_diff(saved, config_to_dict(cfg)) == []
+
+
+@pytest.mark.parametrize("override, reader, other", [("meta_sampler.lr=0.1", "stage2", "stage1"),
+                                                     ("stage2.method=balms", "stage2", "stage1"),
+                                                     ("loss.name=focal", "stage1", "stage2"),
+                                                     ("data.sampler=sqrt", "stage1", "stage2"),
+                                                     ("train.mixup_alpha=1", "stage1", "stage2"),
+                                                     ("model.head=cosine", "stage1", "stage2")])
+def test_a_key_set_for_the_other_stage_names_the_stage_that_reads_it(override, reader, other):
+    assert load_config(None, [override], stage=reader)  # the reading stage takes it
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override], stage=other)
+    key = override.split("=")[0]
+    assert str(e.value).startswith(f"{key}=") and f"read by {reader}" in str(e.value) and "remove it" in str(e.value)
+
+
+def test_a_key_of_the_other_stage_at_its_default_is_no_error_and_shared_keys_are_read_by_both():
+    for stage in ("stage1", "stage2"):
+        load_config(None, ["meta_sampler.lr=0.01", "loss.name=ce", "train.lr=0.3", "data.imbalance_factor=10",
+                           "eval.logit_adjust_tau=1"], stage=stage)
+    assert stage_of("train.lr") is None and stage_of("loss.beta") == "stage1" and stage_of("stage2.method") == "stage2"
+
+
+def test_a_stage_saves_only_the_keys_it_reads_and_they_rebuild_the_same_config():
+    cfg = load_config(None, ["train.lr=0.3", "stage2.method=balms", "meta_sampler.lr=0.02"], stage="stage2")
+    saved = config_to_dict(cfg, "stage2")
+    assert "loss" not in saved and "sampler" not in saved["data"] and "mixup_alpha" not in saved["train"]
+    assert saved["meta_sampler"]["lr"] == 0.02 and saved["train"]["lr"] == 0.3
+    assert config_from_dict(saved) == cfg
+    stage1 = config_to_dict(load_config(None, ["loss.name=focal"], stage="stage1"), "stage1")
+    assert stage1["loss"]["name"] == "focal" and "stage2" not in stage1 and "meta_sampler" not in stage1
+
+
+def test_resume_check_names_the_differing_keys_and_the_run_config():
+    saved = config_to_dict(load_config(None, ["train.lr=0.3"]), "stage1")
+    check_resume(saved, load_config(None, ["train.lr=0.3"]), "stage1", "logs/x/config.yaml")
+    with pytest.raises(ConfigError, match=r"differs from the run's at train.epochs, train.lr; .*logs/x/config.yaml"):
+        check_resume(saved, load_config(None, ["train.epochs=3"]), "stage1", "logs/x/config.yaml")
+
+
+def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  epochs: 3\n lr: [0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path} is not valid YAML at line") and "unicode string" not in str(e.value)

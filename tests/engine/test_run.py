@@ -1,0 +1,68 @@
+"""engine.run: a run directory never overwritten, best/last checkpoints at the end of each epoch, resume."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from engine.run import Progress, RunDirError, end_epoch, restore, resume_checkpoint
+from engine.runlog import RunLog
+from models.checkpoint import CheckpointError, save_checkpoint
+
+
+def _val(top1, few=None):
+    return {"top1": top1, "many": top1, "medium": top1, "few": few}
+
+
+def test_best_pt_is_written_only_when_the_selected_metric_improves(tmp_path):
+    runlog, progress = RunLog(tmp_path), Progress("top1")
+    written = []
+    for epoch, top1 in enumerate([0.3, 0.5, 0.4], start=1):
+        progress.epoch, progress.step = epoch, 10 * epoch
+        end_epoch(tmp_path, runlog, progress, {"loss": 1.0 / epoch}, _val(top1), {"payload": epoch}, 3)
+        written.append(torch.load(tmp_path / "best.pt", weights_only=True)["payload"])
+    runlog.close()
+    assert written == [1, 2, 2]  # epoch 3 (0.4) did not beat epoch 2 (0.5)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["payload"] == 3 and last["epoch"] == 3 and last["step"] == 30
+    assert last["best"] == {"metric": "top1", "value": 0.5, "epoch": 2}
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(l["step"], l["epoch"], l["val_top1"]) for l in lines] == [(10, 1, 0.3), (20, 2, 0.5), (30, 3, 0.4)]
+
+
+def test_without_validation_only_last_pt_is_written_and_a_metric_with_no_classes_is_never_best(tmp_path):
+    runlog = RunLog(tmp_path)
+    end_epoch(tmp_path, runlog, Progress("top1", epoch=1, step=5), {}, None, {}, 1)
+    assert (tmp_path / "last.pt").is_file() and not (tmp_path / "best.pt").exists()
+    end_epoch(tmp_path / "few", RunLog(tmp_path / "few"), Progress("few", epoch=1), {}, _val(0.5, few=None), {}, 1)
+    assert not (tmp_path / "few" / "best.pt").exists()
+
+
+def test_a_run_directory_with_a_run_is_refused_without_resume_and_returned_with_it(tmp_path):
+    assert resume_checkpoint(tmp_path, resume=False) is None  # nothing there: a new run
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 2})
+    with pytest.raises(RunDirError, match="pass --resume"):
+        resume_checkpoint(tmp_path, resume=False)
+    assert resume_checkpoint(tmp_path, resume=True)["epoch"] == 2
+
+
+def test_restore_loads_every_state_trims_the_log_and_returns_the_progress(tmp_path):
+    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2, "step": 20,
+            "best": {"metric": "few", "value": 0.25, "epoch": 1}}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    progress = restore(ckpt, {"model": other, "optimizer": other_opt}, tmp_path)
+    assert progress == Progress("few", epoch=2, step=20, best_value=0.25, best_epoch=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert other_opt.state_dict()["state"][0]["momentum_buffer"].shape == (2, 3)
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_restore_from_a_checkpoint_without_a_state_it_needs_says_to_start_a_new_run(tmp_path):
+    ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}}
+    with pytest.raises(CheckpointError, match="holds no head.*start a new run"):
+        restore(ckpt, {"model": nn.Linear(3, 2), "head": nn.Linear(3, 2)}, tmp_path)
