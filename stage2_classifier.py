@@ -257,8 +257,6 @@ def main(cfg: Config, resume: bool = False) -> dict:
         loss_fn.set_epoch(epoch)
         record = train_head_epoch(head, optimizer, scheduler, loss_fn, data.train_labels, features, steps,
                                   t.batch_size, gen, batches, meta, desc=f"epoch {epoch + 1}/{num_epochs}")
-        if meta:
-            record["sample_probs"] = meta.sampler.class_probs().tolist()
         progress.epoch, progress.step = epoch + 1, progress.step + steps
         val = validate(cfg, model, data) if len(data.val_labels) else None
         state = {name: obj.state_dict() for name, obj in states.items()}

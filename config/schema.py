@@ -34,11 +34,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet32"  # models.MODELS
+    name: str = "resnet32"  # models.MODELS; stage 2 with stage1.checkpoint reads it from the checkpoint
     channels_last: bool = True  # NHWC convolutions: faster on CPU for ResNet-32
     # Stage-1 classifier, models.heads.HEADS: linear | cosine (cos(x, w_c), no bias; the LDAM code's
     # NormedLinear, which LDAM's logit scale of 30 assumes). Stage 2 trains a linear head either way.
-    # Stage 2 with stage1.checkpoint reads name from the checkpoint.
     head: str = "linear"
     # Weights to start from instead of a random init, since most users take a released model:
     # a models.zoo name, an http(s) URL (#sha256=<hex> pins it) or a path, in any layout of

@@ -45,7 +45,8 @@ def train_head_epoch(
     meta: MetaSampling | None = None,
     desc: str = "head",
 ) -> dict[str, float]:
-    """`steps` optimiser steps of the head; returns mean loss, training accuracy, meta loss, lr.
+    """`steps` optimiser steps of the head; returns mean loss, training accuracy, lr and, for BALMS,
+    the meta loss and each class's sampling probability.
 
     Exactly one of index_batches (plain sampling) and meta (BALMS) is given. For BALMS,
     loss_fn must return per-sample losses (reduction "none"). Training accuracy is that of the
@@ -89,4 +90,5 @@ def train_head_epoch(
     out = {"loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen), "lr": lr}
     if meta is not None:
         out["meta_loss"] = total_meta / max(1, seen)
+        out["sample_probs"] = meta.sampler.class_probs().tolist()  # (C,) after the epoch's updates
     return out

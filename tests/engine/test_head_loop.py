@@ -149,7 +149,8 @@ def test_meta_sampling_returns_finite_meta_loss_and_updates_theta_and_head():
     out = train_head_epoch(head, opt, sched, loss_fn, labels, features, 5, 32, torch.Generator().manual_seed(1),
                            meta=meta)
 
-    assert set(out) == {"loss", "train_acc", "lr", "meta_loss"}
+    assert set(out) == {"loss", "train_acc", "lr", "meta_loss", "sample_probs"}
+    assert out["sample_probs"] == pytest.approx(sampler.class_probs().tolist()) and len(out["sample_probs"]) == 2
     assert math.isfinite(out["meta_loss"]) and out["meta_loss"] > 0
     assert math.isfinite(out["loss"])
     assert sched.last_epoch == 5
