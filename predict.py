@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data.build import NORMALIZATION
 from data.cifar import IMAGE_SHAPE
+from engine.device import DeviceError, resolve_device
 from engine.loop import predict_logits
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.export import export_meta, load_export, model_from_export, write_export
@@ -61,10 +62,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dataset", choices=sorted(NORMALIZATION),
                         help="normalisation of a checkpoint without a training config")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N | mps")
+    args = parser.parse_intermixed_args(argv)  # options may come between the image paths
     if not args.export and not args.images:
         parser.error("give image files to classify, or --export DIR")
     try:
+        device = resolve_device(args.device)
         if Path(args.model).is_dir():
             if args.export:
                 raise SystemExit(f"error: {args.model} is already an export directory")
@@ -74,12 +77,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.export:
                 print(f"wrote {write_export(args.export, state, meta)}")
             model = model_from_export(state, meta, args.model)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, DeviceError) as e:
         raise SystemExit(f"error: {e}") from None
     if not args.images:
         return
     images = read_images(args.images, meta["image_size"])
-    probs = predict_logits(model, images, args.batch_size, meta["mean"], meta["std"]).softmax(dim=1)
+    probs = predict_logits(model.to(device), images, args.batch_size, meta["mean"], meta["std"]).softmax(dim=1)
     confidence, predicted = probs.max(dim=1)
     names = meta["class_names"]
     for path, c, p in zip(args.images, predicted.tolist(), confidence.tolist()):

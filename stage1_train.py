@@ -26,6 +26,7 @@ from data.augment import BatchAugment
 from data.build import LongTailData, build_long_tail
 from data.loader import MIXUP_STREAM, BatchLoader, steps_per_epoch
 from data.samplers import SAMPLERS, build_sampler
+from engine.device import check_amp, grad_scaler, resolve_device, set_tf32
 from engine.loop import evaluate, train_one_epoch
 from engine.run import Progress, end_epoch, restore, resume_checkpoint, setup_run
 from engine.runlog import RunLog
@@ -40,8 +41,9 @@ STAGE = "stage1"
 logger = logging.getLogger("stage1")
 
 
-def build_data(cfg: Config) -> tuple[LongTailData, BatchLoader]:
-    """The long-tailed training set (with its validation hold-out) and its in-memory loader."""
+def build_data(cfg: Config, device: torch.device) -> tuple[LongTailData, BatchLoader]:
+    """The long-tailed training set (with its validation hold-out) and its loader, whose uint8 images
+    and labels sit on `device`: batches are gathered, augmented and normalised there."""
     d, t = cfg.data, cfg.train
     data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
     sampler_params = {}
@@ -50,12 +52,12 @@ def build_data(cfg: Config) -> tuple[LongTailData, BatchLoader]:
         sampler_params["total_epochs"] = math.ceil(total_steps(epoch_len, t.epochs, t.iterations) / epoch_len)
     sampler = build_sampler(d.sampler, data.train_labels, len(data.class_counts), **sampler_params)
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
-    loader = BatchLoader(data.train_images, data.train_labels, t.batch_size, sampler, augment,
+    loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), t.batch_size, sampler, augment,
                          data.mean, data.std, t.seed, cfg.model.channels_last)
     return data, loader
 
 
-def build_network(cfg: Config, num_classes: int) -> tuple[nn.Module, dict, bool]:
+def build_network(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, dict, bool]:
     """(model, its model_args, whether its head is new): a random init, or model.pretrained to
     fine-tune (its own head, or a new one with model.reset_head)."""
     m = cfg.model
@@ -74,7 +76,7 @@ def build_network(cfg: Config, num_classes: int) -> tuple[nn.Module, dict, bool]
                          f"model.reset_head=true for a new {m.head} head")
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, model_args, not m.pretrained or m.reset_head
+    return model.to(device), model_args, not m.pretrained or m.reset_head
 
 
 def build_criterion(cfg: Config, class_counts: list[int], model: nn.Module, fresh_head: bool) -> LongTailLoss:
@@ -97,19 +99,26 @@ def main(cfg: Config, resume: bool = False) -> dict:
     check_names({"model.name": (cfg.model.name, MODELS), "model.head": (cfg.model.head, HEADS),
                  "loss.name": (cfg.loss.name, LOSSES), "data.sampler": (cfg.data.sampler, SAMPLERS)})
     t = cfg.train
+    device = resolve_device(t.device)
+    check_amp(device, t.amp)
+    set_tf32(device, t.tf32)
     run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads)
     ckpt = resume_checkpoint(run_dir, resume)
     if ckpt is not None:
         check_resume(ckpt["config"], cfg, STAGE, run_dir / "config.yaml")
 
-    data, loader = build_data(cfg)
-    model, model_args, fresh_head = build_network(cfg, len(data.class_counts))
-    loss_fn = build_criterion(cfg, data.class_counts, model, fresh_head)
+    data, loader = build_data(cfg, device)
+    model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device)
+    loss_fn = build_criterion(cfg, data.class_counts, model, fresh_head).to(device)
+    train_model = torch.compile(model) if t.compile else model  # same parameters; checkpoints save `model`
     optimizer, scheduler, steps_total = sgd_with_schedule(
         model.parameters(), len(loader), t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs, t.iterations,
         t.warmup, t.schedule, t.milestones, t.gamma)
-    progress = (restore(ckpt, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, run_dir)
-                if ckpt is not None else Progress(t.select_metric))
+    scaler = grad_scaler(device, t.amp)
+    states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if t.amp == "fp16":
+        states["scaler"] = scaler
+    progress = restore(ckpt, states, run_dir) if ckpt is not None else Progress(t.select_metric)
     dump_config(cfg, run_dir / "config.yaml", STAGE)
     runlog = RunLog(run_dir)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
@@ -118,22 +127,22 @@ def main(cfg: Config, resume: bool = False) -> dict:
     # ---- train: one epoch, validate, checkpoint (atomically), log
     epoch_len = len(loader)
     num_epochs = math.ceil(steps_total / epoch_len)
-    logger.info("%d training images, %d steps/epoch, %d epochs, %d steps", len(data.train_labels),
-                epoch_len, num_epochs, steps_total)
+    logger.info("%d training images, %d steps/epoch, %d epochs, %d steps, on %s (amp %s)", len(data.train_labels),
+                epoch_len, num_epochs, steps_total, device, t.amp)
     record = {}
     for epoch in range(progress.epoch, num_epochs):
         steps = min(epoch_len, steps_total - progress.step)
         mixup_rng = np.random.default_rng([t.seed, epoch, MIXUP_STREAM])
         loss_fn.set_epoch(epoch)
         start = time.perf_counter()
-        record = train_one_epoch(model, islice(loader.epoch(epoch), steps), steps, loss_fn, optimizer, scheduler,
-                                 t.mixup_alpha, mixup_rng, desc=f"epoch {epoch + 1}/{num_epochs}")
+        record = train_one_epoch(train_model, islice(loader.epoch(epoch), steps), steps, loss_fn, optimizer, scheduler,
+                                 t.mixup_alpha, mixup_rng, t.accum_steps, t.amp, scaler,
+                                 desc=f"epoch {epoch + 1}/{num_epochs}")
         record["train_seconds"] = time.perf_counter() - start
         progress.epoch, progress.step = epoch + 1, progress.step + steps
         val = (evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
-                        data.std, cfg.model.channels_last) if len(data.val_labels) else None)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict()}
+                        data.std, cfg.model.channels_last, amp=t.amp) if len(data.val_labels) else None)
+        state = {name: obj.state_dict() for name, obj in states.items()}
         end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs)
     runlog.close()
     return record

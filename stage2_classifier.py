@@ -30,6 +30,7 @@ from data.augment import BatchAugment
 from data.build import LongTailData, build_long_tail
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
+from engine.device import check_amp, resolve_device, set_tf32
 from engine.features import CachedFeatures, LiveFeatures, compute_views
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
@@ -114,7 +115,8 @@ def with_stage1_training_set(cfg: Config, s1: dict) -> Config:
     return dataclasses.replace(cfg, data=data, model=model)
 
 
-def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: bool) -> tuple[nn.Module, dict]:
+def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: bool,
+                   device: torch.device) -> tuple[nn.Module, dict]:
     """The frozen backbone with its stage-1 head, and the model_args of stage 2's checkpoints: a
     stage-1 run of this tool, or pretrained / imported weights (no training set to match)."""
     if s1 is not None and s1.get("config"):
@@ -138,7 +140,7 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: b
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.requires_grad_(False)
-    return model, {**model_args, "head": "linear"}  # every stage-2 checkpoint deploys a linear head
+    return model.to(device), {**model_args, "head": "linear"}  # every stage-2 checkpoint deploys a linear head
 
 
 def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog, model: nn.Module, data: LongTailData, payload: dict) -> dict:
@@ -147,7 +149,7 @@ def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog, model: nn.Module, data: L
     has_val = len(data.val_labels) > 0
     if has_val:
         val_feats = compute_views(model, data.val_images, None, 1, data.mean, data.std, cfg.train.seed, VIEW_STREAM,
-                                  cfg.eval.batch_size, cfg.model.channels_last)[0]
+                                  cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp)[0]
         tau, records = tau_search(stage1_head, val_feats, data.val_labels, data.class_counts,
                                   cfg.stage2.tau_norm_grid, cfg.train.select_metric)
         for i, r in enumerate(records):
@@ -164,24 +166,27 @@ def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog, model: nn.Module, data: L
 
 def validate(cfg: Config, model: nn.Module, data: LongTailData) -> dict:
     return evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
-                    data.std, cfg.model.channels_last)
+                    data.std, cfg.model.channels_last, amp=cfg.train.amp)
 
 
 def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor, data: LongTailData, stream: int) -> Features:
-    """Features of `images` by index: stage2.cache_views views computed once, or the backbone per batch."""
+    """Features of `images` by index, on the backbone's device: stage2.cache_views views computed once,
+    or the backbone per batch (the images then wait on that device)."""
     d, views = cfg.data, cfg.stage2.cache_views
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
     if views > 0:
         return CachedFeatures(compute_views(model, images, augment, views, data.mean, data.std, cfg.train.seed,
-                                            stream, cfg.eval.batch_size, cfg.model.channels_last))
+                                            stream, cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp))
+    images = images.to(next(model.parameters()).device)
     return LiveFeatures(model, images, augment, data.mean, data.std, cfg.model.channels_last,
                         bn_train=cfg.stage2.live_bn == "train")
 
 
 def new_head(cfg: Config, method: Method, stage1_head: nn.Module) -> nn.Module:
+    """The head stage 2 trains, on the stage-1 head's device."""
     if method.head == "lws":
         return ScaledLinear(stage1_head)
-    head = nn.Linear(stage1_head.in_features, stage1_head.out_features)
+    head = nn.Linear(stage1_head.in_features, stage1_head.out_features, device=stage1_head.weight.device)
     if cfg.stage2.init_head == "stage1":
         head.load_state_dict(stage1_head.state_dict())
     return head
@@ -208,13 +213,16 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if s1 is not None and s1.get("config"):
         cfg = with_stage1_training_set(cfg, s1)
     t, d = cfg.train, cfg.data
+    device = resolve_device(t.device)
+    check_amp(device, t.amp)
+    set_tf32(device, t.tf32)
     run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads)
     ckpt = resume_checkpoint(run_dir, resume)
     if ckpt is not None:
         check_resume(ckpt["config"], cfg, STAGE, run_dir / "config.yaml")
 
     data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
-    model, model_args = build_backbone(cfg, s1, data.class_counts, keeps_stage1_head(cfg, method))
+    model, model_args = build_backbone(cfg, s1, data.class_counts, keeps_stage1_head(cfg, method), device)
     dump_config(cfg, run_dir / "config.yaml", STAGE)
     runlog = RunLog(run_dir)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
@@ -228,10 +236,10 @@ def main(cfg: Config, resume: bool = False) -> dict:
     meta = sampler = None
     if method.kind == "meta":
         meta = meta_sampling(cfg, model, data, features)
-        loss_fn = build_loss(method.loss, data.class_counts, reduction="none")
+        loss_fn = build_loss(method.loss, data.class_counts, reduction="none").to(device)
     else:
         sampler = build_sampler(method.sampler, data.train_labels, len(data.class_counts))
-        loss_fn = build_loss(method.loss, data.class_counts)
+        loss_fn = build_loss(method.loss, data.class_counts).to(device)
     epoch_len = steps_per_epoch(len(data.train_labels) if meta else sampler.num_samples, t.batch_size)
     optimizer, scheduler, steps_total = sgd_with_schedule(
         head.parameters(), epoch_len, t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs, t.iterations,
@@ -246,8 +254,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     # ---- train the head: one epoch, validate, checkpoint, log
     num_epochs = math.ceil(steps_total / epoch_len)
-    logger.info("stage 2 %s: %d steps of batch %d (%d epochs), features %s", cfg.stage2.method, steps_total,
-                t.batch_size, num_epochs, f"cached x{cfg.stage2.cache_views}" if cfg.stage2.cache_views
+    logger.info("stage 2 %s: %d steps of batch %d (%d epochs) on %s, features %s", cfg.stage2.method, steps_total,
+                t.batch_size, num_epochs, device, f"cached x{cfg.stage2.cache_views}" if cfg.stage2.cache_views
                 else f"live, BatchNorm in {cfg.stage2.live_bn} mode")
     record = {}
     for epoch in range(progress.epoch, num_epochs):

@@ -84,6 +84,17 @@ class TrainConfig:
     seed: int = 0  # torch / numpy / python seed: init, data order, augmentation
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
     select_metric: str = "top1"  # validation metric that picks the best checkpoint: top1 | many | medium | few
+    # Where to compute: auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps. The CIFAR images
+    # go to this device once; batches are drawn, augmented and normalised there.
+    device: str = "auto"
+    # Mixed precision of forward passes: off | bf16 (CPU and CUDA) | fp16 (CUDA, with a gradient scaler).
+    # Losses, the optimiser and stage 2's meta step stay in fp32.
+    amp: str = "off"
+    compile: bool = False  # torch.compile the model (stage 1) before training; first steps pay the compile time
+    tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions
+    # Split each batch of batch_size into this many micro-batches and add their gradients before the
+    # step: the same update with less activation memory (BatchNorm sees each micro-batch alone).
+    accum_steps: int = 1
 
 
 @dataclass
@@ -130,6 +141,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.profile": ("exp", "step"),
     "train.schedule": ("cosine", "step"),
     "train.select_metric": ("top1", "many", "medium", "few"),
+    "train.amp": ("off", "bf16", "fp16"),
     "stage2.init_head": ("reinit", "stage1"),
     "stage2.live_bn": ("train", "eval"),
     "meta_sampler.meta_split": ("val", "train"),
@@ -143,6 +155,8 @@ STAGE_KEYS: dict[str, str] = {
     "model.head": "stage1",  # stage 2 always trains a linear head
     "loss": "stage1",  # stage 2's loss is fixed by stage2.method
     "train.mixup_alpha": "stage1",
+    "train.compile": "stage1",  # stage 2 runs the frozen backbone once per view (cache) or per batch
+    "train.accum_steps": "stage1",
     "stage1": "stage2",
     "stage2": "stage2",
     "meta_sampler": "stage2",

@@ -34,8 +34,10 @@ def checkpoint_dataset(ckpt: dict, path: str | Path) -> str:
 
 
 def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool, batch_size: int,
-                        channels_last: bool = False, logit_adjust_tau: float = 0.0) -> tuple[dict, list[str]]:
-    """(metrics of engine.metrics.summarize, class names) of the checkpoint at `path` on its test split.
+                        device: torch.device = torch.device("cpu"), channels_last: bool = False,
+                        logit_adjust_tau: float = 0.0, amp: str = "off") -> tuple[dict, list[str]]:
+    """(metrics of engine.metrics.summarize, class names) of the checkpoint at `path` on its test split,
+    computed on `device` under autocast `amp`.
 
     logit_adjust_tau > 0 subtracts tau * log prior (the checkpoint's class counts) from the logits.
     """
@@ -51,7 +53,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     mean, std = NORMALIZATION[dataset]
-    logits = predict_logits(model, split.images, batch_size, mean, std, channels_last, "test")
+    logits = predict_logits(model.to(device), split.images, batch_size, mean, std, channels_last, "test", amp)
     if logit_adjust_tau:
         logits = posthoc_logit_adjust(logits, counts, logit_adjust_tau)
     return metrics_from_logits(logits, split.labels, counts), split.class_names

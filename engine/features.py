@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from data.augment import normalize
 from data.loader import epoch_generator
+from engine.device import autocast
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -24,26 +25,29 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 @torch.no_grad()
 def compute_views(model: nn.Module, images: torch.Tensor, augment: Augment | None, num_views: int,
                   mean: Sequence[float], std: Sequence[float], seed: int, stream: int, batch_size: int,
-                  channels_last: bool = False) -> torch.Tensor:
-    """(K, N, D) features of K views of uint8 images (N, 3, H, W), BatchNorm in eval mode.
+                  channels_last: bool = False, amp: str = "off") -> torch.Tensor:
+    """(K, N, D) fp32 features of K views of uint8 images (N, 3, H, W), BatchNorm in eval mode, on the
+    model's device (images move there a batch at a time; forward passes under autocast `amp`).
 
     View k is augmented with epoch_generator(seed, k, stream) (data.loader's *_STREAM constants);
     augment=None gives K identical views.
     """
     model.eval()
+    device = next(model.parameters()).device
     views = []
     for k in range(num_views):
         gen = epoch_generator(seed, k, stream)
         chunks = []
         for start in tqdm(range(0, len(images), batch_size), desc=f"features view {k + 1}/{num_views}",
                           leave=False, disable=None):
-            x = images[start : start + batch_size]
+            x = images[start : start + batch_size].to(device, non_blocking=True)
             if augment is not None:
                 x = augment(x, gen)
             x = normalize(x, mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            chunks.append(model.forward_features(x).float())
+            with autocast(device, amp):
+                chunks.append(model.forward_features(x).float())
         views.append(torch.cat(chunks))
     return torch.stack(views)
 
@@ -75,7 +79,8 @@ class LiveFeatures:
     @torch.no_grad()
     def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         self.model.train(self.bn_train)
-        x = normalize(self.augment(self.images[indices], generator), self.mean, self.std)
+        images = self.images[indices].to(next(self.model.parameters()).device, non_blocking=True)
+        x = normalize(self.augment(images, generator), self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model.forward_features(x).float()

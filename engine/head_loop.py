@@ -65,7 +65,8 @@ def train_head_epoch(
             idx = next(batches, None)
             if idx is None:
                 raise ValueError(f"index_batches ran out before {steps} steps: give at least as many batches as steps")
-            x, y = features(idx, generator), labels[idx]
+            x = features(idx, generator)
+            y = labels[idx].to(x.device)
             logits = head(x)
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -75,12 +76,14 @@ def train_head_epoch(
         else:
             classes, weights = meta.sampler.sample_classes(batch_size, generator, meta.gumbel_tau)
             idx = meta.sampler.draw_images(classes, generator)
-            x, y = features(idx, generator), labels[idx]
+            x = features(idx, generator)
+            y = labels[idx].to(x.device)
             with torch.no_grad():  # before meta_step changes the head, as the plain path's logits
                 logits = head(x)
             midx = balanced_batch(meta.meta_labels, meta.sampler.num_classes, meta.meta_batch_size, generator)
-            out = meta_step(head, optimizer, meta.sampler, meta.optimizer, x, y, weights,
-                            meta.meta_features(midx, generator), meta.meta_labels[midx], loss_fn)
+            # The sampler draws on the CPU; its weights carry theta's gradient to the head's device.
+            out = meta_step(head, optimizer, meta.sampler, meta.optimizer, x, y, weights.to(x.device),
+                            meta.meta_features(midx, generator), meta.meta_labels[midx].to(x.device), loss_fn)
             step_loss = out["loss"]
             total_meta += out["meta_loss"] * len(y)
         scheduler.step()

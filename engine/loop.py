@@ -9,6 +9,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data.augment import normalize
+from engine.device import autocast, grad_scaler
 from engine.metrics import confusion_matrix, summarize
 
 
@@ -21,39 +22,52 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     mixup_alpha: float = 0.0,
     mixup_rng: np.random.Generator | None = None,
+    accum_steps: int = 1,
+    amp: str = "off",
+    scaler: torch.amp.GradScaler | None = None,
     desc: str = "train",
 ) -> dict[str, float]:
-    """One pass over `batches`, one optimiser and scheduler step per batch.
+    """One pass over `batches` (on the model's device), one optimiser and scheduler step per batch.
 
     With mixup_alpha > 0 each batch is mixed with a permutation of itself by lam ~ Beta(a, a)
     and the loss is lam * L(y_a) + (1 - lam) * L(y_b), which composes with any loss.
+    accum_steps > 1 splits each batch into that many micro-batches whose gradients add up to the
+    batch's (each micro-batch loss weighted by its share of the batch) before the one optimiser
+    step: the same update at a fraction of the activation memory, except that BatchNorm and
+    batch-dependent losses (arb) see each micro-batch alone. amp (off | bf16 | fp16) runs the
+    forward pass under autocast; the loss is computed in fp32; fp16 needs `scaler`.
     Returns the mean loss, the training accuracy (w.r.t. the mixed targets) and the last lr.
     """
     model.train()
+    device = next(model.parameters()).device
+    scaler = scaler or grad_scaler(device, "off")
     total_loss, total_correct, total_seen = 0.0, 0.0, 0
     lr = optimizer.param_groups[0]["lr"]
     for x, y in tqdm(batches, total=num_steps, desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]
+        lam, y_b = 1.0, y
         if mixup_alpha > 0:
             lam = float(mixup_rng.beta(mixup_alpha, mixup_alpha))
-            perm = torch.from_numpy(mixup_rng.permutation(len(y)))
-            x = lam * x + (1 - lam) * x[perm]
-            logits = model(x)
-            loss = lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y[perm])
-            pred = logits.argmax(1)
-            correct = lam * (pred == y).sum().item() + (1 - lam) * (pred == y[perm]).sum().item()
-        else:
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            correct = (logits.argmax(1) == y).sum().item()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at lr {lr:.4g}; lower train.lr or check the data")
+            perm = torch.from_numpy(mixup_rng.permutation(len(y))).to(y.device)
+            x, y_b = lam * x + (1 - lam) * x[perm], y[perm]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        chunks = max(1, min(accum_steps, len(y) // 2))  # no micro-batch of one image (BatchNorm)
+        for xs, ya, yb in zip(x.chunk(chunks), y.chunk(chunks), y_b.chunk(chunks)):
+            with autocast(device, amp):
+                logits = model(xs)
+            logits = logits.float()
+            loss = loss_fn(logits, ya)
+            if mixup_alpha > 0:
+                loss = lam * loss + (1 - lam) * loss_fn(logits, yb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at lr {lr:.4g}; lower train.lr or check the data")
+            scaler.scale(loss * (len(ya) / len(y))).backward()
+            pred = logits.argmax(1)
+            total_correct += lam * (pred == ya).sum().item() + (1 - lam) * (pred == yb).sum().item()
+            total_loss += loss.item() * len(ya)
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-        total_loss += loss.item() * len(y)
-        total_correct += correct
         total_seen += len(y)
     return {"loss": total_loss / max(1, total_seen), "train_acc": total_correct / max(1, total_seen), "lr": lr}
 
@@ -67,16 +81,23 @@ def predict_logits(
     std: Sequence[float],
     channels_last: bool = False,
     desc: str = "eval",
+    amp: str = "off",
 ) -> torch.Tensor:
-    """(N, C) logits of uint8 images (N, 3, H, W), model in eval mode, in order."""
+    """(N, C) fp32 logits of uint8 images (N, 3, H, W) on the CPU, model in eval mode, in order.
+
+    Each batch moves to the model's device (a no-op for images already there) and runs under
+    autocast with amp (off | bf16 | fp16).
+    """
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=None):
-        x = normalize(images[start : start + batch_size], mean, std)
+        x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float())
-    return torch.cat(out) if out else torch.empty(0)
+        with autocast(device, amp):
+            out.append(model(x).float())
+    return torch.cat(out).cpu() if out else torch.empty(0)
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int]) -> dict:
@@ -86,7 +107,7 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int],
              batch_size: int, mean: Sequence[float], std: Sequence[float], channels_last: bool = False,
-             desc: str = "val") -> dict:
+             desc: str = "val", amp: str = "off") -> dict:
     """Metrics (engine.metrics.summarize) of the model on uint8 images (N, 3, H, W) with labels (N,)."""
-    logits = predict_logits(model, images, batch_size, mean, std, channels_last, desc)
-    return metrics_from_logits(logits, labels, train_counts)
+    logits = predict_logits(model, images, batch_size, mean, std, channels_last, desc, amp)
+    return metrics_from_logits(logits, labels.cpu(), train_counts)

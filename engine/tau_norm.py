@@ -19,7 +19,7 @@ def tau_search(stage1_head: nn.Linear, val_feats: torch.Tensor, val_labels: torc
     records = []
     for tau in grid:
         with torch.no_grad():
-            m = metrics_from_logits(tau_normalized(stage1_head, tau)(val_feats), val_labels, counts)
+            m = metrics_from_logits(tau_normalized(stage1_head, tau)(val_feats).cpu(), val_labels.cpu(), counts)
         records.append({"tau": tau, **{f"val_{k}": m[k] for k in ("top1", "many", "medium", "few")}})
     best = max(records, key=lambda r: -1.0 if r[f"val_{metric}"] is None else r[f"val_{metric}"])
     return best["tau"], records

@@ -58,14 +58,14 @@ class ScaledLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", linear.weight.detach().clone())  # (C, D), frozen
         self.register_buffer("bias", linear.bias.detach().clone())  # (C,), frozen
-        self.scales = nn.Parameter(torch.ones(linear.out_features))
+        self.scales = nn.Parameter(torch.ones(linear.out_features, device=linear.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.weight.T + self.bias) * self.scales
 
     def to_linear(self) -> nn.Linear:
         """The same function as a plain Linear (scales folded into weight and bias) for deployment."""
-        out = nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        out = nn.Linear(self.weight.shape[1], self.weight.shape[0], device=self.weight.device)
         with torch.no_grad():
             out.weight.copy_(self.weight * self.scales[:, None])
             out.bias.copy_(self.bias * self.scales)
@@ -78,7 +78,7 @@ def tau_normalized(linear: nn.Linear, tau: float) -> nn.Linear:
     tau = 0 keeps the weights (without bias); tau = 1 gives unit-norm class weights.
     """
     weight = linear.weight.detach()
-    out = nn.Linear(weight.shape[1], weight.shape[0])
+    out = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
     with torch.no_grad():
         out.weight.copy_(weight / weight.norm(dim=1, keepdim=True).pow(tau))
         out.bias.zero_()

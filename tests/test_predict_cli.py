@@ -62,6 +62,9 @@ def test_predict_prints_class_and_probability_per_image(checkpoint, image_files,
     path, model = checkpoint
     proc = run("predict.py", str(path), *map(str, image_files))
     assert proc.stdout.splitlines() == _expected_lines(model, image_files)
+    assert run("predict.py", str(path), "--device", "cpu", *map(str, image_files)).stdout == proc.stdout
+    bad = run("predict.py", str(path), "--device", "tpu", *map(str, image_files), check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: train.device='tpu' is not one of")
 
 
 def test_export_writes_plain_state_dict_and_json_that_predict_the_same(checkpoint, image_files, tmp_path, run):

@@ -180,3 +180,31 @@ def test_unknown_registry_names_fail_in_one_line_with_the_close_valid_ones(fake_
         assert proc.returncode == 1 and line.startswith(f"config error: {key}={value!r} is not one of"), line
         assert expected in line, line
     assert not (tmp_path / "x").exists()  # nothing was started
+
+
+def test_explicit_cpu_device_with_bf16_and_accumulation_trains_and_tests(fake_cifar10, tmp_path, run, tiny_stage1):
+    log_dir = tmp_path / "run"
+    proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "data.val_per_class=2", "train.device=cpu",
+                      "train.amp=bf16", "train.accum_steps=2"))
+    assert "on cpu (amp bf16)" in proc.stderr
+    lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(math.isfinite(l["loss"]) for l in lines)
+    run(*_args(fake_cifar10, log_dir, "train.device=cpu", "train.amp=bf16", "--test"))
+    assert sum(map(sum, json.loads((log_dir / "test_metrics.json").read_text())["confusion_matrix"])) == 100
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.amp=fp16", "train.amp=fp16 needs a CUDA device (this run is on cpu); use train.amp=bf16"),
+    ("train.device=tpu", "train.device='tpu' is not one of auto, cpu, cuda, cuda:N, mps"),
+])
+def test_a_device_or_precision_this_machine_lacks_is_one_line(fake_cifar10, tmp_path, run, override, message):
+    proc = run(*_args(fake_cifar10, tmp_path / "x", "train.device=cpu", override), check=False)
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and line == f"error: {message}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_on_a_machine_without_one_says_to_use_the_cpu(fake_cifar10, tmp_path, run):
+    proc = run(*_args(fake_cifar10, tmp_path / "x", "train.device=cuda"), check=False)
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "no CUDA device is visible here; use train.device=cpu" in line

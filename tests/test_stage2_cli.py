@@ -203,3 +203,12 @@ def test_ldam_cosine_stage1_then_stage2_trains_and_deploys_a_linear_head(fake_ci
         proc = run(*_stage2(fake_cifar10, s1, tmp_path / method, f"stage2.method={method}"), check=False)
         assert proc.returncode != 0 and "cosine head, not linear" in proc.stderr
         assert "Traceback" not in proc.stderr and "stage2.init_head=reinit" in proc.stderr
+
+
+def test_stage2_balms_on_an_explicit_cpu_device_with_bf16_features(fake_cifar10, stage1_run, tmp_path, run):
+    log_dir = tmp_path / "cpu"
+    proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=balms", "train.device=cpu",
+                        "train.amp=bf16"))
+    assert "on cpu, features cached x2" in proc.stderr
+    last = json.loads((log_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 12 and sum(last["sample_probs"]) == pytest.approx(1.0, abs=1e-5)

@@ -1,0 +1,67 @@
+"""Where a run computes and in what precision: the device, autocast, the fp16 gradient scaler, TF32.
+
+Entry scripts resolve `train.device` once with `resolve_device` and pass the torch.device down as
+a plain argument; nothing below them asks torch which device to use.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import ContextManager
+
+import torch
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceError(RuntimeError):
+    """A device or precision this machine cannot run; the message says what to use instead."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps -> a torch.device that exists here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"train.device={name}: no CUDA device is visible here; use train.device=cpu (or auto)")
+        index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("train.device=mps: the Apple-silicon GPU (MPS) is not available here; use train.device=cpu")
+        return torch.device("mps")
+    raise DeviceError(f"train.device={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+def check_amp(device: torch.device, amp: str) -> None:
+    """fp16 needs a GPU (its gradient scaler); bf16 runs on CPU and CUDA."""
+    if amp not in AMP_DTYPES:
+        raise DeviceError(f"train.amp={amp!r} is not one of {', '.join(AMP_DTYPES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise DeviceError(f"train.amp=fp16 needs a CUDA device (this run is on {device.type}); use train.amp=bf16")
+
+
+def autocast(device: torch.device, amp: str) -> ContextManager:
+    """Mixed precision for the forward pass and the loss; a no-op context with amp=off."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """Loss scaling against fp16 gradient underflow; disabled (a pass-through) for off and bf16."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 tensor-core matmuls and convolutions on CUDA (10-bit mantissa inputs, fp32 accumulation)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled

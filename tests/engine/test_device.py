@@ -1,0 +1,74 @@
+"""engine.device: which device a name means here, and mixed precision."""
+import pytest
+import torch
+from torch import nn
+
+from engine.device import DeviceError, autocast, check_amp, grad_scaler, resolve_device
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_cpu_and_auto_without_cuda_resolve_to_the_cpu(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_cuda_without_a_gpu_says_to_use_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(DeviceError, match=f"train.device={name}: no CUDA device .* use train.device=cpu"):
+            resolve_device(name)
+
+
+def test_a_cuda_index_beyond_the_devices_names_the_valid_ones(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(DeviceError, match="has 2 CUDA device\\(s\\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda0", "tpu", "CPU", "cuda:x"])
+def test_an_unknown_device_name_lists_the_forms_that_exist(name):
+    with pytest.raises(DeviceError, match="is not one of auto, cpu, cuda, cuda:N, mps"):
+        resolve_device(name)
+
+
+def test_fp16_needs_cuda_and_bf16_runs_on_the_cpu():
+    with pytest.raises(DeviceError, match="train.amp=fp16 needs a CUDA device .* use train.amp=bf16"):
+        check_amp(torch.device("cpu"), "fp16")
+    check_amp(torch.device("cpu"), "bf16")
+    check_amp(torch.device("cpu"), "off")
+
+
+@pytest.mark.parametrize("amp, dtype", [("off", torch.float32), ("bf16", torch.bfloat16)])
+def test_autocast_runs_linear_layers_in_the_chosen_precision_on_the_cpu(amp, dtype):
+    layer = nn.Linear(4, 3)
+    with autocast(torch.device("cpu"), amp):
+        out = layer(torch.randn(2, 4))
+    assert out.dtype == dtype and layer.weight.dtype == torch.float32
+
+
+def test_the_scaler_is_a_pass_through_unless_fp16():
+    scaler = grad_scaler(torch.device("cpu"), "bf16")
+    loss = torch.tensor(2.0, requires_grad=True)
+    assert scaler.scale(loss) is loss and not scaler.is_enabled()
+
+
+@pytest.mark.gpu
+@gpu
+def test_fp16_on_cuda_scales_the_loss_and_steps():
+    device = resolve_device("cuda")
+    check_amp(device, "fp16")
+    layer = nn.Linear(4, 3).to(device)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = grad_scaler(device, "fp16")
+    with autocast(device, "fp16"):
+        out = layer(torch.randn(8, 4, device=device))
+    assert out.dtype == torch.float16
+    before = layer.weight.detach().clone()
+    scaler.scale(out.float().pow(2).mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() > 1 and not torch.equal(before, layer.weight)
