@@ -208,3 +208,16 @@ def test_cuda_on_a_machine_without_one_says_to_use_the_cpu(fake_cifar10, tmp_pat
     proc = run(*_args(fake_cifar10, tmp_path / "x", "train.device=cuda"), check=False)
     [line] = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "no CUDA device is visible here; use train.device=cpu" in line
+
+
+def test_a_compiled_model_trains_and_saves_the_plain_model_layout(fake_cifar10, tmp_path, run, tiny_stage1):
+    # torch.compile wraps the model (keys "_orig_mod.*"); checkpoints must keep the plain layout.
+    log_dir = tmp_path / "compiled"
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "train.epochs=2", "train.compile=true", "train.device=cpu"),
+        timeout=600)
+    ckpt = torch.load(log_dir / "last.pt", weights_only=True)
+    assert "conv1.weight" in ckpt["model"] and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(math.isfinite(l["loss"]) for l in lines)
+    run(*_args(fake_cifar10, log_dir, "--test"))
+    assert (log_dir / "test_metrics.json").is_file()
