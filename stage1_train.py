@@ -18,6 +18,7 @@ from itertools import islice
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from config.cli import run_cli
 from config.load import check_names, check_resume, config_to_dict, dump_config
@@ -26,7 +27,8 @@ from data.augment import BatchAugment
 from data.build import LongTailData, build_long_tail
 from data.loader import MIXUP_STREAM, BatchLoader, steps_per_epoch
 from data.samplers import SAMPLERS, build_sampler
-from engine.device import check_amp, grad_scaler, resolve_device, set_tf32
+from engine.device import check_amp, grad_scaler, set_tf32
+from engine.distributed import Dist, init_distributed, shutdown, sync_batchnorm
 from engine.loop import evaluate, train_one_epoch
 from engine.run import Progress, end_epoch, restore, resume_checkpoint, setup_run
 from engine.runlog import RunLog
@@ -41,9 +43,10 @@ STAGE = "stage1"
 logger = logging.getLogger("stage1")
 
 
-def build_data(cfg: Config, device: torch.device) -> tuple[LongTailData, BatchLoader]:
+def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTailData, BatchLoader]:
     """The long-tailed training set (with its validation hold-out) and its loader, whose uint8 images
-    and labels sit on `device`: batches are gathered, augmented and normalised there."""
+    and labels sit on `device`: batches are gathered, augmented and normalised there, each rank
+    taking its share of every global batch."""
     d, t = cfg.data, cfg.train
     data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
     sampler_params = {}
@@ -53,7 +56,7 @@ def build_data(cfg: Config, device: torch.device) -> tuple[LongTailData, BatchLo
     sampler = build_sampler(d.sampler, data.train_labels, len(data.class_counts), **sampler_params)
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), t.batch_size, sampler, augment,
-                         data.mean, data.std, t.seed, cfg.model.channels_last)
+                         data.mean, data.std, t.seed, cfg.model.channels_last, ranks.rank, ranks.world)
     return data, loader
 
 
@@ -95,22 +98,36 @@ def build_criterion(cfg: Config, class_counts: list[int], model: nn.Module, fres
     return loss_fn
 
 
+def wrap_for_training(model: nn.Module, sync_bn: bool, compile_model: bool, device: torch.device,
+                      d: Dist) -> nn.Module:
+    """The module the loop calls: BatchNorm over the global batch (sync_bn), DistributedDataParallel
+    (gradients averaged over ranks), torch.compile; all share `model`'s parameters."""
+    if d.world > 1:
+        if sync_bn:
+            model = sync_batchnorm(model, device)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
+
+
 def main(cfg: Config, resume: bool = False) -> dict:
     check_names({"model.name": (cfg.model.name, MODELS), "model.head": (cfg.model.head, HEADS),
                  "loss.name": (cfg.loss.name, LOSSES), "data.sampler": (cfg.data.sampler, SAMPLERS)})
     t = cfg.train
-    device = resolve_device(t.device)
+    d, device = init_distributed(t.device, t.dist_timeout_s)
+    if t.batch_size % d.world:
+        raise SystemExit(f"config error: train.batch_size={t.batch_size} (the global batch) must split evenly "
+                         f"over the {d.world} processes")
     check_amp(device, t.amp)
     set_tf32(device, t.tf32)
-    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads)
+    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=d.is_main)
     ckpt = resume_checkpoint(run_dir, resume)
     if ckpt is not None:
         check_resume(ckpt["config"], cfg, STAGE, run_dir / "config.yaml")
 
-    data, loader = build_data(cfg, device)
+    data, loader = build_data(cfg, device, d)
     model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device)
     loss_fn = build_criterion(cfg, data.class_counts, model, fresh_head).to(device)
-    train_model = torch.compile(model) if t.compile else model  # same parameters; checkpoints save `model`
+    train_model = wrap_for_training(model, t.sync_bn, t.compile, device, d)  # checkpoints save `model`
     optimizer, scheduler, steps_total = sgd_with_schedule(
         model.parameters(), len(loader), t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs, t.iterations,
         t.warmup, t.schedule, t.milestones, t.gamma)
@@ -119,16 +136,18 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if t.amp == "fp16":
         states["scaler"] = scaler
     progress = restore(ckpt, states, run_dir) if ckpt is not None else Progress(t.select_metric)
-    dump_config(cfg, run_dir / "config.yaml", STAGE)
-    runlog = RunLog(run_dir)
+    runlog = None
+    if d.is_main:
+        dump_config(cfg, run_dir / "config.yaml", STAGE)
+        runlog = RunLog(run_dir)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names}
 
     # ---- train: one epoch, validate, checkpoint (atomically), log
     epoch_len = len(loader)
     num_epochs = math.ceil(steps_total / epoch_len)
-    logger.info("%d training images, %d steps/epoch, %d epochs, %d steps, on %s (amp %s)", len(data.train_labels),
-                epoch_len, num_epochs, steps_total, device, t.amp)
+    logger.info("%d training images, %d steps/epoch, %d epochs, %d steps, on %s (amp %s)%s", len(data.train_labels),
+                epoch_len, num_epochs, steps_total, device, t.amp, f", {d.world} processes" if d.world > 1 else "")
     record = {}
     for epoch in range(progress.epoch, num_epochs):
         steps = min(epoch_len, steps_total - progress.step)
@@ -137,14 +156,16 @@ def main(cfg: Config, resume: bool = False) -> dict:
         start = time.perf_counter()
         record = train_one_epoch(train_model, islice(loader.epoch(epoch), steps), steps, loss_fn, optimizer, scheduler,
                                  t.mixup_alpha, mixup_rng, t.accum_steps, t.amp, scaler,
-                                 desc=f"epoch {epoch + 1}/{num_epochs}")
+                                 desc=f"epoch {epoch + 1}/{num_epochs}", d=d)
         record["train_seconds"] = time.perf_counter() - start
         progress.epoch, progress.step = epoch + 1, progress.step + steps
         val = (evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
-                        data.std, cfg.model.channels_last, amp=t.amp) if len(data.val_labels) else None)
+                        data.std, cfg.model.channels_last, amp=t.amp, d=d) if len(data.val_labels) else None)
         state = {name: obj.state_dict() for name, obj in states.items()}
         end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs)
-    runlog.close()
+    if runlog is not None:
+        runlog.close()
+    shutdown(d)
     return record
 
 

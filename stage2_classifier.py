@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -213,6 +214,9 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if s1 is not None and s1.get("config"):
         cfg = with_stage1_training_set(cfg, s1)
     t, d = cfg.train, cfg.data
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same run directory
+        raise SystemExit("stage 2 runs in one process: start it with python, not torchrun (its feature cache "
+                         "and head take seconds to minutes on one device)")
     device = resolve_device(t.device)
     check_amp(device, t.amp)
     set_tf32(device, t.tf32)

@@ -95,6 +95,9 @@ class TrainConfig:
     # Split each batch of batch_size into this many micro-batches and add their gradients before the
     # step: the same update with less activation memory (BatchNorm sees each micro-batch alone).
     accum_steps: int = 1
+    # Several processes (torchrun): batch_size stays the global batch, split over the ranks.
+    sync_bn: bool = False  # stage 1: BatchNorm statistics over the global batch (all ranks), not each rank's share
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this (a rank died or hangs) fails the run
 
 
 @dataclass
@@ -157,6 +160,7 @@ STAGE_KEYS: dict[str, str] = {
     "train.mixup_alpha": "stage1",
     "train.compile": "stage1",  # stage 2 runs the frozen backbone once per view (cache) or per batch
     "train.accum_steps": "stage1",
+    "train.sync_bn": "stage1",  # stage 2's backbone is frozen, its BatchNorm in eval mode (cached views)
     "stage1": "stage2",
     "stage2": "stage2",
     "meta_sampler": "stage2",

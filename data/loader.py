@@ -21,6 +21,7 @@ DATA_STREAM = 0  # data order and augmentation of a training epoch
 MIXUP_STREAM = 1  # stage 1: mixup's lambda and pairing (a numpy generator of the same seed sequence)
 VIEW_STREAM = 2  # stage 2: augmentation of the cached views of the training set
 META_VIEW_STREAM = 3  # stage 2: augmentation of the cached views of the BALMS meta split
+SHARD_AUGMENT_STREAM = 4  # + rank: augmentation of one rank's share of each batch (several processes)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = DATA_STREAM) -> torch.Generator:
@@ -43,6 +44,11 @@ class BatchLoader:
     `sampler.indices(epoch, generator)` chooses which images an epoch visits, `augment(images,
     generator)` transforms a uint8 batch (None for evaluation). A trailing batch of one image is
     dropped: BatchNorm in training mode cannot normalise a single sample.
+
+    With world > 1 processes every rank draws the same epoch and takes its contiguous share of
+    each batch of batch_size (the global batch), so the ranks' shares are disjoint and together
+    are the single-process batch; the epoch has only full batches, and each rank augments its
+    share with its own generator (SHARD_AUGMENT_STREAM + rank).
     """
 
     def __init__(
@@ -56,25 +62,33 @@ class BatchLoader:
         std: Sequence[float],
         seed: int,
         channels_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
-        if batch_size < 2:
-            raise ValueError(f"batch size must be at least 2 for BatchNorm, got {batch_size}")
+        if batch_size < 2 * world:
+            raise ValueError(f"batch size must be at least 2 per process for BatchNorm, got {batch_size} "
+                             f"for {world} process(es)")
         self.images, self.labels = images, labels
         self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
         self.mean, self.std, self.seed = mean, std, seed
-        self.channels_last = channels_last
+        self.channels_last, self.rank, self.world = channels_last, rank, world
 
     def __len__(self) -> int:
+        if self.world > 1:
+            return max(1, self.sampler.num_samples // self.batch_size)
         return steps_per_epoch(self.sampler.num_samples, self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = epoch_generator(self.seed, epoch)
         order = self.sampler.indices(epoch, gen)
+        aug_gen = gen if self.world == 1 else epoch_generator(self.seed, epoch, SHARD_AUGMENT_STREAM + self.rank)
         for step in range(len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            if self.world > 1:
+                idx = idx.tensor_split(self.world)[self.rank]
             x = self.images[idx]
             if self.augment is not None:
-                x = self.augment(x, gen)
+                x = self.augment(x, aug_gen)
             x = normalize(x, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from data.augment import normalize
 from engine.device import autocast, grad_scaler
+from engine.distributed import Dist, gather_rows, sum_over_ranks
 from engine.metrics import confusion_matrix, summarize
 
 
@@ -26,6 +27,7 @@ def train_one_epoch(
     amp: str = "off",
     scaler: torch.amp.GradScaler | None = None,
     desc: str = "train",
+    d: Dist = Dist(),
 ) -> dict[str, float]:
     """One pass over `batches` (on the model's device), one optimiser and scheduler step per batch.
 
@@ -36,7 +38,8 @@ def train_one_epoch(
     step: the same update at a fraction of the activation memory, except that BatchNorm and
     batch-dependent losses (arb) see each micro-batch alone. amp (off | bf16 | fp16) runs the
     forward pass under autocast; the loss is computed in fp32; fp16 needs `scaler`.
-    Returns the mean loss, the training accuracy (w.r.t. the mixed targets) and the last lr.
+    Returns the mean loss, the training accuracy (w.r.t. the mixed targets) and the last lr; with
+    several processes, over the images of all ranks.
     """
     model.train()
     device = next(model.parameters()).device
@@ -69,6 +72,7 @@ def train_one_epoch(
         scaler.update()
         scheduler.step()
         total_seen += len(y)
+    total_loss, total_correct, total_seen = sum_over_ranks([total_loss, total_correct, total_seen], d)
     return {"loss": total_loss / max(1, total_seen), "train_acc": total_correct / max(1, total_seen), "lr": lr}
 
 
@@ -107,7 +111,12 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int],
              batch_size: int, mean: Sequence[float], std: Sequence[float], channels_last: bool = False,
-             desc: str = "val", amp: str = "off") -> dict:
-    """Metrics (engine.metrics.summarize) of the model on uint8 images (N, 3, H, W) with labels (N,)."""
-    logits = predict_logits(model, images, batch_size, mean, std, channels_last, desc, amp)
-    return metrics_from_logits(logits, labels.cpu(), train_counts)
+             desc: str = "val", amp: str = "off", d: Dist = Dist()) -> dict:
+    """Metrics (engine.metrics.summarize) of the model on uint8 images (N, 3, H, W) with labels (N,).
+
+    With several processes each rank predicts its shard and the logits are gathered in order:
+    every rank gets the single-process metrics.
+    """
+    shard = d.shard(len(images))
+    logits = predict_logits(model, images[shard], batch_size, mean, std, channels_last, desc, amp)
+    return metrics_from_logits(gather_rows(logits, d, len(images)), labels.cpu(), train_counts)

@@ -24,16 +24,22 @@ class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (e.g. it holds a run and --resume was not given)."""
 
 
-def setup_run(run_dir: str | Path, seed: int, num_threads: int) -> Path:
-    """Create the run directory, log to stderr and <run_dir>/train.log, seed every RNG."""
+def setup_run(run_dir: str | Path, seed: int, num_threads: int, writes: bool = True) -> Path:
+    """Create the run directory, log to stderr and <run_dir>/train.log, seed every RNG.
+
+    writes=False (the ranks other than 0 of a multi-process run): no directory, no file, and only
+    warnings and errors on stderr.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if writes else logging.WARNING)
     for h in list(root.handlers):
         root.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "train.log")):
+    handlers = [logging.StreamHandler(sys.stderr)] + ([logging.FileHandler(run_dir / "train.log")] if writes else [])
+    for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
     random.seed(seed)
@@ -96,10 +102,13 @@ def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path) -> Progress:
     return Progress(best["metric"], ckpt["epoch"], ckpt["step"], best["value"], best["epoch"])
 
 
-def end_epoch(run_dir: Path, runlog: RunLog, progress: Progress, record: dict, val: dict | None,
+def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: dict, val: dict | None,
               payload: dict, num_epochs: int) -> None:
     """Close epoch progress.epoch: validation metrics into the record, best.pt when they improved
-    (only with a validation split), last.pt always (atomically), then the metric log."""
+    (only with a validation split), last.pt always (atomically), then the metric log.
+
+    runlog=None (ranks other than 0): the same bookkeeping, nothing written.
+    """
     record["epoch"] = progress.epoch
     is_best = False
     if val is not None:
@@ -107,6 +116,8 @@ def end_epoch(run_dir: Path, runlog: RunLog, progress: Progress, record: dict, v
         score = val[progress.metric]
         if score is not None and (progress.best_value is None or score > progress.best_value):
             progress.best_value, progress.best_epoch, is_best = score, progress.epoch, True
+    if runlog is None:
+        return
     state = {**payload, **progress.as_checkpoint()}
     if is_best:
         save_checkpoint(run_dir / "best.pt", state)

@@ -1,0 +1,145 @@
+"""Many processes (torchrun): rank, world, device, gathering, and BatchNorm over the global batch.
+
+`init_distributed` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+and is a no-op in a single process, so the entry scripts run the same code either way and pass
+the resulting `Dist` and device down as plain arguments.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn  # differentiable collectives
+from torch import nn
+
+from engine.device import DeviceError, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes the run directory, logs and checkpoints."""
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of n items (the first n % world ranks get one more)."""
+        per, extra = divmod(n, self.world)
+        start = self.rank * per + min(self.rank, extra)
+        return slice(start, start + per + (self.rank < extra))
+
+
+def init_distributed(device_name: str, timeout_s: float) -> tuple[Dist, torch.device]:
+    """(Dist, device) of this process. Under torchrun: one process per rank, the process group up
+    (nccl on CUDA, gloo on CPU) with collectives that fail after timeout_s instead of hanging when a
+    rank dies; on CUDA each rank takes cuda:LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if device_name not in ("auto", "cuda"):
+            raise DeviceError(f"train.device={device_name} under torchrun: use train.device=cuda, and each rank "
+                              f"takes cuda:LOCAL_RANK (CUDA_VISIBLE_DEVICES chooses the GPUs)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise DeviceError(f"train.device={device_name}: several processes run on CUDA (nccl) or the CPU (gloo) only")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    logger.info("rank %d of %d on %s", rank, world, device)
+    return Dist(rank, world, local_rank), device
+
+
+def shutdown(d: Dist) -> None:
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_rows(local: torch.Tensor, d: Dist, total: int) -> torch.Tensor:
+    """The rows (n_r, ...) of every rank's shard, concatenated in rank order: (total, ...) on every rank,
+    on local's device."""
+    if d.world == 1:
+        return local
+    longest = -(-total // d.world)
+    # nccl gathers GPU tensors only, gloo CPU tensors.
+    via = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=via)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded)
+    sizes = [len(range(total)[Dist(r, d.world).shard(total)]) for r in range(d.world)]
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(local.device)
+
+
+def sum_over_ranks(values: list[float], d: Dist) -> list[float]:
+    """Each value summed over all ranks (float64)."""
+    if d.world == 1:
+        return values
+    via = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=via)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_module(module: nn.Module, d: Dist) -> None:
+    """Every tensor of module (parameters and buffers) set to rank 0's."""
+    if d.world > 1:
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch over all ranks.
+
+    torch.nn.SyncBatchNorm does this on GPUs only; this one all-reduces (sum x, sum x^2, count) per
+    channel through a differentiable all_reduce, so it also runs on the CPU (gloo) and its
+    gradients are those of BatchNorm over the whole global batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        c = x.shape[1]
+        xd = x.double()  # float64: var = E[x^2] - E[x]^2 cancels digits in float32
+        count = torch.full((1,), xd.numel() // c, dtype=xd.dtype, device=x.device)
+        stats = dist_fn.all_reduce(torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(m * mean.float())
+            self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).float())
+        # Normalised in float64 too: in float32 this composed backward loses about 1e-3 of the
+        # gradient through deep residual stacks, where torch's fused BatchNorm loses 1e-6.
+        y = ((xd - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]).to(x.dtype)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm2d of model normalised over the global batch: torch's SyncBatchNorm on CUDA,
+    GlobalBatchNorm2d elsewhere; parameters and running statistics are kept."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats, device=child.weight.device)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return model
