@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,8 @@ from data.augment import BatchAugment
 from data.build import LongTailData, build_long_tail
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
-from engine.device import check_amp, resolve_device, set_tf32
+from engine.device import check_amp, set_tf32
+from engine.distributed import Dist, check_same_on_ranks, init_distributed, shutdown
 from engine.features import CachedFeatures, LiveFeatures, compute_views
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
@@ -144,40 +144,46 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: b
     return model.to(device), {**model_args, "head": "linear"}  # every stage-2 checkpoint deploys a linear head
 
 
-def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog, model: nn.Module, data: LongTailData, payload: dict) -> dict:
+def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, data: LongTailData, payload: dict,
+                 ranks: Dist) -> dict:
     """tau_norm: no training; tau searched on the validation split (stage2.tau_norm_tau without one)."""
     stage1_head, tau = model.head, cfg.stage2.tau_norm_tau
     has_val = len(data.val_labels) > 0
     if has_val:
         val_feats = compute_views(model, data.val_images, None, 1, data.mean, data.std, cfg.train.seed, VIEW_STREAM,
-                                  cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp)[0]
+                                  cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks)[0]
         tau, records = tau_search(stage1_head, val_feats, data.val_labels, data.class_counts,
                                   cfg.stage2.tau_norm_grid, cfg.train.select_metric)
-        for i, r in enumerate(records):
+        for i, r in enumerate(records if runlog is not None else []):
             runlog.log(i, r)
     model.head = tau_normalized(stage1_head, tau)
     logger.info("tau_norm: tau = %g (%s)", tau, "searched on the validation split" if has_val else "stage2.tau_norm_tau")
     record = {"tau": tau}
-    val = validate(cfg, model, data) if has_val else None
+    val = validate(cfg, model, data, ranks) if has_val else None
     progress = Progress(cfg.train.select_metric, epoch=1)
     end_epoch(run_dir, runlog, progress, record, val, {**payload, "model": model.state_dict(), "tau": tau}, 1)
-    runlog.close()
+    if runlog is not None:
+        runlog.close()
+    shutdown(ranks)
     return record
 
 
-def validate(cfg: Config, model: nn.Module, data: LongTailData) -> dict:
+def validate(cfg: Config, model: nn.Module, data: LongTailData, ranks: Dist) -> dict:
     return evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
-                    data.std, cfg.model.channels_last, amp=cfg.train.amp)
+                    data.std, cfg.model.channels_last, amp=cfg.train.amp, d=ranks)
 
 
-def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor, data: LongTailData, stream: int) -> Features:
-    """Features of `images` by index, on the backbone's device: stage2.cache_views views computed once,
-    or the backbone per batch (the images then wait on that device)."""
+def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor, data: LongTailData, stream: int,
+                   ranks: Dist) -> Features:
+    """Features of `images` by index, on the backbone's device: stage2.cache_views views computed once
+    (each rank its share, every rank then all of them), or the backbone per batch (the images then
+    wait on that device; with several processes every rank runs the whole batch)."""
     d, views = cfg.data, cfg.stage2.cache_views
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
     if views > 0:
         return CachedFeatures(compute_views(model, images, augment, views, data.mean, data.std, cfg.train.seed,
-                                            stream, cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp))
+                                            stream, cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp,
+                                            ranks))
     images = images.to(next(model.parameters()).device)
     return LiveFeatures(model, images, augment, data.mean, data.std, cfg.model.channels_last,
                         bn_train=cfg.stage2.live_bn == "train")
@@ -193,14 +199,14 @@ def new_head(cfg: Config, method: Method, stage1_head: nn.Module) -> nn.Module:
     return head
 
 
-def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData, features: Features) -> MetaSampling:
+def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData, features: Features, ranks: Dist) -> MetaSampling:
     """BALMS: the class sampler, its optimiser, and the split its class-balanced meta batches come from
     (validation when there is one and meta_sampler.meta_split=val, else the training set)."""
     ms = cfg.meta_sampler
     labels, meta_features, split = data.train_labels, features, "train"
     if len(data.val_labels) and ms.meta_split == "val":
         labels, split = data.val_labels, "val"
-        meta_features = feature_source(cfg, model, data.val_images, data, META_VIEW_STREAM)
+        meta_features = feature_source(cfg, model, data.val_images, data, META_VIEW_STREAM, ranks)
     sampler = ClassSampler(data.train_labels, len(data.class_counts), ms.init_pow)
     logger.info("balms: class-balanced meta batches of %d from the %s split (%d images)", ms.meta_batch_size,
                 split, len(labels))
@@ -214,32 +220,31 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if s1 is not None and s1.get("config"):
         cfg = with_stage1_training_set(cfg, s1)
     t, d = cfg.train, cfg.data
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same run directory
-        raise SystemExit("stage 2 runs in one process: start it with python, not torchrun (its feature cache "
-                         "and head take seconds to minutes on one device)")
-    device = resolve_device(t.device)
+    ranks, device = init_distributed(t.device, t.dist_timeout_s)
     check_amp(device, t.amp)
     set_tf32(device, t.tf32)
-    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads)
+    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=ranks.is_main)
     ckpt = resume_checkpoint(run_dir, resume)
     if ckpt is not None:
         check_resume(ckpt["config"], cfg, STAGE, run_dir / "config.yaml")
 
     data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
     model, model_args = build_backbone(cfg, s1, data.class_counts, keeps_stage1_head(cfg, method), device)
-    dump_config(cfg, run_dir / "config.yaml", STAGE)
-    runlog = RunLog(run_dir)
+    runlog = None
+    if ranks.is_main:
+        dump_config(cfg, run_dir / "config.yaml", STAGE)
+        runlog = RunLog(run_dir)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint}
     if method.kind == "posthoc":
-        return fit_tau_norm(cfg, run_dir, runlog, model, data, payload)
+        return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
 
     # ---- features, head, loss, batches (a data sampler, or the BALMS meta-sampler), optimiser
-    features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM)
+    features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM, ranks)
     model.head = head = new_head(cfg, method, copy.deepcopy(model.head))
     meta = sampler = None
     if method.kind == "meta":
-        meta = meta_sampling(cfg, model, data, features)
+        meta = meta_sampling(cfg, model, data, features, ranks)
         loss_fn = build_loss(method.loss, data.class_counts, reduction="none").to(device)
     else:
         sampler = build_sampler(method.sampler, data.train_labels, len(data.class_counts))
@@ -270,11 +275,14 @@ def main(cfg: Config, resume: bool = False) -> dict:
         record = train_head_epoch(head, optimizer, scheduler, loss_fn, data.train_labels, features, steps,
                                   t.batch_size, gen, batches, meta, desc=f"epoch {epoch + 1}/{num_epochs}")
         progress.epoch, progress.step = epoch + 1, progress.step + steps
-        val = validate(cfg, model, data) if len(data.val_labels) else None
+        check_same_on_ranks({k: v for k, v in states.items() if isinstance(v, nn.Module)}, ranks)
+        val = validate(cfg, model, data, ranks) if len(data.val_labels) else None
         state = {name: obj.state_dict() for name, obj in states.items()}
         end_epoch(run_dir, runlog, progress, record, val,
                   {**payload, **state, "model": deployable_state(model, head)}, num_epochs)
-    runlog.close()
+    if runlog is not None:
+        runlog.close()
+    shutdown(ranks)
     return record
 
 

@@ -10,7 +10,8 @@ from typing import Callable, Iterator, Sequence
 from config.load import ConfigError, load_config
 from config.schema import Config
 from data.cifar import DatasetFormatError, DatasetNotFoundError
-from engine.device import DeviceError, check_amp, resolve_device
+from engine.device import DeviceError, check_amp
+from engine.distributed import init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import RunDirError, default_checkpoint, setup_run
 from models.checkpoint import CheckpointError
@@ -50,14 +51,16 @@ def user_errors() -> Iterator[None]:
 def test(cfg: Config, ckpt_path: Path | None) -> dict:
     """--test: the table of a checkpoint (default: the run's best.pt, else last.pt) on its test split,
     written to <run_dir>/test_metrics.json."""
-    device = resolve_device(cfg.train.device)
+    ranks, device = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     check_amp(device, cfg.train.amp)
-    run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads)
+    run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)
     ckpt_path = ckpt_path or default_checkpoint(run_dir)
     metrics, class_names = evaluate_checkpoint(ckpt_path, cfg.data.root, cfg.data.download, cfg.eval.batch_size,
                                                device, cfg.model.channels_last, cfg.eval.logit_adjust_tau,
-                                               cfg.train.amp)
-    write_test_report(metrics, class_names, run_dir / "test_metrics.json", ckpt_path)
+                                               cfg.train.amp, ranks)
+    if ranks.is_main:
+        write_test_report(metrics, class_names, run_dir / "test_metrics.json", ckpt_path)
+    shutdown(ranks)
     return metrics
 
 

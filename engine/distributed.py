@@ -67,28 +67,46 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def gather_rows(local: torch.Tensor, d: Dist, total: int) -> torch.Tensor:
-    """The rows (n_r, ...) of every rank's shard, concatenated in rank order: (total, ...) on every rank,
-    on local's device."""
+def _collective_device() -> torch.device:
+    """nccl moves GPU tensors only, gloo CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather_rows(local: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every rank's rows (n_r, ...), concatenated in rank order, on every rank (on local's device)."""
     if d.world == 1:
         return local
-    longest = -(-total // d.world)
-    # nccl gathers GPU tensors only, gloo CPU tensors.
-    via = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=via)
+    via = _collective_device()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=via) for _ in range(d.world)]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=via))
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=via)
     padded[: len(local)] = local
     parts = [torch.empty_like(padded) for _ in range(d.world)]
     dist.all_gather(parts, padded)
-    sizes = [len(range(total)[Dist(r, d.world).shard(total)]) for r in range(d.world)]
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(local.device)
+
+
+def check_same_on_ranks(modules: dict[str, nn.Module], d: Dist) -> None:
+    """Stop with an error naming the rank whose tensors differ from rank 0's (modules meant to stay
+    identical, e.g. stage 2's head and meta-sampler, which every rank trains the same way)."""
+    if d.world == 1:
+        return
+    flat = torch.cat([t.detach().double().flatten().to(_collective_device())
+                      for m in modules.values() for t in m.state_dict().values()])
+    parts = [torch.empty_like(flat) for _ in range(d.world)]
+    dist.all_gather(parts, flat)
+    for rank, part in enumerate(parts[1:], start=1):
+        if not torch.equal(part, parts[0]):
+            raise RuntimeError(f"rank {rank}'s {', '.join(modules)} differ from rank 0's by up to "
+                               f"{float((part - parts[0]).abs().max()):.3g}: the ranks no longer train the same model")
 
 
 def sum_over_ranks(values: list[float], d: Dist) -> list[float]:
     """Each value summed over all ranks (float64)."""
     if d.world == 1:
         return values
-    via = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=via)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.tolist()
 

@@ -14,6 +14,7 @@ import torch
 
 from data.build import NORMALIZATION
 from data.cifar import load_cifar
+from engine.distributed import Dist, gather_rows
 from engine.loop import metrics_from_logits, predict_logits
 from engine.metrics import format_table
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked
@@ -35,9 +36,10 @@ def checkpoint_dataset(ckpt: dict, path: str | Path) -> str:
 
 def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool, batch_size: int,
                         device: torch.device = torch.device("cpu"), channels_last: bool = False,
-                        logit_adjust_tau: float = 0.0, amp: str = "off") -> tuple[dict, list[str]]:
+                        logit_adjust_tau: float = 0.0, amp: str = "off", d: Dist = Dist()) -> tuple[dict, list[str]]:
     """(metrics of engine.metrics.summarize, class names) of the checkpoint at `path` on its test split,
-    computed on `device` under autocast `amp`.
+    computed on `device` under autocast `amp` (with several processes each rank predicts its shard and
+    every rank gets the metrics of the whole split).
 
     logit_adjust_tau > 0 subtracts tau * log prior (the checkpoint's class counts) from the logits.
     """
@@ -53,7 +55,9 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     mean, std = NORMALIZATION[dataset]
-    logits = predict_logits(model.to(device), split.images, batch_size, mean, std, channels_last, "test", amp)
+    shard = d.shard(len(split.images))
+    logits = gather_rows(predict_logits(model.to(device), split.images[shard], batch_size, mean, std, channels_last,
+                                        "test", amp), d)
     if logit_adjust_tau:
         logits = posthoc_logit_adjust(logits, counts, logit_adjust_tau)
     return metrics_from_logits(logits, split.labels, counts), split.class_names

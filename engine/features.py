@@ -18,6 +18,7 @@ from tqdm import tqdm
 from data.augment import normalize
 from data.loader import epoch_generator
 from engine.device import autocast
+from engine.distributed import Dist, gather_rows
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -25,21 +26,24 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 @torch.no_grad()
 def compute_views(model: nn.Module, images: torch.Tensor, augment: Augment | None, num_views: int,
                   mean: Sequence[float], std: Sequence[float], seed: int, stream: int, batch_size: int,
-                  channels_last: bool = False, amp: str = "off") -> torch.Tensor:
+                  channels_last: bool = False, amp: str = "off", d: Dist = Dist()) -> torch.Tensor:
     """(K, N, D) fp32 features of K views of uint8 images (N, 3, H, W), BatchNorm in eval mode, on the
     model's device (images move there a batch at a time; forward passes under autocast `amp`).
 
-    View k is augmented with epoch_generator(seed, k, stream) (data.loader's *_STREAM constants);
-    augment=None gives K identical views.
+    Chunk j (images j*batch_size ...) of view k is augmented with epoch_generator(seed, k * chunks + j,
+    stream) (data.loader's *_STREAM constants), so the views are the same whoever computes a chunk:
+    with several processes each rank computes its share of the chunks and every rank gets all of
+    them. augment=None gives K identical views.
     """
     model.eval()
     device = next(model.parameters()).device
+    starts = range(0, len(images), batch_size)
+    mine = starts[d.shard(len(starts))]
     views = []
     for k in range(num_views):
-        gen = epoch_generator(seed, k, stream)
         chunks = []
-        for start in tqdm(range(0, len(images), batch_size), desc=f"features view {k + 1}/{num_views}",
-                          leave=False, disable=None):
+        for start in tqdm(mine, desc=f"features view {k + 1}/{num_views}", leave=False, disable=None):
+            gen = epoch_generator(seed, k * len(starts) + start // batch_size, stream)
             x = images[start : start + batch_size].to(device, non_blocking=True)
             if augment is not None:
                 x = augment(x, gen)
@@ -48,7 +52,8 @@ def compute_views(model: nn.Module, images: torch.Tensor, augment: Augment | Non
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
                 chunks.append(model.forward_features(x).float())
-        views.append(torch.cat(chunks))
+        local = torch.cat(chunks) if chunks else torch.empty(0, model.feature_dim, device=device)
+        views.append(gather_rows(local, d))
     return torch.stack(views)
 
 

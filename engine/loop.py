@@ -119,4 +119,4 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, train
     """
     shard = d.shard(len(images))
     logits = predict_logits(model, images[shard], batch_size, mean, std, channels_last, desc, amp)
-    return metrics_from_logits(gather_rows(logits, d, len(images)), labels.cpu(), train_counts)
+    return metrics_from_logits(gather_rows(logits, d), labels.cpu(), train_counts)

@@ -33,7 +33,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     ddp = nn.parallel.DistributedDataParallel(model)
     x, y = _batch()
     nn.functional.cross_entropy(ddp(x[d.shard(8)]), y[d.shard(8)]).backward()
-    rows = gather_rows(torch.arange(7.0)[d.shard(7)][:, None] * 10, d, 7)  # shards of 4 and 3 rows
+    rows = gather_rows(torch.arange(7.0)[d.shard(7)][:, None] * 10, d)  # shards of 4 and 3 rows
     sums = sum_over_ranks([1.0, float(rank)], d)
     if rank == 1:
         torch.save({"grads": {k: p.grad for k, p in model.named_parameters()}, "rows": rows, "sums": sums,
@@ -66,7 +66,7 @@ def test_shards_are_contiguous_disjoint_and_cover_everything(n, world):
 
 def test_in_one_process_nothing_is_gathered_and_batchnorm_is_plain():
     local = torch.arange(5.0)
-    assert gather_rows(local, Dist(), 5) is local and sum_over_ranks([3.0], Dist()) == [3.0]
+    assert gather_rows(local, Dist()) is local and sum_over_ranks([3.0], Dist()) == [3.0]
     bn = GlobalBatchNorm2d(3).train()
     x = torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(bn(x), nn.BatchNorm2d(3).train()(x))
