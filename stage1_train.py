@@ -28,7 +28,7 @@ from data.build import LongTailData, build_long_tail
 from data.loader import MIXUP_STREAM, BatchLoader, steps_per_epoch
 from data.samplers import SAMPLERS, build_sampler
 from engine.device import check_amp, grad_scaler, set_tf32
-from engine.distributed import Dist, init_distributed, shutdown, sync_batchnorm
+from engine.distributed import Dist, broadcast_module, init_distributed, shutdown, sync_batchnorm
 from engine.loop import evaluate, train_one_epoch
 from engine.run import Progress, end_epoch, restore, resume_checkpoint, setup_run
 from engine.runlog import RunLog
@@ -159,6 +159,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
                                  desc=f"epoch {epoch + 1}/{num_epochs}", d=d)
         record["train_seconds"] = time.perf_counter() - start
         progress.epoch, progress.step = epoch + 1, progress.step + steps
+        broadcast_module(model, d)  # rank 0's BatchNorm statistics (each rank's own without sync_bn), as saved
         val = (evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
                         data.std, cfg.model.channels_last, amp=t.amp, d=d) if len(data.val_labels) else None)
         state = {name: obj.state_dict() for name, obj in states.items()}

@@ -112,7 +112,7 @@ def sum_over_ranks(values: list[float], d: Dist) -> list[float]:
 
 
 def broadcast_module(module: nn.Module, d: Dist) -> None:
-    """Every tensor of module (parameters and buffers) set to rank 0's."""
+    """Every tensor of module (parameters and buffers, e.g. BatchNorm statistics) set to rank 0's."""
     if d.world > 1:
         for t in module.state_dict().values():
             dist.broadcast(t, src=0)
