@@ -20,17 +20,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from config.cli import run_cli
-from config.load import check_names, check_resume, config_to_dict, dump_config
+from config.cli import run_cli, start_run
+from config.load import check_names, config_to_dict, dump_config
 from config.schema import Config
 from data.augment import BatchAugment
 from data.build import LongTailData, build_long_tail
 from data.loader import MIXUP_STREAM, BatchLoader, steps_per_epoch
 from data.samplers import SAMPLERS, build_sampler
-from engine.device import check_amp, grad_scaler, set_tf32
-from engine.distributed import Dist, broadcast_module, init_distributed, shutdown, sync_batchnorm
+from engine.device import grad_scaler
+from engine.distributed import Dist, broadcast_module, sync_batchnorm
 from engine.loop import evaluate, train_one_epoch
-from engine.run import Progress, end_epoch, restore, resume_checkpoint, setup_run
+from engine.run import Progress, end_epoch, finish_run, restore
 from engine.runlog import RunLog
 from engine.schedule import sgd_with_schedule, total_steps
 from models import MODELS, build_model, load_pretrained
@@ -113,16 +113,10 @@ def main(cfg: Config, resume: bool = False) -> dict:
     check_names({"model.name": (cfg.model.name, MODELS), "model.head": (cfg.model.head, HEADS),
                  "loss.name": (cfg.loss.name, LOSSES), "data.sampler": (cfg.data.sampler, SAMPLERS)})
     t = cfg.train
-    d, device = init_distributed(t.device, t.dist_timeout_s)
+    d, device, run_dir, ckpt = start_run(cfg, STAGE, resume)
     if t.batch_size % d.world:
         raise SystemExit(f"config error: train.batch_size={t.batch_size} (the global batch) must split evenly "
                          f"over the {d.world} processes")
-    check_amp(device, t.amp)
-    set_tf32(device, t.tf32)
-    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=d.is_main)
-    ckpt = resume_checkpoint(run_dir, resume)
-    if ckpt is not None:
-        check_resume(ckpt["config"], cfg, STAGE, run_dir / "config.yaml")
 
     data, loader = build_data(cfg, device, d)
     model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device)
@@ -164,9 +158,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
                         data.std, cfg.model.channels_last, amp=t.amp, d=d) if len(data.val_labels) else None)
         state = {name: obj.state_dict() for name, obj in states.items()}
         end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs)
-    if runlog is not None:
-        runlog.close()
-    shutdown(d)
+    finish_run(runlog, d)
     return record
 
 

@@ -23,19 +23,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from config.cli import run_cli
-from config.load import changed_keys, check_names, check_resume, config_from_dict, config_to_dict, dump_config
+from config.cli import run_cli, start_run
+from config.load import changed_keys, check_names, config_from_dict, config_to_dict, dump_config
 from config.schema import Config, DataConfig, ModelConfig
 from data.augment import BatchAugment
 from data.build import LongTailData, build_long_tail
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
-from engine.device import check_amp, set_tf32
-from engine.distributed import Dist, check_same_on_ranks, init_distributed, shutdown
+from engine.distributed import Dist, check_same_on_ranks
 from engine.features import CachedFeatures, LiveFeatures, compute_views
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
-from engine.run import Progress, end_epoch, restore, resume_checkpoint, setup_run
+from engine.run import Progress, end_epoch, finish_run, restore
 from engine.runlog import RunLog
 from engine.schedule import sgd_with_schedule
 from engine.tau_norm import tau_search
@@ -78,7 +77,7 @@ SUBSET_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "val_per
 
 def check_method(cfg: Config) -> Method:
     """The method, once the settings that contradict it or each other are refused."""
-    check_names({"stage2.method": (cfg.stage2.method, METHODS)})
+    check_names({"stage2.method": (cfg.stage2.method, METHODS), "model.name": (cfg.model.name, MODELS)})
     method = METHODS[cfg.stage2.method]
     for key in changed_keys(cfg):
         readers = METHOD_KEYS.get(key) or METHOD_KEYS.get(key.split(".")[0]) or (cfg.stage2.method,)
@@ -162,9 +161,7 @@ def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, 
     val = validate(cfg, model, data, ranks) if has_val else None
     progress = Progress(cfg.train.select_metric, epoch=1)
     end_epoch(run_dir, runlog, progress, record, val, {**payload, "model": model.state_dict(), "tau": tau}, 1)
-    if runlog is not None:
-        runlog.close()
-    shutdown(ranks)
+    finish_run(runlog, ranks)
     return record
 
 
@@ -220,13 +217,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if s1 is not None and s1.get("config"):
         cfg = with_stage1_training_set(cfg, s1)
     t, d = cfg.train, cfg.data
-    ranks, device = init_distributed(t.device, t.dist_timeout_s)
-    check_amp(device, t.amp)
-    set_tf32(device, t.tf32)
-    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=ranks.is_main)
-    ckpt = resume_checkpoint(run_dir, resume)
-    if ckpt is not None:
-        check_resume(ckpt["config"], cfg, STAGE, run_dir / "config.yaml")
+    ranks, device, run_dir, ckpt = start_run(cfg, STAGE, resume)
 
     data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
     model, model_args = build_backbone(cfg, s1, data.class_counts, keeps_stage1_head(cfg, method), device)
@@ -280,9 +271,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         state = {name: obj.state_dict() for name, obj in states.items()}
         end_epoch(run_dir, runlog, progress, record, val,
                   {**payload, **state, "model": deployable_state(model, head)}, num_epochs)
-    if runlog is not None:
-        runlog.close()
-    shutdown(ranks)
+    finish_run(runlog, ranks)
     return record
 
 

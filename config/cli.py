@@ -7,13 +7,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from config.load import ConfigError, load_config
+import torch
+
+from config.load import ConfigError, check_resume, load_config
 from config.schema import Config
 from data.cifar import DatasetFormatError, DatasetNotFoundError
-from engine.device import DeviceError, check_amp
-from engine.distributed import init_distributed, shutdown
+from engine.device import DeviceError, check_amp, set_tf32
+from engine.distributed import Dist, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
-from engine.run import RunDirError, default_checkpoint, setup_run
+from engine.run import RunDirError, default_checkpoint, resume_checkpoint, setup_run
 from models.checkpoint import CheckpointError
 from models.download import DownloadError
 
@@ -46,6 +48,21 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(f"config error: {e}") from None
     except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError, RunDirError, DeviceError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device, Path, dict | None]:
+    """The start of both stages' main: processes and device, the run directory (rank 0 writes it,
+    every RNG seeded), and the last.pt to resume from (None for a new run; a run is never
+    overwritten), whose config must be this one."""
+    t = cfg.train
+    ranks, device = init_distributed(t.device, t.dist_timeout_s)
+    check_amp(device, t.amp)
+    set_tf32(device, t.tf32)
+    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=ranks.is_main)
+    ckpt = resume_checkpoint(run_dir, resume)
+    if ckpt is not None:
+        check_resume(ckpt["config"], cfg, stage, run_dir / "config.yaml")
+    return ranks, device, run_dir, ckpt
 
 
 def test(cfg: Config, ckpt_path: Path | None) -> dict:

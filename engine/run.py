@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.distributed import Dist, shutdown
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
 
@@ -125,6 +126,13 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
     runlog.log(progress.step, record)
     logger.info("epoch %d/%d %s", progress.epoch, num_epochs,
                 " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+
+
+def finish_run(runlog: RunLog | None, d: Dist) -> None:
+    """Close the metric log (rank 0) and leave the process group (several processes)."""
+    if runlog is not None:
+        runlog.close()
+    shutdown(d)
 
 
 def trim_metrics_log(run_dir: Path, last_epoch: int) -> None:

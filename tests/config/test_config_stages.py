@@ -1,7 +1,6 @@
 """Which stage reads which key, renamed keys, and the config a stage saves."""
 import dataclasses
 import typing
-from pathlib import Path
 
 import pytest
 
