@@ -1,5 +1,6 @@
-"""The command line both entry scripts share: --cfg YAML, key=value overrides, --test, --ckpt,
---resume, --pretrained; and what --test runs, which is the same for both stages."""
+"""What both entry scripts share at their top: the command line (--cfg YAML, key=value overrides,
+--test, --ckpt, --resume, --pretrained), user errors as one line, the start of a run (start_run),
+and what --test runs, which is the same for both stages."""
 from __future__ import annotations
 
 import argparse
