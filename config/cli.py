@@ -47,7 +47,8 @@ def user_errors() -> Iterator[None]:
         yield
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
-    except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError, RunDirError, DeviceError) as e:
+    except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError, RunDirError, DeviceError,
+            FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

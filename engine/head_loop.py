@@ -6,6 +6,7 @@ by a bilevel step (meta_sampler.meta_step) before the head's own step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -86,6 +87,8 @@ def train_head_epoch(
                             meta.meta_features(midx, generator), meta.meta_labels[midx].to(x.device), loss_fn)
             step_loss = out["loss"]
             total_meta += out["meta_loss"] * len(y)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"the head's loss became {step_loss} at lr {lr:.4g}; lower train.lr")
         scheduler.step()
         total_loss += step_loss * len(y)
         correct += (logits.argmax(1) == y).sum().item()

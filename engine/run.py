@@ -108,8 +108,14 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
     """Close epoch progress.epoch: validation metrics into the record, best.pt when they improved
     (only with a validation split), last.pt always (atomically), then the metric log.
 
-    runlog=None (ranks other than 0): the same bookkeeping, nothing written.
+    runlog=None (ranks other than 0): the same bookkeeping, nothing written. Weights that are no
+    longer finite stop the run before anything is saved: the last checkpoint stays the last good one.
     """
+    bad = [k for k, v in payload.get("model", {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"the weights became NaN or infinite in epoch {progress.epoch} ({bad[0]} and "
+                                 f"{len(bad) - 1} more); nothing of this epoch was saved: lower train.lr, or "
+                                 f"--resume from the last checkpoint with other settings")
     record["epoch"] = progress.epoch
     is_best = False
     if val is not None:

@@ -212,3 +212,15 @@ def test_stage2_balms_on_an_explicit_cpu_device_with_bf16_features(fake_cifar10,
     assert "on cpu, features cached x2" in proc.stderr
     last = json.loads((log_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 12 and sum(last["sample_probs"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_head_that_diverges_ends_in_one_line_and_saves_no_nan_weights(fake_cifar10, stage1_run, tmp_path, run):
+    log_dir = tmp_path / "nan"
+    proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=crt", "train.lr=1e30"), check=False)
+    [line] = proc.stderr.strip().splitlines()[-1:]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert line.startswith("error: ") and ("became nan" in line or "NaN or infinite" in line)
+    for name in ("last.pt", "best.pt"):
+        if (log_dir / name).exists():
+            state = torch.load(log_dir / name, weights_only=True)["model"]
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -214,3 +214,10 @@ def test_closed_set_values_are_checked_in_yaml_files_too(tmp_path):
     path.write_text("train:\n  select_metric: few_shot\n")
     with pytest.raises(ConfigError, match="train.select_metric='few_shot' is not one of top1, many, medium, few"):
         load_config(path)
+
+
+@pytest.mark.parametrize("item", ["train.lr=nan", "train.lr=.inf", "data.imbalance_factor=inf", "train.warmup=-inf"])
+def test_a_float_key_refuses_nan_and_infinity(item):
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}' .* expects a finite number"):
+        load_config(None, [item])

@@ -195,3 +195,17 @@ def test_training_accuracy_is_that_of_the_head_before_its_step_on_both_paths(pat
     assert out["train_acc"] == 0.0
     with torch.no_grad():
         assert (head(feats[idx]).argmax(1) == labels[idx]).all()  # the step fixed the batch's predictions
+
+
+@pytest.mark.parametrize("path", ["plain", "balms"])
+def test_a_loss_that_is_no_longer_finite_stops_the_head_loop(path):
+    feats, labels, head, opt, sched = _plain_setup()
+    broken = lambda idx, gen: feats[idx] * float("inf")  # noqa: E731  (inf features: nan logits)
+    kwargs = {"index_batches": _batches(300, 30, 0)}
+    loss_fn = nn.CrossEntropyLoss()
+    if path == "balms":
+        sampler = ClassSampler(labels, 3)
+        kwargs = {"meta": MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, broken, 6, 1.0)}
+        loss_fn = build_loss("balanced_softmax", [100, 100, 100], reduction="none")
+    with pytest.raises(FloatingPointError, match="the head's loss became nan"):
+        train_head_epoch(head, opt, sched, loss_fn, labels, broken, 3, 30, torch.Generator().manual_seed(0), **kwargs)

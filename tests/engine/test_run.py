@@ -66,3 +66,16 @@ def test_restore_from_a_checkpoint_without_a_state_it_needs_says_to_start_a_new_
     ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}}
     with pytest.raises(CheckpointError, match="holds no head.*start a new run"):
         restore(ckpt, {"model": nn.Linear(3, 2), "head": nn.Linear(3, 2)}, tmp_path)
+
+
+def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved(tmp_path):
+    runlog, progress = RunLog(tmp_path), Progress("top1", epoch=1, step=1)
+    good = {"w": torch.ones(2)}
+    end_epoch(tmp_path, runlog, progress, {}, _val(0.5), {"model": good}, 2)
+    progress.epoch, progress.step = 2, 2
+    with pytest.raises(FloatingPointError, match="epoch 2 .*nothing of this epoch was saved"):
+        end_epoch(tmp_path, runlog, progress, {}, _val(0.9), {"model": {"w": torch.tensor([1.0, float("nan")])}}, 2)
+    for name in ("last.pt", "best.pt"):
+        saved = torch.load(tmp_path / name, weights_only=True)
+        assert saved["epoch"] == 1 and torch.equal(saved["model"]["w"], good["w"])
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
