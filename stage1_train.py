@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from config.cli import run_cli, start_run
-from config.load import check_names, config_to_dict, dump_config
+from config.cli import open_log, run_cli, start_run
+from config.load import check_names, config_to_dict
 from config.schema import Config
 from data.augment import BatchAugment
 from data.build import LongTailData, build_long_tail
@@ -31,7 +31,6 @@ from engine.device import grad_scaler
 from engine.distributed import Dist, broadcast_module, sync_batchnorm
 from engine.loop import evaluate, train_one_epoch
 from engine.run import Progress, end_epoch, finish_run, restore
-from engine.runlog import RunLog
 from engine.schedule import sgd_with_schedule, total_steps
 from models import MODELS, build_model, load_pretrained
 from models.checkpoint import CheckpointError
@@ -130,10 +129,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if t.amp == "fp16":
         states["scaler"] = scaler
     progress = restore(ckpt, states, run_dir) if ckpt is not None else Progress(t.select_metric)
-    runlog = None
-    if d.is_main:
-        dump_config(cfg, run_dir / "config.yaml", STAGE)
-        runlog = RunLog(run_dir)
+    runlog = open_log(cfg, STAGE, run_dir, d)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names}
 

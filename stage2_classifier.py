@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from config.cli import run_cli, start_run
-from config.load import changed_keys, check_names, config_from_dict, config_to_dict, dump_config
+from config.cli import open_log, run_cli, start_run
+from config.load import changed_keys, check_names, config_from_dict, config_to_dict
 from config.schema import Config, DataConfig, ModelConfig
 from data.augment import BatchAugment
 from data.build import LongTailData, build_long_tail
@@ -221,10 +221,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
     model, model_args = build_backbone(cfg, s1, data.class_counts, keeps_stage1_head(cfg, method), device)
-    runlog = None
-    if ranks.is_main:
-        dump_config(cfg, run_dir / "config.yaml", STAGE)
-        runlog = RunLog(run_dir)
+    runlog = open_log(cfg, STAGE, run_dir, ranks)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint}
     if method.kind == "posthoc":

@@ -10,13 +10,14 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from config.load import ConfigError, check_resume, load_config
+from config.load import ConfigError, check_resume, dump_config, load_config
 from config.schema import Config
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.device import DeviceError, check_amp, set_tf32
 from engine.distributed import Dist, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import RunDirError, default_checkpoint, resume_checkpoint, setup_run
+from engine.runlog import RunLog
 from models.checkpoint import CheckpointError
 from models.download import DownloadError
 
@@ -65,6 +66,15 @@ def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device
     if ckpt is not None:
         check_resume(ckpt["config"], cfg, stage, run_dir / "config.yaml")
     return ranks, device, run_dir, ckpt
+
+
+def open_log(cfg: Config, stage: str, run_dir: Path, ranks: Dist) -> RunLog | None:
+    """Rank 0 writes the resolved config.yaml (the keys `stage` reads) and opens the metric log;
+    the other ranks write nothing (None)."""
+    if not ranks.is_main:
+        return None
+    dump_config(cfg, run_dir / "config.yaml", stage)
+    return RunLog(run_dir)
 
 
 def test(cfg: Config, ckpt_path: Path | None) -> dict:

@@ -48,7 +48,7 @@ def check_amp(device: torch.device, amp: str) -> None:
 
 
 def autocast(device: torch.device, amp: str) -> ContextManager:
-    """Mixed precision for the forward pass and the loss; a no-op context with amp=off."""
+    """Mixed precision for forward passes (callers compute losses in fp32); a no-op context with amp=off."""
     dtype = AMP_DTYPES[amp]
     if dtype is None:
         return contextlib.nullcontext()

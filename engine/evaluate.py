@@ -14,8 +14,8 @@ import torch
 
 from data.build import NORMALIZATION
 from data.cifar import load_cifar
-from engine.distributed import Dist, gather_rows
-from engine.loop import metrics_from_logits, predict_logits
+from engine.distributed import Dist
+from engine.loop import metrics_from_logits, predict_all_ranks
 from engine.metrics import format_table
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked
 from models.losses import posthoc_logit_adjust
@@ -55,9 +55,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     mean, std = NORMALIZATION[dataset]
-    shard = d.shard(len(split.images))
-    logits = gather_rows(predict_logits(model.to(device), split.images[shard], batch_size, mean, std, channels_last,
-                                        "test", amp), d)
+    logits = predict_all_ranks(model.to(device), split.images, batch_size, mean, std, channels_last, "test", amp, d)
     if logit_adjust_tau:
         logits = posthoc_logit_adjust(logits, counts, logit_adjust_tau)
     return metrics_from_logits(logits, split.labels, counts), split.class_names

@@ -109,14 +109,19 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts
     return summarize(confusion_matrix(logits.argmax(1), labels, len(train_counts)), train_counts)
 
 
+def predict_all_ranks(model: nn.Module, images: torch.Tensor, batch_size: int, mean: Sequence[float],
+                      std: Sequence[float], channels_last: bool = False, desc: str = "eval", amp: str = "off",
+                      d: Dist = Dist()) -> torch.Tensor:
+    """predict_logits of all the images; with several processes each rank predicts its shard and the
+    logits are gathered in order, so every rank gets the single-process (N, C) logits."""
+    shard = d.shard(len(images))
+    return gather_rows(predict_logits(model, images[shard], batch_size, mean, std, channels_last, desc, amp), d)
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int],
              batch_size: int, mean: Sequence[float], std: Sequence[float], channels_last: bool = False,
              desc: str = "val", amp: str = "off", d: Dist = Dist()) -> dict:
-    """Metrics (engine.metrics.summarize) of the model on uint8 images (N, 3, H, W) with labels (N,).
-
-    With several processes each rank predicts its shard and the logits are gathered in order:
-    every rank gets the single-process metrics.
-    """
-    shard = d.shard(len(images))
-    logits = predict_logits(model, images[shard], batch_size, mean, std, channels_last, desc, amp)
-    return metrics_from_logits(gather_rows(logits, d), labels.cpu(), train_counts)
+    """Metrics (engine.metrics.summarize) of the model on uint8 images (N, 3, H, W) with labels (N,),
+    the same on every rank (predict_all_ranks)."""
+    logits = predict_all_ranks(model, images, batch_size, mean, std, channels_last, desc, amp, d)
+    return metrics_from_logits(logits, labels.cpu(), train_counts)
