@@ -7,11 +7,13 @@ BALMS / Decoupling CIFAR pipeline:
 
     RandomCrop(H, padding) -> RandomHorizontalFlip -> CIFAR10 AutoAugment -> Cutout -> Normalize
 
-Crop, flip and cutout are vectorised over the batch. Every random draw comes from the
-generator passed in, in a fixed order per call (crop offsets (B, 2), flip coins (B,),
-one AutoAugment seed, cutout centres (B, 2); draws of disabled ops are skipped), so the
-same generator state always gives the same output bytes, and the global torch RNG seen
-by the caller is left untouched.
+Every op is vectorised over the batch and runs on the batch's device (AutoAugment in
+data/autoaugment.py). Every random draw comes from the CPU generator passed in, in a fixed
+order per call (crop offsets (B, 2), flip coins (B,), AutoAugment's sub-policies (B,), op
+coins (B, 2) and signs (B, 2), cutout centres (B, 2); draws of disabled ops are skipped), so
+the same generator state gives the same output on any device, and the global torch RNG seen
+by the caller is left untouched. The draws reach the device with non-blocking copies: no
+step waits for the GPU.
 """
 
 import logging
@@ -20,7 +22,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms import v2
+
+from data.autoaugment import BatchAutoAugment
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +35,6 @@ CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
 # Grey fill for pixels that shear/translate/rotate move in from outside the image, as in
 # the DeepVoltaire CIFAR10Policy used by the BALMS / Decoupling code (fillcolor=128).
 _AUTOAUGMENT_FILL = 128
-# Exclusive upper bound of the per-batch AutoAugment seed (largest int64 torch.randint takes).
-_SEED_BOUND = 2**63 - 1
 
 
 def _check_images(images: Tensor) -> None:
@@ -54,26 +55,6 @@ def _check_images(images: Tensor) -> None:
 def _check_non_negative_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}; use 0 to turn it off")
-
-
-def _autoaugment_each(policy: v2.AutoAugment, images: Tensor, generator: torch.Generator) -> Tensor:
-    """Apply torchvision's CIFAR10 AutoAugment per image with randomness from `generator`.
-
-    torchvision draws the sub-policy, apply-coins and signs from the global CPU RNG.
-    Rather than re-implementing its policy table, we fork the global RNG, seed it with
-    one number drawn from our generator, run the per-image loop, and let fork_rng
-    restore the caller's state. That is exact reproducibility with the well-kept
-    implementation, at the cost of a Python loop over images (see bench/augment_speed.py).
-    Not thread-safe against other threads drawing from the global RNG meanwhile.
-    """
-    seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=generator))
-    out = torch.empty_like(images)
-    # devices=[]: AutoAugment draws only from the CPU generator, so no device state to fork.
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        for i in range(images.shape[0]):
-            out[i] = policy(images[i])
-    return out
 
 
 class BatchAugment:
@@ -105,13 +86,7 @@ class BatchAugment:
         self.crop_padding = crop_padding
         self.flip = flip
         self.cutout = cutout
-        # torchvision's implementation holds the paper's CIFAR-10 policy table and op
-        # magnitudes; we only make its randomness come from our generator (see _autoaugment_each).
-        self._autoaugment = (
-            v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=_AUTOAUGMENT_FILL)
-            if autoaugment
-            else None
-        )
+        self._autoaugment = BatchAutoAugment(_AUTOAUGMENT_FILL) if autoaugment else None
         logger.debug("built %r", self)
 
     def __repr__(self) -> str:
@@ -136,7 +111,7 @@ class BatchAugment:
         if self.crop_padding > 0 or self.flip:
             out = self._crop_flip(out, generator)
         if self._autoaugment is not None:
-            out = _autoaugment_each(self._autoaugment, out, generator)
+            out = self._autoaugment(out, generator)
         if self.cutout > 0:
             out = self._cutout(out, generator)
         return out
@@ -160,7 +135,7 @@ class BatchAugment:
         padded = F.pad(images, (p, p, p, p)) if p > 0 else images
         # Flat index into each padded image plane: (B, H*W), shared by the C channels.
         flat_index = (rows[:, :, None] * padded_w + cols[:, None, :]).reshape(b, 1, h * w)
-        flat_index = flat_index.to(images.device).expand(b, c, h * w)
+        flat_index = flat_index.to(images.device, non_blocking=True).expand(b, c, h * w)
         out = torch.gather(padded.reshape(b, c, -1), 2, flat_index)
         return out.reshape(b, c, h, w)
 
@@ -181,7 +156,7 @@ class BatchAugment:
         xs = torch.arange(w)
         in_rows = (ys >= top) & (ys < top + length)  # (B, H)
         in_cols = (xs >= left) & (xs < left + length)  # (B, W)
-        hole = (in_rows[:, :, None] & in_cols[:, None, :]).to(images.device)  # (B, H, W)
+        hole = (in_rows[:, :, None] & in_cols[:, None, :]).to(images.device, non_blocking=True)  # (B, H, W)
         return images.masked_fill(hole[:, None], 0)
 
 
@@ -202,6 +177,7 @@ def normalize(images_uint8: Tensor, mean: Sequence[float], std: Sequence[float])
         )
     if any(s <= 0 for s in std):
         raise ValueError(f"std values must be positive, got {tuple(std)}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
+    # Built on the CPU and copied without blocking: torch.tensor(..., device=cuda) waits for the GPU.
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(images_uint8.device, non_blocking=True)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(images_uint8.device, non_blocking=True)
     return (images_uint8.float().div_(255.0) - mean_t).div_(std_t)

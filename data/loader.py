@@ -80,7 +80,7 @@ class BatchLoader:
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = epoch_generator(self.seed, epoch)
-        order = self.sampler.indices(epoch, gen)
+        order = self.sampler.indices(epoch, gen).to(self.images.device)  # one copy per epoch
         aug_gen = gen if self.world == 1 else epoch_generator(self.seed, epoch, SHARD_AUGMENT_STREAM + self.rank)
         for step in range(len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
