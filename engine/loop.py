@@ -13,6 +13,8 @@ from engine.device import autocast, grad_scaler
 from engine.distributed import Dist, gather_rows, sum_over_ranks
 from engine.metrics import confusion_matrix, summarize
 
+FINITE_CHECK_EVERY = 50  # steps between NaN/inf loss checks on an accelerator (each one waits for it)
+
 
 def train_one_epoch(
     model: nn.Module,
@@ -44,14 +46,19 @@ def train_one_epoch(
     model.train()
     device = next(model.parameters()).device
     scaler = scaler or grad_scaler(device, "off")
-    total_loss, total_correct, total_seen = 0.0, 0.0, 0
-    lr = optimizer.param_groups[0]["lr"]
-    for x, y in tqdm(batches, total=num_steps, desc=desc, leave=False, disable=None):
+    # Running sums stay on the device: no step waits for the GPU to read them back. The loss is
+    # checked for NaN/inf every step on the CPU, every FINITE_CHECK_EVERY steps elsewhere.
+    check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_correct = torch.zeros((), dtype=torch.float64, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    total_seen, lr = 0, optimizer.param_groups[0]["lr"]
+    for step, (x, y) in enumerate(tqdm(batches, total=num_steps, desc=desc, leave=False, disable=None)):
         lr = optimizer.param_groups[0]["lr"]
         lam, y_b = 1.0, y
         if mixup_alpha > 0:
             lam = float(mixup_rng.beta(mixup_alpha, mixup_alpha))
-            perm = torch.from_numpy(mixup_rng.permutation(len(y))).to(y.device)
+            perm = torch.from_numpy(mixup_rng.permutation(len(y))).to(y.device, non_blocking=True)
             x, y_b = lam * x + (1 - lam) * x[perm], y[perm]
         optimizer.zero_grad(set_to_none=True)
         chunks = max(1, min(accum_steps, len(y) // 2))  # no micro-batch of one image (BatchNorm)
@@ -62,16 +69,22 @@ def train_one_epoch(
             loss = loss_fn(logits, ya)
             if mixup_alpha > 0:
                 loss = lam * loss + (1 - lam) * loss_fn(logits, yb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at lr {lr:.4g}; lower train.lr or check the data")
+            finite &= torch.isfinite(loss)
+            if (step + 1) % check_every == 0 and not finite:
+                raise FloatingPointError(f"loss became NaN or infinite by step {step + 1} of the epoch (lr {lr:.4g}); "
+                                         "lower train.lr or check the data")
             scaler.scale(loss * (len(ya) / len(y))).backward()
             pred = logits.argmax(1)
-            total_correct += lam * (pred == ya).sum().item() + (1 - lam) * (pred == yb).sum().item()
-            total_loss += loss.item() * len(ya)
+            total_correct += lam * (pred == ya).sum() + (1 - lam) * (pred == yb).sum()
+            total_loss += loss.detach() * len(ya)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         total_seen += len(y)
+    if not finite:
+        raise FloatingPointError(f"loss became NaN or infinite in the epoch's last {check_every} steps (lr {lr:.4g}); "
+                                 "lower train.lr or check the data")
+    total_loss, total_correct = total_loss.item(), total_correct.item()
     total_loss, total_correct, total_seen = sum_over_ranks([total_loss, total_correct, total_seen], d)
     return {"loss": total_loss / max(1, total_seen), "train_acc": total_correct / max(1, total_seen), "lr": lr}
 

@@ -61,3 +61,49 @@ def test_bf16_autocast_on_the_cpu_trains_with_bf16_forward_and_fp32_weights():
     assert seen == [torch.bfloat16] * 3 and np.isfinite(out["loss"])
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_nan_loss_on_the_cpu_stops_the_epoch_before_its_optimiser_step():
+    torch.manual_seed(0)
+    model = Tiny()
+    before = copy.deepcopy(model.state_dict())
+    bad = [(torch.full((8, 3, 2, 2), float("nan")), torch.zeros(8, dtype=torch.long))]
+    with pytest.raises(FloatingPointError, match="loss became NaN or infinite by step 1 of the epoch"):
+        _train(model, bad)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_the_epoch_metrics_are_the_image_weighted_means_of_the_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    batches = _batches(n_batches=1, batch=6)
+    with torch.no_grad():
+        expected_loss = sum(nn.functional.cross_entropy(model(x), y, reduction="sum") for x, y in batches[:1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    out = train_one_epoch(model, batches[:1], 1, nn.CrossEntropyLoss(), opt,
+                          torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    assert out["loss"] == pytest.approx(float(expected_loss) / 6, rel=1e-6)
+    assert isinstance(out["loss"], float) and isinstance(out["train_acc"], float)
+
+
+def test_a_training_epoch_reads_nothing_back_from_the_device_until_it_ends():
+    """On the meta device every read of a device value on the host (item, bool, nonzero) raises, so
+    an epoch of loader, crop + flip + AutoAugment + Cutout, normalisation, ResNet step and SGD that
+    reaches its end-of-epoch sums never waited on a device value. (Blocking host-to-device copies
+    also make a GPU wait; tests/test_gpu_pipeline.py counts those on CUDA.)"""
+    from data.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment
+    from data.loader import BatchLoader
+    from data.samplers import build_sampler
+    from models import build_model
+
+    labels = torch.arange(256) % 10
+    images = torch.empty(256, 3, 32, 32, dtype=torch.uint8, device="meta")
+    loader = BatchLoader(images, labels.to("meta"), 64, build_sampler("instance", labels, 10),
+                         BatchAugment(4, True, True, 16), CIFAR10_MEAN, CIFAR10_STD, 0, channels_last=True)
+    model = build_model("resnet32", 10).to("meta")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(RuntimeError, match="meta tensors"):  # the one read: the epoch's sums at its end
+        train_one_epoch(model, loader.epoch(0), len(loader), nn.CrossEntropyLoss(), opt, sched, amp="off")
+    assert sched.last_epoch == len(loader) == 4  # every step ran before the first read
