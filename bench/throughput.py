@@ -38,6 +38,9 @@ from engine.loop import predict_logits, train_one_epoch  # noqa: E402
 from models import build_model  # noqa: E402
 
 
+PAPER_STEPS, PAPER_BATCH = 13000, 512  # the BALMS stage-1 schedule on CIFAR-LT
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -66,8 +69,9 @@ def train_rates(data, device, batch, amp, channels_last, compile_model, steps, w
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), batch, sampler,
                          BatchAugment(4, True, True, 16), data.mean, data.std, 0, channels_last)
 
-    def real(n: int, epoch: int) -> None:
-        train_one_epoch(run_model, islice(loader.epoch(epoch), n), n, loss_fn, optimizer, scheduler, amp=amp,
+    def real(n: int, epoch: int) -> None:  # n steps, running into the next epochs when one ends
+        batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count(epoch))
+        train_one_epoch(run_model, islice(batches, n), n, loss_fn, optimizer, scheduler, amp=amp,
                         scaler=scaler, desc="real")
 
     x = torch.randn(batch, 3, 32, 32, device=device)
@@ -79,7 +83,8 @@ def train_rates(data, device, batch, amp, channels_last, compile_model, steps, w
         train_one_epoch(run_model, itertools.repeat((x, y), n), n, loss_fn, optimizer, scheduler, amp=amp,
                         scaler=scaler, desc="pure")
 
-    real(warmup, 100)
+    # A compiled model compiles again for an epoch's shorter last batch: warm up past one.
+    real(max(warmup, len(loader) + 1) if compile_model else warmup, 100)
     pure(warmup)
     real_s = timed(lambda: real(steps, 0), device)
     pure_s = timed(lambda: pure(steps), device)
@@ -120,25 +125,32 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed training steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
     p.add_argument("--eval-images", type=int, default=2048, help="test images per evaluation pass")
+    p.add_argument("--amp", nargs="+", choices=["off", "bf16", "fp16"], help="precisions (default: all the device has)")
     p.add_argument("--compile", action="store_true", help="also measure train.compile=true (slow to start)")
+    p.add_argument("--tf32", choices=["on", "off"], default="on", help="train.tf32 (CUDA fp32 matmuls/convolutions)")
     p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"), help="folder with cifar-10-batches-py/")
     args = p.parse_args()
     device = resolve_device(args.device)
-    set_tf32(device, True)
+    set_tf32(device, args.tf32 == "on")
     data = build_long_tail("cifar10", args.root, False, 100.0, "exp", 0, 0)
     test_images = load_cifar("cifar10", args.root, "test").images[: args.eval_images]
-    amps = ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    amps = args.amp or ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     compiles = [False, True] if args.compile else [False]
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; ResNet-32, "
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; ResNet-32, "
           f"crop + flip + AutoAugment + Cutout 16; {args.steps} timed steps")
     print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'compile':>7} {'train/s':>9} {'pure/s':>9} {'ratio':>6} "
           f"{'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
+    best = 0.0
     for batch, amp, channels_last, compile_model in itertools.product(args.batch_sizes, amps, [True, False], compiles):
         check_amp(device, amp)
         train, pure = train_rates(data, device, batch, amp, channels_last, compile_model, args.steps, args.warmup)
         ev, fwd = eval_rates(test_images, device, batch, amp, channels_last, data.mean, data.std, 1)
         print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {str(compile_model):>7} {train:>9.0f} {pure:>9.0f} "
               f"{train / pure:>6.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
+        best = max(best, train if batch == PAPER_BATCH else 0.0)
+    if best:
+        print(f"paper stage-1 schedule ({PAPER_STEPS} x {PAPER_BATCH} images) at the best batch-{PAPER_BATCH} train "
+              f"rate: {PAPER_STEPS * PAPER_BATCH / best:.0f} s of training steps (evaluation not counted)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+"""bench/throughput.py as a user runs it: a real process on the CPU, on a tiny CIFAR-10 copy."""
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_setting(fake_cifar10, run):
+    proc = run("bench/throughput.py", "--device", "cpu", "--batch-sizes", "16", "--steps", "2", "--warmup", "1",
+               "--amp", "off", "bf16", "--eval-images", "32", "--root", str(fake_cifar10))
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("device cpu") and "tf32 on" in lines[0]
+    rows = [line.split() for line in lines[2:] if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("16", "off", "True"), ("16", "off", "False"),
+                                                 ("16", "bf16", "True"), ("16", "bf16", "False")]
+    for r in rows:  # train/s, pure/s, ratio, eval/s, fwd/s, ratio
+        train, pure, ratio, ev, fwd, eval_ratio = map(float, r[4:])
+        assert train > 0 and pure > 0 and ratio == pytest.approx(train / pure, abs=0.01)
+        assert eval_ratio == pytest.approx(ev / fwd, abs=0.01)
+    assert "paper stage-1 schedule" not in proc.stdout  # only printed when batch 512 was measured
