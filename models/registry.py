@@ -8,7 +8,7 @@ from torch import nn
 
 from models.heads import build_head
 from models.resnet_cifar import resnet32
-from models.resnet_imagenet import resnet10, resnet18, resnet34, resnet50, resnet101, resnet152
+from models.resnet_imagenet import resnet10, resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet32": resnet32,  # CIFAR ResNet-32, 32x32 inputs
@@ -19,6 +19,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "resnet101": resnet101,
     "resnet152": resnet152,
+    "resnext50_32x4d": resnext50_32x4d,  # Decoupling's ImageNet-LT ResNeXt-50
 }
 
 

@@ -1,9 +1,11 @@
-"""ImageNet-style ResNets (He et al. 2016) from torchvision's blocks, with this tool's model interface.
+"""ImageNet-style ResNets (He et al. 2016) and ResNeXt-50 (Xie et al. 2017) from torchvision's blocks,
+with this tool's model interface.
 
 Module names are torchvision's (conv1, bn1, layer1..layer4, layerN.i.downsample.{0,1}), so its
 ImageNet weights and the Decoupling / BALMS ImageNet-LT backbones load by renaming the classifier
 only (torchvision `fc` -> our `head`). ResNet-10 ([1, 1, 1, 1] basic blocks) is the ImageNet-LT
-backbone of the Decoupling and BALMS papers; torchvision publishes no weights for it.
+backbone of the Decoupling and BALMS papers; torchvision publishes no weights for it. ResNeXt-50
+(32x4d) is Decoupling's larger ImageNet-LT backbone.
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 class ResNetImageNet(nn.Module):
     """Backbone (`forward_features` -> (B, 512 * block expansion)) + linear `head`."""
 
-    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int) -> None:
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int,
+                 groups: int = 1, width_per_group: int = 64) -> None:
         super().__init__()
-        net = ResNet(block, layers)  # torchvision's init; its 1000-class fc is replaced by `head`
+        # torchvision's init; its 1000-class fc is replaced by `head`. groups / width_per_group: ResNeXt's
+        # cardinality and channels per group in the first stage's 3x3 convs (1 / 64 = plain ResNet).
+        net = ResNet(block, layers, groups=groups, width_per_group=width_per_group)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.avgpool = net.avgpool  # the same pooling op as torchvision, so imported logits match bit for bit
@@ -56,3 +61,7 @@ def resnet101(num_classes: int) -> ResNetImageNet:
 
 def resnet152(num_classes: int) -> ResNetImageNet:
     return ResNetImageNet(Bottleneck, [3, 8, 36, 3], num_classes)
+
+
+def resnext50_32x4d(num_classes: int) -> ResNetImageNet:
+    return ResNetImageNet(Bottleneck, [3, 4, 6, 3], num_classes, groups=32, width_per_group=4)

@@ -35,4 +35,6 @@ PRETRAINED: dict[str, PretrainedEntry] = {
                                           "63fe2227", "resnet101", "imagenet1k", 1000, "state_dict"),
     "resnet152_imagenet": PretrainedEntry("https://download.pytorch.org/models/resnet152-394f9c45.pth",
                                           "394f9c45", "resnet152", "imagenet1k", 1000, "state_dict"),
+    "resnext50_32x4d_imagenet": PretrainedEntry("https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth",
+                                                "7cdf4587", "resnext50_32x4d", "imagenet1k", 1000, "state_dict"),
 }

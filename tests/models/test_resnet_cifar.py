@@ -85,7 +85,7 @@ def test_state_dict_key_names_match_the_papers_checkpoints(model):
 
 def test_build_model_unknown_name_lists_valid_models():
     with pytest.raises(ValueError, match=r"unknown model 'resnet56'; valid models: resnet10, resnet101, resnet152, "
-                                         r"resnet18, resnet32, resnet34, resnet50$"):
+                                         r"resnet18, resnet32, resnet34, resnet50, resnext50_32x4d$"):
         build_model("resnet56", 10)
 
 
