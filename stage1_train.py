@@ -24,8 +24,10 @@ from config.cli import open_log, run_cli, start_run
 from config.load import check_names, config_to_dict
 from config.schema import Config
 from data.augment import BatchAugment
-from data.build import LongTailData, build_long_tail
+from data.build import LongTailData
+from data.build_files import FileData, build_training_set
 from data.loader import MIXUP_STREAM, BatchLoader, steps_per_epoch
+from data.stream import StreamLoader
 from data.samplers import SAMPLERS, build_sampler
 from engine.device import grad_scaler
 from engine.distributed import Dist, broadcast_module, sync_batchnorm
@@ -40,19 +42,24 @@ from models.losses import LOSSES, LongTailLoss, build_loss
 
 STAGE = "stage1"
 logger = logging.getLogger("stage1")
+Loader = BatchLoader | StreamLoader
 
 
-def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTailData, BatchLoader]:
-    """The long-tailed training set (with its validation hold-out) and its loader, whose uint8 images
-    and labels sit on `device`: batches are gathered, augmented and normalised there, each rank
-    taking its share of every global batch."""
+def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTailData | FileData, Loader]:
+    """The long-tailed training set (with its validation split) and its loader, each rank taking its
+    share of every global batch. CIFAR: uint8 images and labels sit on `device`, where batches are
+    gathered, augmented and normalised; image files: decoded and augmented in data.workers processes."""
     d, t = cfg.data, cfg.train
-    data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
+    data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
+                              d.val_per_class, d.image_size)
     sampler_params = {}
     if d.sampler == "progressive":  # interpolates from instance to class-balanced over the whole run
         epoch_len = steps_per_epoch(len(data.train_labels), t.batch_size)
         sampler_params["total_epochs"] = math.ceil(total_steps(epoch_len, t.epochs, t.iterations) / epoch_len)
     sampler = build_sampler(d.sampler, data.train_labels, len(data.class_counts), **sampler_params)
+    if isinstance(data, FileData):
+        return data, StreamLoader(data.train, t.batch_size, sampler, t.seed, d.workers, device,
+                                  cfg.model.channels_last, ranks.rank, ranks.world)
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), t.batch_size, sampler, augment,
                          data.mean, data.std, t.seed, cfg.model.channels_last, ranks.rank, ranks.world)
@@ -151,7 +158,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
         progress.epoch, progress.step = epoch + 1, progress.step + steps
         broadcast_module(model, d)  # rank 0's BatchNorm statistics (each rank's own without sync_bn), as saved
         val = (evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
-                        data.std, cfg.model.channels_last, amp=t.amp, d=d) if len(data.val_labels) else None)
+                        data.std, cfg.model.channels_last, amp=t.amp, d=d, workers=cfg.data.workers)
+               if len(data.val_labels) else None)
         state = {name: obj.state_dict() for name, obj in states.items()}
         end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs)
     finish_run(runlog, d)

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from config.cli import open_log, run_cli, start_run
 from config.load import changed_keys, check_names, config_from_dict, config_to_dict
 from config.schema import Config, DataConfig, ModelConfig
 from data.augment import BatchAugment
-from data.build import LongTailData, build_long_tail
+from data.build import LongTailData
+from data.build_files import FileData, build_training_set
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
 from engine.distributed import Dist, check_same_on_ranks
@@ -72,7 +74,7 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "stage2.tau_norm_grid": ("tau_norm",),
 }
 # Stage-1 keys that fix which images form the training set: read from the stage-1 checkpoint.
-SUBSET_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "val_per_class")
+SUBSET_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "val_per_class", "image_size")
 
 
 def check_method(cfg: Config) -> Method:
@@ -143,14 +145,15 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: b
     return model.to(device), {**model_args, "head": "linear"}  # every stage-2 checkpoint deploys a linear head
 
 
-def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, data: LongTailData, payload: dict,
-                 ranks: Dist) -> dict:
+def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, data: LongTailData | FileData,
+                 payload: dict, ranks: Dist) -> dict:
     """tau_norm: no training; tau searched on the validation split (stage2.tau_norm_tau without one)."""
     stage1_head, tau = model.head, cfg.stage2.tau_norm_tau
     has_val = len(data.val_labels) > 0
     if has_val:
         val_feats = compute_views(model, data.val_images, None, 1, data.mean, data.std, cfg.train.seed, VIEW_STREAM,
-                                  cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks)[0]
+                                  cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks,
+                                  cfg.data.workers)[0]
         tau, records = tau_search(stage1_head, val_feats, data.val_labels, data.class_counts,
                                   cfg.stage2.tau_norm_grid, cfg.train.select_metric)
         for i, r in enumerate(records if runlog is not None else []):
@@ -165,13 +168,18 @@ def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, 
     return record
 
 
-def validate(cfg: Config, model: nn.Module, data: LongTailData, ranks: Dist) -> dict:
+def validate(cfg: Config, model: nn.Module, data: LongTailData | FileData, ranks: Dist) -> dict:
     return evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
-                    data.std, cfg.model.channels_last, amp=cfg.train.amp, d=ranks)
+                    data.std, cfg.model.channels_last, amp=cfg.train.amp, d=ranks, workers=cfg.data.workers)
 
 
-def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor, data: LongTailData, stream: int,
-                   ranks: Dist) -> Features:
+def training_images(data: LongTailData | FileData) -> torch.Tensor | Dataset:
+    """What stage 2 augments views of: CIFAR's uint8 images, or the image files with the training transform."""
+    return data.train if isinstance(data, FileData) else data.train_images
+
+
+def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset, data: LongTailData | FileData,
+                   stream: int, ranks: Dist) -> Features:
     """Features of `images` by index, on the backbone's device: stage2.cache_views views computed once
     (each rank its share, every rank then all of them), or the backbone per batch (the images then
     wait on that device; with several processes every rank runs the whole batch)."""
@@ -180,7 +188,10 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor, data: Lo
     if views > 0:
         return CachedFeatures(compute_views(model, images, augment, views, data.mean, data.std, cfg.train.seed,
                                             stream, cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp,
-                                            ranks))
+                                            ranks, d.workers))
+    if isinstance(data, FileData):
+        raise SystemExit(f"stage2.cache_views=0 runs the backbone on in-memory images; data.dataset={d.dataset} "
+                         f"streams image files: set stage2.cache_views to 1 or more")
     images = images.to(next(model.parameters()).device)
     return LiveFeatures(model, images, augment, data.mean, data.std, cfg.model.channels_last,
                         bn_train=cfg.stage2.live_bn == "train")
@@ -196,7 +207,8 @@ def new_head(cfg: Config, method: Method, stage1_head: nn.Module) -> nn.Module:
     return head
 
 
-def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData, features: Features, ranks: Dist) -> MetaSampling:
+def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, features: Features,
+                  ranks: Dist) -> MetaSampling:
     """BALMS: the class sampler, its optimiser, and the split its class-balanced meta batches come from
     (validation when there is one and meta_sampler.meta_split=val, else the training set)."""
     ms = cfg.meta_sampler
@@ -219,7 +231,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     t, d = cfg.train, cfg.data
     ranks, device, run_dir, ckpt = start_run(cfg, STAGE, resume)
 
-    data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed, d.val_per_class)
+    data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
+                              d.val_per_class, d.image_size)
     model, model_args = build_backbone(cfg, s1, data.class_counts, keeps_stage1_head(cfg, method), device)
     runlog = open_log(cfg, STAGE, run_dir, ranks)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
@@ -228,7 +241,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
 
     # ---- features, head, loss, batches (a data sampler, or the BALMS meta-sampler), optimiser
-    features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM, ranks)
+    features = feature_source(cfg, model, training_images(data), data, VIEW_STREAM, ranks)
     model.head = head = new_head(cfg, method, copy.deepcopy(model.head))
     meta = sampler = None
     if method.kind == "meta":

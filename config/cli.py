@@ -10,8 +10,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from config.load import ConfigError, check_resume, dump_config, load_config
+from config.load import ConfigError, check_dataset_keys, check_names, check_resume, dump_config, load_config
 from config.schema import Config
+from data.build_files import DATASET_KINDS
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.device import DeviceError, check_amp, set_tf32
 from engine.distributed import Dist, init_distributed, shutdown
@@ -50,7 +51,17 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(f"config error: {e}") from None
     except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError, RunDirError, DeviceError,
             FloatingPointError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {own_message(e)}") from None
+
+
+def own_message(e: Exception) -> str:
+    """An exception's message; for one a DataLoader worker raised, which the DataLoader re-raises with
+    the worker's traceback in the message, the original message (its last line, past 'module.Type: ')."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{type(e).__module__}.{type(e).__name__}: ") else last
+    return text
 
 
 def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device, Path, dict | None]:
@@ -58,6 +69,8 @@ def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device
     every RNG seeded), and the last.pt to resume from (None for a new run; a run is never
     overwritten), whose config must be this one."""
     t = cfg.train
+    check_names({"data.dataset": (cfg.data.dataset, DATASET_KINDS)})
+    check_dataset_keys(cfg, DATASET_KINDS[cfg.data.dataset])
     ranks, device = init_distributed(t.device, t.dist_timeout_s)
     check_amp(device, t.amp)
     set_tf32(device, t.tf32)
@@ -86,7 +99,7 @@ def test(cfg: Config, ckpt_path: Path | None) -> dict:
     ckpt_path = ckpt_path or default_checkpoint(run_dir)
     metrics, class_names = evaluate_checkpoint(ckpt_path, cfg.data.root, cfg.data.download, cfg.eval.batch_size,
                                                device, cfg.model.channels_last, cfg.eval.logit_adjust_tau,
-                                               cfg.train.amp, ranks)
+                                               cfg.train.amp, ranks, cfg.data.list_dir, cfg.data.workers)
     if ranks.is_main:
         write_test_report(metrics, class_names, run_dir / "test_metrics.json", ckpt_path)
     shutdown(ranks)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from config.schema import CHOICES, RENAMED, STAGE_KEYS, STAGE_SCRIPTS, Config
+from config.schema import CHOICES, DATASET_KEYS, RENAMED, STAGE_KEYS, STAGE_SCRIPTS, Config
 
 
 class ConfigError(ValueError):
@@ -205,6 +205,14 @@ def check_stage(cfg: Config, stage: str) -> None:
         if owner not in (None, stage):
             raise ConfigError(f"{key}={value!r} is read by {owner} ({STAGE_SCRIPTS[owner]}) only; "
                               f"{stage} ({STAGE_SCRIPTS[stage]}) does not use it: remove it")
+
+
+def check_dataset_keys(cfg: Config, kind: str) -> None:
+    """No key that another kind of dataset alone reads is set away from its default."""
+    for key, value in changed_keys(cfg).items():
+        if key in DATASET_KEYS and kind not in DATASET_KEYS[key]:
+            raise ConfigError(f"{key}={value!r} is read for {' and '.join(DATASET_KEYS[key])} datasets only; "
+                              f"data.dataset={cfg.data.dataset} ({kind}) does not use it: remove it")
 
 
 def check_names(names: dict[str, tuple[str, typing.Collection[str]]]) -> None:

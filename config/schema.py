@@ -18,7 +18,9 @@ def _default_data_root() -> str:
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100 (official python formats under root)
+    # cifar10 | cifar100 (official python formats under root, held in memory) | folder
+    # (root/{train,val,test}/<class>/*) | imagenet_lt | places_lt | inat2018 (the papers' split lists)
+    dataset: str = "cifar10"
     root: str = field(default_factory=_default_data_root)  # folder holding cifar-10-batches-py/ ...; $LT_DATA_ROOT
     download: bool = False  # fetch the official archive (MD5-checked) when the folder is missing
     imbalance_factor: float = 100.0  # n_max / n_min of the long-tailed training set; 1 = balanced
@@ -30,6 +32,9 @@ class DataConfig:
     autoaugment: bool = False  # CIFAR AutoAugment policy (Cubuk et al. 2019)
     cutout: int = 0  # side of the Cutout square in pixels; 0 = off
     sampler: str = "instance"  # how a stage-1 epoch draws images (data.samplers.SAMPLERS)
+    list_dir: str = ""  # split-list datasets: folder of ImageNet_LT_train.txt etc.; empty = root
+    image_size: int = 224  # image-file datasets: training crop and evaluation centre crop, in pixels
+    workers: int = 4  # image-file datasets: DataLoader processes decoding images (0 = the main process)
 
 
 @dataclass
@@ -166,6 +171,20 @@ STAGE_KEYS: dict[str, str] = {
     "meta_sampler": "stage2",
 }
 STAGE_SCRIPTS = {"stage1": "stage1_train.py", "stage2": "stage2_classifier.py"}
+
+# Keys that only some kinds of dataset read (data.build_files.DATASET_KINDS: cifar | folder | list);
+# set away from its default for another kind, a key is an error.
+DATASET_KEYS: dict[str, tuple[str, ...]] = {
+    "data.download": ("cifar",),
+    "data.crop_padding": ("cifar",),  # image files: RandomResizedCrop to data.image_size
+    "data.autoaugment": ("cifar",),
+    "data.cutout": ("cifar",),
+    "data.imbalance_factor": ("cifar", "folder"),  # split lists are long-tailed as published
+    "data.profile": ("cifar", "folder"),
+    "data.list_dir": ("list",),
+    "data.image_size": ("folder", "list"),
+    "data.workers": ("folder", "list"),
+}
 
 # Old key -> new key (a whole section, or one key); an old name fails with the new one, and
 # configs saved by older runs are read with the new names.

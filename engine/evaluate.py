@@ -12,8 +12,12 @@ from typing import Sequence
 
 import torch
 
+from torch.utils.data import Dataset
+
 from data.build import NORMALIZATION
+from data.build_files import DATASET_KINDS, FILE_DATASETS, read_test_split
 from data.cifar import load_cifar
+from data.image_files import IMAGENET_MEAN, IMAGENET_STD, ImageFileDataset, eval_transform
 from engine.distributed import Dist
 from engine.loop import metrics_from_logits, predict_all_ranks
 from engine.metrics import format_table
@@ -28,15 +32,29 @@ def checkpoint_dataset(ckpt: dict, path: str | Path) -> str:
     if dataset is None:
         raise CheckpointError(f"{path} records no training dataset (an imported checkpoint): train a stage on it "
                               f"first, or classify images with predict.py --dataset")
-    if dataset not in NORMALIZATION:
+    if dataset not in DATASET_KINDS:
         raise CheckpointError(f"{path} was trained on {dataset!r}, which this version cannot load "
-                              f"(known: {', '.join(NORMALIZATION)})")
+                              f"(known: {', '.join(DATASET_KINDS)})")
     return dataset
+
+
+def test_split(ckpt: dict, dataset: str, root: str | Path, list_dir: str | Path,
+               download: bool) -> tuple[torch.Tensor | Dataset, torch.Tensor, list[str], tuple, tuple]:
+    """(images, labels, class names, mean, std) of a checkpoint's test split: CIFAR's uint8 images, or
+    an image-file Dataset with the evaluation transform at the checkpoint's data.image_size."""
+    if dataset in FILE_DATASETS:
+        names = ckpt["class_names"]
+        split = read_test_split(dataset, root, list_dir, names)
+        transform = eval_transform(ckpt["config"]["data"]["image_size"])
+        return ImageFileDataset(split, transform), split.labels, names, IMAGENET_MEAN, IMAGENET_STD
+    split = load_cifar(dataset, root, "test", download=download)
+    return (split.images, split.labels, split.class_names, *NORMALIZATION[dataset])
 
 
 def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool, batch_size: int,
                         device: torch.device = torch.device("cpu"), channels_last: bool = False,
-                        logit_adjust_tau: float = 0.0, amp: str = "off", d: Dist = Dist()) -> tuple[dict, list[str]]:
+                        logit_adjust_tau: float = 0.0, amp: str = "off", d: Dist = Dist(), list_dir: str | Path = "",
+                        workers: int = 0) -> tuple[dict, list[str]]:
     """(metrics of engine.metrics.summarize, class names) of the checkpoint at `path` on its test split,
     computed on `device` under autocast `amp` (with several processes each rank predicts its shard and
     every rank gets the metrics of the whole split).
@@ -46,19 +64,19 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     ckpt = load_checkpoint(path)
     dataset = checkpoint_dataset(ckpt, path)
     counts = ckpt["class_counts"]
-    split = load_cifar(dataset, data_root, "test", download=download)
-    if len(counts) != len(split.class_names):
+    images, labels, class_names, mean, std = test_split(ckpt, dataset, data_root, list_dir, download)
+    if len(counts) != len(class_names):
         raise CheckpointError(f"{path} has {len(counts)} class counts, but the {dataset} test split has "
-                              f"{len(split.class_names)} classes: the checkpoint is damaged or edited")
+                              f"{len(class_names)} classes: the checkpoint is damaged or edited")
     model = build_model(**ckpt["model_args"])
     load_state_checked(model, ckpt["model"], f"model in {path}")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    mean, std = NORMALIZATION[dataset]
-    logits = predict_all_ranks(model.to(device), split.images, batch_size, mean, std, channels_last, "test", amp, d)
+    logits = predict_all_ranks(model.to(device), images, batch_size, mean, std, channels_last, "test", amp, d,
+                               workers)
     if logit_adjust_tau:
         logits = posthoc_logit_adjust(logits, counts, logit_adjust_tau)
-    return metrics_from_logits(logits, split.labels, counts), split.class_names
+    return metrics_from_logits(logits, labels, counts), class_names
 
 
 def write_test_report(metrics: dict, class_names: Sequence[str], out_path: Path, ckpt_path: Path) -> None:

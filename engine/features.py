@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.augment import normalize
@@ -23,36 +24,57 @@ from engine.distributed import Dist, gather_rows
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-@torch.no_grad()
-def compute_views(model: nn.Module, images: torch.Tensor, augment: Augment | None, num_views: int,
-                  mean: Sequence[float], std: Sequence[float], seed: int, stream: int, batch_size: int,
-                  channels_last: bool = False, amp: str = "off", d: Dist = Dist()) -> torch.Tensor:
-    """(K, N, D) fp32 features of K views of uint8 images (N, 3, H, W), BatchNorm in eval mode, on the
-    model's device (images move there a batch at a time; forward passes under autocast `amp`).
+def _view_chunk(images: torch.Tensor, augment: Augment | None, mean: Sequence[float], std: Sequence[float],
+                device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """A chunk of uint8 images on `device`, augmented (unless augment is None) and normalised."""
+    x = images.to(device, non_blocking=True)
+    return normalize(augment(x, generator) if augment is not None else x, mean, std)
 
-    Chunk j (images j*batch_size ...) of view k is augmented with epoch_generator(seed, k * chunks + j,
-    stream) (data.loader's *_STREAM constants), so the views are the same whoever computes a chunk:
-    with several processes each rank computes its share of the chunks and every rank gets all of
-    them. augment=None gives K identical views.
+
+@torch.no_grad()
+def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Augment | None, num_views: int,
+                  mean: Sequence[float], std: Sequence[float], seed: int, stream: int, batch_size: int,
+                  channels_last: bool = False, amp: str = "off", d: Dist = Dist(), workers: int = 0) -> torch.Tensor:
+    """(K, N, D) fp32 features of K views of uint8 images (N, 3, H, W) or of an image-file Dataset
+    (indexed by (index, seed), its own transform augmenting), BatchNorm in eval mode, on the model's
+    device (a batch at a time; forward passes under autocast `amp`).
+
+    Uint8 images: chunk j (images j*batch_size ...) of view k is augmented with epoch_generator(seed,
+    k * chunks + j, stream) (data.loader's *_STREAM constants). Image files: sample i of view k gets
+    the i-th seed drawn from epoch_generator(seed, k, stream), decoded in `workers` processes. Either
+    way the views are the same whoever computes a part: with several processes each rank computes its
+    share and every rank gets all of it. augment=None gives K identical views of uint8 images.
     """
     model.eval()
     device = next(model.parameters()).device
-    starts = range(0, len(images), batch_size)
-    mine = starts[d.shard(len(starts))]
-    views = []
-    for k in range(num_views):
-        chunks = []
-        for start in tqdm(mine, desc=f"features view {k + 1}/{num_views}", leave=False, disable=None):
-            gen = epoch_generator(seed, k * len(starts) + start // batch_size, stream)
-            x = images[start : start + batch_size].to(device, non_blocking=True)
-            if augment is not None:
-                x = augment(x, gen)
-            x = normalize(x, mean, std)
+
+    def features(batches) -> torch.Tensor:
+        out = []
+        for x in batches:
+            x = x.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
-                chunks.append(model.forward_features(x).float())
-        local = torch.cat(chunks) if chunks else torch.empty(0, model.feature_dim, device=device)
+                out.append(model.forward_features(x).float())
+        return torch.cat(out) if out else torch.empty(0, model.feature_dim, device=device)
+
+    views = []
+    for k in range(num_views):
+        desc = f"features view {k + 1}/{num_views}"
+        if isinstance(images, torch.Tensor):
+            starts = range(0, len(images), batch_size)
+            mine = starts[d.shard(len(starts))]
+            chunks = (_view_chunk(images[start : start + batch_size], augment, mean, std, device,
+                                  epoch_generator(seed, k * len(starts) + start // batch_size, stream))
+                      for start in mine)
+            local = features(tqdm(chunks, total=len(mine), desc=desc, leave=False, disable=None))
+        else:
+            shard = d.shard(len(images))
+            sample_seeds = torch.randint(0, 2**62, (len(images),), generator=epoch_generator(seed, k, stream))
+            items = list(zip(range(shard.start, shard.stop), sample_seeds[shard].tolist()))
+            batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+            loader = DataLoader(images, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
+            local = features(tqdm((x for x, _ in loader), total=len(batches), desc=desc, leave=False, disable=None))
         views.append(gather_rows(local, d))
     return torch.stack(views)
 

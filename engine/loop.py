@@ -6,6 +6,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data.augment import normalize
@@ -92,24 +93,32 @@ def train_one_epoch(
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | Dataset,
     batch_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     channels_last: bool = False,
     desc: str = "eval",
     amp: str = "off",
+    workers: int = 0,
 ) -> torch.Tensor:
-    """(N, C) fp32 logits of uint8 images (N, 3, H, W) on the CPU, model in eval mode, in order.
+    """(N, C) fp32 logits on the CPU, model in eval mode, in order, of uint8 images (N, 3, H, W)
+    (normalised here with mean/std) or of an image-file Dataset of (normalised image, label) items
+    (decoded and transformed in `workers` processes).
 
     Each batch moves to the model's device (a no-op for images already there) and runs under
     autocast with amp (off | bf16 | fp16).
     """
     model.eval()
     device = next(model.parameters()).device
+    if isinstance(images, torch.Tensor):
+        batches = (normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+                   for start in range(0, len(images), batch_size))
+    else:
+        batches = (x.to(device, non_blocking=True) for x, _ in DataLoader(
+            images, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"))
     out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=None):
-        x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+    for x in tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False, disable=None):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
@@ -122,19 +131,20 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts
     return summarize(confusion_matrix(logits.argmax(1), labels, len(train_counts)), train_counts)
 
 
-def predict_all_ranks(model: nn.Module, images: torch.Tensor, batch_size: int, mean: Sequence[float],
+def predict_all_ranks(model: nn.Module, images: torch.Tensor | Dataset, batch_size: int, mean: Sequence[float],
                       std: Sequence[float], channels_last: bool = False, desc: str = "eval", amp: str = "off",
-                      d: Dist = Dist()) -> torch.Tensor:
+                      d: Dist = Dist(), workers: int = 0) -> torch.Tensor:
     """predict_logits of all the images; with several processes each rank predicts its shard and the
     logits are gathered in order, so every rank gets the single-process (N, C) logits."""
     shard = d.shard(len(images))
-    return gather_rows(predict_logits(model, images[shard], batch_size, mean, std, channels_last, desc, amp), d)
+    mine = images[shard] if isinstance(images, torch.Tensor) else Subset(images, range(shard.start, shard.stop))
+    return gather_rows(predict_logits(model, mine, batch_size, mean, std, channels_last, desc, amp, workers), d)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int],
+def evaluate(model: nn.Module, images: torch.Tensor | Dataset, labels: torch.Tensor, train_counts: Sequence[int],
              batch_size: int, mean: Sequence[float], std: Sequence[float], channels_last: bool = False,
-             desc: str = "val", amp: str = "off", d: Dist = Dist()) -> dict:
-    """Metrics (engine.metrics.summarize) of the model on uint8 images (N, 3, H, W) with labels (N,),
-    the same on every rank (predict_all_ranks)."""
-    logits = predict_all_ranks(model, images, batch_size, mean, std, channels_last, desc, amp, d)
+             desc: str = "val", amp: str = "off", d: Dist = Dist(), workers: int = 0) -> dict:
+    """Metrics (engine.metrics.summarize) of the model on uint8 images (N, 3, H, W) or an image-file
+    Dataset, with labels (N,), the same on every rank (predict_all_ranks)."""
+    logits = predict_all_ranks(model, images, batch_size, mean, std, channels_last, desc, amp, d, workers)
     return metrics_from_logits(logits, labels.cpu(), train_counts)

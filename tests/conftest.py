@@ -48,6 +48,43 @@ def write_fake_cifar10(root: Path, train_per_class: int, test_per_class: int, se
     return root
 
 
+def _class_image(label: int, index: int, size: int) -> torch.Tensor:
+    """A learnable uint8 (3, size, size) image: class `label` sets its colour, `index` its noise."""
+    g = torch.Generator().manual_seed(1000 * label + index)
+    image = torch.full((3, size, size), 40.0)
+    image[label % 3] = 60 + (37 * label) % 180
+    return (image + torch.randint(-20, 21, (3, size, size), generator=g)).clamp(0, 255).to(torch.uint8)
+
+
+def _write_jpeg(path: Path, image: torch.Tensor) -> None:
+    from torchvision.io import encode_jpeg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_jpeg(image, quality=95).numpy().tobytes())
+
+
+def write_image_folder(root: Path, counts: dict[str, dict[str, int]], size: int = 16) -> Path:
+    """root/<split>/<class>/<i>.jpg with counts[split][class] JPEG images each."""
+    for split, per_class in counts.items():
+        for c, (name, n) in enumerate(sorted(per_class.items())):
+            for i in range(n):
+                _write_jpeg(root / split / name / f"{i}.jpg", _class_image(c, i + 100 * len(split), size))
+    return root
+
+
+def write_image_lists(root: Path, files: dict[str, list[int]], size: int = 16) -> Path:
+    """A split-list dataset: for each list file name, one JPEG per label (images/<file>/<i>.jpg) and
+    the list file itself (`images/<file>/<i>.jpg <label>` lines) in root."""
+    for name, labels in files.items():
+        lines = []
+        for i, label in enumerate(labels):
+            rel = f"images/{Path(name).stem}/{i}.jpg"
+            _write_jpeg(root / rel, _class_image(label, i, size))
+            lines.append(f"{rel} {label}")
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # In-process tests use tiny tensors: intra-op threads only add overhead, and stall badly

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from config.load import load_config
+from config.load import check_dataset_keys, load_config
 from config.schema import STAGE_SCRIPTS
+from data.build_files import DATASET_KINDS
 from data.samplers import SAMPLERS
 from models import MODELS
 from models.losses import build_loss
@@ -30,6 +31,8 @@ def test_config_loads_for_the_stage_of_its_first_line_which_is_its_own_run_comma
     stage = {f"# python {script} --cfg {rel}": stage for stage, script in STAGE_SCRIPTS.items()}.get(first.split("  ")[0])
     assert stage is not None, first
     cfg = load_config(path, stage=stage)  # no key the other stage alone reads
+    if stage == "stage1":  # (stage 2 reads data.dataset from its stage-1 checkpoint first)
+        check_dataset_keys(cfg, DATASET_KINDS[cfg.data.dataset])  # nor one another kind of dataset reads
     assert bool(cfg.stage1.checkpoint) == (stage == "stage2")
     assert cfg.model.name in MODELS and cfg.data.sampler in SAMPLERS
     params = {k: v for k, v in asdict(cfg.loss).items() if k != "name" and v is not None}

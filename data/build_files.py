@@ -1,0 +1,116 @@
+"""The training, validation and test splits of a dataset stored as image files (class folders or the
+papers' split lists), from plain arguments; the file-backed counterpart of data/build.py.
+
+Folders: `root/train/<class>/*` is subset to a long tail like CIFAR when imbalance_factor > 1 (so a
+balanced folder such as CIFAR-10 as JPEGs becomes CIFAR-10-LT); the validation split is
+`root/val/<class>/*` when present, else val_per_class images per class held out of train/ before the
+subset is drawn (as data/build.py does). Split lists (ImageNet-LT, Places-LT, iNaturalist 2018) are
+long-tailed as published and are used as they are.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.build import LongTailData, build_long_tail
+from data.cifar import DatasetFormatError
+from data.image_files import (IMAGENET_MEAN, IMAGENET_STD, LIST_DATASETS, ImageFileDataset, ImageList,
+                              eval_transform, read_folder_split, read_list_split, train_transform)
+from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, select_long_tail
+
+logger = logging.getLogger(__name__)
+
+FILE_DATASETS = ("folder", *LIST_DATASETS)
+# Every data.dataset name and its kind: cifar (in memory, data/build.py), folder or list (image files).
+DATASET_KINDS: dict[str, str] = {"cifar10": "cifar", "cifar100": "cifar", "folder": "folder",
+                                 **{name: "list" for name in LIST_DATASETS}}
+
+
+@dataclass
+class FileData:
+    train: ImageFileDataset  # training transform, indexed by (index, seed)
+    train_labels: torch.Tensor  # int64 (N,)
+    val_images: ImageFileDataset | None  # evaluation transform; None without a validation split
+    val_labels: torch.Tensor  # int64 (V,); V = 0 without a validation split
+    class_names: list[str]
+    class_counts: list[int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _subset(images: ImageList, index: torch.Tensor) -> ImageList:
+    return ImageList([images.paths[i] for i in index.tolist()], images.labels[index], images.class_names)
+
+
+def _folder_splits(root: Path, imbalance_factor: float, profile: str, subset_seed: int,
+                   val_per_class: int) -> tuple[ImageList, ImageList | None]:
+    full = read_folder_split(root, "train")
+    val = read_folder_split(root, "val", full.class_names)
+    if val is not None and val_per_class:
+        raise DatasetFormatError(f"{root / 'val'} is the validation split; data.val_per_class={val_per_class} would "
+                                 f"hold out more: set data.val_per_class=0")
+    if val_per_class:
+        rest, held = hold_out_per_class(full.labels, val_per_class, subset_seed)
+        full, val = _subset(full, rest), _subset(full, held)
+    if imbalance_factor > 1:
+        num_classes = len(full.class_names)
+        counts = long_tail_counts(min(class_counts(full.labels, num_classes)), num_classes, imbalance_factor, profile)
+        full = _subset(full, select_long_tail(full.labels, counts, subset_seed))
+    return full, val
+
+
+def _list_splits(dataset: str, root: Path, list_dir: Path, subset_seed: int,
+                 val_per_class: int) -> tuple[ImageList, ImageList | None]:
+    train = read_list_split(dataset, "train", list_dir, root)
+    if "val" in LIST_DATASETS[dataset].files:
+        if val_per_class:
+            raise DatasetFormatError(f"{dataset} has a validation list; data.val_per_class={val_per_class} would "
+                                     f"hold out more: set data.val_per_class=0")
+        return train, read_list_split(dataset, "val", list_dir, root)
+    if not val_per_class:
+        return train, None
+    rest, held = hold_out_per_class(train.labels, val_per_class, subset_seed)
+    return _subset(train, rest), _subset(train, held)
+
+
+def read_test_split(dataset: str, root: str | Path, list_dir: str | Path, class_names: list[str]) -> ImageList:
+    """The test split of a file dataset, labelled with the training split's class names."""
+    root = Path(root)
+    if dataset == "folder":
+        test = read_folder_split(root, "test", class_names)
+        if test is None:
+            raise DatasetFormatError(f"{root / 'test'} does not exist: put the test images in test/<class>/")
+        return test
+    return read_list_split(dataset, "test", Path(list_dir or root), root)
+
+
+def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbalance_factor: float, profile: str,
+                    subset_seed: int, val_per_class: int, image_size: int) -> FileData:
+    """The splits of `dataset` (a FILE_DATASETS name): lists are read from list_dir (empty: root), image
+    paths are relative to root; images decode when a loader asks for them."""
+    root = Path(root)
+    if dataset == "folder":
+        train, val = _folder_splits(root, imbalance_factor, profile, subset_seed, val_per_class)
+    else:
+        train, val = _list_splits(dataset, root, Path(list_dir or root), subset_seed, val_per_class)
+    counts = class_counts(train.labels, len(train.class_names))
+    logger.info("%s at %s: %d training images, %d validation, %d classes, counts %d ... %d", dataset, root,
+                len(train.paths), len(val.paths) if val else 0, len(counts), max(counts), min(counts))
+    return FileData(
+        train=ImageFileDataset(train, train_transform(image_size)), train_labels=train.labels,
+        val_images=ImageFileDataset(val, eval_transform(image_size)) if val else None,
+        val_labels=val.labels if val else torch.empty(0, dtype=torch.int64),
+        class_names=train.class_names, class_counts=counts, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    )
+
+
+def build_training_set(dataset: str, root: str | Path, list_dir: str | Path, download: bool, imbalance_factor: float,
+                       profile: str, subset_seed: int, val_per_class: int, image_size: int) -> LongTailData | FileData:
+    """The training and validation splits of any data.dataset: CIFAR in memory (data/build.py), or image files."""
+    if dataset in FILE_DATASETS:
+        return build_file_data(dataset, root, list_dir, imbalance_factor, profile, subset_seed, val_per_class,
+                               image_size)
+    return build_long_tail(dataset, root, download, imbalance_factor, profile, subset_seed, val_per_class)

@@ -1,0 +1,77 @@
+"""Batches of images decoded from files in DataLoader worker processes, for data too big to hold
+in memory (ImageNet-LT, Places-LT, iNaturalist, image folders).
+
+`StreamLoader` has `BatchLoader`'s interface: `epoch(e)` yields (images, labels) on the device,
+`len()` is the number of steps. The sampler draws the epoch's order in the main process with the
+(seed, epoch) generator, exactly as for the in-memory loader; every sample also gets its own
+augmentation seed from a separate stream, so a sample's crop and jitter depend on (seed, epoch,
+position) alone, not on which worker decodes it or how many workers there are. The workers stay
+alive across epochs; a batch sampler whose epoch is set before each pass feeds them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.loader import epoch_generator, steps_per_epoch
+
+STREAM_AUGMENT = 5  # the loader's stream of per-sample augmentation seeds (data.loader numbers 0-4 + rank)
+_SEED_BOUND = 2**62  # per-sample seeds are drawn in [0, 2^62)
+
+
+class EpochBatches:
+    """The (index, seed) batches of one epoch of a sampler, re-drawn by set_epoch; with several
+    processes each rank takes its contiguous share of every global batch (as BatchLoader)."""
+
+    def __init__(self, sampler, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
+        self.rank, self.world = rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.world > 1:
+            return max(1, self.sampler.num_samples // self.batch_size)
+        return steps_per_epoch(self.sampler.num_samples, self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.sampler.indices(self.epoch, epoch_generator(self.seed, self.epoch))
+        seeds = torch.randint(0, _SEED_BOUND, (len(order),),
+                              generator=epoch_generator(self.seed, self.epoch, STREAM_AUGMENT))
+        for step in range(len(self)):
+            span = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            idx, sd = order[span], seeds[span]
+            if self.world > 1:
+                idx, sd = idx.tensor_split(self.world)[self.rank], sd.tensor_split(self.world)[self.rank]
+            yield list(zip(idx.tolist(), sd.tolist()))
+
+
+class StreamLoader:
+    """Training batches from `dataset` (an ImageFileDataset, indexed by (index, seed)), decoded and
+    augmented in `workers` processes (0: in this process), moved to `device`."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler, seed: int, workers: int,
+                 device: torch.device, channels_last: bool = False, rank: int = 0, world: int = 1) -> None:
+        if batch_size < 2 * world:
+            raise ValueError(f"batch size must be at least 2 per process for BatchNorm, got {batch_size} "
+                             f"for {world} process(es)")
+        self.batches = EpochBatches(sampler, batch_size, seed, rank, world)
+        self.device, self.channels_last = device, channels_last
+        self.loader = DataLoader(dataset, batch_sampler=self.batches, num_workers=workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                 prefetch_factor=4 if workers > 0 else None)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.batches.set_epoch(epoch)
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)

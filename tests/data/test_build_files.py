@@ -1,0 +1,80 @@
+"""data.build_files: the splits of image-folder and split-list datasets, on tiny real JPEG files."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data.build_files import DATASET_KINDS, FILE_DATASETS, build_file_data, read_test_split
+from data.cifar import DatasetFormatError
+from data.image_files import IMAGENET_MEAN, LIST_DATASETS
+from data.long_tail import long_tail_counts
+from tests.conftest import write_image_folder, write_image_lists
+
+CLASSES = ("ant", "bee", "cow", "dog")
+
+
+def _folder(tmp_path, train=12, test=3, val=0):
+    counts = {"train": dict.fromkeys(CLASSES, train), "test": dict.fromkeys(CLASSES, test)}
+    if val:
+        counts["val"] = dict.fromkeys(CLASSES, val)
+    return write_image_folder(tmp_path / "folder", counts)
+
+
+def test_every_dataset_name_has_a_kind():
+    assert set(DATASET_KINDS) == {"cifar10", "cifar100", *FILE_DATASETS}
+    assert {DATASET_KINDS[n] for n in LIST_DATASETS} == {"list"} and DATASET_KINDS["folder"] == "folder"
+
+
+def test_a_balanced_folder_becomes_a_long_tail_after_the_validation_hold_out(tmp_path):
+    root = _folder(tmp_path)
+    data = build_file_data("folder", root, "", 4.0, "exp", 0, 2, 16)
+    expected = long_tail_counts(10, 4, 4.0, "exp")  # 12 per class minus 2 held out
+    assert data.class_counts == expected == [10, 6, 3, 2]
+    assert data.class_names == list(CLASSES)
+    assert torch.equal(data.val_labels, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert torch.bincount(data.train_labels).tolist() == expected
+    held = set(map(str, data.val_images.images.paths))
+    assert not held & set(map(str, data.train.images.paths))  # validation images are never trained on
+    assert data.mean == IMAGENET_MEAN
+    x, y = data.train[(0, 123)]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 0
+
+
+def test_imbalance_one_keeps_every_image_and_a_val_folder_is_the_validation_split(tmp_path):
+    root = _folder(tmp_path, train=5, val=2)
+    data = build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16)
+    assert data.class_counts == [5, 5, 5, 5]
+    assert len(data.val_labels) == 8 and all(p.parts[-3] == "val" for p in data.val_images.images.paths)
+    with pytest.raises(DatasetFormatError, match="is the validation split; data.val_per_class=2"):
+        build_file_data("folder", root, "", 1.0, "exp", 0, 2, 16)
+
+
+def test_split_lists_are_used_as_published_with_their_validation_list(tmp_path):
+    labels = [0] * 5 + [1] * 3 + [7]
+    root = write_image_lists(tmp_path / "pl", {"Places_LT_train.txt": labels, "Places_LT_val.txt": [0, 1, 7],
+                                               "Places_LT_test.txt": [0, 7]})
+    data = build_file_data("places_lt", root, "", 100.0, "exp", 0, 0, 16)
+    assert len(data.class_counts) == 365
+    assert data.class_counts[:8] == [5, 3, 0, 0, 0, 0, 0, 1] and sum(data.class_counts) == 9
+    assert data.val_labels.tolist() == [0, 1, 7]
+    assert read_test_split("places_lt", root, "", data.class_names).labels.tolist() == [0, 7]
+    with pytest.raises(DatasetFormatError, match="has a validation list; data.val_per_class=1"):
+        build_file_data("places_lt", root, "", 100.0, "exp", 0, 1, 16)
+
+
+def test_lists_read_from_list_dir_and_inat_holds_validation_out_of_train(tmp_path):
+    lists = tmp_path / "lists"
+    root = write_image_lists(tmp_path / "inat", {"iNaturalist18_train.txt": [0, 0, 0, 1, 1, 1],
+                                                 "iNaturalist18_val.txt": [0, 1]})
+    lists.mkdir()
+    for f in root.glob("*.txt"):
+        f.rename(lists / f.name)
+    data = build_file_data("inat2018", root, lists, 1.0, "exp", 0, 1, 16)
+    assert data.class_counts[:2] == [2, 2] and data.val_labels.tolist() == [0, 1]
+    assert build_file_data("inat2018", root, lists, 1.0, "exp", 0, 0, 16).val_images is None
+
+
+def test_a_folder_without_test_images_is_one_error_at_test_time(tmp_path):
+    root = write_image_folder(tmp_path / "f", {"train": dict.fromkeys(CLASSES, 2)})
+    with pytest.raises(DatasetFormatError, match="test does not exist: put the test images in test/<class>/"):
+        read_test_split("folder", root, "", list(CLASSES))
