@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ from data.build_files import FileData, build_training_set
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
 from engine.distributed import Dist, check_same_on_ranks
-from engine.features import CachedFeatures, LiveFeatures, compute_views
+from engine.features import CachedFeatures, LiveFeatures, compute_views, disk_views
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
 from engine.run import Progress, end_epoch, finish_run, restore
@@ -48,6 +49,7 @@ from models.heads import ScaledLinear, deployable_state, head_name, load_backbon
 from models.losses import build_loss
 
 STAGE = "stage2"
+CACHE_NAMES = {VIEW_STREAM: "train", META_VIEW_STREAM: "meta"}  # features_<name>.npy of image-file datasets
 logger = logging.getLogger("stage2")
 
 
@@ -179,16 +181,22 @@ def training_images(data: LongTailData | FileData) -> torch.Tensor | Dataset:
 
 
 def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset, data: LongTailData | FileData,
-                   stream: int, ranks: Dist) -> Features:
+                   stream: int, ranks: Dist, run_dir: Path) -> Features:
     """Features of `images` by index, on the backbone's device: stage2.cache_views views computed once
-    (each rank its share, every rank then all of them), or the backbone per batch (the images then
-    wait on that device; with several processes every rank runs the whole batch)."""
+    (each rank its share, every rank then all of them; for image files, float16 on disk in the run
+    directory, reused on resume), or the backbone per batch (the images then wait on that device;
+    with several processes every rank runs the whole batch)."""
     d, views = cfg.data, cfg.stage2.cache_views
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
+    device = next(model.parameters()).device
     if views > 0:
-        return CachedFeatures(compute_views(model, images, augment, views, data.mean, data.std, cfg.train.seed,
-                                            stream, cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp,
-                                            ranks, d.workers))
+        def compute() -> torch.Tensor:
+            return compute_views(model, images, augment, views, data.mean, data.std, cfg.train.seed, stream,
+                                 cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks, d.workers)
+        if isinstance(data, FileData):
+            path = run_dir / f"features_{CACHE_NAMES[stream]}.npy"
+            return CachedFeatures(disk_views(path, compute, ranks.is_main, ranks), device)
+        return CachedFeatures(compute())
     if isinstance(data, FileData):
         raise SystemExit(f"stage2.cache_views=0 runs the backbone on in-memory images; data.dataset={d.dataset} "
                          f"streams image files: set stage2.cache_views to 1 or more")
@@ -208,14 +216,14 @@ def new_head(cfg: Config, method: Method, stage1_head: nn.Module) -> nn.Module:
 
 
 def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, features: Features,
-                  ranks: Dist) -> MetaSampling:
+                  ranks: Dist, run_dir: Path) -> MetaSampling:
     """BALMS: the class sampler, its optimiser, and the split its class-balanced meta batches come from
     (validation when there is one and meta_sampler.meta_split=val, else the training set)."""
     ms = cfg.meta_sampler
     labels, meta_features, split = data.train_labels, features, "train"
     if len(data.val_labels) and ms.meta_split == "val":
         labels, split = data.val_labels, "val"
-        meta_features = feature_source(cfg, model, data.val_images, data, META_VIEW_STREAM, ranks)
+        meta_features = feature_source(cfg, model, data.val_images, data, META_VIEW_STREAM, ranks, run_dir)
     sampler = ClassSampler(data.train_labels, len(data.class_counts), ms.init_pow)
     logger.info("balms: class-balanced meta batches of %d from the %s split (%d images)", ms.meta_batch_size,
                 split, len(labels))
@@ -241,11 +249,11 @@ def main(cfg: Config, resume: bool = False) -> dict:
         return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
 
     # ---- features, head, loss, batches (a data sampler, or the BALMS meta-sampler), optimiser
-    features = feature_source(cfg, model, training_images(data), data, VIEW_STREAM, ranks)
+    features = feature_source(cfg, model, training_images(data), data, VIEW_STREAM, ranks, run_dir)
     model.head = head = new_head(cfg, method, copy.deepcopy(model.head))
     meta = sampler = None
     if method.kind == "meta":
-        meta = meta_sampling(cfg, model, data, features, ranks)
+        meta = meta_sampling(cfg, model, data, features, ranks, run_dir)
         loss_fn = build_loss(method.loss, data.class_counts, reduction="none").to(device)
     else:
         sampler = build_sampler(method.sampler, data.train_labels, len(data.class_counts))

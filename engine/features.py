@@ -9,8 +9,11 @@ BatchNorm in eval mode, which differs from the cache only in fresh augmentations
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -19,7 +22,7 @@ from tqdm import tqdm
 from data.augment import normalize
 from data.loader import epoch_generator
 from engine.device import autocast
-from engine.distributed import Dist, gather_rows
+from engine.distributed import Dist, gather_rows, sum_over_ranks
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -79,15 +82,31 @@ def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Aug
     return torch.stack(views)
 
 
+def disk_views(path: Path, compute: Callable[[], torch.Tensor], writes: bool, d: Dist = Dist()) -> torch.Tensor:
+    """(K, N, D) float16 views memory-mapped from the .npy file `path`, for training sets whose features
+    do not fit on the device: computed by `compute` and written once (atomically, by the rank that
+    `writes`), read back without recomputing when the run resumes. Every rank computes when any
+    rank lacks the file, since computing takes collectives."""
+    if sum_over_ranks([0.0 if path.exists() else 1.0], d)[0]:
+        views = compute().to("cpu", torch.float16).numpy()
+        if not writes:
+            return torch.from_numpy(views)
+        tmp = path.with_name(path.stem + ".partial.npy")
+        np.save(tmp, views)
+        os.replace(tmp, path)
+    return torch.from_numpy(np.load(path, mmap_mode="r+"))
+
+
 class CachedFeatures:
     """Features of images by index: each draw takes one of the K cached views at random."""
 
-    def __init__(self, views: torch.Tensor) -> None:
-        self.views = views  # (K, N, D)
+    def __init__(self, views: torch.Tensor, device: torch.device | None = None) -> None:
+        self.views = views  # (K, N, D): fp32 on the device, or fp16 memory-mapped from disk (disk_views)
+        self.device = device or views.device
 
     def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         k = torch.randint(self.views.shape[0], (len(indices),), generator=generator)
-        return self.views[k, indices]  # (B, D)
+        return self.views[k, indices].to(self.device, non_blocking=True).float()  # (B, D)
 
 
 class LiveFeatures:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import write_image_folder, write_image_lists
@@ -35,6 +36,10 @@ def test_a_long_tailed_folder_trains_both_stages_and_tests(folder, tmp_path, run
         "stage2.method=balms", "stage2.cache_views=2", "meta_sampler.meta_batch_size=6", "train.iterations=4",
         f"log_dir={s2}")
     run("stage2_classifier.py", f"log_dir={s2}", f"data.root={folder}", "data.workers=1", "--test")
+    # The cached views sit on disk as float16: 2 views of the 21 training images, 64 ResNet-32 features;
+    # BALMS's meta batches come from the val/ folder (6 images).
+    assert np.load(s2 / "features_train.npy", mmap_mode="r").shape == (2, 21, 64)
+    assert np.load(s2 / "features_meta.npy", mmap_mode="r").dtype == np.float16
     report = json.loads((s2 / "test_metrics.json").read_text())
     assert report["train_class_counts"] == [12, 6, 3]  # exp long tail of 12 at IF 4
     assert report["class_names"] == list(CLASSES) and len(report["per_class"]) == 3

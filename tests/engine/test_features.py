@@ -199,3 +199,37 @@ def test_live_features_with_eval_batchnorm_keep_stage1_statistics_and_match_a_ca
     x = BatchAugment(4, True)(images[idx], torch.Generator().manual_seed(2))
     expected = compute_views(model, x, None, 1, MEAN, STD, 0, 0, 8)[0]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_disk_views_are_computed_once_as_float16_and_memory_mapped_back(tmp_path):
+    from engine.features import disk_views
+
+    views = torch.randn(2, 5, 3)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return views
+
+    path = tmp_path / "features_train.npy"
+    first = disk_views(path, compute, writes=True)
+    assert path.exists() and not list(tmp_path.glob("*.partial.npy"))
+    assert first.dtype == torch.float16 and torch.equal(first, views.half())
+    again = disk_views(path, lambda: pytest.fail("recomputed although the file exists"), writes=True)
+    assert torch.equal(again, views.half()) and calls == [1]
+
+
+def test_a_rank_that_does_not_write_keeps_its_views_in_memory(tmp_path):
+    from engine.features import disk_views
+
+    out = disk_views(tmp_path / "f.npy", lambda: torch.ones(1, 2, 2), writes=False)
+    assert not (tmp_path / "f.npy").exists() and torch.equal(out, torch.ones(1, 2, 2, dtype=torch.float16))
+
+
+def test_cached_features_from_disk_come_back_as_float32_on_the_device():
+    from engine.features import CachedFeatures
+
+    views = torch.arange(24, dtype=torch.float16).view(2, 4, 3)
+    out = CachedFeatures(views, torch.device("cpu"))(torch.tensor([3, 0]), torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and out.shape == (2, 3)
+    assert all(any(torch.equal(row, views[k, i].float()) for k in range(2)) for row, i in zip(out, [3, 0]))
