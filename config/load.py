@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from config.schema import CHOICES, DATASET_KEYS, RENAMED, STAGE_KEYS, STAGE_SCRIPTS, Config
+from config.schema import CHOICES, DATASET_KEYS, RANGES, RENAMED, STAGE_KEYS, STAGE_SCRIPTS, Config
 
 
 class ConfigError(ValueError):
@@ -182,6 +182,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=30")
         _set_override(cfg, key.strip(), raw, f"override {item!r}")
     check_choices(cfg)
+    check_ranges(cfg)
     if stage is not None:
         check_stage(cfg, stage)
     return cfg
@@ -230,6 +231,17 @@ def not_one_of(key: str, value: str, valid: typing.Sequence[str]) -> str:
     close = difflib.get_close_matches(value, list(valid), n=3, cutoff=0.5)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     return f"{key}={value!r} is not one of {', '.join(valid)}{hint}"
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numeric keys within their bounds (schema.RANGES), and the run named."""
+    for key, (op, bound) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not (value > bound if op == ">" else value >= bound):
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {op} {bound:g}")
+    if not cfg.name.strip() and not cfg.log_dir:
+        raise ConfigError("name is empty: give the run a name (its directory is logs/<name>), or set log_dir")
 
 
 def check_choices(cfg: Config) -> None:

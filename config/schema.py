@@ -155,6 +155,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "meta_sampler.meta_split": ("val", "train"),
 }
 
+# Lower bounds of the numeric keys, (">" or ">=", bound): checked when the config loads, before
+# anything is written (every float is also finite: nan and inf are refused for any key).
+RANGES: dict[str, tuple[str, float]] = {
+    "data.imbalance_factor": (">=", 1), "data.subset_seed": (">=", 0), "data.val_per_class": (">=", 0),
+    "data.crop_padding": (">=", 0), "data.cutout": (">=", 0), "data.image_size": (">=", 1), "data.workers": (">=", 0),
+    "train.epochs": (">=", 1), "train.iterations": (">=", 0), "train.batch_size": (">=", 2),  # BatchNorm: 2 images
+    "train.lr": (">=", 0), "train.momentum": (">=", 0), "train.weight_decay": (">=", 0), "train.warmup": (">=", 0),
+    "train.gamma": (">", 0), "train.mixup_alpha": (">=", 0), "train.num_threads": (">=", 0),
+    "train.accum_steps": (">=", 1), "train.dist_timeout_s": (">", 0),
+    "stage2.cache_views": (">=", 0), "stage2.tau_norm_tau": (">=", 0),
+    "meta_sampler.lr": (">=", 0), "meta_sampler.meta_batch_size": (">=", 1), "meta_sampler.gumbel_tau": (">", 0),
+    "eval.batch_size": (">=", 1), "eval.logit_adjust_tau": (">=", 0),
+}
+
 # Keys (or whole sections) that one stage alone reads; every other key is read by both stages.
 # A run of the other stage that sets one away from its default stops with an error naming the
 # stage that reads it: a key that does nothing must not look as if it did.

@@ -221,3 +221,22 @@ def test_a_float_key_refuses_nan_and_infinity(item):
     key = item.split("=")[0]
     with pytest.raises(ConfigError, match=f"config key '{key}' .* expects a finite number"):
         load_config(None, [item])
+
+
+@pytest.mark.parametrize("override, rule", [
+    ("train.lr=-0.1", ">= 0"), ("train.batch_size=1", ">= 2"), ("train.batch_size=0", ">= 2"),
+    ("train.epochs=0", ">= 1"), ("train.iterations=-1", ">= 0"), ("data.imbalance_factor=0.5", ">= 1"),
+    ("eval.batch_size=0", ">= 1"), ("data.val_per_class=-1", ">= 0"), ("meta_sampler.gumbel_tau=0", "> 0"),
+    ("train.accum_steps=0", ">= 1"), ("stage2.cache_views=-2", ">= 0"), ("data.workers=-1", ">= 0"),
+])
+def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(f"{key}=") and value in str(err.value) and f"it must be {rule}" in str(err.value)
+
+
+def test_an_empty_name_is_refused_unless_log_dir_names_the_run():
+    with pytest.raises(ConfigError, match="name is empty"):
+        load_config(None, ["name="])
+    assert load_config(None, ["name=", "log_dir=runs/x"]).run_dir == "runs/x"
