@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from config.schema import DataConfig
 from data.build import NORMALIZATION
+from data.build_files import FILE_DATASETS
 from data.cifar import IMAGE_SHAPE
 from engine.device import DeviceError, resolve_device
 from engine.loop import predict_logits
@@ -50,7 +52,10 @@ def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict
         raise SystemExit(f"error: {path} records no training dataset; pass --dataset "
                          f"({' | '.join(NORMALIZATION)}) to choose the normalisation it expects")
     mean, std = NORMALIZATION[dataset]
-    meta = export_meta(ckpt["model_args"], ckpt["class_names"], ckpt["class_counts"], mean, std, IMAGE_SHAPE[1])
+    # CIFAR models take 32x32 images; image-file models the data.image_size they were trained at.
+    size = (ckpt["config"] or {}).get("data", {}).get("image_size", DataConfig().image_size) \
+        if dataset in FILE_DATASETS else IMAGE_SHAPE[1]
+    meta = export_meta(ckpt["model_args"], ckpt["class_names"], ckpt["class_counts"], mean, std, size)
     return ckpt["model"], meta
 
 

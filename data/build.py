@@ -14,14 +14,17 @@ import torch
 
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from data.cifar import get_spec, load_cifar
+from data.image_files import IMAGENET_MEAN, IMAGENET_STD, LIST_DATASETS
 from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, select_long_tail
 
 logger = logging.getLogger(__name__)
 
 # Per-channel mean / std of the training images, as the papers' code normalises.
+# Image files (folders, split lists) use ImageNet's, as the papers' ImageNet-LT code.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": (tuple(CIFAR10_MEAN), tuple(CIFAR10_STD)),
     "cifar100": (tuple(CIFAR100_MEAN), tuple(CIFAR100_STD)),
+    **{name: (IMAGENET_MEAN, IMAGENET_STD) for name in ("folder", *LIST_DATASETS)},
 }
 
 

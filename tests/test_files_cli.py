@@ -46,6 +46,10 @@ def test_a_long_tailed_folder_trains_both_stages_and_tests(folder, tmp_path, run
     assert sum(map(sum, report["confusion_matrix"])) == 12  # the 4 test images of each class
     assert report["few"] is not None and report["many"] is None and report["medium"] is None  # all < 20 images
     assert len(json.loads((s1 / "metrics.jsonl").read_text().splitlines()[-1]).keys() & {"val_top1"}) == 1
+    # predict.py takes a folder model's image size (16) and ImageNet normalisation from its checkpoint.
+    images = [str(folder / "test" / c / "0.jpg") for c in CLASSES]
+    lines = run("predict.py", str(s2 / "best.pt"), *images).stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == images and all(line.split("\t")[1] in CLASSES for line in lines)
 
 
 def test_split_lists_train_stage1_and_crt_and_test(tmp_path, run):

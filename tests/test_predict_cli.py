@@ -89,7 +89,7 @@ def test_imported_checkpoint_without_config_needs_the_dataset(checkpoint, image_
     save_checkpoint(path, {"model": model.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10},
                            "class_counts": None, "class_names": None, "config": None})
     proc = run("predict.py", str(path), str(image_files[0]), check=False)
-    assert proc.returncode == 1 and "records no training dataset; pass --dataset (cifar10 | cifar100)" in proc.stderr
+    assert proc.returncode == 1 and "records no training dataset; pass --dataset (cifar10 | cifar100 | folder | imagenet_lt | places_lt | inat2018)" in proc.stderr
     proc = run("predict.py", str(path), str(image_files[0]), "--dataset", "cifar10")
     expected = _expected_lines(model, image_files[:1])[0].split("\t")
     assert proc.stdout.split("\t") == [expected[0], str(NAMES.index(expected[1])), expected[2] + "\n"]
