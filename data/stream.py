@@ -3,9 +3,9 @@ in memory (ImageNet-LT, Places-LT, iNaturalist, image folders).
 
 `StreamLoader` has `BatchLoader`'s interface: `epoch(e)` yields (images, labels) on the device,
 `len()` is the number of steps. The sampler draws the epoch's order in the main process with the
-(seed, epoch) generator, exactly as for the in-memory loader; every sample also gets its own
-augmentation seed from a separate stream, so a sample's crop and jitter depend on (seed, epoch,
-position) alone, not on which worker decodes it or how many workers there are. The workers stay
+(seed, epoch) generator, exactly as for the in-memory loader, and then, from the same generator,
+one augmentation seed per sample, so a sample's crop and jitter depend on (seed, epoch, position)
+alone, not on which worker decodes it, how many workers there are, or how many ranks share it. The workers stay
 alive across epochs; a batch sampler whose epoch is set before each pass feeds them.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.loader import epoch_generator, steps_per_epoch
 
-STREAM_AUGMENT = 5  # the loader's stream of per-sample augmentation seeds (data.loader numbers 0-4 + rank)
 _SEED_BOUND = 2**62  # per-sample seeds are drawn in [0, 2^62)
 
 
@@ -39,9 +38,9 @@ class EpochBatches:
         return steps_per_epoch(self.sampler.num_samples, self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = self.sampler.indices(self.epoch, epoch_generator(self.seed, self.epoch))
-        seeds = torch.randint(0, _SEED_BOUND, (len(order),),
-                              generator=epoch_generator(self.seed, self.epoch, STREAM_AUGMENT))
+        gen = epoch_generator(self.seed, self.epoch)
+        order = self.sampler.indices(self.epoch, gen)
+        seeds = torch.randint(0, _SEED_BOUND, (len(order),), generator=gen)
         for step in range(len(self)):
             span = slice(step * self.batch_size, (step + 1) * self.batch_size)
             idx, sd = order[span], seeds[span]

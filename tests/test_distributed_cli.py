@@ -117,3 +117,25 @@ def test_stage2_balms_on_two_processes_equals_one_process(fake_cifar10, stage1_r
         torch.testing.assert_close(ha[key], hb[key], rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "tb",
                                                      "train.log"]
+
+
+def test_an_image_folder_trains_and_tests_under_torchrun_as_in_one_process(tmp_path):
+    from tests.conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "folder", {"train": {"a": 8, "b": 8}, "val": {"a": 2, "b": 2},
+                                                      "test": {"a": 3, "b": 3}})
+    two = tmp_path / "two"
+    common = ("data.dataset=folder", f"data.root={folder}", "data.image_size=16", "data.workers=0",
+              "train.device=cpu", "train.num_threads=1", "eval.batch_size=4")
+    proc = _run(torchrun(*common, "data.imbalance_factor=2", "train.iterations=2", "train.batch_size=8",
+                         "train.warmup=0", f"log_dir={two}"))
+    assert "2 processes" in proc.stderr
+    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "tb",
+                                                     "train.log"]
+    # Each rank decodes and scores its shard of the test folder; the gathered table is one process's.
+    one = tmp_path / "one"
+    _run(torchrun(*common, "--ckpt", str(two / "last.pt"), f"log_dir={two}", "--test"))
+    _run([sys.executable, "stage1_train.py", *common, "--ckpt", str(two / "last.pt"), f"log_dir={one}", "--test"])
+    ta, tb = (json.loads((d / "test_metrics.json").read_text()) for d in (one, two))
+    assert ta["confusion_matrix"] == tb["confusion_matrix"] and sum(map(sum, ta["confusion_matrix"])) == 6
+    assert ta["train_class_counts"] == [8, 4]
