@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from config.cli import exit_on_user_error
 from config.schema import DataConfig
 from data.build import NORMALIZATION
 from data.build_files import FILE_DATASETS
@@ -95,4 +96,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -4,6 +4,7 @@ and what --test runs, which is the same for both stages."""
 from __future__ import annotations
 
 import argparse
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -106,11 +107,30 @@ def test(cfg: Config, ckpt_path: Path | None) -> dict:
     return metrics
 
 
+USER_ERROR_STATUS = 2  # the exit status of a user error, as argparse uses for a bad command line
+
+
+def exit_on_user_error(command: Callable[[], object]) -> None:
+    """Run a command-line program: a user error (SystemExit with its message) prints that one line to
+    stderr and exits with USER_ERROR_STATUS; anything else (a bug) keeps its traceback."""
+    try:
+        command()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            raise SystemExit(USER_ERROR_STATUS) from None
+        raise
+
+
 def run_cli(stage: str, description: str, main: Callable[..., dict]) -> None:
     """An entry script's command line: parse --cfg and overrides, then train (main) or --test."""
-    cfg, args = parse_cli(stage, description)
-    with user_errors():
-        if args.test:
-            test(cfg, Path(args.ckpt) if args.ckpt else None)
-        else:
-            main(cfg, resume=args.resume)
+
+    def command() -> None:
+        cfg, args = parse_cli(stage, description)
+        with user_errors():
+            if args.test:
+                test(cfg, Path(args.ckpt) if args.ckpt else None)
+            else:
+                main(cfg, resume=args.resume)
+
+    exit_on_user_error(command)

@@ -11,6 +11,7 @@ else ~/.cache/lt-decoupled/pretrained.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from models.checkpoint import CheckpointError
@@ -74,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         COMMANDS[args.command](args)
     except (DownloadError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)  # one line, and exit status 2 as for every user error
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def folder(tmp_path_factory):
 
 def _error_line(proc) -> str:
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     return lines[-1]
 
 

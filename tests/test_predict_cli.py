@@ -64,7 +64,7 @@ def test_predict_prints_class_and_probability_per_image(checkpoint, image_files,
     assert proc.stdout.splitlines() == _expected_lines(model, image_files)
     assert run("predict.py", str(path), "--device", "cpu", *map(str, image_files)).stdout == proc.stdout
     bad = run("predict.py", str(path), "--device", "tpu", *map(str, image_files), check=False)
-    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: train.device='tpu' is not one of")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: train.device='tpu' is not one of")
 
 
 def test_export_writes_plain_state_dict_and_json_that_predict_the_same(checkpoint, image_files, tmp_path, run):
@@ -89,7 +89,7 @@ def test_imported_checkpoint_without_config_needs_the_dataset(checkpoint, image_
     save_checkpoint(path, {"model": model.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10},
                            "class_counts": None, "class_names": None, "config": None})
     proc = run("predict.py", str(path), str(image_files[0]), check=False)
-    assert proc.returncode == 1 and "records no training dataset; pass --dataset (cifar10 | cifar100 | folder | imagenet_lt | places_lt | inat2018)" in proc.stderr
+    assert proc.returncode == 2 and "records no training dataset; pass --dataset (cifar10 | cifar100 | folder | imagenet_lt | places_lt | inat2018)" in proc.stderr
     proc = run("predict.py", str(path), str(image_files[0]), "--dataset", "cifar10")
     expected = _expected_lines(model, image_files[:1])[0].split("\t")
     assert proc.stdout.split("\t") == [expected[0], str(NAMES.index(expected[1])), expected[2] + "\n"]
@@ -99,5 +99,5 @@ def test_unreadable_image_is_named_in_one_error(checkpoint, tmp_path, run):
     path, _ = checkpoint
     (tmp_path / "notes.txt").write_text("not an image")
     proc = run("predict.py", str(path), str(tmp_path / "notes.txt"), check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"error: cannot read {tmp_path / 'notes.txt'} as an image")

@@ -72,7 +72,7 @@ def test_offline_download_is_one_clear_error_without_traceback(tmp_path, run, mo
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     url = _closed_url()
     proc = run("-m", "models", "fetch", url, "--timeout", "2", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: download of {url} failed: cannot reach 127.0.0.1:")
     assert line.endswith(f"pass its path (or copy it to {cache_path(url, tmp_path / 'cache')})")
@@ -95,7 +95,7 @@ def test_stage1_resets_the_head_for_another_number_of_classes(fake_cifar10, tmp_
     args = ("stage1_train.py", f"data.root={fake_cifar10}", *tiny_stage1, "train.epochs=1", "train.lr=0",
             f"model.pretrained={tmp_path / 'cifar100.pth'}")
     proc = run(*args, f"log_dir={tmp_path / 'refused'}", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "head.weight: checkpoint (100, 64) vs model (10, 64)" in proc.stderr
     assert "reset_head=True (model.reset_head=true) starts a new one" in proc.stderr
 
@@ -110,7 +110,7 @@ def test_stage1_cosine_head_on_a_linear_checkpoint_needs_reset_head(fake_cifar10
     args = ("stage1_train.py", f"data.root={fake_cifar10}", *tiny_stage1, "train.epochs=1", "train.lr=0",
             f"model.pretrained={tmp_path / 'final_model_checkpoint.pth'}", "model.head=cosine")
     proc = run(*args, f"log_dir={tmp_path / 'refused'}", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "has a linear head, not the model.head=cosine asked for" in proc.stderr
     assert "model.reset_head=true for a new cosine head" in proc.stderr
 
@@ -125,7 +125,7 @@ def test_stage1_offline_pretrained_url_fails_with_one_message(fake_cifar10, tmp_
     url = _closed_url()
     proc = run("stage1_train.py", f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'run'}", *tiny_stage1,
                f"model.pretrained={url}", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"model.pretrained={url}: download of {url} failed: cannot reach 127.0.0.1:" in proc.stderr
 
 
@@ -174,4 +174,4 @@ def test_stage2_on_torchvision_weights_trains_a_new_head(fake_cifar10, tmp_path,
 def test_stage2_refuses_contradictory_backbone_settings(fake_cifar10, tmp_path, run, extra, message):
     proc = run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'x'}",
                "model.pretrained=resnet18_imagenet", *extra, check=False)
-    assert proc.returncode == 1 and message in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr

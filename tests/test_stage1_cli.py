@@ -51,7 +51,7 @@ def test_existing_run_is_not_overwritten_without_resume(fake_cifar10, tmp_path, 
 def test_unknown_key_fails_before_training_with_suggestion(tmp_path, run):
     proc = run("stage1_train.py", f"log_dir={tmp_path / 'x'}", "train.epoch=3", check=False)
     [line] = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and line.startswith("config error: unknown config key 'train.epoch'")
+    assert proc.returncode == 2 and line.startswith("config error: unknown config key 'train.epoch'")
     assert "did you mean train.epochs" in line
     assert not (tmp_path / "x").exists()
 
@@ -64,21 +64,21 @@ def test_unknown_key_fails_before_training_with_suggestion(tmp_path, run):
 def test_a_renamed_key_fails_naming_its_new_name(tmp_path, run, override, new):
     proc = run("stage1_train.py", f"log_dir={tmp_path / 'x'}", override, check=False)
     [line] = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and f"'{override.split('=')[0]}'" in line and f"was renamed: use {new}" in line
+    assert proc.returncode == 2 and f"'{override.split('=')[0]}'" in line and f"was renamed: use {new}" in line
 
 
 @pytest.mark.parametrize("override", ["meta_sampler.lr=0.1", "stage2.method=balms", "stage1.checkpoint=x.pt"])
 def test_a_key_only_stage2_reads_is_refused_by_stage1(tmp_path, run, override):
     proc = run("stage1_train.py", f"log_dir={tmp_path / 'x'}", override, check=False)
     [line] = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and line.startswith(f"config error: {override.split('=')[0]}=")
+    assert proc.returncode == 2 and line.startswith(f"config error: {override.split('=')[0]}=")
     assert "stage2_classifier.py" in line and not (tmp_path / "x").exists()
 
 
 def test_test_before_any_checkpoint_is_one_line(fake_cifar10, tmp_path, run):
     proc = run(*_args(fake_cifar10, tmp_path / "empty", "--test"), check=False)
     [line] = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and line.startswith("error: no checkpoint at") and "last.pt" in line
+    assert proc.returncode == 2 and line.startswith("error: no checkpoint at") and "last.pt" in line
 
 
 def test_test_takes_the_dataset_from_the_checkpoint_not_the_config(fake_cifar10, tmp_path, run, tiny_stage1):
@@ -103,7 +103,7 @@ def test_options_and_overrides_mix_in_any_order(fake_cifar10, tmp_path, run, tin
 
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, run):
     proc = run("stage1_train.py", f"data.root={tmp_path / 'nowhere'}", f"log_dir={tmp_path / 'x'}", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: CIFAR-10 not found: looked in {tmp_path / 'nowhere' / 'cifar-10-batches-py'}")
     assert "data.download=true" in last and "LT_DATA_ROOT" in last
@@ -177,7 +177,7 @@ def test_unknown_registry_names_fail_in_one_line_with_the_close_valid_ones(fake_
         proc = run(*_args(fake_cifar10, tmp_path / "x", override), check=False)
         [line] = proc.stderr.strip().splitlines()
         key, value = override.split("=")
-        assert proc.returncode == 1 and line.startswith(f"config error: {key}={value!r} is not one of"), line
+        assert proc.returncode == 2 and line.startswith(f"config error: {key}={value!r} is not one of"), line
         assert expected in line, line
     assert not (tmp_path / "x").exists()  # nothing was started
 
@@ -200,14 +200,14 @@ def test_explicit_cpu_device_with_bf16_and_accumulation_trains_and_tests(fake_ci
 def test_a_device_or_precision_this_machine_lacks_is_one_line(fake_cifar10, tmp_path, run, override, message):
     proc = run(*_args(fake_cifar10, tmp_path / "x", "train.device=cpu", override), check=False)
     [line] = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and line == f"error: {message}"
+    assert proc.returncode == 2 and line == f"error: {message}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cuda_on_a_machine_without_one_says_to_use_the_cpu(fake_cifar10, tmp_path, run):
     proc = run(*_args(fake_cifar10, tmp_path / "x", "train.device=cuda"), check=False)
     [line] = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and "no CUDA device is visible here; use train.device=cpu" in line
+    assert proc.returncode == 2 and "no CUDA device is visible here; use train.device=cpu" in line
 
 
 def test_a_compiled_model_trains_and_saves_the_plain_model_layout(fake_cifar10, tmp_path, run, tiny_stage1):

@@ -75,7 +75,7 @@ def test_naive_path_with_eval_batchnorm_keeps_the_stage1_backbone_exactly(fake_c
 
 def test_stage2_on_a_different_training_set_is_refused(fake_cifar10, stage1_run, tmp_path, run):
     proc = run(*_stage2(fake_cifar10, stage1_run, tmp_path / "x", "data.imbalance_factor=20"), check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.imbalance_factor=20.0" in proc.stderr and "has data.imbalance_factor=10.0" in proc.stderr
     assert not (tmp_path / "x").exists()
 
@@ -100,7 +100,7 @@ def test_refused_resume_leaves_the_run_config_as_it_was(fake_cifar10, stage1_run
     run(*_stage2(fake_cifar10, stage1_run, log_dir))
     before = (log_dir / "config.yaml").read_text()
     proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, "train.lr=0.5", "--resume"), check=False)
-    assert proc.returncode == 1 and "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "train.lr" in proc.stderr and "Traceback" not in proc.stderr
     assert (log_dir / "config.yaml").read_text() == before
 
 
@@ -123,7 +123,7 @@ def test_a_stage2_key_that_the_chosen_method_does_not_read_is_refused(fake_cifar
                                                                        override, readers):
     proc = run(*_stage2(fake_cifar10, stage1_run, tmp_path / "x", "stage2.method=lws", override), check=False)
     [line] = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and line.startswith(f"config error: {override.split('=')[0]} is read by")
+    assert proc.returncode == 2 and line.startswith(f"config error: {override.split('=')[0]} is read by")
     assert f"stage2.method={readers} only, not by lws" in line and not (tmp_path / "x").exists()
 
 
@@ -135,7 +135,7 @@ def test_stage2_without_a_stage1_checkpoint_says_how_to_give_one(fake_cifar10, t
 def test_unknown_stage2_method_fails_in_one_line_with_the_close_valid_ones(fake_cifar10, stage1_run, tmp_path, run):
     proc = run(*_stage2(fake_cifar10, stage1_run, tmp_path / "x", "stage2.method=bals"), check=False)
     [line] = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and line.startswith("config error: stage2.method='bals'")
+    assert proc.returncode == 2 and line.startswith("config error: stage2.method='bals'")
     assert "balanced_softmax, balms, crt, lws, tau_norm" in line and "did you mean balms" in line
 
 
@@ -145,7 +145,7 @@ def test_a_key_only_stage1_reads_is_refused_by_stage2(fake_cifar10, stage1_run, 
     proc = run(*_stage2(fake_cifar10, stage1_run, tmp_path / "x", override), check=False)
     [line] = proc.stderr.strip().splitlines()
     key = override.split("=")[0]
-    assert proc.returncode == 1 and line.startswith(f"config error: {key}=") and "stage1_train.py" in line
+    assert proc.returncode == 2 and line.startswith(f"config error: {key}=") and "stage1_train.py" in line
     assert "remove it" in line and not (tmp_path / "x").exists()
 
 
@@ -218,7 +218,7 @@ def test_a_head_that_diverges_ends_in_one_line_and_saves_no_nan_weights(fake_cif
     log_dir = tmp_path / "nan"
     proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=crt", "train.lr=1e30"), check=False)
     [line] = proc.stderr.strip().splitlines()[-1:]
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert line.startswith("error: ") and ("became nan" in line or "NaN or infinite" in line)
     for name in ("last.pt", "best.pt"):
         if (log_dir / name).exists():

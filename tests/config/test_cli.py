@@ -40,3 +40,20 @@ def test_a_programming_error_is_not_disguised_as_a_user_error():
     with pytest.raises(KeyError):
         with user_errors():
             raise KeyError("bug")
+
+
+def test_a_user_error_prints_its_line_and_exits_2_but_a_bug_keeps_its_traceback(capsys):
+    from config.cli import exit_on_user_error
+
+    def refused():
+        raise SystemExit("error: data.root=x does not exist")
+
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(refused)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: data.root=x does not exist\n"
+
+    def bug():
+        raise KeyError("oops")
+
+    with pytest.raises(KeyError):
+        exit_on_user_error(bug)
