@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
-from data.cifar import get_spec, load_cifar
+from data.cifar import DatasetFormatError, get_spec, load_cifar
 from data.image_files import IMAGENET_MEAN, IMAGENET_STD, LIST_DATASETS
 from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, select_long_tail
 
@@ -40,13 +40,36 @@ class LongTailData:
     std: tuple[float, ...]
 
 
+def check_hold_out(labels: torch.Tensor, class_names: list[str], val_per_class: int) -> None:
+    """data.val_per_class leaves every class that has images at least one training image (else one line)."""
+    counts = class_counts(labels, len(class_names))
+    smallest = min((c for c in range(len(counts)) if counts[c]), key=counts.__getitem__)
+    if val_per_class >= counts[smallest]:
+        raise DatasetFormatError(
+            f"data.val_per_class={val_per_class} would hold out every training image of class "
+            f"{class_names[smallest]!r} ({counts[smallest]} images): set it below {counts[smallest]}")
+
+
+def check_every_class_kept(counts: list[int], class_names: list[str], n_max: int, imbalance_factor: float,
+                           val_per_class: int) -> None:
+    """The long-tailed counts leave every class at least one training image (else one line naming the keys)."""
+    if 0 in counts:
+        empty = class_names[counts.index(0)]
+        raise DatasetFormatError(
+            f"data.imbalance_factor={imbalance_factor:g} with {n_max} images per class (after data.val_per_class="
+            f"{val_per_class}) leaves class {empty!r} with no training image: lower data.imbalance_factor or "
+            f"data.val_per_class")
+
+
 def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_factor: float,
                     profile: str, subset_seed: int, val_per_class: int) -> LongTailData:
     spec = get_spec(dataset)
     full = load_cifar(dataset, root, "train", download=download)
+    check_hold_out(full.labels, full.class_names, val_per_class)
     rest, val = hold_out_per_class(full.labels, val_per_class, subset_seed)
     n_max = min(class_counts(full.labels[rest], spec.num_classes))
     counts = long_tail_counts(n_max, spec.num_classes, imbalance_factor, profile)
+    check_every_class_kept(counts, full.class_names, n_max, imbalance_factor, val_per_class)
     keep = rest[select_long_tail(full.labels[rest], counts, subset_seed)]
     mean, std = NORMALIZATION[dataset]
     logger.info("%s-LT %s IF %g: %d training images, %d validation, counts %s",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data.build import LongTailData, build_long_tail
+from data.build import LongTailData, build_long_tail, check_every_class_kept, check_hold_out
 from data.cifar import DatasetFormatError
 from data.image_files import (IMAGENET_MEAN, IMAGENET_STD, LIST_DATASETS, ImageFileDataset, ImageList,
                               eval_transform, read_folder_split, read_list_split, train_transform)
@@ -53,11 +53,14 @@ def _folder_splits(root: Path, imbalance_factor: float, profile: str, subset_see
         raise DatasetFormatError(f"{root / 'val'} is the validation split; data.val_per_class={val_per_class} would "
                                  f"hold out more: set data.val_per_class=0")
     if val_per_class:
+        check_hold_out(full.labels, full.class_names, val_per_class)
         rest, held = hold_out_per_class(full.labels, val_per_class, subset_seed)
         full, val = _subset(full, rest), _subset(full, held)
     if imbalance_factor > 1:
         num_classes = len(full.class_names)
-        counts = long_tail_counts(min(class_counts(full.labels, num_classes)), num_classes, imbalance_factor, profile)
+        n_max = min(class_counts(full.labels, num_classes))
+        counts = long_tail_counts(n_max, num_classes, imbalance_factor, profile)
+        check_every_class_kept(counts, full.class_names, n_max, imbalance_factor, val_per_class)
         full = _subset(full, select_long_tail(full.labels, counts, subset_seed))
     return full, val
 
@@ -72,6 +75,7 @@ def _list_splits(dataset: str, root: Path, list_dir: Path, subset_seed: int,
         return train, read_list_split(dataset, "val", list_dir, root)
     if not val_per_class:
         return train, None
+    check_hold_out(train.labels, train.class_names, val_per_class)
     rest, held = hold_out_per_class(train.labels, val_per_class, subset_seed)
     return _subset(train, rest), _subset(train, held)
 

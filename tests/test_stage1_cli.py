@@ -221,3 +221,16 @@ def test_a_compiled_model_trains_and_saves_the_plain_model_layout(fake_cifar10, 
     assert len(lines) == 2 and all(math.isfinite(l["loss"]) for l in lines)
     run(*_args(fake_cifar10, log_dir, "--test"))
     assert (log_dir / "test_metrics.json").is_file()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("data.val_per_class=60",), "data.val_per_class=60 would hold out every training image of class 'airplane' "
+                                 "(60 images): set it below 60"),
+    (("data.val_per_class=55", "data.imbalance_factor=10"),
+     "data.imbalance_factor=10 with 5 images per class (after data.val_per_class=55) leaves class 'horse' with no "
+     "training image: lower data.imbalance_factor or data.val_per_class"),
+])
+def test_a_split_that_leaves_a_class_without_training_images_is_one_line(fake_cifar10, tmp_path, run, overrides,
+                                                                          message):
+    proc = run("stage1_train.py", f"data.root={fake_cifar10}", *overrides, f"log_dir={tmp_path / 'x'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}"

@@ -78,3 +78,13 @@ def test_a_folder_without_test_images_is_one_error_at_test_time(tmp_path):
     root = write_image_folder(tmp_path / "f", {"train": dict.fromkeys(CLASSES, 2)})
     with pytest.raises(DatasetFormatError, match="test does not exist: put the test images in test/<class>/"):
         read_test_split("folder", root, "", list(CLASSES))
+
+
+def test_a_hold_out_or_imbalance_that_empties_a_class_is_one_error_naming_the_keys(tmp_path):
+    root = _folder(tmp_path, train=6)
+    with pytest.raises(DatasetFormatError, match=r"data.val_per_class=6 would hold out every training image of "
+                                                 r"class 'ant' \(6 images\): set it below 6"):
+        build_file_data("folder", root, "", 1.0, "exp", 0, 6, 16)
+    with pytest.raises(DatasetFormatError, match=r"data.imbalance_factor=100 with 4 images per class \(after "
+                                                 r"data.val_per_class=2\) leaves class 'bee' with no training image"):
+        build_file_data("folder", root, "", 100.0, "exp", 0, 2, 16)
