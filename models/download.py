@@ -58,8 +58,9 @@ def fetch(url: str, sha256: str | None = None, cache: str | Path | None = None,
 
     sha256=None accepts any content (the digest is logged so that it can be pinned).
     """
+    sha256 = sha256.lower() if sha256 is not None else None  # digests are printed in either case
     if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
-        raise ValueError(f"sha256 must be 8 to 64 lowercase hex digits, got {sha256!r}")
+        raise ValueError(f"sha256 must be 8 to 64 hex digits, got {sha256!r}")
     cache = Path(cache) if cache is not None else cache_dir()
     dest = cache_path(url, cache)
     if dest.is_file():

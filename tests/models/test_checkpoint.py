@@ -122,3 +122,17 @@ def test_missing_checkpoint_raises_file_not_found_with_the_path(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_checkpoint(path)
     assert str(path) in str(err.value)
+
+
+def test_a_checkpoint_gets_the_file_mode_of_the_umask_not_0600(tmp_path):
+    import os
+    import stat
+
+    from models.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "a.pt", {"model": {}})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.pt").stat().st_mode) == 0o644

@@ -131,5 +131,11 @@ def test_two_urls_with_the_same_file_name_get_different_cache_files(tmp_path):
 
 
 def test_malformed_sha256_is_rejected_before_any_download(tmp_path):
-    with pytest.raises(ValueError, match="8 to 64 lowercase hex digits"):
+    with pytest.raises(ValueError, match="8 to 64 hex digits"):
         fetch("http://127.0.0.1:9/x.pth", "XYZ", cache=tmp_path)
+
+
+def test_an_upper_case_digest_pins_the_file_as_the_lower_case_one(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
+    assert fetch(srv.url, digest.upper()[:16], cache=tmp_path).read_bytes() == PAYLOAD
