@@ -91,9 +91,18 @@ def open_log(cfg: Config, stage: str, run_dir: Path, ranks: Dist) -> RunLog | No
     return RunLog(run_dir)
 
 
+def report_path(run_dir: Path, ckpt_path: Path) -> Path:
+    """<run_dir>/test_metrics.json, or, for a checkpoint from elsewhere tested in a run directory that
+    holds its own checkpoints, test_metrics_<its folder>_<its name>.json: never the run's own report."""
+    foreign = ckpt_path.resolve().parent != run_dir.resolve()
+    if foreign and any((run_dir / name).exists() for name in ("best.pt", "last.pt")):
+        return run_dir / f"test_metrics_{ckpt_path.resolve().parent.name}_{ckpt_path.stem}.json"
+    return run_dir / "test_metrics.json"
+
+
 def test(cfg: Config, ckpt_path: Path | None) -> dict:
     """--test: the table of a checkpoint (default: the run's best.pt, else last.pt) on its test split,
-    written to <run_dir>/test_metrics.json."""
+    written to <run_dir>/test_metrics.json (report_path)."""
     ranks, device = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     check_amp(device, cfg.train.amp)
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)
@@ -102,7 +111,7 @@ def test(cfg: Config, ckpt_path: Path | None) -> dict:
                                                device, cfg.model.channels_last, cfg.eval.logit_adjust_tau,
                                                cfg.train.amp, ranks, cfg.data.list_dir, cfg.data.workers)
     if ranks.is_main:
-        write_test_report(metrics, class_names, run_dir / "test_metrics.json", ckpt_path)
+        write_test_report(metrics, class_names, report_path(run_dir, Path(ckpt_path)), ckpt_path)
     shutdown(ranks)
     return metrics
 

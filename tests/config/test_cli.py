@@ -57,3 +57,14 @@ def test_a_user_error_prints_its_line_and_exits_2_but_a_bug_keeps_its_traceback(
 
     with pytest.raises(KeyError):
         exit_on_user_error(bug)
+
+
+def test_a_foreign_checkpoint_tested_in_a_run_never_overwrites_the_runs_own_report(tmp_path):
+    from config.cli import report_path
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    run.mkdir(), other.mkdir()
+    assert report_path(run, run / "best.pt") == run / "test_metrics.json"  # nothing of its own yet
+    (run / "last.pt").write_bytes(b"x")
+    assert report_path(run, run / "last.pt") == run / "test_metrics.json"
+    assert report_path(run, other / "best.pt") == run / "test_metrics_other_best.json"
