@@ -32,7 +32,7 @@ from data.samplers import SAMPLERS, build_sampler
 from engine.device import grad_scaler
 from engine.distributed import Dist, broadcast_module, sync_batchnorm
 from engine.loop import evaluate, train_one_epoch
-from engine.run import Progress, end_epoch, finish_run, restore
+from engine.run import Progress, StopRequest, end_epoch, finish_run, restore, stop_run
 from engine.schedule import sgd_with_schedule, total_steps
 from models import MODELS, build_model, load_pretrained
 from models.checkpoint import CheckpointError
@@ -115,6 +115,15 @@ def wrap_for_training(model: nn.Module, sync_bn: bool, compile_model: bool, devi
     return torch.compile(model) if compile_model else model
 
 
+def mixup_generator(seed: int, epoch: int, alpha: float, skip: int, batch_size: int) -> np.random.Generator:
+    """The epoch's mixup draws (lam, pairing per step), past the `skip` steps a stopped run already took."""
+    rng = np.random.default_rng([seed, epoch, MIXUP_STREAM])
+    for _ in range(skip if alpha > 0 else 0):
+        rng.beta(alpha, alpha)
+        rng.permutation(batch_size)
+    return rng
+
+
 def main(cfg: Config, resume: bool = False) -> dict:
     check_names({"model.name": (cfg.model.name, MODELS), "model.head": (cfg.model.head, HEADS),
                  "loss.name": (cfg.loss.name, LOSSES), "data.sampler": (cfg.data.sampler, SAMPLERS)})
@@ -146,21 +155,26 @@ def main(cfg: Config, resume: bool = False) -> dict:
     logger.info("%d training images, %d steps/epoch, %d epochs, %d steps, on %s (amp %s)%s", len(data.train_labels),
                 epoch_len, num_epochs, steps_total, device, t.amp, f", {d.world} processes" if d.world > 1 else "")
     record = {}
+    stop = StopRequest().install() if d.world == 1 else None  # torchrun itself stops its workers
     for epoch in range(progress.epoch, num_epochs):
-        steps = min(epoch_len, steps_total - progress.step)
-        mixup_rng = np.random.default_rng([t.seed, epoch, MIXUP_STREAM])
+        done = progress.step - epoch * epoch_len  # > 0 when resuming a run stopped mid-epoch
+        steps = min(epoch_len, steps_total - epoch * epoch_len) - done
+        mixup_rng = mixup_generator(t.seed, epoch, t.mixup_alpha, done, t.batch_size // d.world)
         loss_fn.set_epoch(epoch)
         start = time.perf_counter()
-        record = train_one_epoch(train_model, islice(loader.epoch(epoch), steps), steps, loss_fn, optimizer, scheduler,
-                                 t.mixup_alpha, mixup_rng, t.accum_steps, t.amp, scaler,
-                                 desc=f"epoch {epoch + 1}/{num_epochs}", d=d)
+        record = train_one_epoch(train_model, islice(loader.epoch(epoch), done, done + steps), steps, loss_fn,
+                                 optimizer, scheduler, t.mixup_alpha, mixup_rng, t.accum_steps, t.amp, scaler,
+                                 desc=f"epoch {epoch + 1}/{num_epochs}", d=d, stop=stop)
         record["train_seconds"] = time.perf_counter() - start
-        progress.epoch, progress.step = epoch + 1, progress.step + steps
+        progress.step += record.pop("steps")
+        state = {name: obj.state_dict() for name, obj in states.items()}
+        if stop:
+            stop_run(run_dir, runlog, progress, {**payload, **state}, stop.signum)
+        progress.epoch = epoch + 1
         broadcast_module(model, d)  # rank 0's BatchNorm statistics (each rank's own without sync_bn), as saved
         val = (evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
                         data.std, cfg.model.channels_last, amp=t.amp, d=d, workers=cfg.data.workers)
                if len(data.val_labels) else None)
-        state = {name: obj.state_dict() for name, obj in states.items()}
         end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs)
     finish_run(runlog, d)
     return record

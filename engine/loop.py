@@ -1,7 +1,7 @@
 """Training and evaluation loops shared by both stages: plain functions that return metric dicts."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     desc: str = "train",
     d: Dist = Dist(),
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """One pass over `batches` (on the model's device), one optimiser and scheduler step per batch.
 
@@ -41,8 +42,9 @@ def train_one_epoch(
     step: the same update at a fraction of the activation memory, except that BatchNorm and
     batch-dependent losses (arb) see each micro-batch alone. amp (off | bf16 | fp16) runs the
     forward pass under autocast; the loss is computed in fp32; fp16 needs `scaler`.
-    Returns the mean loss, the training accuracy (w.r.t. the mixed targets) and the last lr; with
-    several processes, over the images of all ranks.
+    Returns the mean loss, the training accuracy (w.r.t. the mixed targets), the last lr and the
+    number of steps taken; with several processes, over the images of all ranks. When `stop()` turns
+    true, the epoch ends after the step in progress.
     """
     model.train()
     device = next(model.parameters()).device
@@ -53,7 +55,7 @@ def train_one_epoch(
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_correct = torch.zeros((), dtype=torch.float64, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
-    total_seen, lr = 0, optimizer.param_groups[0]["lr"]
+    total_seen, steps, lr = 0, 0, optimizer.param_groups[0]["lr"]
     for step, (x, y) in enumerate(tqdm(batches, total=num_steps, desc=desc, leave=False, disable=None)):
         lr = optimizer.param_groups[0]["lr"]
         lam, y_b = 1.0, y
@@ -82,12 +84,16 @@ def train_one_epoch(
         scaler.update()
         scheduler.step()
         total_seen += len(y)
+        steps = step + 1
+        if stop is not None and stop():
+            break
     if not finite:
         raise FloatingPointError(f"loss became NaN or infinite in the epoch's last {check_every} steps (lr {lr:.4g}); "
                                  "lower train.lr or check the data")
     total_loss, total_correct = total_loss.item(), total_correct.item()
     total_loss, total_correct, total_seen = sum_over_ranks([total_loss, total_correct, total_seen], d)
-    return {"loss": total_loss / max(1, total_seen), "train_acc": total_correct / max(1, total_seen), "lr": lr}
+    return {"loss": total_loss / max(1, total_seen), "train_acc": total_correct / max(1, total_seen), "lr": lr,
+            "steps": steps}
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,44 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
     runlog.log(progress.step, record)
     logger.info("epoch %d/%d %s", progress.epoch, num_epochs,
                 " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the training loop to stop after its current step (it saves last.pt and
+    exits, see stop_run); a second SIGINT stops at once. Truthy once a signal came."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("%s: stopping after this step and saving last.pt (Ctrl-C again to stop at once)",
+                       signal.Signals(signum).name)
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def __call__(self) -> bool:  # train_one_epoch's `stop`
+        return bool(self)
+
+
+def stop_run(run_dir: Path, runlog: RunLog | None, progress: Progress, payload: dict, signum: int) -> None:
+    """Save last.pt mid-epoch (progress.step counts the steps taken), say how to resume, and exit
+    with 128 + the signal's number, as a shell reports a process a signal ended."""
+    if runlog is not None:
+        save_checkpoint(run_dir / "last.pt", {**payload, **progress.as_checkpoint()})
+        runlog.close()
+    name = signal.Signals(signum).name
+    logger.warning("stopped by %s at step %d (epoch %d); last.pt saved: the same command with --resume continues",
+                   name, progress.step, progress.epoch + 1)
+    raise SystemExit(128 + signum)
 
 
 def finish_run(runlog: RunLog | None, d: Dist) -> None:

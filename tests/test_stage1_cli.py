@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import yaml
+
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -234,3 +240,28 @@ def test_a_split_that_leaves_a_class_without_training_images_is_one_line(fake_ci
                                                                           message):
     proc = run("stage1_train.py", f"data.root={fake_cifar10}", *overrides, f"log_dir={tmp_path / 'x'}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_step_saves_last_pt_and_resume_reaches_the_uninterrupted_weights(
+        fake_cifar10, tmp_path, run, tiny_stage1, signum):
+    args = (*tiny_stage1, "train.epochs=6", "train.mixup_alpha=0.2", "data.autoaugment=true", "data.cutout=8")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run(*_args(fake_cifar10, full, *args))
+    proc = subprocess.Popen([sys.executable, *_args(fake_cifar10, stopped, *args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (stopped / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(0.05)  # into the next epoch
+    proc.send_signal(signum)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signum, stderr
+    assert f"stopped by {signal.Signals(signum).name} at step" in stderr and "--resume continues" in stderr
+    saved = torch.load(stopped / "last.pt", weights_only=True)
+    assert saved["step"] < torch.load(full / "last.pt", weights_only=True)["step"]
+    run(*_args(fake_cifar10, stopped, *args, "--resume"))
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full, stopped))
+    assert a["epoch"] == b["epoch"] == 6 and a["step"] == b["step"]
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
