@@ -27,8 +27,8 @@ from data.augment import BatchAugment
 from data.build import LongTailData
 from data.build_files import FileData, build_training_set
 from data.loader import MIXUP_STREAM, BatchLoader, steps_per_epoch
-from data.stream import StreamLoader
 from data.samplers import SAMPLERS, build_sampler
+from data.stream import StreamLoader
 from engine.device import grad_scaler
 from engine.distributed import Dist, broadcast_module, sync_batchnorm
 from engine.loop import evaluate, train_one_epoch
