@@ -106,8 +106,8 @@ def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path) -> Progress:
 
 def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: dict, val: dict | None,
               payload: dict, num_epochs: int) -> None:
-    """Close epoch progress.epoch: validation metrics into the record, best.pt when they improved
-    (only with a validation split), last.pt always (atomically), then the metric log.
+    """Close epoch progress.epoch: validation metrics into the record, the metric log, then best.pt
+    when they improved (only with a validation split) and last.pt always (atomically).
 
     runlog=None (ranks other than 0): the same bookkeeping, nothing written. Weights that are no
     longer finite stop the run before anything is saved: the last checkpoint stays the last good one.
@@ -126,11 +126,13 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
             progress.best_value, progress.best_epoch, is_best = score, progress.epoch, True
     if runlog is None:
         return
+    # The metric line first: a run killed before last.pt has a line of an epoch the checkpoint lacks,
+    # which resume drops (trim_metrics_log) and logs again; the other order would lose the line.
+    runlog.log(progress.step, record)
     state = {**payload, **progress.as_checkpoint()}
     if is_best:
         save_checkpoint(run_dir / "best.pt", state)
     save_checkpoint(run_dir / "last.pt", state)
-    runlog.log(progress.step, record)
     logger.info("epoch %d/%d %s", progress.epoch, num_epochs,
                 " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 

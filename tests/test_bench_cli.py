@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import write_fake_cifar10
+
 pytestmark = pytest.mark.slow
 
 
-def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_setting(fake_cifar10, run):
+def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_setting(tmp_path, run):
+    root = write_fake_cifar10(tmp_path, train_per_class=100, test_per_class=4)  # IF 100 keeps 1 truck
     proc = run("bench/throughput.py", "--device", "cpu", "--batch-sizes", "16", "--steps", "2", "--warmup", "1",
-               "--amp", "off", "bf16", "--eval-images", "32", "--root", str(fake_cifar10))
+               "--amp", "off", "bf16", "--eval-images", "32", "--root", str(root))
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("device cpu") and "tf32 on" in lines[0]
     rows = [line.split() for line in lines[2:] if line.strip()[:1].isdigit()]
@@ -16,6 +19,6 @@ def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_sett
                                                  ("16", "bf16", "True"), ("16", "bf16", "False")]
     for r in rows:  # train/s, pure/s, ratio, eval/s, fwd/s, ratio
         train, pure, ratio, ev, fwd, eval_ratio = map(float, r[4:])
-        assert train > 0 and pure > 0 and ratio == pytest.approx(train / pure, abs=0.01)
-        assert eval_ratio == pytest.approx(ev / fwd, abs=0.01)
+        assert train > 0 and pure > 0 and ratio == pytest.approx(train / pure, rel=0.03, abs=0.01)  # rates print rounded
+        assert eval_ratio == pytest.approx(ev / fwd, rel=0.03, abs=0.01)
     assert "paper stage-1 schedule" not in proc.stdout  # only printed when batch 512 was measured
