@@ -58,7 +58,7 @@ def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTail
         sampler_params["total_epochs"] = math.ceil(total_steps(epoch_len, t.epochs, t.iterations) / epoch_len)
     sampler = build_sampler(d.sampler, data.train_labels, len(data.class_counts), **sampler_params)
     if isinstance(data, FileData):
-        return data, StreamLoader(data.train, t.batch_size, sampler, t.seed, d.workers, device,
+        return data, StreamLoader(data.train_images, t.batch_size, sampler, t.seed, d.workers, device,
                                   cfg.model.channels_last, ranks.rank, ranks.world)
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), t.batch_size, sampler, augment,
@@ -168,7 +168,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         record["train_seconds"] = time.perf_counter() - start
         progress.step += record.pop("steps")
         state = {name: obj.state_dict() for name, obj in states.items()}
-        if stop:
+        if stop is not None and stop():
             stop_run(run_dir, runlog, progress, {**payload, **state}, stop.signum)
         progress.epoch = epoch + 1
         broadcast_module(model, d)  # rank 0's BatchNorm statistics (each rank's own without sync_bn), as saved

@@ -175,11 +175,6 @@ def validate(cfg: Config, model: nn.Module, data: LongTailData | FileData, ranks
                     data.std, cfg.model.channels_last, amp=cfg.train.amp, d=ranks, workers=cfg.data.workers)
 
 
-def training_images(data: LongTailData | FileData) -> torch.Tensor | Dataset:
-    """What stage 2 augments views of: CIFAR's uint8 images, or the image files with the training transform."""
-    return data.train if isinstance(data, FileData) else data.train_images
-
-
 def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset, data: LongTailData | FileData,
                    stream: int, ranks: Dist, run_dir: Path) -> Features:
     """Features of `images` by index, on the backbone's device: stage2.cache_views views computed once
@@ -249,7 +244,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
 
     # ---- features, head, loss, batches (a data sampler, or the BALMS meta-sampler), optimiser
-    features = feature_source(cfg, model, training_images(data), data, VIEW_STREAM, ranks, run_dir)
+    features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM, ranks, run_dir)
     model.head = head = new_head(cfg, method, copy.deepcopy(model.head))
     meta = sampler = None
     if method.kind == "meta":

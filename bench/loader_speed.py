@@ -59,7 +59,7 @@ def main() -> None:
     print(f"{'memory (crop + flip)':34s} {base:9.0f} images/s  1.00")
     sampler = build_sampler("instance", files.train_labels, 10)
     for workers in args.workers:
-        r = rate(StreamLoader(files.train, 128, sampler, 0, workers, cpu), args.batches)
+        r = rate(StreamLoader(files.train_images, 128, sampler, 0, workers, cpu), args.batches)
         print(f"{f'stream, {workers} worker(s)':34s} {r:9.0f} images/s  {r / base:.2f}", flush=True)
 
 

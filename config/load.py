@@ -233,11 +233,16 @@ def not_one_of(key: str, value: str, valid: typing.Sequence[str]) -> str:
     return f"{key}={value!r} is not one of {', '.join(valid)}{hint}"
 
 
+def _value(cfg: Config, key: str) -> Any:
+    """The value of a dotted section.key."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def check_ranges(cfg: Config) -> None:
     """Numeric keys within their bounds (schema.RANGES), and the run named."""
     for key, (op, bound) in RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _value(cfg, key)
         if not (value > bound if op == ">" else value >= bound):
             raise ConfigError(f"{key}={value!r} is out of range: it must be {op} {bound:g}")
     if not cfg.name.strip() and not cfg.log_dir:
@@ -247,8 +252,7 @@ def check_ranges(cfg: Config) -> None:
 def check_choices(cfg: Config) -> None:
     """Keys with a closed set of values (schema.CHOICES) hold one of them."""
     for key, valid in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _value(cfg, key)
         if value not in valid:
             raise ConfigError(not_one_of(key, value, valid))
 

@@ -15,6 +15,7 @@ instead of a Python float, so a pixel can differ by one grey level from float ro
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -74,6 +75,13 @@ def magnitudes(op: str, height: int, width: int) -> Tensor | None:
         "Solarize": lambda: torch.linspace(1.0, 0.0, NUM_BINS),
     }
     return table[op]() if op in table else None
+
+
+@functools.lru_cache
+def _policy_magnitudes(height: int, width: int) -> dict[str, tuple[float, ...] | None]:
+    """The magnitude bins of every op of the policy for (height, width) images, built once per size."""
+    ops = {op for sub in CIFAR10_POLICY for op, _, _ in sub}
+    return {op: None if (m := magnitudes(op, height, width)) is None else tuple(float(v) for v in m) for op in ops}
 
 
 def inverse_affine(op: str, magnitude: float, height: int, width: int) -> list[float]:
@@ -179,13 +187,13 @@ def slot_ops(plan: tuple[Tensor, Tensor, Tensor], slot: int, height: int,
              width: int) -> dict[str, tuple[list[int], list[float]]]:
     """{op: (image indices, signed magnitudes)} of the ops that run in slot 0 or 1 of a plan."""
     policy, coins, signs = plan
-    tables = {op: magnitudes(op, height, width) for op in {o for sub in CIFAR10_POLICY for o, _, _ in sub}}
+    tables = _policy_magnitudes(height, width)
     groups: dict[str, tuple[list[int], list[float]]] = {}
     for i, (p, coin, sign) in enumerate(zip(policy.tolist(), coins[:, slot].tolist(), signs[:, slot].tolist())):
         op, probability, bin_ = CIFAR10_POLICY[p][slot]
         if not coin <= probability:
             continue
-        mag = 0.0 if tables[op] is None else float(tables[op][bin_])
+        mag = 0.0 if tables[op] is None else tables[op][bin_]
         if op in SIGNED and sign <= 0.5:
             mag = -mag
         idx, mags = groups.setdefault(op, ([], []))

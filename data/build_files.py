@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from data.build import LongTailData, build_long_tail, check_every_class_kept, check_hold_out
+from data.build import NORMALIZATION, LongTailData, build_long_tail, check_every_class_kept, check_hold_out
 from data.cifar import DatasetFormatError
-from data.image_files import (IMAGENET_MEAN, IMAGENET_STD, LIST_DATASETS, ImageFileDataset, ImageList,
-                              eval_transform, read_folder_split, read_list_split, train_transform)
+from data.image_files import (LIST_DATASETS, ImageFileDataset, ImageList, eval_transform, read_folder_split,
+                              read_list_split, train_transform)
 from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, select_long_tail
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ DATASET_KINDS: dict[str, str] = {"cifar10": "cifar", "cifar100": "cifar", "folde
 
 @dataclass
 class FileData:
-    train: ImageFileDataset  # training transform, indexed by (index, seed)
+    train_images: ImageFileDataset  # training transform, indexed by (index, seed); as LongTailData's name
     train_labels: torch.Tensor  # int64 (N,)
     val_images: ImageFileDataset | None  # evaluation transform; None without a validation split
     val_labels: torch.Tensor  # int64 (V,); V = 0 without a validation split
@@ -104,10 +104,11 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
     logger.info("%s at %s: %d training images, %d validation, %d classes, counts %d ... %d", dataset, root,
                 len(train.paths), len(val.paths) if val else 0, len(counts), max(counts), min(counts))
     return FileData(
-        train=ImageFileDataset(train, train_transform(image_size)), train_labels=train.labels,
+        train_images=ImageFileDataset(train, train_transform(image_size)), train_labels=train.labels,
         val_images=ImageFileDataset(val, eval_transform(image_size)) if val else None,
         val_labels=val.labels if val else torch.empty(0, dtype=torch.int64),
-        class_names=train.class_names, class_counts=counts, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        class_names=train.class_names, class_counts=counts, mean=NORMALIZATION[dataset][0],
+        std=NORMALIZATION[dataset][1],
     )
 
 

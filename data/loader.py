@@ -38,6 +38,19 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return steps - 1 if num_samples % batch_size == 1 and steps > 1 else steps
 
 
+def epoch_steps(num_samples: int, batch_size: int, world: int = 1) -> int:
+    """Steps of a training epoch: steps_per_epoch in one process; with several, only full global
+    batches (every rank takes an equal share of each)."""
+    return max(1, num_samples // batch_size) if world > 1 else steps_per_epoch(num_samples, batch_size)
+
+
+def check_batch_size(batch_size: int, world: int) -> None:
+    """At least 2 images per process in each batch: BatchNorm in training mode cannot normalise one."""
+    if batch_size < 2 * world:
+        raise ValueError(f"batch size must be at least 2 per process for BatchNorm, got {batch_size} "
+                         f"for {world} process(es)")
+
+
 class BatchLoader:
     """Yields (images float32 (B, 3, H, W) normalised, labels int64 (B,)) for one epoch.
 
@@ -65,18 +78,14 @@ class BatchLoader:
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        if batch_size < 2 * world:
-            raise ValueError(f"batch size must be at least 2 per process for BatchNorm, got {batch_size} "
-                             f"for {world} process(es)")
+        check_batch_size(batch_size, world)
         self.images, self.labels = images, labels
         self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
         self.mean, self.std, self.seed = mean, std, seed
         self.channels_last, self.rank, self.world = channels_last, rank, world
 
     def __len__(self) -> int:
-        if self.world > 1:
-            return max(1, self.sampler.num_samples // self.batch_size)
-        return steps_per_epoch(self.sampler.num_samples, self.batch_size)
+        return epoch_steps(self.sampler.num_samples, self.batch_size, self.world)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = epoch_generator(self.seed, epoch)

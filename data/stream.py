@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.loader import epoch_generator, steps_per_epoch
+from data.loader import check_batch_size, epoch_generator, epoch_steps
 
 _SEED_BOUND = 2**62  # per-sample seeds are drawn in [0, 2^62)
 
@@ -33,9 +33,7 @@ class EpochBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        if self.world > 1:
-            return max(1, self.sampler.num_samples // self.batch_size)
-        return steps_per_epoch(self.sampler.num_samples, self.batch_size)
+        return epoch_steps(self.sampler.num_samples, self.batch_size, self.world)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         gen = epoch_generator(self.seed, self.epoch)
@@ -55,9 +53,7 @@ class StreamLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, sampler, seed: int, workers: int,
                  device: torch.device, channels_last: bool = False, rank: int = 0, world: int = 1) -> None:
-        if batch_size < 2 * world:
-            raise ValueError(f"batch size must be at least 2 per process for BatchNorm, got {batch_size} "
-                             f"for {world} process(es)")
+        check_batch_size(batch_size, world)
         self.batches = EpochBatches(sampler, batch_size, seed, rank, world)
         self.device, self.channels_last = device, channels_last
         self.loader = DataLoader(dataset, batch_sampler=self.batches, num_workers=workers,

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from data.build import NORMALIZATION
 from data.build_files import DATASET_KINDS, FILE_DATASETS, read_test_split
 from data.cifar import load_cifar
-from data.image_files import IMAGENET_MEAN, IMAGENET_STD, ImageFileDataset, eval_transform
+from data.image_files import ImageFileDataset, eval_transform
 from engine.distributed import Dist
 from engine.loop import metrics_from_logits, predict_all_ranks
 from engine.metrics import format_table
@@ -46,7 +46,7 @@ def test_split(ckpt: dict, dataset: str, root: str | Path, list_dir: str | Path,
         names = ckpt["class_names"]
         split = read_test_split(dataset, root, list_dir, names)
         transform = eval_transform(ckpt["config"]["data"]["image_size"])
-        return ImageFileDataset(split, transform), split.labels, names, IMAGENET_MEAN, IMAGENET_STD
+        return ImageFileDataset(split, transform), split.labels, names, *NORMALIZATION[dataset]
     split = load_cifar(dataset, root, "test", download=download)
     return (split.images, split.labels, split.class_names, *NORMALIZATION[dataset])
 

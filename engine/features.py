@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data.augment import normalize
 from data.loader import epoch_generator
-from engine.device import autocast
+from engine.loop import forward_each
 from engine.distributed import Dist, gather_rows, sum_over_ranks
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -52,13 +52,7 @@ def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Aug
     device = next(model.parameters()).device
 
     def features(batches) -> torch.Tensor:
-        out = []
-        for x in batches:
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
-                out.append(model.forward_features(x).float())
+        out = forward_each(model.forward_features, batches, device, channels_last, amp)
         return torch.cat(out) if out else torch.empty(0, model.feature_dim, device=device)
 
     views = []

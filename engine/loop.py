@@ -121,15 +121,24 @@ def predict_logits(
         batches = (normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
                    for start in range(0, len(images), batch_size))
     else:
-        batches = (x.to(device, non_blocking=True) for x, _ in DataLoader(
-            images, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"))
+        batches = (x for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers,
+                                            pin_memory=device.type == "cuda"))
+    batches = tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False, disable=None)
+    out = forward_each(model, batches, device, channels_last, amp)
+    return torch.cat(out).cpu() if out else torch.empty(0)
+
+
+def forward_each(fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor], device: torch.device,
+                 channels_last: bool, amp: str) -> list[torch.Tensor]:
+    """fp32 fn(x) of each batch x, moved to `device` (NHWC with channels_last), under autocast `amp`."""
     out = []
-    for x in tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False, disable=None):
+    for x in batches:
+        x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            out.append(model(x).float())
-    return torch.cat(out).cpu() if out else torch.empty(0)
+            out.append(fn(x).float())
+    return out
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int]) -> dict:

@@ -139,7 +139,7 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
 
 class StopRequest:
     """SIGINT / SIGTERM ask the training loop to stop after its current step (it saves last.pt and
-    exits, see stop_run); a second SIGINT stops at once. Truthy once a signal came."""
+    exits, see stop_run); a second SIGINT stops at once. Calling it says whether a signal came."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -156,11 +156,8 @@ class StopRequest:
         logger.warning("%s: stopping after this step and saving last.pt (Ctrl-C again to stop at once)",
                        signal.Signals(signum).name)
 
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
     def __call__(self) -> bool:  # train_one_epoch's `stop`
-        return bool(self)
+        return self.signum is not None
 
 
 def stop_run(run_dir: Path, runlog: RunLog | None, progress: Progress, payload: dict, signum: int) -> None:

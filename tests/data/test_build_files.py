@@ -34,9 +34,9 @@ def test_a_balanced_folder_becomes_a_long_tail_after_the_validation_hold_out(tmp
     assert torch.equal(data.val_labels, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     assert torch.bincount(data.train_labels).tolist() == expected
     held = set(map(str, data.val_images.images.paths))
-    assert not held & set(map(str, data.train.images.paths))  # validation images are never trained on
+    assert not held & set(map(str, data.train_images.images.paths))  # validation images are never trained on
     assert data.mean == IMAGENET_MEAN
-    x, y = data.train[(0, 123)]
+    x, y = data.train_images[(0, 123)]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 0
 
 

@@ -38,8 +38,8 @@ def test_workers_decode_the_same_batches_as_the_main_process(tmp_path):
     data = build_file_data("folder", root, "", 1.0, "exp", 0, 0, 12)
     sampler = build_sampler("instance", data.train_labels, 2)
     cpu = torch.device("cpu")
-    in_process = list(StreamLoader(data.train, 4, sampler, 7, 0, cpu).epoch(1))
-    loader = StreamLoader(data.train, 4, sampler, 7, 2, cpu)
+    in_process = list(StreamLoader(data.train_images, 4, sampler, 7, 0, cpu).epoch(1))
+    loader = StreamLoader(data.train_images, 4, sampler, 7, 2, cpu)
     with_workers = list(loader.epoch(1))
     assert len(in_process) == len(with_workers) == 3
     for (x0, y0), (x1, y1) in zip(in_process, with_workers):
