@@ -6,9 +6,15 @@ The file grows as `<cache>/<name>.part` (a later call resumes it with an HTTP Ra
 renamed to `<cache>/<name>` only once its digest matches, so the cache never holds a damaged
 checkpoint; a download whose digest does not match is deleted. The cache is $LT_PRETRAINED_CACHE,
 else ~/.cache/lt-decoupled/pretrained. Every failure is one DownloadError saying what to do.
+
+Processes that fetch one URL at once take turns: each holds an exclusive flock on `<cache>/<name>.lock`
+around check, download and rename, so a second one waits, then finds the finished file. The holder
+removes the lock file when done (a waiter whose lock file was removed locks the new one), so the
+cache holds no lock files between downloads. Locks are advisory (fcntl: Linux and macOS).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import logging
@@ -17,7 +23,9 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -63,25 +71,69 @@ def fetch(url: str, sha256: str | None = None, cache: str | Path | None = None,
         raise ValueError(f"sha256 must be 8 to 64 hex digits, got {sha256!r}")
     cache = Path(cache) if cache is not None else cache_dir()
     dest = cache_path(url, cache)
-    if dest.is_file():
-        if sha256 is None or file_sha256(dest).startswith(sha256):
-            return dest
-        logger.warning("cached %s does not have SHA-256 %s; downloading it again", dest, sha256)
-        dest.unlink()
+    if _cached(dest, sha256):  # dest only ever appears whole (os.replace): no lock needed to read it
+        return dest
     cache.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    _download(url, part, timeout)
-    digest = file_sha256(part)
-    if sha256 is not None and not digest.startswith(sha256):
-        part.unlink()
-        raise DownloadError(f"download of {url} failed: its SHA-256 is {digest}, expected {sha256}...; the file "
-                            f"was deleted. The transfer was damaged or the file on the server changed: run again, "
-                            f"and if it fails again download the file by hand, check it, and pass its path")
-    if sha256 is None:
-        logger.warning("%s was not checked (no SHA-256 given); its SHA-256 is %s: pin it by appending "
-                       "#sha256=%s to the URL", url, digest, digest)
-    os.replace(part, dest)
+    with _locked(dest, url):
+        if _cached(dest, sha256):  # another process downloaded it while this one waited
+            return dest
+        if dest.is_file():
+            logger.warning("cached %s does not have SHA-256 %s; downloading it again", dest, sha256)
+            dest.unlink()
+        part = dest.with_name(dest.name + ".part")
+        _download(url, part, timeout)
+        digest = file_sha256(part)
+        if sha256 is not None and not digest.startswith(sha256):
+            part.unlink()
+            raise DownloadError(f"download of {url} failed: its SHA-256 is {digest}, expected {sha256}...; the file "
+                                f"was deleted. The transfer was damaged or the file on the server changed: run "
+                                f"again, and if it fails again download the file by hand, check it, and pass its path")
+        if sha256 is None:
+            logger.warning("%s was not checked (no SHA-256 given); its SHA-256 is %s: pin it by appending "
+                           "#sha256=%s to the URL", url, digest, digest)
+        os.replace(part, dest)
     return dest
+
+
+def _cached(dest: Path, sha256: str | None) -> bool:
+    return dest.is_file() and (sha256 is None or file_sha256(dest).startswith(sha256))
+
+
+@contextmanager
+def _locked(dest: Path, url: str) -> Iterator[None]:
+    """Hold an exclusive flock on <dest>.lock, waiting while another process holds it."""
+    lock = dest.with_name(dest.name + ".lock")
+    while (fd := _lock(lock, url)) is None:
+        pass
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before unlocking, so that a waiter sees that its file is gone
+        os.close(fd)
+
+
+def _lock(lock: Path, url: str) -> int | None:
+    """A descriptor holding the flock of `lock`, or None when its holder removed the file meanwhile."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process that is downloading %s (it holds %s)", url, lock)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        held = _same_file(fd, lock)  # a lock on a removed file guards nothing: open the new one
+    finally:
+        if not held:
+            os.close(fd)
+    return fd if held else None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _download(url: str, part: Path, timeout: float) -> None:

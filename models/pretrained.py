@@ -7,7 +7,9 @@
 A source is a name in models.zoo.PRETRAINED (downloaded once into the cache, SHA-256 checked), an
 http(s) URL (pinned by appending #sha256=<hex>), or a file. Its layout is detected from its keys
 (models.foreign). Every key is checked: missing and unexpected keys are listed by name, a shape
-mismatch names the parameter and both shapes.
+mismatch names the parameter and both shapes. A download that is not a checkpoint (a web page
+served instead of the file, say) is removed from the cache, so the next run fetches it again; a
+file the user names is never removed.
 """
 from __future__ import annotations
 
@@ -42,11 +44,27 @@ def resolve(source: str, cache: str | Path | None = None,
     return path, None
 
 
+def _read(source: str, path: Path, entry: PretrainedEntry | None) -> Converted:
+    """The checkpoint at `path`; a downloaded file that is none is deleted, lest the cache keep serving it."""
+    try:
+        return convert(read_checkpoint_file(path), str(path))
+    except CheckpointError as e:
+        if not source.startswith(URL_SCHEMES) and entry is None:  # the user's own file
+            raise
+        path.unlink(missing_ok=True)
+        url = f"{entry.url} ({source})" if entry else source
+        fix = ("the entry in models/zoo.py names the wrong file" if entry else
+               "check that #sha256= pins the checkpoint" if "#sha256=" in source else
+               "check that the URL serves the checkpoint itself, not a web page, and pin it with #sha256=<its digest>")
+        raise CheckpointError(f"{url}: the downloaded file was not a checkpoint ({e}); it was removed from the cache, "
+                              f"so the next run downloads it again; {fix}") from None
+
+
 def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bool, head_type: str,
           cache: str | Path | None, timeout: float) -> tuple[nn.Module, dict, Converted]:
     """(model with the weights, its model_args, the converted checkpoint)."""
     path, entry = resolve(source, cache, timeout)
-    ckpt = convert(read_checkpoint_file(path), str(path))
+    ckpt = _read(source, path, entry)
     what = f"{source} ({ckpt.layout} layout)"
     if entry is not None and ckpt.layout != entry.format:
         raise CheckpointError(f"{what}: the registry entry says {entry.format!r}; the entry in models/zoo.py is wrong")

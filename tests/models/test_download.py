@@ -1,11 +1,14 @@
-"""Downloads against a real HTTP server on 127.0.0.1: cache, resume, checksum, HTTP errors, timeouts."""
+"""Downloads against a real HTTP server on 127.0.0.1: cache, resume, checksum, HTTP errors, timeouts, locking."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import time
 
 import pytest
 
+import models.download
 from models.download import CACHE_ENV, DownloadError, cache_dir, cache_path, fetch
 
 PAYLOAD = hashlib.sha256(b"checkpoint").digest() * 80_000  # 2.56 MB: three 1 MiB read chunks
@@ -139,3 +142,48 @@ def test_an_upper_case_digest_pins_the_file_as_the_lower_case_one(serve, tmp_pat
     srv = serve(PAYLOAD)
     digest = hashlib.sha256(PAYLOAD).hexdigest()
     assert fetch(srv.url, digest.upper()[:16], cache=tmp_path).read_bytes() == PAYLOAD
+
+
+# fetch() in a fresh process, logging to stderr. It loads download.py alone: the models package
+# imports torch, seconds per process.
+FETCH_IN_A_PROCESS = """
+import importlib.util, logging, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+spec = importlib.util.spec_from_file_location("download", sys.argv[1])
+download = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(download)
+print(download.fetch(sys.argv[2], sys.argv[3], cache=sys.argv[4]))
+"""
+WAITING = "waiting for another process that is downloading"
+
+
+def _hold_answers_until(srv, ready, limit: float) -> None:
+    """The server answers each request only once ready() (or after `limit` seconds)."""
+    class Held(srv.RequestHandlerClass):
+        def do_GET(self) -> None:
+            deadline = time.monotonic() + limit
+            while not ready() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            super().do_GET()
+
+    srv.RequestHandlerClass = Held
+
+
+def test_two_processes_fetching_one_url_download_it_once_while_the_second_waits(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    logs = [tmp_path / f"stderr{i}" for i in range(2)]
+    # The first request is held until the other process logs that it waits: the two overlap for sure.
+    _hold_answers_until(srv, lambda: any(WAITING in log.read_text() for log in logs if log.exists()), limit=4)
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-c", FETCH_IN_A_PROCESS, models.download.__file__, srv.url, DIGEST, str(cache)]
+    procs = []
+    for log in logs:
+        with open(log, "w") as stderr:
+            procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True))
+    printed = [p.communicate(timeout=30)[0].strip() for p in procs]
+    dest = cache_path(srv.url, cache)
+    assert [p.returncode for p in procs] == [0, 0], [log.read_text() for log in logs]
+    assert printed == [str(dest)] * 2
+    assert srv.ranges == [None] and srv.bytes_sent == len(PAYLOAD)  # one download in all
+    assert sum(WAITING in log.read_text() for log in logs) == 1
+    assert dest.read_bytes() == PAYLOAD and _files(cache) == [dest.name]  # no .part, no .lock

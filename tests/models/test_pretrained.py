@@ -117,3 +117,40 @@ def test_checkpoint_with_a_cosine_head_loads_as_one_and_reset_head_picks_the_new
     relinear = load_pretrained(str(path), num_classes=5, reset_head=True)
     assert type(relinear.head) is nn.Linear
     assert torch.equal(relinear.layer3[4].conv2.weight, cosine.layer3[4].conv2.weight)
+
+
+NOT_A_CHECKPOINT = b"<html><body>Sign in to download this file</body></html>"
+
+
+def test_url_that_serves_no_checkpoint_is_removed_from_the_cache_and_fetched_again(serve, tmp_path):
+    srv = serve(NOT_A_CHECKPOINT)
+    cache = tmp_path / "cache"
+    for attempt in (1, 2):
+        with pytest.raises(CheckpointError) as err:
+            load_pretrained(srv.url, arch="resnet32", cache=cache)
+        msg = str(err.value)
+        assert msg.startswith(f"{srv.url}: the downloaded file was not a checkpoint (")
+        assert "cannot be read as a checkpoint" in msg and "pin it with #sha256=" in msg
+        assert "it was removed from the cache, so the next run downloads it again" in msg and "\n" not in msg
+        assert list(cache.iterdir()) == []
+        assert srv.ranges == [None] * attempt  # each run asks the server again
+
+
+def test_registry_file_that_is_no_checkpoint_is_removed_and_the_entry_blamed(serve, tmp_path, monkeypatch):
+    srv = serve(NOT_A_CHECKPOINT)
+    digest = hashlib.sha256(NOT_A_CHECKPOINT).hexdigest()
+    monkeypatch.setitem(PRETRAINED, "tiny", PretrainedEntry(srv.url, digest, "resnet32", "fake", 10, "balms"))
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained("tiny", cache=tmp_path)
+    assert str(err.value).startswith(f"{srv.url} (tiny): the downloaded file was not a checkpoint (")
+    assert str(err.value).endswith("the entry in models/zoo.py names the wrong file")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_users_own_file_that_is_no_checkpoint_is_never_deleted(tmp_path):
+    path = tmp_path / "mine.pth"  # in the cache folder even: only downloads are removed
+    path.write_bytes(NOT_A_CHECKPOINT)
+    with pytest.raises(CheckpointError, match="cannot be read as a checkpoint") as err:
+        load_pretrained(str(path), arch="resnet32", cache=tmp_path)
+    assert "removed" not in str(err.value)
+    assert path.read_bytes() == NOT_A_CHECKPOINT
