@@ -1,10 +1,15 @@
 """What both entry scripts share at their top: the command line (--cfg YAML, key=value overrides,
---test, --ckpt, --resume, --pretrained), user errors as one line, the start of a run (start_run),
-and what --test runs, which is the same for both stages."""
+--test, --ckpt, --resume, --pretrained, --debug), user errors as one line (also in train.log), the
+start of a run (start_run), and what --test runs, which is the same for both stages."""
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import shutil
+import signal
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -24,9 +29,15 @@ from models.checkpoint import CheckpointError
 from models.download import DownloadError
 
 
-def parse_cli(stage: str, description: str, argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """The config of a `stage` run (stage1 | stage2) and the parsed options; overrides and options mix freely."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> None:
+        self.exit(USER_ERROR_STATUS, f"{self.prog}: error: {message}; see --help\n")
+
+
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", help="experiment YAML (only what differs from config/schema.py)")
     parser.add_argument("--test", action="store_true", help="evaluate a checkpoint on the test split and exit")
     parser.add_argument("--ckpt", help="checkpoint for --test (default: the run's best.pt, else last.pt)")
@@ -34,11 +45,21 @@ def parse_cli(stage: str, description: str, argv: Sequence[str] | None = None) -
                         help="continue the run in the run directory from its last.pt (starts fresh if there is none)")
     parser.add_argument("--pretrained", metavar="NAME|URL|PATH",
                         help="start from these weights: same as model.pretrained=... (python -m models list)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=30")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def config_of(args: argparse.Namespace, stage: str) -> Config:
     overrides = list(args.overrides) + ([f"model.pretrained={args.pretrained}"] if args.pretrained else [])
     with user_errors():
-        return load_config(args.cfg, overrides, stage), args
+        return load_config(args.cfg, overrides, stage)
+
+
+def parse_cli(stage: str, description: str, argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The config of a `stage` run (stage1 | stage2) and the parsed options; overrides and options mix freely."""
+    args = cli_parser(description).parse_intermixed_args(argv)
+    return config_of(args, stage), args
 
 
 @contextmanager
@@ -53,6 +74,25 @@ def user_errors() -> Iterator[None]:
     except (DatasetNotFoundError, DatasetFormatError, CheckpointError, DownloadError, RunDirError, DeviceError,
             FloatingPointError) as e:
         raise SystemExit(f"error: {own_message(e)}") from None
+    except OSError as e:  # the disk, permissions, a file the user named
+        raise SystemExit(f"error: {os_error_message(e)}") from None
+
+
+# What to do about the OSErrors a user can cause (others get their own message only).
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "free space on that disk, then run the same command with --resume",
+    errno.EFBIG: "the file system refused a file that large: free space or raise the limit (ulimit -f), then --resume",
+    errno.EDQUOT: "the disk quota is full: free space, then run the same command with --resume",
+    errno.EACCES: "check the path's permissions, or choose a writable log_dir=... / data.root=...",
+    errno.EROFS: "that file system is read-only: choose log_dir=... on a writable one",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """'<path>: <what failed>; <what to do>' for an OSError of the disk or permissions."""
+    what = e.strerror or str(e)
+    hint = OS_ERROR_HINTS.get(e.errno)
+    return (f"{e.filename}: {what}" if e.filename else what) + (f"; {hint}" if hint else "")
 
 
 def own_message(e: Exception) -> str:
@@ -75,10 +115,12 @@ def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device
     ranks, device = init_distributed(t.device, t.dist_timeout_s)
     check_amp(device, t.amp)
     set_tf32(device, t.tf32)
-    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=ranks.is_main)
-    ckpt = resume_checkpoint(run_dir, resume)
+    ckpt = resume_checkpoint(Path(cfg.run_dir), resume)  # before the log opens: a refusal writes nothing
     if ckpt is not None:
-        check_resume(ckpt["config"], cfg, stage, run_dir / "config.yaml")
+        check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")
+    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=ranks.is_main)
+    if ckpt is None and ranks.is_main:  # a start killed before its first last.pt may have logged an epoch: redone
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     return ranks, device, run_dir, ckpt
 
 
@@ -119,27 +161,67 @@ def test(cfg: Config, ckpt_path: Path | None) -> dict:
 USER_ERROR_STATUS = 2  # the exit status of a user error, as argparse uses for a bad command line
 
 
-def exit_on_user_error(command: Callable[[], object]) -> None:
+def exit_on_user_error(command: Callable[[], object], debug: bool = False) -> None:
     """Run a command-line program: a user error (SystemExit with its message) prints that one line to
-    stderr and exits with USER_ERROR_STATUS; anything else (a bug) keeps its traceback."""
+    stderr (and to the run's train.log when one is open) and exits with USER_ERROR_STATUS, with the
+    traceback first when `debug`; Ctrl-C is one line too (exit 130); anything else (a bug) keeps its
+    traceback."""
     try:
         command()
     except SystemExit as e:
         if isinstance(e.code, str):
+            if debug:
+                traceback.print_exception(e.__context__ or e)
+            log_to_files(e.code)
             print(e.code, file=sys.stderr)
             raise SystemExit(USER_ERROR_STATUS) from None
+        raise
+    except KeyboardInterrupt:  # Ctrl-C where no StopRequest listens (start-up, --test, torchrun workers)
+        message = "stopped by SIGINT (Ctrl-C); --resume continues from the last checkpoint written, if any"
+        log_to_files(message)
+        print(message, file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+def log_to_files(message: str) -> None:
+    """`message` as an ERROR record into the file handlers of the root logger (train.log): stderr has it already."""
+    record = logging.makeLogRecord({"name": "cli", "levelno": logging.ERROR, "levelname": "ERROR", "msg": message})
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+@contextmanager
+def nothing_left_of_a_refused_run(run_dir: Path) -> Iterator[None]:
+    """A run refused before it starts training (a user error before its config.yaml is written) removes
+    the run directory it created: the next try is not told that the name is taken, nor sees a stray
+    folder. A directory that was there before is never touched."""
+    existed = run_dir.exists()
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str) and not existed and run_dir.is_dir() and not (run_dir / "config.yaml").exists():
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler):
+                    logging.getLogger().removeHandler(handler)
+                    handler.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
 def run_cli(stage: str, description: str, main: Callable[..., dict]) -> None:
     """An entry script's command line: parse --cfg and overrides, then train (main) or --test."""
+    args = cli_parser(description).parse_intermixed_args()
 
     def command() -> None:
-        cfg, args = parse_cli(stage, description)
-        with user_errors():
+        if args.ckpt and "=" in args.ckpt and not Path(args.ckpt).exists():  # --ckpt swallowed an override
+            raise SystemExit(f"error: --ckpt takes a checkpoint's path, got {args.ckpt!r}: put the path right "
+                             f"after --ckpt")
+        cfg = config_of(args, stage)
+        with nothing_left_of_a_refused_run(Path(cfg.run_dir)), user_errors():
             if args.test:
                 test(cfg, Path(args.ckpt) if args.ckpt else None)
             else:
                 main(cfg, resume=args.resume)
 
-    exit_on_user_error(command)
+    exit_on_user_error(command, args.debug)

@@ -6,6 +6,7 @@ the resolved config, the model's constructor arguments and the training class co
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -39,13 +40,28 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:  # torch.save turns whatever the file's write raised into a RuntimeError
+                raise _write_error(e, path) from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(e: RuntimeError, path: Path) -> BaseException:
+    """What to raise for torch.save's RuntimeError: the exception the write raised when it was a signal's
+    (SystemExit, KeyboardInterrupt) or the disk's (OSError, with the path), else an OSError of its text."""
+    cause = e.__context__
+    if isinstance(cause, BaseException) and not isinstance(cause, Exception):
+        return cause
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return OSError(cause.errno, f"{cause.strerror} (the previous {path.name} is kept)", str(path))
+    return OSError(errno.EIO, f"writing it failed ({str(e).splitlines()[0]}); is the disk full? Free space, then "
+                              f"run the same command with --resume: the previous {path.name} is kept", str(path))
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:

@@ -10,8 +10,8 @@ from models.download import DownloadError
 
 
 def test_options_may_come_before_between_and_after_overrides():
-    cfg, args = parse_cli("stage1", "", ["train.lr=0.2", "--test", "--ckpt", "x.pt", "train.epochs=3", "--resume"])
-    assert (cfg.train.lr, cfg.train.epochs) == (0.2, 3)
+    cfg, args = parse_cli("stage1", "", ["train.lr=0.2", "--test", "--ckpt", "x.pt", "train.epochs=30", "--resume"])
+    assert (cfg.train.lr, cfg.train.epochs) == (0.2, 30)
     assert args.test and args.resume and args.ckpt == "x.pt"
     cfg, _ = parse_cli("stage2", "", ["stage2.method=crt", "--pretrained", "r.pt", "name=run"])
     assert (cfg.model.pretrained, cfg.name, cfg.stage2.method) == ("r.pt", "run", "crt")
@@ -68,3 +68,109 @@ def test_a_foreign_checkpoint_tested_in_a_run_never_overwrites_the_runs_own_repo
     (run / "last.pt").write_bytes(b"x")
     assert report_path(run, run / "last.pt") == run / "test_metrics.json"
     assert report_path(run, other / "best.pt") == run / "test_metrics_other_best.json"
+
+
+def test_a_bad_command_line_is_one_line_naming_the_option_and_exits_2(capsys):
+    from config.cli import cli_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_parser("").parse_intermixed_args(["train.lr=0.1", "--bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: unrecognized arguments: --bogus; see --help" in err
+
+
+def test_debug_shows_the_traceback_of_the_error_behind_the_line(capsys):
+    from config.cli import exit_on_user_error
+
+    def refused():
+        with user_errors():
+            raise CheckpointError("x.pt is damaged")
+
+    for debug in (False, True):
+        with pytest.raises(SystemExit):
+            exit_on_user_error(refused, debug=debug)
+        err = capsys.readouterr().err
+        assert err.endswith("error: x.pt is damaged\n")
+        assert ("Traceback" in err and "models.checkpoint.CheckpointError: x.pt is damaged" in err) == debug
+
+
+def test_a_user_error_is_written_to_the_open_train_log_too(tmp_path, capsys):
+    import logging
+
+    from config.cli import exit_on_user_error
+
+    def refused():
+        raise SystemExit("error: the disk is full")
+
+    handler = logging.FileHandler(tmp_path / "train.log")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(SystemExit):
+            exit_on_user_error(refused)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert (tmp_path / "train.log").read_text() == "ERROR cli: error: the disk is full\n"
+    assert capsys.readouterr().err == "error: the disk is full\n"  # once: stderr is not a file handler
+
+
+@pytest.mark.parametrize("errno_, filename, expected", [
+    (28, "/runs/a/last.pt", "/runs/a/last.pt: No space left on device; free space on that disk, then run the same "
+                            "command with --resume"),
+    (13, "/data/x", "/data/x: Permission denied; check the path's permissions, or choose a writable log_dir=... / "
+                    "data.root=..."),
+    (20, "/runs/file/x", "/runs/file/x: Not a directory"),
+])
+def test_an_os_error_is_one_line_with_the_path_and_what_to_do(errno_, filename, expected):
+    import os
+
+    with pytest.raises(SystemExit) as exit_info:
+        with user_errors():
+            raise OSError(errno_, os.strerror(errno_), filename)
+    assert exit_info.value.code == f"error: {expected}"
+
+
+def test_a_refused_run_removes_the_directory_it_created_and_nothing_else(tmp_path):
+    from config.cli import nothing_left_of_a_refused_run
+
+    new = tmp_path / "new"
+    with pytest.raises(SystemExit):
+        with nothing_left_of_a_refused_run(new):
+            new.mkdir()
+            (new / "train.log").write_text("started\n")
+            raise SystemExit("error: data.root=x does not exist")
+    assert not new.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(SystemExit):
+        with nothing_left_of_a_refused_run(existing):
+            raise SystemExit("error: refused")
+    assert existing.is_dir()
+    started = tmp_path / "started"  # a run that wrote its config.yaml had started: its log is kept
+    with pytest.raises(SystemExit):
+        with nothing_left_of_a_refused_run(started):
+            started.mkdir()
+            (started / "config.yaml").write_text("{}\n")
+            raise SystemExit("error: the loss became NaN")
+    assert (started / "config.yaml").is_file()
+    stopped = tmp_path / "stopped"  # a signal's exit (a number) is not a refusal
+    with pytest.raises(SystemExit):
+        with nothing_left_of_a_refused_run(stopped):
+            stopped.mkdir()
+            raise SystemExit(143)
+    assert stopped.is_dir()
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
+    from config.cli import exit_on_user_error
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(interrupted)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("stopped by SIGINT (Ctrl-C); --resume continues from the last checkpoint "
+                                       "written, if any\n")

@@ -52,8 +52,10 @@ def test_failed_save_keeps_previous_checkpoint_and_leaves_no_temp_files(tmp_path
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(torch, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(OSError, match=r"writing it failed \(disk full\); is the disk full\? .* the previous last.pt "
+                                      r"is kept") as err:
         save_checkpoint(path, {"epoch": 2, "w": torch.zeros(4)})
+    assert err.value.filename == str(path)
     monkeypatch.undo()
 
     ckpt = load_checkpoint(path)
@@ -136,3 +138,25 @@ def test_a_checkpoint_gets_the_file_mode_of_the_umask_not_0600(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.pt").stat().st_mode) == 0o644
+
+
+def test_a_signal_during_a_save_stays_a_signal_not_a_disk_error(tmp_path, monkeypatch):
+    # torch.save turns what the file's write raised into a RuntimeError; the second Ctrl-C's
+    # SystemExit must come out as itself (exit 130), the disk's OSError with its errno.
+    path = tmp_path / "last.pt"
+    for raised, expected in ((SystemExit(130), SystemExit), (OSError(28, "No space left on device"), OSError)):
+        def write_fails(obj, f, *args, raised=raised, **kwargs):
+            try:
+                raise raised
+            except BaseException:
+                raise RuntimeError("unexpected pos 46 vs 0")
+
+        monkeypatch.setattr(torch, "save", write_fails)
+        with pytest.raises(expected) as err:
+            save_checkpoint(path, {"epoch": 2})
+        if expected is OSError:
+            assert err.value.errno == 28 and err.value.filename == str(path)
+            assert "No space left on device (the previous last.pt is kept)" in str(err.value)
+        else:
+            assert err.value.code == 130
+    assert list(tmp_path.iterdir()) == []
