@@ -5,21 +5,23 @@
     python predict.py logs/<run>/best.pt --export exported/    # write exported/model.pt + model.json
 
 Prints one tab-separated line per image: path, predicted class name (its index when the checkpoint
-has no class names), softmax probability. Images are converted to RGB and resized (bilinear) to
-the training resolution, 32x32 for the CIFAR models. Checkpoints without a training config
+has no class names), softmax probability; an unreadable image gets an error line on stderr instead,
+and the exit status is then 2. Images are converted to RGB and resized (bilinear) to the training
+resolution, 32x32 for the CIFAR models. Checkpoints without a training config
 (`python -m models import` results) need --dataset for their normalisation.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from config.cli import exit_on_user_error
+from config.cli import USER_ERROR_STATUS, OneLineParser, exit_on_user_error
 from config.schema import DataConfig
 from data.build import NORMALIZATION
 from data.build_files import FILE_DATASETS
@@ -30,19 +32,28 @@ from models.checkpoint import CheckpointError, load_checkpoint
 from models.export import export_meta, load_export, model_from_export, write_export
 
 
-def read_images(paths: Sequence[str], size: int) -> torch.Tensor:
-    """uint8 (N, 3, size, size) RGB images."""
-    out = []
+def positive_int(text: str) -> int:
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def read_images(paths: Sequence[str], size: int) -> tuple[list[str], list[torch.Tensor]]:
+    """The paths that read as images and their uint8 (3, size, size) RGB tensors; each other path
+    gets an error line on stderr."""
+    read, images = [], []
     for path in paths:
         try:
             with Image.open(path) as img:
                 rgb = img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise SystemExit(f"error: cannot read {path} as an image ({e})") from None
+        except (OSError, Image.DecompressionBombError) as e:
+            print(f"error: cannot read {path} as an image ({e}); skipped", file=sys.stderr)
+            continue
         if rgb.size != (size, size):
             rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        out.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
-    return torch.stack(out)
+        read.append(path)
+        images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+    return read, images
 
 
 def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict]:
@@ -61,14 +72,15 @@ def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="checkpoint .pt of this tool, or an export directory")
     parser.add_argument("images", nargs="*", help="image files to classify")
     parser.add_argument("--export", metavar="DIR", help="write the checkpoint as DIR/model.pt + DIR/model.json")
     parser.add_argument("--dataset", choices=sorted(NORMALIZATION),
                         help="normalisation of a checkpoint without a training config")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too")
     args = parser.parse_intermixed_args(argv)  # options may come between the image paths
     if not args.export and not args.images:
         parser.error("give image files to classify, or --export DIR")
@@ -83,17 +95,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.export:
                 print(f"wrote {write_export(args.export, state, meta)}")
             model = model_from_export(state, meta, args.model)
-    except (CheckpointError, FileNotFoundError, DeviceError) as e:
+    except (CheckpointError, FileNotFoundError, FileExistsError, DeviceError) as e:
         raise SystemExit(f"error: {e}") from None
     if not args.images:
         return
-    images = read_images(args.images, meta["image_size"])
-    probs = predict_logits(model.to(device), images, args.batch_size, meta["mean"], meta["std"]).softmax(dim=1)
-    confidence, predicted = probs.max(dim=1)
-    names = meta["class_names"]
-    for path, c, p in zip(args.images, predicted.tolist(), confidence.tolist()):
-        print(f"{path}\t{names[c] if names else c}\t{p:.4f}")
+    paths, images = read_images(args.images, meta["image_size"])
+    if images:
+        probs = predict_logits(model.to(device), torch.stack(images), args.batch_size, meta["mean"],
+                               meta["std"]).softmax(dim=1)
+        confidence, predicted = probs.max(dim=1)
+        names = meta["class_names"]
+        for path, c, p in zip(paths, predicted.tolist(), confidence.tolist()):
+            print(f"{path}\t{names[c] if names else c}\t{p:.4f}")
+    if len(paths) < len(args.images):
+        raise SystemExit(USER_ERROR_STATUS)  # the skipped images have their error lines
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(main, debug="--debug" in sys.argv[1:])

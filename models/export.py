@@ -20,6 +20,7 @@ from models.registry import build_model
 
 EXPORT_FORMAT = "lt-decoupled-export/1"  # bumped when model.json changes meaning
 WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
+META_KEYS = ("arch", "num_classes", "class_names", "mean", "std", "image_size")  # those inference reads
 
 
 def export_meta(model_args: dict, class_names: Sequence[str] | None, class_counts: Sequence[int] | None,
@@ -43,8 +44,12 @@ def model_from_export(state: dict[str, torch.Tensor], meta: dict, what: str) -> 
 
 
 def write_export(out_dir: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write model.pt and model.json into out_dir (created); returns out_dir."""
+    """Write model.pt and model.json into out_dir (created); returns out_dir. An export already
+    there is never overwritten (FileExistsError)."""
     out_dir = Path(out_dir)
+    if (out_dir / WEIGHTS_FILE).exists() or (out_dir / META_FILE).exists():
+        raise FileExistsError(f"{out_dir} already holds an export ({WEIGHTS_FILE}, {META_FILE}); give another "
+                              f"--export folder, or delete those two files first")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / WEIGHTS_FILE, lambda f: torch.save(dict(state), f))
     write_atomic(out_dir / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
@@ -55,11 +60,26 @@ def load_export(out_dir: str | Path) -> tuple[nn.Module, dict]:
     """(model in eval mode, the model.json dict) of an export directory."""
     out_dir = Path(out_dir)
     meta_path, weights_path = out_dir / META_FILE, out_dir / WEIGHTS_FILE
+    command = f"python predict.py <checkpoint.pt> --export {out_dir}"
     if not meta_path.is_file() or not weights_path.is_file():
         raise CheckpointError(f"{out_dir} is not an export directory (it needs {WEIGHTS_FILE} and {META_FILE}); "
-                              f"write one with: python predict.py <checkpoint.pt> --export {out_dir}")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{meta_path} is not an export of this tool (expected format {EXPORT_FORMAT!r})")
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+                              f"write one with: {command}")
+    export_again = f"delete its {WEIGHTS_FILE} and {META_FILE} and export again: {command}"
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except ValueError as e:  # not JSON, or not text
+        raise CheckpointError(f"{meta_path} is damaged ({e}); {export_again}") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{meta_path} is not an export of this tool (expected format {EXPORT_FORMAT!r}); "
+                              f"{export_again}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path} is damaged (missing {', '.join(missing)}); {export_again}")
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or not a torch file
+        cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise CheckpointError(f"{weights_path} is damaged ({cause}); {export_again}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{weights_path} holds no state dict; {export_again}")
     return model_from_export(state, meta, str(weights_path)), meta

@@ -12,6 +12,7 @@ from config.load import config_to_dict
 from config.schema import Config
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize
 from models.checkpoint import save_checkpoint
+from models.export import export_meta, write_export
 from models.registry import build_model
 
 pytestmark = pytest.mark.slow
@@ -95,9 +96,74 @@ def test_imported_checkpoint_without_config_needs_the_dataset(checkpoint, image_
     assert proc.stdout.split("\t") == [expected[0], str(NAMES.index(expected[1])), expected[2] + "\n"]
 
 
-def test_unreadable_image_is_named_in_one_error(checkpoint, tmp_path, run):
+def _one_error_line(proc) -> str:
+    """The one stderr line of a user error: exit status 2, no traceback, nothing on stdout."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_unreadable_image_is_skipped_and_the_others_still_classified(checkpoint, image_files, tmp_path, run):
+    path, model = checkpoint
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    proc = run("predict.py", str(path), str(image_files[0]), str(notes), *map(str, image_files[1:]), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stdout.splitlines() == _expected_lines(model, image_files)
+    assert proc.stderr.splitlines() == [
+        f"error: cannot read {notes} as an image (cannot identify image file '{notes}'); skipped"]
+
+
+def test_batch_of_only_unreadable_images_prints_one_error_line_each_and_no_results(checkpoint, tmp_path, run):
     path, _ = checkpoint
     (tmp_path / "notes.txt").write_text("not an image")
-    proc = run("predict.py", str(path), str(tmp_path / "notes.txt"), check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith(f"error: cannot read {tmp_path / 'notes.txt'} as an image")
+    proc = run("predict.py", str(path), str(tmp_path / "notes.txt"), str(tmp_path / "missing.png"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"error: cannot read {tmp_path / 'notes.txt'} as an image (")
+    assert lines[1] == (f"error: cannot read {tmp_path / 'missing.png'} as an image "
+                        f"([Errno 2] No such file or directory: '{tmp_path / 'missing.png'}'); skipped")
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_batch_size_below_one_is_one_line_before_anything_loads(value, tmp_path, run):
+    # The checkpoint does not exist: the command line is refused before it is looked for.
+    proc = run("predict.py", str(tmp_path / "none.pt"), "a.png", f"--batch-size={value}", check=False)
+    assert _one_error_line(proc) == (f"predict.py: error: argument --batch-size: expected a whole number of "
+                                     f"at least 1, got '{value}'; see --help")
+
+
+def test_export_never_overwrites_an_existing_export(checkpoint, tmp_path, run):
+    path, _ = checkpoint
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "model.json").write_text("{}")  # even an export of another model, or half of one
+    proc = run("predict.py", str(path), "--export", str(out), check=False)
+    assert _one_error_line(proc) == (f"error: {out} already holds an export (model.pt, model.json); give another "
+                                     f"--export folder, or delete those two files first")
+    assert [p.name for p in out.iterdir()] == ["model.json"] and (out / "model.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("damage, file, cause", [
+    ("json", "model.json", "Expecting value: line 1 column 1 (char 0)"),
+    ("keys", "model.json", "missing arch, num_classes, class_names, mean, std, image_size"),
+    ("truncated", "model.pt", "RuntimeError: PytorchStreamReader failed reading zip archive")])
+def test_damaged_export_is_one_line_that_names_the_file_and_says_to_export_again(damage, file, cause, checkpoint,
+                                                                                image_files, tmp_path, run):
+    _, model = checkpoint
+    out = tmp_path / "exported"
+    write_export(out, model.state_dict(), export_meta({"name": "resnet32", "num_classes": 10}, NAMES, None,
+                                                      CIFAR10_MEAN, CIFAR10_STD, 32))
+    if damage == "json":
+        (out / "model.json").write_text("not json")
+    elif damage == "keys":
+        (out / "model.json").write_text(json.dumps({"format": "lt-decoupled-export/1"}))
+    else:
+        (out / "model.pt").write_bytes((out / "model.pt").read_bytes()[:1000])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = _one_error_line(run("predict.py", str(out), str(image_files[0]), check=False))
+    assert line.startswith(f"error: {out / file} is damaged ({cause}")
+    assert line.endswith(f"); delete its model.pt and model.json and export again: "
+                         f"python predict.py <checkpoint.pt> --export {out}")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -56,3 +56,32 @@ def test_export_of_a_cosine_head_model_records_and_rebuilds_the_head(tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(x), cosine(x))
+
+
+def test_write_export_never_overwrites_an_existing_export(model, tmp_path):
+    meta = export_meta({"name": "resnet32", "num_classes": 3}, None, None, MEAN, STD, 32)
+    write_export(tmp_path / "out", model.state_dict(), meta)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(FileExistsError, match="already holds an export .*give another --export folder"):
+        write_export(tmp_path / "out", {}, {**meta, "image_size": 64})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("model.json", b"{", r"model.json is damaged \(Expecting property name"),
+    ("model.json", b"\xff\xfe\x00", r"model.json is damaged \("),
+    ("model.json", b"[]", r"model.json is not an export of this tool"),
+    ("model.json", json.dumps({"format": EXPORT_FORMAT, "arch": "resnet32"}).encode(),
+     r"model.json is damaged \(missing num_classes, class_names, mean, std, image_size\)"),
+    ("model.pt", b"PK\x03\x04 cut short", r"model.pt is damaged \(RuntimeError: "),
+    ("model.pt", None, r"model.pt holds no state dict")])
+def test_damaged_export_names_the_file_and_says_to_export_again(model, tmp_path, file, content, message):
+    meta = export_meta({"name": "resnet32", "num_classes": 3}, None, None, MEAN, STD, 32)
+    write_export(tmp_path / "out", model.state_dict(), meta)
+    if content is None:
+        torch.save(torch.zeros(3), tmp_path / "out" / file)  # loads, but is a tensor, not a state dict
+    else:
+        (tmp_path / "out" / file).write_bytes(content)
+    with pytest.raises(CheckpointError, match=message + r".*; delete its model.pt and model.json and export again: "
+                                              r"python predict.py <checkpoint.pt> --export "):
+        load_export(tmp_path / "out")
