@@ -76,11 +76,11 @@ def build_network(cfg: Config, num_classes: int, device: torch.device) -> tuple[
             model = load_pretrained(m.pretrained, arch=m.name, num_classes=num_classes, reset_head=m.reset_head,
                                     head=m.head)
         except (CheckpointError, DownloadError) as e:
-            raise SystemExit(f"model.pretrained={m.pretrained}: {e}") from None
+            raise SystemExit(f"error: model.pretrained={m.pretrained}: {e}") from None
     else:
         model = build_model(**model_args)
     if head_name(model.head) != m.head:
-        raise SystemExit(f"model.pretrained={m.pretrained} has a {head_name(model.head)} head, not the "
+        raise SystemExit(f"config error: model.pretrained={m.pretrained} has a {head_name(model.head)} head, not the "
                          f"model.head={m.head} asked for: set model.head={head_name(model.head)}, or "
                          f"model.reset_head=true for a new {m.head} head")
     if m.channels_last:
@@ -91,11 +91,14 @@ def build_network(cfg: Config, num_classes: int, device: torch.device) -> tuple[
 def build_criterion(cfg: Config, class_counts: list[int], model: nn.Module, fresh_head: bool) -> LongTailLoss:
     """The loss, with the classifier bias it asks for set on a new head (a pretrained one keeps its own)."""
     params = {k: v for k, v in vars(cfg.loss).items() if k != "name" and v is not None}
-    loss_fn = build_loss(cfg.loss.name, class_counts, **params)
+    try:
+        loss_fn = build_loss(cfg.loss.name, class_counts, **params)
+    except ValueError as e:  # a parameter the loss does not take, or out of its range
+        raise SystemExit(f"config error: loss.name={cfg.loss.name}: {e}") from None
     bias = loss_fn.init_bias()
     if bias is not None and fresh_head:
         if getattr(model.head, "bias", None) is None:
-            raise SystemExit(f"loss.name={cfg.loss.name} initialises the classifier's bias, and "
+            raise SystemExit(f"config error: loss.name={cfg.loss.name} initialises the classifier's bias, and "
                              f"model.head={cfg.model.head} has none: use model.head=linear")
         torch.nn.init.constant_(model.head.bias, bias)
     if cfg.loss.name == "ldam" and cfg.model.head == "linear" and getattr(loss_fn, "scale", 1.0) > 1:
@@ -144,7 +147,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if t.amp == "fp16":
         states["scaler"] = scaler
-    progress = restore(ckpt, states, run_dir) if ckpt is not None else Progress(t.select_metric)
+    progress = restore(ckpt, states, run_dir, data.class_counts) if ckpt is not None else Progress(t.select_metric)
     runlog = open_log(cfg, STAGE, run_dir, d)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names}
@@ -164,12 +167,14 @@ def main(cfg: Config, resume: bool = False) -> dict:
         start = time.perf_counter()
         record = train_one_epoch(train_model, islice(loader.epoch(epoch), done, done + steps), steps, loss_fn,
                                  optimizer, scheduler, t.mixup_alpha, mixup_rng, t.accum_steps, t.amp, scaler,
-                                 desc=f"epoch {epoch + 1}/{num_epochs}", d=d, stop=stop)
+                                 desc=f"epoch {epoch + 1}/{num_epochs}", d=d, stop=stop,
+                                 carry=ckpt["epoch_sums"] if done else (0.0, 0.0, 0))
         record["train_seconds"] = time.perf_counter() - start
         progress.step += record.pop("steps")
+        sums = record.pop("sums")
         state = {name: obj.state_dict() for name, obj in states.items()}
         if stop is not None and stop():
-            stop_run(run_dir, runlog, progress, {**payload, **state}, stop.signum)
+            stop_run(run_dir, runlog, progress, {**payload, **state, "epoch_sums": sums}, stop.signum)
         progress.epoch = epoch + 1
         broadcast_module(model, d)  # rank 0's BatchNorm statistics (each rank's own without sync_bn), as saved
         val = (evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,

@@ -37,7 +37,7 @@ from engine.distributed import Dist, check_same_on_ranks
 from engine.features import CachedFeatures, LiveFeatures, compute_views, disk_views
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
-from engine.run import Progress, end_epoch, finish_run, restore
+from engine.run import Progress, StopRequest, end_epoch, finish_run, restore, stop_run
 from engine.runlog import RunLog
 from engine.schedule import sgd_with_schedule
 from engine.tau_norm import tau_search
@@ -47,6 +47,7 @@ from models.checkpoint import CheckpointError, load_checkpoint, load_state_check
 from models.download import DownloadError
 from models.heads import ScaledLinear, deployable_state, head_name, load_backbone_state, tau_normalized
 from models.losses import build_loss
+from models.pretrained import HeadMismatchError
 
 STAGE = "stage2"
 CACHE_NAMES = {VIEW_STREAM: "train", META_VIEW_STREAM: "meta"}  # features_<name>.npy of image-file datasets
@@ -89,12 +90,13 @@ def check_method(cfg: Config) -> Method:
             raise SystemExit(f"config error: {key} is read by stage2.method={' | '.join(readers)} only, not by "
                              f"{cfg.stage2.method}: remove it")
     if not cfg.stage1.checkpoint and not cfg.model.pretrained:
-        raise SystemExit("stage 2 needs a backbone: stage1.checkpoint=logs/<stage-1 run>/last.pt, "
+        raise SystemExit("config error: stage 2 needs a backbone: stage1.checkpoint=logs/<stage-1 run>/last.pt, "
                          "or model.pretrained=NAME|URL|PATH (`python -m models list` shows the names)")
     if cfg.stage1.checkpoint and cfg.model.pretrained:
-        raise SystemExit("set stage1.checkpoint or model.pretrained, not both: they name the same backbone")
+        raise SystemExit("config error: set stage1.checkpoint or model.pretrained, not both: they name the same "
+                         "backbone")
     if cfg.model.reset_head and keeps_stage1_head(cfg, method):
-        raise SystemExit(f"model.reset_head=true drops the head that stage2.method={cfg.stage2.method} "
+        raise SystemExit(f"config error: model.reset_head=true drops the head that stage2.method={cfg.stage2.method} "
                          f"(stage2.init_head={cfg.stage2.init_head}) starts from; balanced_softmax, crt and "
                          f"balms with init_head=reinit train a new head for any number of classes")
     return method
@@ -112,8 +114,9 @@ def with_stage1_training_set(cfg: Config, s1: dict) -> Config:
     mine["model.name"] = (cfg.model.name, s1["model_args"]["name"], ModelConfig().name)
     for key, (value, recorded, unset) in mine.items():
         if value not in (recorded, unset):
-            raise SystemExit(f"{key}={value!r}, but the stage-1 run {cfg.stage1.checkpoint} has {key}={recorded!r}: "
-                             f"stage 2 reads it from the checkpoint; remove {key} from the stage-2 config")
+            raise SystemExit(f"config error: {key}={value!r}, but the stage-1 run {cfg.stage1.checkpoint} has "
+                             f"{key}={recorded!r}: stage 2 reads it from the checkpoint; remove {key} from the "
+                             f"stage-2 config")
     data = dataclasses.replace(cfg.data, **{k: getattr(saved, k) for k in SUBSET_KEYS})
     model = dataclasses.replace(cfg.model, name=s1["model_args"]["name"])
     return dataclasses.replace(cfg, data=data, model=model)
@@ -125,7 +128,7 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: b
     stage-1 run of this tool, or pretrained / imported weights (no training set to match)."""
     if s1 is not None and s1.get("config"):
         if counts != s1["class_counts"]:
-            raise SystemExit(f"the training set differs from stage 1's ({counts} vs {s1['class_counts']}): "
+            raise SystemExit(f"error: the training set differs from stage 1's ({counts} vs {s1['class_counts']}): "
                              f"is data.root the same copy of the dataset?")
         model = build_model(**s1["model_args"])
         load_state_checked(model, s1["model"], f"model in {cfg.stage1.checkpoint}")
@@ -134,8 +137,12 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: b
         source = cfg.stage1.checkpoint or cfg.model.pretrained
         try:
             model = load_pretrained(source, arch=cfg.model.name, num_classes=len(counts), reset_head=not keep_head)
+        except HeadMismatchError as e:  # its advice, model.reset_head=true, is refused for these methods
+            raise SystemExit(f"error: {source}: {e.problem}; stage2.method={cfg.stage2.method} starts from the "
+                             f"backbone's own classifier, which must have this training set's {len(counts)} classes: "
+                             f"use balanced_softmax, crt or balms, which train a new head") from None
         except (CheckpointError, DownloadError) as e:
-            raise SystemExit(f"{source}: {e}") from None
+            raise SystemExit(f"error: {source}: {e}") from None
         model_args = {"name": cfg.model.name, "num_classes": len(counts)}
     if keep_head and not isinstance(model.head, nn.Linear):
         raise SystemExit(f"stage2.method={cfg.stage2.method} (stage2.init_head={cfg.stage2.init_head}) starts from "
@@ -161,7 +168,8 @@ def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, 
         for i, r in enumerate(records if runlog is not None else []):
             runlog.log(i, r)
     model.head = tau_normalized(stage1_head, tau)
-    logger.info("tau_norm: tau = %g (%s)", tau, "searched on the validation split" if has_val else "stage2.tau_norm_tau")
+    logger.info("tau_norm: tau = %g (%s)", tau,
+                "searched on the validation split" if has_val else "stage2.tau_norm_tau")
     record = {"tau": tau}
     val = validate(cfg, model, data, ranks) if has_val else None
     progress = Progress(cfg.train.select_metric, epoch=1)
@@ -263,7 +271,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     progress = Progress(t.select_metric)
     if ckpt is not None:
         load_backbone_state(model, ckpt["model"], f"model in {run_dir / 'last.pt'}")  # BN statistics may move
-        progress = restore(ckpt, states, run_dir)
+        progress = restore(ckpt, states, run_dir, data.class_counts)
 
     # ---- train the head: one epoch, validate, checkpoint, log
     num_epochs = math.ceil(steps_total / epoch_len)
@@ -271,19 +279,28 @@ def main(cfg: Config, resume: bool = False) -> dict:
                 t.batch_size, num_epochs, device, f"cached x{cfg.stage2.cache_views}" if cfg.stage2.cache_views
                 else f"live, BatchNorm in {cfg.stage2.live_bn} mode")
     record = {}
+    stop = StopRequest().install() if ranks.world == 1 else None  # torchrun itself stops its workers
     for epoch in range(progress.epoch, num_epochs):
-        steps = min(epoch_len, steps_total - progress.step)
+        done = progress.step - epoch * epoch_len  # > 0 when resuming a run stopped mid-epoch
         gen = epoch_generator(t.seed, epoch)
-        batches = sampler.indices(epoch, gen).split(t.batch_size)[:epoch_len] if sampler else None
+        batches = sampler.indices(epoch, gen).split(t.batch_size)[done:epoch_len] if sampler else None
+        if done:  # the draws of the steps already taken: the stopped run saved its generator
+            gen.set_state(ckpt["epoch_rng"])
         loss_fn.set_epoch(epoch)
-        record = train_head_epoch(head, optimizer, scheduler, loss_fn, data.train_labels, features, steps,
-                                  t.batch_size, gen, batches, meta, desc=f"epoch {epoch + 1}/{num_epochs}")
-        progress.epoch, progress.step = epoch + 1, progress.step + steps
+        record = train_head_epoch(head, optimizer, scheduler, loss_fn, data.train_labels, features,
+                                  min(epoch_len, steps_total - epoch * epoch_len) - done, t.batch_size, gen, batches,
+                                  meta, desc=f"epoch {epoch + 1}/{num_epochs}", stop=stop,
+                                  carry=ckpt["epoch_sums"] if done else (0.0, 0.0, 0, 0.0))
+        progress.step += record.pop("steps")
+        sums = record.pop("sums")
+        state = {name: obj.state_dict() for name, obj in states.items()} | {"model": deployable_state(model, head)}
+        if stop is not None and stop():
+            stop_run(run_dir, runlog, progress, {**payload, **state, "epoch_rng": gen.get_state(),
+                                                 "epoch_sums": sums}, stop.signum)
+        progress.epoch = epoch + 1
         check_same_on_ranks({k: v for k, v in states.items() if isinstance(v, nn.Module)}, ranks)
         val = validate(cfg, model, data, ranks) if len(data.val_labels) else None
-        state = {name: obj.state_dict() for name, obj in states.items()}
-        end_epoch(run_dir, runlog, progress, record, val,
-                  {**payload, **state, "model": deployable_state(model, head)}, num_epochs)
+        end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs)
     finish_run(runlog, ranks)
     return record
 

@@ -247,6 +247,12 @@ def check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} is out of range: it must be {op} {bound:g}")
     if not cfg.name.strip() and not cfg.log_dir:
         raise ConfigError("name is empty: give the run a name (its directory is logs/<name>), or set log_dir")
+    t = cfg.train
+    length, unit = (f"train.iterations={t.iterations}", "steps") if t.iterations else (f"train.epochs={t.epochs}",
+                                                                                       "epochs")
+    if t.warmup and t.warmup >= (t.iterations or t.epochs):  # the lr would never reach train.lr
+        raise ConfigError(f"train.warmup={t.warmup:g} ({unit}) is not shorter than the run ({length}): "
+                          f"lower train.warmup (0 = none) or lengthen the run")
 
 
 def check_choices(cfg: Config) -> None:
@@ -297,8 +303,11 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 
 
 def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> None:
-    """--resume continues a run only with the config it was started with."""
-    diff = config_diff(saved, config_to_dict(cfg, stage))
+    """--resume continues a run only with the config it was started with. Where things lie may differ
+    (a moved or renamed run directory, another copy or spelling of the data folder): the run is the
+    directory's last.pt, and the data's class counts are checked against the checkpoint's."""
+    where = ("data.root", "data.list_dir", "log_dir", "name")
+    diff = [k for k in config_diff(saved, config_to_dict(cfg, stage)) if k not in where]
     if diff:
         raise ConfigError(f"--resume with a config that differs from the run's at {', '.join(diff)}; "
                           f"resume with the run's own config ({saved_at})")

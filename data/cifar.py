@@ -160,8 +160,9 @@ def _download(spec: CifarSpec, root: Path) -> None:
 
 def _bad_file(path: Path, problem: str) -> DatasetFormatError:
     return DatasetFormatError(
-        f"{path} is not a valid CIFAR file: {problem}. The file is damaged or from another source; "
-        f"delete the folder {path.parent} and re-download with data.download=true."
+        f"{path} is not a valid CIFAR file: {problem}. The file is damaged or from another source: copy it "
+        f"again from the official archive, or get a fresh copy with data.root=<an empty folder> data.download=true "
+        f"(the folder may be shared: nothing in it is deleted)."
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -45,9 +45,13 @@ def train_head_epoch(
     index_batches: Iterable[torch.Tensor] | None = None,
     meta: MetaSampling | None = None,
     desc: str = "head",
+    stop: Callable[[], bool] | None = None,
+    carry: Sequence[float] = (0.0, 0.0, 0, 0.0),
 ) -> dict[str, float]:
-    """`steps` optimiser steps of the head; returns mean loss, training accuracy, lr and, for BALMS,
-    the meta loss and each class's sampling probability.
+    """`steps` optimiser steps of the head; returns mean loss, training accuracy, lr, the steps taken
+    and, for BALMS, the meta loss and each class's sampling probability. When `stop()` turns true,
+    the epoch ends after the step in progress; its raw sums come back as "sums", which a stopped run
+    saves and gives back as `carry` (loss, correct, images, meta loss) when it resumes.
 
     Exactly one of index_batches (plain sampling) and meta (BALMS) is given. For BALMS,
     loss_fn must return per-sample losses (reduction "none"). Training accuracy is that of the
@@ -57,10 +61,9 @@ def train_head_epoch(
         raise ValueError("give exactly one of index_batches (plain sampling) or meta (BALMS sampling)")
     head.train()
     batches = iter(index_batches) if index_batches is not None else None
-    total_loss = total_meta = 0.0
-    correct = seen = 0
+    total_loss, correct, seen, total_meta = carry
     lr = optimizer.param_groups[0]["lr"]
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
+    for step in tqdm(range(steps), desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]
         if meta is None:
             idx = next(batches, None)
@@ -87,13 +90,21 @@ def train_head_epoch(
                             meta.meta_features(midx, generator), meta.meta_labels[midx].to(x.device), loss_fn)
             step_loss = out["loss"]
             total_meta += out["meta_loss"] * len(y)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"the head's loss became {step_loss} at lr {lr:.4g}; lower train.lr")
+        bad = [name for name, value in (("loss", step_loss), ("meta loss", out["meta_loss"] if meta else 0.0))
+               if not math.isfinite(value)]
+        if bad:
+            raise FloatingPointError(f"{desc}, step {step + 1}: the head's {bad[0]} became NaN or infinite (lr "
+                                     f"{lr:.4g}); nothing of this epoch was saved: lower train.lr"
+                                     + (" or meta_sampler.lr, or raise meta_sampler.gumbel_tau" if meta else ""))
         scheduler.step()
         total_loss += step_loss * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-    out = {"loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen), "lr": lr}
+        if stop is not None and stop():
+            steps = step + 1
+            break
+    out = {"loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen), "lr": lr, "steps": steps,
+           "sums": [total_loss, correct, seen, total_meta]}
     if meta is not None:
         out["meta_loss"] = total_meta / max(1, seen)
         out["sample_probs"] = meta.sampler.class_probs().tolist()  # (C,) after the epoch's updates

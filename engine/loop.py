@@ -32,6 +32,7 @@ def train_one_epoch(
     desc: str = "train",
     d: Dist = Dist(),
     stop: Callable[[], bool] | None = None,
+    carry: Sequence[float] = (0.0, 0.0, 0),
 ) -> dict[str, float]:
     """One pass over `batches` (on the model's device), one optimiser and scheduler step per batch.
 
@@ -43,8 +44,9 @@ def train_one_epoch(
     batch-dependent losses (arb) see each micro-batch alone. amp (off | bf16 | fp16) runs the
     forward pass under autocast; the loss is computed in fp32; fp16 needs `scaler`.
     Returns the mean loss, the training accuracy (w.r.t. the mixed targets), the last lr and the
-    number of steps taken; with several processes, over the images of all ranks. When `stop()` turns
-    true, the epoch ends after the step in progress.
+    number of steps taken; with several processes, over the images of all ranks; and this rank's raw
+    sums, which a run stopped mid-epoch saves and gives back as `carry` when it resumes. When `stop()`
+    turns true, the epoch ends after the step in progress.
     """
     model.train()
     device = next(model.parameters()).device
@@ -52,10 +54,11 @@ def train_one_epoch(
     # Running sums stay on the device: no step waits for the GPU to read them back. The loss is
     # checked for NaN/inf every step on the CPU, every FINITE_CHECK_EVERY steps elsewhere.
     check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    total_correct = torch.zeros((), dtype=torch.float64, device=device)
+    # carry: the (loss, correct, images) sums of the steps a stopped run took of this epoch already.
+    total_loss = torch.tensor(float(carry[0]), dtype=torch.float64, device=device)
+    total_correct = torch.tensor(float(carry[1]), dtype=torch.float64, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
-    total_seen, steps, lr = 0, 0, optimizer.param_groups[0]["lr"]
+    total_seen, steps, lr = int(carry[2]), 0, optimizer.param_groups[0]["lr"]
     for step, (x, y) in enumerate(tqdm(batches, total=num_steps, desc=desc, leave=False, disable=None)):
         lr = optimizer.param_groups[0]["lr"]
         lam, y_b = 1.0, y
@@ -74,8 +77,8 @@ def train_one_epoch(
                 loss = lam * loss + (1 - lam) * loss_fn(logits, yb)
             finite &= torch.isfinite(loss)
             if (step + 1) % check_every == 0 and not finite:
-                raise FloatingPointError(f"loss became NaN or infinite by step {step + 1} of the epoch (lr {lr:.4g}); "
-                                         "lower train.lr or check the data")
+                raise FloatingPointError(f"{desc}, step {step + 1}: the loss became NaN or infinite (lr {lr:.4g}); "
+                                         "nothing of this epoch was saved: lower train.lr or check the data")
             scaler.scale(loss * (len(ya) / len(y))).backward()
             pred = logits.argmax(1)
             total_correct += lam * (pred == ya).sum() + (1 - lam) * (pred == yb).sum()
@@ -88,12 +91,12 @@ def train_one_epoch(
         if stop is not None and stop():
             break
     if not finite:
-        raise FloatingPointError(f"loss became NaN or infinite in the epoch's last {check_every} steps (lr {lr:.4g}); "
-                                 "lower train.lr or check the data")
-    total_loss, total_correct = total_loss.item(), total_correct.item()
-    total_loss, total_correct, total_seen = sum_over_ranks([total_loss, total_correct, total_seen], d)
+        raise FloatingPointError(f"{desc}: the loss became NaN or infinite in the epoch's last {check_every} steps "
+                                 f"(lr {lr:.4g}); nothing of this epoch was saved: lower train.lr or check the data")
+    sums = [total_loss.item(), total_correct.item(), total_seen]
+    total_loss, total_correct, total_seen = sum_over_ranks(sums, d)
     return {"loss": total_loss / max(1, total_seen), "train_acc": total_correct / max(1, total_seen), "lr": lr,
-            "steps": steps}
+            "steps": steps, "sums": sums}
 
 
 @torch.no_grad()

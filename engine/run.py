@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import signal
 import sys
@@ -84,15 +85,19 @@ class Progress:
                 "best": {"metric": self.metric, "value": self.best_value, "epoch": self.best_epoch}}
 
 
-def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path) -> Progress:
+def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: list[int]) -> Progress:
     """Load ckpt[name] into each object (modules with every key checked) and return the progress.
 
-    Metric lines logged after the checkpoint (by a run killed mid-epoch) are dropped.
+    The training set (class_counts) must be the run's. Metric lines logged after the checkpoint (by
+    a run killed mid-epoch) are dropped.
     """
     missing = [name for name in objects if name not in ckpt]
     if missing:
         raise CheckpointError(f"{run_dir / 'last.pt'} holds no {', '.join(missing)}: an older version of this tool "
                               f"wrote it; start a new run (another name=... or log_dir=...)")
+    if ckpt["class_counts"] != class_counts:
+        raise RunDirError(f"--resume: this training set has class counts {class_counts}, the run's "
+                          f"{ckpt['class_counts']}: point data.root at the copy of the dataset the run was started on")
     for name, obj in objects.items():
         if isinstance(obj, nn.Module):
             load_state_checked(obj, ckpt[name], f"{name} in {run_dir / 'last.pt'}")
@@ -150,8 +155,10 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: now, without saving
+            logger.warning("SIGINT again: stopped at once; last.pt is the last checkpoint written (--resume "
+                           "continues from it)")
+            raise SystemExit(128 + signum)
         self.signum = signum
         logger.warning("%s: stopping after this step and saving last.pt (Ctrl-C again to stop at once)",
                        signal.Signals(signum).name)
@@ -183,5 +190,13 @@ def trim_metrics_log(run_dir: Path, last_epoch: int) -> None:
     """On resume, drop metric lines of epochs after the checkpoint (logged before a kill)."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("epoch", 0) <= last_epoch]
+        keep = [line for line in path.read_text().splitlines() if _epoch_of(line) <= last_epoch]
         path.write_text("".join(line + "\n" for line in keep))
+
+
+def _epoch_of(line: str) -> float:
+    """A metric line's epoch (0 without one); infinite for a line a kill cut short, so that it is dropped."""
+    try:
+        return json.loads(line).get("epoch", 0)
+    except json.JSONDecodeError:
+        return math.inf

@@ -19,10 +19,12 @@ class RunLog:
     def log(self, step: int, record: dict[str, Any]) -> None:
         """Append `record` (plus step) to metrics.jsonl; numeric scalars go to TensorBoard too.
 
-        Lists (e.g. per-class sampling probabilities) are written per element as tag/<index>.
+        Lists (e.g. per-class sampling probabilities) are written per element as tag/<index>. A NaN or
+        infinite number is written as null: JSON has no token for it (Python's NaN breaks other readers).
         """
+        line = json.dumps({"step": step, **{k: _json_number(v) for k, v in record.items()}}, allow_nan=False)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **record}) + "\n")
+            f.write(line + "\n")
         for key, value in record.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)
@@ -33,3 +35,11 @@ class RunLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_json_number(v) for v in value]
+    return value

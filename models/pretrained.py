@@ -23,6 +23,15 @@ from models.foreign import Converted, convert, read_checkpoint_file
 from models.registry import MODELS, build_model
 from models.zoo import PRETRAINED, PretrainedEntry
 
+
+class HeadMismatchError(CheckpointError):
+    """Weights whose classifier has another number of classes than asked, loaded with their head kept."""
+
+    def __init__(self, problem: str, num_classes: int) -> None:
+        super().__init__(f"{problem}. Its classifier does not fit a {num_classes}-class head: reset_head=True "
+                         f"(model.reset_head=true) starts a new one")
+        self.problem = problem  # the keys and shapes that do not fit
+
 URL_SCHEMES = ("http://", "https://")
 
 
@@ -93,8 +102,7 @@ def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bo
     except CheckpointError as e:
         if reset_head or (head is not None and tuple(head.shape) == tuple(model.head.weight.shape)):
             raise
-        raise CheckpointError(f"{e}. Its classifier does not fit a {num_classes}-class head: reset_head=True "
-                              f"(model.reset_head=true) starts a new one") from None
+        raise HeadMismatchError(str(e), num_classes) from None
     return model, {"name": arch, "num_classes": num_classes, "head": head_type}, ckpt
 
 

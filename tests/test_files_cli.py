@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 CLASSES = ("ant", "bee", "cow")
 FAST = ("data.image_size=16", "data.workers=1", "train.batch_size=8", "train.num_threads=1", "eval.batch_size=16",
-        "model.channels_last=false")
+        "model.channels_last=false", "train.warmup=0")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _error_line(proc) -> str:
 def test_a_long_tailed_folder_trains_both_stages_and_tests(folder, tmp_path, run):
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     run("stage1_train.py", "data.dataset=folder", f"data.root={folder}", "data.imbalance_factor=4", *FAST,
-        "train.epochs=2", f"log_dir={s1}")
+        "train.epochs=2", "train.warmup=1", f"log_dir={s1}")
     run("stage2_classifier.py", f"stage1.checkpoint={s1 / 'best.pt'}", f"data.root={folder}", *FAST[1:],
         "stage2.method=balms", "stage2.cache_views=2", "meta_sampler.meta_batch_size=6", "train.iterations=4",
         f"log_dir={s2}")

@@ -83,7 +83,7 @@ def test_stage1_fine_tunes_from_a_pretrained_checkpoint(fake_cifar10, tmp_path, 
     state = _balms_checkpoint(tmp_path / "final_model_checkpoint.pth", 10)
     log_dir = tmp_path / "run"
     run("stage1_train.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", *tiny_stage1, "train.epochs=1",
-        "train.lr=0", "--pretrained", str(tmp_path / "final_model_checkpoint.pth"))  # = model.pretrained=...
+        "train.warmup=0", "train.lr=0", "--pretrained", str(tmp_path / "final_model_checkpoint.pth"))  # = model.pretrained=...
     saved = _weights(log_dir / "last.pt")
     for key in ("conv1.weight", "layer3.4.conv2.weight", "head.weight", "head.bias"):
         assert torch.equal(saved["model"][key], state[key]), key
@@ -92,8 +92,8 @@ def test_stage1_fine_tunes_from_a_pretrained_checkpoint(fake_cifar10, tmp_path, 
 
 def test_stage1_resets_the_head_for_another_number_of_classes(fake_cifar10, tmp_path, run, tiny_stage1):
     state = _balms_checkpoint(tmp_path / "cifar100.pth", 100)
-    args = ("stage1_train.py", f"data.root={fake_cifar10}", *tiny_stage1, "train.epochs=1", "train.lr=0",
-            f"model.pretrained={tmp_path / 'cifar100.pth'}")
+    args = ("stage1_train.py", f"data.root={fake_cifar10}", *tiny_stage1, "train.epochs=1", "train.warmup=0",
+            "train.lr=0", f"model.pretrained={tmp_path / 'cifar100.pth'}")
     proc = run(*args, f"log_dir={tmp_path / 'refused'}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "head.weight: checkpoint (100, 64) vs model (10, 64)" in proc.stderr
@@ -107,8 +107,8 @@ def test_stage1_resets_the_head_for_another_number_of_classes(fake_cifar10, tmp_
 
 def test_stage1_cosine_head_on_a_linear_checkpoint_needs_reset_head(fake_cifar10, tmp_path, run, tiny_stage1):
     state = _balms_checkpoint(tmp_path / "final_model_checkpoint.pth", 10)
-    args = ("stage1_train.py", f"data.root={fake_cifar10}", *tiny_stage1, "train.epochs=1", "train.lr=0",
-            f"model.pretrained={tmp_path / 'final_model_checkpoint.pth'}", "model.head=cosine")
+    args = ("stage1_train.py", f"data.root={fake_cifar10}", *tiny_stage1, "train.epochs=1", "train.warmup=0",
+            "train.lr=0", f"model.pretrained={tmp_path / 'final_model_checkpoint.pth'}", "model.head=cosine")
     proc = run(*args, f"log_dir={tmp_path / 'refused'}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "has a linear head, not the model.head=cosine asked for" in proc.stderr

@@ -152,7 +152,8 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 
 def test_dump_then_load_round_trips_to_an_equal_config(tmp_path):
     cfg = load_config(None, [
-        "name=123", "train.epochs=3", "train.lr=0.025", "train.weight_decay=1e-5", "train.milestones=[1.5,2]",
+        "name=123", "train.epochs=3", "train.warmup=1", "train.lr=0.025", "train.weight_decay=1e-5",
+        "train.milestones=[1.5,2]",
         "data.flip=false", "data.imbalance_factor=50", "model.channels_last=false", "log_dir=runs/x",
     ])
     path = tmp_path / "dumped.yaml"
@@ -240,3 +241,15 @@ def test_an_empty_name_is_refused_unless_log_dir_names_the_run():
     with pytest.raises(ConfigError, match="name is empty"):
         load_config(None, ["name="])
     assert load_config(None, ["name=", "log_dir=runs/x"]).run_dir == "runs/x"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.epochs=5"], r"train.warmup=5 \(epochs\) is not shorter than the run \(train.epochs=5\)"),
+    (["train.iterations=100", "train.warmup=100"],
+     r"train.warmup=100 \(steps\) is not shorter than the run \(train.iterations=100\)"),
+])
+def test_a_warmup_as_long_as_the_run_is_refused_naming_both_keys(overrides, message):
+    with pytest.raises(ConfigError, match=message + ": lower train.warmup"):
+        load_config(None, overrides)
+    assert load_config(None, ["train.epochs=5", "train.warmup=0"]).train.warmup == 0
+    assert load_config(None, ["train.iterations=100", "train.warmup=99"]).train.iterations == 100

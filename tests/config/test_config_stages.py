@@ -89,7 +89,7 @@ def test_resume_check_names_the_differing_keys_and_the_run_config():
     saved = config_to_dict(load_config(None, ["train.lr=0.3"]), "stage1")
     check_resume(saved, load_config(None, ["train.lr=0.3"]), "stage1", "logs/x/config.yaml")
     with pytest.raises(ConfigError, match=r"differs from the run's at train.epochs, train.lr; .*logs/x/config.yaml"):
-        check_resume(saved, load_config(None, ["train.epochs=3"]), "stage1", "logs/x/config.yaml")
+        check_resume(saved, load_config(None, ["train.epochs=30"]), "stage1", "logs/x/config.yaml")
 
 
 def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
@@ -98,3 +98,13 @@ def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(e.value).startswith(f"{path} is not valid YAML at line") and "unicode string" not in str(e.value)
+
+
+def test_resume_accepts_another_place_of_the_data_or_the_run_directory_but_no_other_change():
+    saved = config_to_dict(load_config(None, ["data.root=/data/cifar", "train.lr=0.3", "name=a"]), "stage1")
+    for root in ("/data/cifar/", "/mnt/copy/cifar", "../cifar"):  # class counts are checked on restore instead
+        check_resume(saved, load_config(None, [f"data.root={root}", "train.lr=0.3"]), "stage1", "x.yaml")
+    check_resume(saved, load_config(None, ["log_dir=/moved/run", "train.lr=0.3", "data.root=/data/cifar"]), "stage1",
+                 "x.yaml")
+    with pytest.raises(ConfigError, match=r"differs from the run's at train.lr;"):
+        check_resume(saved, load_config(None, ["data.root=/data/cifar/", "train.lr=0.2"]), "stage1", "x.yaml")

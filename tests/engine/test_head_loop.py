@@ -149,7 +149,7 @@ def test_meta_sampling_returns_finite_meta_loss_and_updates_theta_and_head():
     out = train_head_epoch(head, opt, sched, loss_fn, labels, features, 5, 32, torch.Generator().manual_seed(1),
                            meta=meta)
 
-    assert set(out) == {"loss", "train_acc", "lr", "meta_loss", "sample_probs"}
+    assert set(out) == {"loss", "train_acc", "lr", "meta_loss", "sample_probs", "steps", "sums"}
     assert out["sample_probs"] == pytest.approx(sampler.class_probs().tolist()) and len(out["sample_probs"]) == 2
     assert math.isfinite(out["meta_loss"]) and out["meta_loss"] > 0
     assert math.isfinite(out["loss"])
@@ -207,5 +207,18 @@ def test_a_loss_that_is_no_longer_finite_stops_the_head_loop(path):
         sampler = ClassSampler(labels, 3)
         kwargs = {"meta": MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, broken, 6, 1.0)}
         loss_fn = build_loss("balanced_softmax", [100, 100, 100], reduction="none")
-    with pytest.raises(FloatingPointError, match="the head's loss became nan"):
+    with pytest.raises(FloatingPointError, match=r"^head, step 1: the head's loss became NaN or infinite"):
         train_head_epoch(head, opt, sched, loss_fn, labels, broken, 3, 30, torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_a_meta_loss_that_is_no_longer_finite_stops_the_balms_loop_naming_the_meta_sampler_keys():
+    feats, labels, head, opt, sched = _plain_setup()
+    sampler = ClassSampler(labels, 3)
+    broken_meta = lambda idx, gen: feats[idx] * float("inf")  # noqa: E731  (the meta batch only)
+    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, broken_meta, 6, 1.0)
+    loss_fn = build_loss("balanced_softmax", [100, 100, 100], reduction="none")
+    with pytest.raises(FloatingPointError,
+                       match=r"step 1: the head's meta loss became .* or meta_sampler.lr, or raise "
+                             r"meta_sampler.gumbel_tau$"):
+        train_head_epoch(head, opt, sched, loss_fn, labels, lambda idx, gen: feats[idx], 3, 30,
+                         torch.Generator().manual_seed(0), meta=meta)

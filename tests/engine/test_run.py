@@ -52,10 +52,10 @@ def test_restore_loads_every_state_trims_the_log_and_returns_the_progress(tmp_pa
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2, "step": 20,
-            "best": {"metric": "few", "value": 0.25, "epoch": 1}}
+            "best": {"metric": "few", "value": 0.25, "epoch": 1}, "class_counts": [5, 2]}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
     other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
-    progress = restore(ckpt, {"model": other, "optimizer": other_opt}, tmp_path)
+    progress = restore(ckpt, {"model": other, "optimizer": other_opt}, tmp_path, [5, 2])
     assert progress == Progress("few", epoch=2, step=20, best_value=0.25, best_epoch=1)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert other_opt.state_dict()["state"][0]["momentum_buffer"].shape == (2, 3)
@@ -63,9 +63,15 @@ def test_restore_loads_every_state_trims_the_log_and_returns_the_progress(tmp_pa
 
 
 def test_restore_from_a_checkpoint_without_a_state_it_needs_says_to_start_a_new_run(tmp_path):
-    ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}}
+    ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}, "class_counts": [5, 2]}
     with pytest.raises(CheckpointError, match="holds no head.*start a new run"):
-        restore(ckpt, {"model": nn.Linear(3, 2), "head": nn.Linear(3, 2)}, tmp_path)
+        restore(ckpt, {"model": nn.Linear(3, 2), "head": nn.Linear(3, 2)}, tmp_path, [5, 2])
+
+
+def test_resume_on_another_training_set_names_both_class_counts(tmp_path):
+    ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}, "class_counts": [5, 2]}
+    with pytest.raises(RunDirError, match=r"class counts \[5, 1\], the run's \[5, 2\]: point data.root at the copy"):
+        restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 1])
 
 
 def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved(tmp_path):
