@@ -1,0 +1,199 @@
+"""Bad input, as real processes: each case exits with status 2 after ONE line that names the problem
+and the fix (log lines before it aside), shows no traceback, and writes or overwrites nothing: no
+run directory appears, and an existing run's files (and the data, and logs/) keep their bytes and times."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import build_model
+from tests.conftest import REPO, write_image_folder, write_image_lists
+
+pytestmark = pytest.mark.slow
+
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) ")  # setup_run's format; everything else is the error
+# The shared stage-1 run's settings (tests/conftest.py TINY_STAGE1), so that only what a case sets differs.
+FAST = ("train.epochs=3", "train.batch_size=32", "train.lr=0.05", "train.warmup=1", "train.num_threads=1",
+        "eval.batch_size=64")
+CIFAR = ("data.imbalance_factor=10", "data.val_per_class=2")  # added unless a case names data.dataset
+S1, S2, PREDICT = "stage1_train.py", "stage2_classifier.py", "predict.py"
+
+# (script, arguments, what the one line says). {data} is a tiny CIFAR-10, {bad} the broken files
+# below, {s1} a finished stage-1 run (a copy: cases on it must leave it as it was), {run} the run
+# directory a case would write (log_dir={run} is added unless a case names its own).
+CASES = {
+    # the config file and the overrides
+    "cfg_missing": (S1, ["--cfg", "{bad}/nope.yaml"], "config error: config file '{bad}/nope.yaml' does not exist"),
+    "yaml_syntax": (S1, ["--cfg", "{bad}/broken.yaml"], "config error: {bad}/broken.yaml is not valid YAML at line 2"),
+    "yaml_not_a_mapping": (S1, ["--cfg", "{bad}/list.yaml"], "must hold a mapping of config keys, got list"),
+    "unknown_key": (S1, ["train.lrr=0.1"], "unknown config key 'train.lrr' (override 'train.lrr=0.1'); did you mean "
+                                           "train.lr"),
+    "renamed_key": (S1, ["sampler.tau=2"], "meta_sampler.gumbel_tau"),
+    "wrong_type": (S1, ["train.epochs=abc"], "config key 'train.epochs' (override 'train.epochs=abc') expects int"),
+    "override_without_equals": (S1, ["train.lr"], "override 'train.lr' must look like section.key=value"),
+    "negative_lr": (S1, ["train.lr=-0.1"], "config error: train.lr=-0.1 is out of range: it must be >= 0"),
+    "nan_lr": (S1, ["train.lr=nan"], "expects a finite number, got 'nan'"),
+    "batch_of_one": (S1, ["train.batch_size=1"], "train.batch_size=1 is out of range: it must be >= 2"),
+    "zero_epochs": (S1, ["train.epochs=0"], "train.epochs=0 is out of range: it must be >= 1"),
+    "negative_iterations": (S1, ["train.iterations=-1"], "train.iterations=-1 is out of range: it must be >= 0"),
+    "imbalance_below_one": (S1, ["data.imbalance_factor=0.5"], "data.imbalance_factor=0.5 is out of range"),
+    "infinite_imbalance": (S1, ["data.imbalance_factor=inf"], "expects a finite number, got 'inf'"),
+    "zero_eval_batch": (S1, ["eval.batch_size=0"], "eval.batch_size=0 is out of range: it must be >= 1"),
+    "warmup_as_long_as_the_run": (S1, ["train.epochs=3", "train.warmup=3"],
+                                  "train.warmup=3 (epochs) is not shorter than the run (train.epochs=3)"),
+    "empty_name": (S1, ["name="], "config error: name is empty"),
+    "unknown_dataset": (S1, ["data.dataset=cifar1000"], "data.dataset='cifar1000' is not one of cifar10, cifar100"),
+    "unknown_model": (S1, ["model.name=resnet33"], "model.name='resnet33' is not one of"),
+    "unknown_loss": (S1, ["loss.name=focall"], "loss.name='focall' is not one of"),
+    "unknown_sampler": (S1, ["data.sampler=balancd"], "data.sampler='balancd' is not one of"),
+    "unknown_schedule": (S1, ["train.schedule=linear"], "train.schedule='linear' is not one of cosine, step"),
+    "stage2_key_in_stage1": (S1, ["stage2.method=crt"], "stage2.method='crt' is read by stage2"),
+    "key_of_another_dataset_kind": (S1, ["data.image_size=64"], "data.image_size=64 is read for folder and list "
+                                                                "datasets only"),
+    "loss_parameter_not_taken": (S1, ["loss.name=ce", "loss.gamma=2.0"], "config error: loss.name=ce: unknown "
+                                                                         "param 'gamma'"),
+    "no_cuda_here": (S1, ["train.device=cuda"], "train.device=cuda: no CUDA device is visible here"),
+    "fp16_on_the_cpu": (S1, ["train.device=cpu", "train.amp=fp16"], "train.amp=fp16 needs a CUDA device"),
+    "unknown_option": (S1, ["--bogus"], "stage1_train.py: error: unrecognized arguments: --bogus"),
+    "ckpt_swallowed_an_override": (S1, ["--test", "--ckpt", "train.lr=0.1"], "--ckpt takes a checkpoint's path"),
+    # data
+    "no_dataset_there": (S1, ["data.root={bad}/nothing"], "CIFAR-10 not found: looked in {bad}/nothing"),
+    "damaged_cifar_file": (S1, ["data.root={bad}/cifar_damaged"], "data_batch_1 is not a valid CIFAR file"),
+    "validation_takes_a_whole_class": (S1, ["data.val_per_class=60"], "would hold out every training image of class"),
+    "imbalance_empties_a_class": (S1, ["data.imbalance_factor=1000"], "leaves class"),
+    "empty_class_folder": (S1, ["data.dataset=folder", "data.root={bad}/folder_empty_class"],
+                           "train/c: class folder holds no images"),
+    "val_class_without_training_folder": (S1, ["data.dataset=folder", "data.root={bad}/folder_unknown_class",
+                                               "data.imbalance_factor=1"],
+                                          "val/c: class 'c' has no folder in the training split"),
+    "missing_list_file": (S1, ["data.dataset=imagenet_lt", "data.root={bad}"],
+                          "ImageNet-LT train list not found: {bad}/ImageNet_LT_train.txt"),
+    "list_label_not_an_integer": (S1, ["data.dataset=imagenet_lt", "data.root={bad}/lists_bad_label"],
+                                  "ImageNet_LT_train.txt:4: label 'cat' is not an integer"),
+    "listed_image_missing": (S1, ["data.dataset=imagenet_lt", "data.root={bad}/lists_missing_image"],
+                             "ImageNet_LT_train.txt:2: image {bad}/lists_missing_image/images/ImageNet_LT_train/1.jpg "
+                             "does not exist"),
+    "run_directory_under_a_file": (S1, ["log_dir={bad}/a_file/run"], "{bad}/a_file/run: Not a directory"),
+    # checkpoints and runs
+    "test_before_training": (S1, ["--test"], "error: no checkpoint at {run}/last.pt: train first"),
+    "test_checkpoint_missing": (S1, ["--test", "--ckpt", "{bad}/none.pt"], "no checkpoint at {bad}/none.pt"),
+    "test_checkpoint_truncated": (S1, ["--test", "--ckpt", "{bad}/truncated.pt"],
+                                  "{bad}/truncated.pt cannot be read as a checkpoint"),
+    "test_checkpoint_not_torch": (S1, ["--test", "--ckpt", "{bad}/text.pt"],
+                                  "{bad}/text.pt cannot be read as a checkpoint"),
+    "run_exists_without_resume": (S1, ["log_dir={s1}"], "already holds a run ({s1}/last.pt); pass --resume"),
+    "resume_with_another_config": (S1, ["log_dir={s1}", "--resume", "train.lr=0.2"],
+                                   "--resume with a config that differs from the run's at train.lr"),
+    # stage 2
+    "stage2_without_backbone": (S2, [], "config error: stage 2 needs a backbone: stage1.checkpoint="),
+    "stage2_backbone_missing": (S2, ["stage1.checkpoint={bad}/none.pt"], "no checkpoint at {bad}/none.pt"),
+    "stage2_backbone_truncated": (S2, ["stage1.checkpoint={bad}/truncated.pt"], "cannot be read as a checkpoint"),
+    "stage2_two_backbones": (S2, ["stage1.checkpoint={s1}/last.pt", "model.pretrained={s1}/last.pt"],
+                             "set stage1.checkpoint or model.pretrained, not both"),
+    "stage2_other_training_set": (S2, ["stage1.checkpoint={s1}/last.pt", "data.imbalance_factor=50"],
+                                  "data.imbalance_factor=50.0, but the stage-1 run"),
+    "stage2_unknown_method": (S2, ["stage1.checkpoint={s1}/last.pt", "stage2.method=blams"],
+                              "stage2.method='blams' is not one of"),
+    "stage1_key_in_stage2": (S2, ["stage1.checkpoint={s1}/last.pt", "loss.name=focal"], "is read by stage1"),
+    "key_the_method_does_not_read": (S2, ["stage1.checkpoint={s1}/last.pt", "stage2.method=crt",
+                                          "meta_sampler.lr=0.1"], "is read by stage2.method=balms only"),
+    "stage2_lws_on_a_backbone_of_other_classes": (S2, ["model.pretrained={bad}/resnet32_100_classes.pt",
+                                                       "stage2.method=lws"],
+                                                  "stage2.method=lws starts from the backbone's own classifier, which "
+                                                  "must have this training set's 10 classes: use balanced_softmax"),
+    # downloads
+    "pretrained_unknown_name": (S1, ["--pretrained", "resnet50_imagenett"], "is not a registry name"),
+    "pretrained_unreachable": (S1, ["--pretrained", "http://127.0.0.1:9/r.pt"], "cannot reach 127.0.0.1:9"),
+    "pretrained_not_a_checkpoint": (S1, ["--pretrained", "{bad}/text.pt"], "cannot be read as a checkpoint"),
+    # predict.py
+    "predict_batch_of_zero": (PREDICT, ["{s1}/last.pt", "{bad}/a_file", "--batch-size", "0"],
+                              "argument --batch-size: expected a whole number of at least 1"),
+    "predict_checkpoint_missing": (PREDICT, ["{bad}/none.pt", "{bad}/a_file"], "no checkpoint at {bad}/none.pt"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, fake_cifar10) -> Path:
+    """Broken files, each as a user might have it."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "broken.yaml").write_text("train: {lr: 0.1\n")
+    (root / "list.yaml").write_text("- train.lr\n- 0.1\n")
+    (root / "text.pt").write_text("not a checkpoint\n")
+    (root / "a_file").write_text("a file, not a folder\n")
+    shutil.copytree(fake_cifar10, root / "cifar_damaged")
+    batch = root / "cifar_damaged" / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:5000])
+    write_image_folder(root / "folder_empty_class", {"train": {"a": 3, "b": 2}, "test": {"a": 1, "b": 1}})
+    (root / "folder_empty_class" / "train" / "c").mkdir()
+    write_image_folder(root / "folder_unknown_class", {"train": {"a": 3, "b": 2}, "val": {"a": 1, "c": 1},
+                                                       "test": {"a": 1, "b": 1}})
+    lists = {"ImageNet_LT_train.txt": [0, 1, 1], "ImageNet_LT_val.txt": [0, 1], "ImageNet_LT_test.txt": [0, 1]}
+    write_image_lists(root / "lists_bad_label", lists)
+    train_list = root / "lists_bad_label" / "ImageNet_LT_train.txt"
+    train_list.write_text(train_list.read_text() + "images/ImageNet_LT_train/0.jpg cat\n")
+    torch.save(build_model("resnet32", num_classes=100).state_dict(), root / "resnet32_100_classes.pt")
+    write_image_lists(root / "lists_missing_image", lists)
+    (root / "lists_missing_image" / "images" / "ImageNet_LT_train" / "1.jpg").unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, stage1_run, bad) -> Path:
+    """A copy of the shared stage-1 run (cases on it must not change it), and a truncated checkpoint."""
+    copy = tmp_path_factory.mktemp("finished") / "run"
+    shutil.copytree(stage1_run, copy)
+    (bad / "truncated.pt").write_bytes((copy / "last.pt").read_bytes()[:1000])
+    return copy
+
+
+def _snapshot(*folders: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for folder in folders if folder.exists()
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def outcomes(fake_cifar10, bad, finished_run, tmp_path_factory) -> dict:
+    """Every case run once, as many at a time as there are cores (each is one process, mostly start-up
+    time): {case: (its process, its run directory)}, and the watched files before and after them all."""
+    cases = tmp_path_factory.mktemp("cases")
+    watched = (finished_run, bad, REPO / "logs")
+
+    def run_case(case: str) -> tuple[subprocess.CompletedProcess, Path]:
+        script, args, _ = CASES[case]
+        places = {"data": fake_cifar10, "bad": bad, "s1": finished_run, "run": cases / case}
+        args = [a.format(**places) for a in args]
+        if script != PREDICT:
+            cifar = () if any(a.startswith("data.dataset=") for a in args) else CIFAR
+            args = [f"data.root={fake_cifar10}", *FAST, *cifar, *args]
+            if not any(a.startswith("log_dir=") for a in args) and case != "empty_name":
+                args.append(f"log_dir={places['run']}")
+        proc = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        return proc, places
+
+    before = _snapshot(*watched)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = dict(zip(CASES, pool.map(run_case, CASES)))
+    return {"results": results, "before": before, "after": _snapshot(*watched), "cases": cases}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_naming_problem_and_fix_with_exit_2_and_no_traceback(case, outcomes):
+    proc, places = outcomes["results"][case]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
+    assert len(lines) == 1, lines
+    assert CASES[case][2].format(**places) in lines[0]
+
+
+def test_no_bad_input_wrote_a_run_directory_or_changed_a_file(outcomes):
+    assert list(outcomes["cases"].iterdir()) == []  # no case's run directory exists
+    changed = {str(p) for p in set(outcomes["before"]) | set(outcomes["after"])
+               if outcomes["before"].get(p) != outcomes["after"].get(p)}
+    assert changed == set()

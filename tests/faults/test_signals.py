@@ -1,0 +1,59 @@
+"""SIGTERM and SIGINT: the step in progress ends, last.pt is saved mid-epoch, the run says how to
+resume and exits 128 + the signal; --resume then reaches the uninterrupted result. A second Ctrl-C
+stops at once. (Stage 1's single signal: tests/test_stage1_cli.py.)"""
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.faults.kill_resume import REPO, command, differences, run_to_end
+
+pytestmark = pytest.mark.slow
+
+
+def _signal_after_first_checkpoint(args: list[str], run_dir, signals: list[int]) -> subprocess.CompletedProcess:
+    """Start `args`, send `signals` (0.05 s apart) once its first last.pt is there, wait for its end."""
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    for signum in signals:
+        time.sleep(0.05)
+        proc.send_signal(signum)
+    stderr = proc.communicate(timeout=120)[1]
+    return subprocess.CompletedProcess(args, proc.returncode, "", stderr)
+
+
+@pytest.fixture(scope="module")
+def backbone(fake_cifar10, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("backbone")
+    run_to_end(command(1, fake_cifar10, run_dir))
+    return run_dir / "last.pt"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_stage2_mid_epoch_and_resume_reaches_the_uninterrupted_state(fake_cifar10, backbone,
+                                                                                    tmp_path, signum):
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run_to_end(command(2, fake_cifar10, full, backbone))
+    proc = _signal_after_first_checkpoint(command(2, fake_cifar10, stopped, backbone), stopped, [signum])
+    assert proc.returncode == 128 + signum, proc.stderr
+    assert f"stopped by {signal.Signals(signum).name} at step" in proc.stderr and "--resume" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    saved = torch.load(stopped / "last.pt", weights_only=True)
+    assert saved["step"] < 30 and "epoch_rng" in saved, "the signal did not land mid-epoch"
+    run_to_end([*command(2, fake_cifar10, stopped, backbone), "--resume"])
+    assert differences(full, stopped) == []
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback_and_keeps_a_loadable_last_pt(fake_cifar10, backbone,
+                                                                                       tmp_path):
+    stopped = tmp_path / "stopped"
+    proc = _signal_after_first_checkpoint(command(2, fake_cifar10, stopped, backbone), stopped,
+                                          [signal.SIGINT, signal.SIGINT])
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    assert "Traceback" not in proc.stderr and "stopped at once" in proc.stderr
+    assert torch.load(stopped / "last.pt", weights_only=True)["step"] > 0
+    assert not [p.name for p in stopped.iterdir() if p.name.endswith(".tmp")]
