@@ -5,9 +5,10 @@ was never interrupted: same weights, optimiser and sampler states, same step, sa
     python tests/faults/kill_resume.py --stage 2 --points 3 --seed 7
 
 CI runs two kill points per stage (tests/faults/test_kill_resume.py). Each point starts the run
-afresh in its own directory, kills it after a random delay drawn over the reference run's wall
-time (so a kill lands in start-up, mid-epoch, inside a checkpoint write, or after the end), then
-resumes it with the same command plus --resume. Stage 2 runs BALMS (meta-sampler, live features)
+afresh in its own directory, kills it after a random delay drawn between half the time the
+reference run took to its first checkpoint and its end (so a kill lands late in start-up,
+mid-epoch, inside a checkpoint write, or after the end), then resumes it with the same command
+plus --resume. Stage 2 runs BALMS (meta-sampler, live features)
 on the backbone of a tiny stage-1 run.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Small enough for seconds per run, long enough (several epochs and checkpoints) to be hit mid-way.
 STAGE1 = ("data.imbalance_factor=10", "train.epochs=4", "train.batch_size=32", "train.lr=0.05", "train.warmup=1",
           "train.num_threads=1", "eval.batch_size=64", "data.val_per_class=2", "train.mixup_alpha=0.2")
-STAGE2 = ("stage2.method=balms", "stage2.cache_views=0", "train.iterations=30", "train.batch_size=32",
+STAGE2 = ("stage2.method=balms", "stage2.cache_views=0", "train.iterations=60", "train.batch_size=32",
           "train.warmup=0", "train.num_threads=1", "eval.batch_size=64", "meta_sampler.meta_batch_size=16")
 STATES = ("model", "optimizer", "scheduler", "head", "meta_sampler", "meta_sampler_optimizer")
 
@@ -41,13 +42,24 @@ def command(stage: int, data_root: Path, run_dir: Path, stage1_ckpt: Path | None
             f"stage1.checkpoint={stage1_ckpt}", *STAGE2]
 
 
-def run_to_end(args: list[str]) -> float:
-    """Run a command to its end (it must succeed); its wall time in seconds."""
-    start = time.perf_counter()
+def run_to_end(args: list[str]) -> None:
+    """Run a command to its end; it must succeed."""
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
+
+
+def timed_run(args: list[str], run_dir: Path) -> tuple[float, float]:
+    """Run a command to its end (it must succeed): (its wall time, when its first last.pt appeared), in s."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (run_dir / "last.pt").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    first = time.perf_counter() - start
+    stderr = proc.communicate(timeout=600)[1]
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{stderr[-3000:]}")
+    return time.perf_counter() - start, first
 
 
 def kill_after(args: list[str], delay: float) -> bool:
@@ -98,10 +110,11 @@ def kill_points(stage: int, points: int, seed: int, workdir: Path, data_root: Pa
                 stage1_ckpt: Path | None = None) -> list[dict]:
     """`points` kill-and-resume trials of `stage`; one dict per trial (delay, killed, differences)."""
     reference = workdir / f"stage{stage}_reference"
-    duration = run_to_end(command(stage, data_root, reference, stage1_ckpt))
+    duration, first_checkpoint = timed_run(command(stage, data_root, reference, stage1_ckpt), reference)
     rng = np.random.default_rng([seed, stage])
     trials = []
-    for i, delay in enumerate(sorted(rng.uniform(0.2, duration, points))):
+    # Most kills land while it trains (start-up, which loads torch and the data, is half the wall time).
+    for i, delay in enumerate(sorted(rng.uniform(first_checkpoint / 2, duration, points))):
         run_dir = workdir / f"stage{stage}_kill{i}"
         args = command(stage, data_root, run_dir, stage1_ckpt)
         killed = kill_after(args, float(delay))

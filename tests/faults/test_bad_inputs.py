@@ -24,7 +24,7 @@ FAST = ("train.epochs=3", "train.batch_size=32", "train.lr=0.05", "train.warmup=
 CIFAR = ("data.imbalance_factor=10", "data.val_per_class=2")  # added unless a case names data.dataset
 S1, S2, PREDICT = "stage1_train.py", "stage2_classifier.py", "predict.py"
 
-# (script, arguments, what the one line says). {data} is a tiny CIFAR-10, {bad} the broken files
+# (script, arguments, what the one line says: one fragment or several). {data} is a tiny CIFAR-10, {bad} the broken files
 # below, {s1} a finished stage-1 run (a copy: cases on it must leave it as it was), {run} the run
 # directory a case would write (log_dir={run} is added unless a case names its own).
 CASES = {
@@ -49,11 +49,20 @@ CASES = {
                                   "train.warmup=3 (epochs) is not shorter than the run (train.epochs=3)"),
     "empty_name": (S1, ["name="], "config error: name is empty"),
     "unknown_dataset": (S1, ["data.dataset=cifar1000"], "data.dataset='cifar1000' is not one of cifar10, cifar100"),
-    "unknown_model": (S1, ["model.name=resnet33"], "model.name='resnet33' is not one of"),
-    "unknown_loss": (S1, ["loss.name=focall"], "loss.name='focall' is not one of"),
-    "unknown_sampler": (S1, ["data.sampler=balancd"], "data.sampler='balancd' is not one of"),
+    "unknown_model": (S1, ["model.name=resnet33"], "model.name='resnet33' is not one of resnet10, resnet101, "
+                                                   "resnet152, resnet18, resnet32, resnet34, resnet50"),
+    "unknown_head": (S1, ["model.head=cosin"], "model.head='cosin' is not one of cosine, linear (did you mean cosine?)"),
+    "unknown_loss": (S1, ["loss.name=focall"], "loss.name='focall' is not one of arb, balanced_softmax, ce, "
+                                               "class_balanced, focal, ldam, logit_adjust, reweight"),
+    "unknown_sampler": (S1, ["data.sampler=balancd"], "data.sampler='balancd' is not one of class_balanced, "
+                                                      "instance, oversample, progressive, sqrt, undersample"),
+    "unknown_device": (S1, ["train.device=tpu"], "train.device='tpu' is not one of auto, cpu, cuda, cuda:N, mps"),
+    "bias_init_on_a_head_without_bias": (S1, ["loss.name=class_balanced", "loss.variant=sigmoid", "model.head=cosine"],
+                                         "initialises the classifier's bias, and model.head=cosine has none: use "
+                                         "model.head=linear"),
     "unknown_schedule": (S1, ["train.schedule=linear"], "train.schedule='linear' is not one of cosine, step"),
-    "stage2_key_in_stage1": (S1, ["stage2.method=crt"], "stage2.method='crt' is read by stage2"),
+    "stage2_key_in_stage1": (S1, ["stage2.method=crt"], "stage2.method='crt' is read by stage2 (stage2_classifier.py) "
+                                                        "only"),
     "key_of_another_dataset_kind": (S1, ["data.image_size=64"], "data.image_size=64 is read for folder and list "
                                                                 "datasets only"),
     "loss_parameter_not_taken": (S1, ["loss.name=ce", "loss.gamma=2.0"], "config error: loss.name=ce: unknown "
@@ -63,7 +72,8 @@ CASES = {
     "unknown_option": (S1, ["--bogus"], "stage1_train.py: error: unrecognized arguments: --bogus"),
     "ckpt_swallowed_an_override": (S1, ["--test", "--ckpt", "train.lr=0.1"], "--ckpt takes a checkpoint's path"),
     # data
-    "no_dataset_there": (S1, ["data.root={bad}/nothing"], "CIFAR-10 not found: looked in {bad}/nothing"),
+    "no_dataset_there": (S1, ["data.root={bad}/nothing"], ("CIFAR-10 not found: looked in {bad}/nothing",
+                                                           "Set data.download=true", "LT_DATA_ROOT")),
     "damaged_cifar_file": (S1, ["data.root={bad}/cifar_damaged"], "data_batch_1 is not a valid CIFAR file"),
     "validation_takes_a_whole_class": (S1, ["data.val_per_class=60"], "would hold out every training image of class"),
     "imbalance_empties_a_class": (S1, ["data.imbalance_factor=1000"], "leaves class"),
@@ -98,9 +108,12 @@ CASES = {
                              "set stage1.checkpoint or model.pretrained, not both"),
     "stage2_other_training_set": (S2, ["stage1.checkpoint={s1}/last.pt", "data.imbalance_factor=50"],
                                   "data.imbalance_factor=50.0, but the stage-1 run"),
-    "stage2_unknown_method": (S2, ["stage1.checkpoint={s1}/last.pt", "stage2.method=blams"],
-                              "stage2.method='blams' is not one of"),
-    "stage1_key_in_stage2": (S2, ["stage1.checkpoint={s1}/last.pt", "loss.name=focal"], "is read by stage1"),
+    "stage2_unknown_method": (S2, ["stage1.checkpoint={s1}/last.pt", "stage2.method=bals"],
+                              "stage2.method='bals' is not one of balanced_softmax, balms, crt, lws, tau_norm (did "
+                              "you mean balms"),
+    "stage1_key_in_stage2": (S2, ["stage1.checkpoint={s1}/last.pt", "loss.name=focal"],
+                             "loss.name='focal' is read by stage1 (stage1_train.py) only; stage2 (stage2_classifier.py) "
+                             "does not use it: remove it"),
     "key_the_method_does_not_read": (S2, ["stage1.checkpoint={s1}/last.pt", "stage2.method=crt",
                                           "meta_sampler.lr=0.1"], "is read by stage2.method=balms only"),
     "stage2_lws_on_a_backbone_of_other_classes": (S2, ["model.pretrained={bad}/resnet32_100_classes.pt",
@@ -189,7 +202,9 @@ def test_bad_input_is_one_line_naming_problem_and_fix_with_exit_2_and_no_traceba
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
     assert len(lines) == 1, lines
-    assert CASES[case][2].format(**places) in lines[0]
+    expected = CASES[case][2]
+    for fragment in (expected,) if isinstance(expected, str) else expected:
+        assert fragment.format(**places) in lines[0]
 
 
 def test_no_bad_input_wrote_a_run_directory_or_changed_a_file(outcomes):

@@ -43,7 +43,7 @@ def test_a_signal_stops_stage2_mid_epoch_and_resume_reaches_the_uninterrupted_st
     assert f"stopped by {signal.Signals(signum).name} at step" in proc.stderr and "--resume" in proc.stderr
     assert "Traceback" not in proc.stderr
     saved = torch.load(stopped / "last.pt", weights_only=True)
-    assert saved["step"] < 30 and "epoch_rng" in saved, "the signal did not land mid-epoch"
+    assert saved["step"] < 60 and "epoch_rng" in saved, "the signal did not land mid-epoch"
     run_to_end([*command(2, fake_cifar10, stopped, backbone), "--resume"])
     assert differences(full, stopped) == []
 
