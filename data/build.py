@@ -1,8 +1,11 @@
 """The long-tailed training set of an experiment, from a dataset name and plain arguments.
 
-Order matters for honest model selection: the validation images are held out of the full
-training set first (balanced, k per class), then the long-tailed subset is drawn from the rest.
-The class counts are computed here once and passed explicitly to everything that needs them.
+The long-tailed training set is the reference rule's (LDAM / BALMS code: n_i images of class i of
+an exponential or step profile from n_max = all 5000 / 500 images of a CIFAR class); validation
+images (balanced, k per class) come from the training images it leaves out, so model selection
+never sees a training image and the training set stays the benchmark's (a head class that keeps
+all its images gives k of them up). The class counts are computed here once and passed
+explicitly to everything that needs them.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from data.cifar import DatasetFormatError, get_spec, load_cifar
 from data.image_files import IMAGENET_MEAN, IMAGENET_STD, LIST_DATASETS
-from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, select_long_tail
+from data.long_tail import class_counts, long_tail_counts, long_tail_split
 
 logger = logging.getLogger(__name__)
 
@@ -50,33 +53,39 @@ def check_hold_out(labels: torch.Tensor, class_names: list[str], val_per_class: 
             f"{class_names[smallest]!r} ({counts[smallest]} images): set it below {counts[smallest]}")
 
 
-def check_every_class_kept(counts: list[int], class_names: list[str], n_max: int, imbalance_factor: float,
-                           val_per_class: int) -> None:
-    """The long-tailed counts leave every class at least one training image (else one line naming the keys)."""
+def check_every_class_kept(counts: list[int], class_names: list[str], n_max: int, imbalance_factor: float) -> None:
+    """The long-tailed counts leave every class at least one training image (else one line naming the key)."""
     if 0 in counts:
         empty = class_names[counts.index(0)]
         raise DatasetFormatError(
-            f"data.imbalance_factor={imbalance_factor:g} with {n_max} images per class (after data.val_per_class="
-            f"{val_per_class}) leaves class {empty!r} with no training image: lower data.imbalance_factor or "
-            f"data.val_per_class")
+            f"data.imbalance_factor={imbalance_factor:g} with {n_max} images in the smallest full class leaves "
+            f"class {empty!r} with no training image: lower data.imbalance_factor")
+
+
+def long_tail_subset(labels: torch.Tensor, class_names: list[str], imbalance_factor: float, profile: str,
+                     subset_seed: int, val_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices: the reference rule's long-tailed counts of n_max = the smallest class's
+    images (IF 1: every image), validation images from those it leaves out (long_tail_split)."""
+    check_hold_out(labels, class_names, val_per_class)
+    full_counts = class_counts(labels, len(class_names))
+    n_max = min(full_counts)
+    counts = (long_tail_counts(n_max, len(class_names), imbalance_factor, profile) if imbalance_factor > 1
+              else full_counts)
+    check_every_class_kept(counts, class_names, n_max, imbalance_factor)
+    return long_tail_split(labels, counts, val_per_class, subset_seed)
 
 
 def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_factor: float,
                     profile: str, subset_seed: int, val_per_class: int) -> LongTailData:
     spec = get_spec(dataset)
     full = load_cifar(dataset, root, "train", download=download)
-    check_hold_out(full.labels, full.class_names, val_per_class)
-    rest, val = hold_out_per_class(full.labels, val_per_class, subset_seed)
-    n_max = min(class_counts(full.labels[rest], spec.num_classes))
-    counts = long_tail_counts(n_max, spec.num_classes, imbalance_factor, profile)
-    check_every_class_kept(counts, full.class_names, n_max, imbalance_factor, val_per_class)
-    keep = rest[select_long_tail(full.labels[rest], counts, subset_seed)]
+    keep, val = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed, val_per_class)
+    counts = class_counts(full.labels[keep], spec.num_classes)
     mean, std = NORMALIZATION[dataset]
     logger.info("%s-LT %s IF %g: %d training images, %d validation, counts %s",
                 spec.display_name, profile, imbalance_factor, len(keep), len(val), counts)
     return LongTailData(
         train_images=full.images[keep], train_labels=full.labels[keep],
         val_images=full.images[val], val_labels=full.labels[val],
-        class_names=full.class_names, class_counts=class_counts(full.labels[keep], spec.num_classes),
-        mean=mean, std=std,
+        class_names=full.class_names, class_counts=counts, mean=mean, std=std,
     )

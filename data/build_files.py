@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from data.build import NORMALIZATION, LongTailData, build_long_tail, check_every_class_kept, check_hold_out
+from data.build import NORMALIZATION, LongTailData, build_long_tail, check_hold_out, long_tail_subset
 from data.cifar import DatasetFormatError
 from data.image_files import (LIST_DATASETS, ImageFileDataset, ImageList, eval_transform, read_folder_split,
                               read_list_split, train_transform)
-from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, select_long_tail
+from data.long_tail import class_counts, hold_out_per_class
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +52,9 @@ def _folder_splits(root: Path, imbalance_factor: float, profile: str, subset_see
     if val is not None and val_per_class:
         raise DatasetFormatError(f"{root / 'val'} is the validation split; data.val_per_class={val_per_class} would "
                                  f"hold out more: set data.val_per_class=0")
-    if val_per_class:
-        check_hold_out(full.labels, full.class_names, val_per_class)
-        rest, held = hold_out_per_class(full.labels, val_per_class, subset_seed)
-        full, val = _subset(full, rest), _subset(full, held)
-    if imbalance_factor > 1:
-        num_classes = len(full.class_names)
-        n_max = min(class_counts(full.labels, num_classes))
-        counts = long_tail_counts(n_max, num_classes, imbalance_factor, profile)
-        check_every_class_kept(counts, full.class_names, n_max, imbalance_factor, val_per_class)
-        full = _subset(full, select_long_tail(full.labels, counts, subset_seed))
-    return full, val
+    keep, held = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed,
+                                  val_per_class)
+    return _subset(full, keep), (_subset(full, held) if val_per_class else val)
 
 
 def _list_splits(dataset: str, root: Path, list_dir: Path, subset_seed: int,

@@ -78,18 +78,33 @@ def _draw_per_class(
     return drawn_all, rest_all
 
 
-def select_long_tail(labels: torch.Tensor, counts: Sequence[int], seed: int) -> torch.Tensor:
-    """Sorted int64 indices into ``labels`` keeping a seeded draw of counts[c] images of class c."""
+def long_tail_split(labels: torch.Tensor, counts: Sequence[int], val_per_class: int,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) sorted int64 indices into ``labels``: a seeded draw of counts[c] images of each
+    class c (the reference rule's long-tailed training set), and ``val_per_class`` images of each class
+    taken from the images that draw left out. A class with fewer left over (a head class, whose draw
+    keeps all its images) takes the rest of its validation images from its drawn ones, so its
+    training count is counts[c] minus that shortfall; every other class trains on exactly counts[c]."""
     _check_labels(labels)
     if labels.numel() and int(labels.max()) >= len(counts):
-        raise ValueError(
-            f"labels contain class {int(labels.max())} but counts has only {len(counts)} entries; "
-            f"pass one count per class"
-        )
+        raise ValueError(f"labels contain class {int(labels.max())} but counts has only {len(counts)} entries; "
+                         f"pass one count per class")
     generator = torch.Generator().manual_seed(seed)
-    selected, _ = _draw_per_class(labels, counts, generator)
-    logger.info("long-tailed subset: kept %d of %d images", selected.numel(), labels.numel())
-    return selected
+    drawn, spare = _draw_per_class(labels, counts, generator)
+    logger.info("long-tailed subset: kept %d of %d images", drawn.numel(), labels.numel())
+    if val_per_class == 0:
+        return drawn, torch.empty(0, dtype=torch.int64)
+    moved, val = [], []
+    for c in range(len(counts)):
+        spare_c = spare[labels[spare] == c]
+        spare_c = spare_c[torch.randperm(spare_c.numel(), generator=generator)][:val_per_class]
+        drawn_c = drawn[labels[drawn] == c]
+        short = drawn_c[torch.randperm(drawn_c.numel(), generator=generator)][:val_per_class - spare_c.numel()]
+        val += [spare_c, short]
+        moved.append(short)
+    moved_all = torch.cat([torch.empty(0, dtype=torch.int64), *moved])
+    train = drawn[~torch.isin(drawn, moved_all)]
+    return train, torch.cat(val).sort().values
 
 
 def hold_out_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,11 +25,12 @@ def test_every_dataset_name_has_a_kind():
     assert {DATASET_KINDS[n] for n in LIST_DATASETS} == {"list"} and DATASET_KINDS["folder"] == "folder"
 
 
-def test_a_balanced_folder_becomes_a_long_tail_after_the_validation_hold_out(tmp_path):
+def test_a_balanced_folder_becomes_a_long_tail_with_validation_from_the_images_it_left_out(tmp_path):
     root = _folder(tmp_path)
     data = build_file_data("folder", root, "", 4.0, "exp", 0, 2, 16)
-    expected = long_tail_counts(10, 4, 4.0, "exp")  # 12 per class minus 2 held out
-    assert data.class_counts == expected == [10, 6, 3, 2]
+    assert long_tail_counts(12, 4, 4.0, "exp") == [12, 7, 4, 3]  # the rule on all 12 images per class
+    expected = [10, 7, 4, 3]  # the head class keeps all 12: its 2 validation images come out of them
+    assert data.class_counts == expected
     assert data.class_names == list(CLASSES)
     assert torch.equal(data.val_labels, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     assert torch.bincount(data.train_labels).tolist() == expected
@@ -85,6 +86,7 @@ def test_a_hold_out_or_imbalance_that_empties_a_class_is_one_error_naming_the_ke
     with pytest.raises(DatasetFormatError, match=r"data.val_per_class=6 would hold out every training image of "
                                                  r"class 'ant' \(6 images\): set it below 6"):
         build_file_data("folder", root, "", 1.0, "exp", 0, 6, 16)
-    with pytest.raises(DatasetFormatError, match=r"data.imbalance_factor=100 with 4 images per class \(after "
-                                                 r"data.val_per_class=2\) leaves class 'bee' with no training image"):
+    with pytest.raises(DatasetFormatError, match=r"data.imbalance_factor=100 with 6 images in the smallest full "
+                                                 r"class leaves class 'cow' with no training image: lower "
+                                                 r"data.imbalance_factor$"):
         build_file_data("folder", root, "", 100.0, "exp", 0, 2, 16)

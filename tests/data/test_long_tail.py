@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, select_long_tail, shot_groups
+from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, long_tail_split, shot_groups
 
 
 def test_cifar10_exp_if200_matches_published_counts():
@@ -66,48 +66,48 @@ def _balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat(per_class)
 
 
-def test_select_long_tail_keeps_requested_count_per_class_sorted_int64():
+def test_long_tail_split_keeps_requested_count_per_class_sorted_int64():
     labels = _balanced_labels(4, 10)
-    idx = select_long_tail(labels, [10, 6, 3, 0], seed=0)
+    idx = long_tail_split(labels, [10, 6, 3, 0], 0, 0)[0]
     assert idx.dtype == torch.int64
     assert torch.equal(idx, idx.sort().values)
     assert len(set(idx.tolist())) == idx.numel()
     assert torch.bincount(labels[idx], minlength=4).tolist() == [10, 6, 3, 0]
 
 
-def test_select_long_tail_same_seed_same_indices():
+def test_long_tail_split_same_seed_same_indices():
     labels = _balanced_labels(3, 50)
-    assert torch.equal(select_long_tail(labels, [20, 10, 5], 7), select_long_tail(labels, [20, 10, 5], 7))
+    assert torch.equal(long_tail_split(labels, [20, 10, 5], 0, 7)[0], long_tail_split(labels, [20, 10, 5], 0, 7)[0])
 
 
-def test_select_long_tail_different_seed_different_indices():
+def test_long_tail_split_different_seed_different_indices():
     labels = _balanced_labels(3, 50)
-    assert not torch.equal(select_long_tail(labels, [20, 10, 5], 1), select_long_tail(labels, [20, 10, 5], 2))
+    assert not torch.equal(long_tail_split(labels, [20, 10, 5], 0, 1)[0], long_tail_split(labels, [20, 10, 5], 0, 2)[0])
 
 
-def test_select_long_tail_draws_first_counts_of_seeded_class_permutation():
+def test_long_tail_split_draws_first_counts_of_seeded_class_permutation():
     labels = torch.tensor([1, 0, 1, 0, 1, 0])
     g = torch.Generator().manual_seed(3)
     class0 = torch.tensor([1, 3, 5])[torch.randperm(3, generator=g)][:2]
     class1 = torch.tensor([0, 2, 4])[torch.randperm(3, generator=g)][:1]
     expected = sorted(class0.tolist() + class1.tolist())
-    assert select_long_tail(labels, [2, 1], seed=3).tolist() == expected
+    assert long_tail_split(labels, [2, 1], 0, 3)[0].tolist() == expected
 
 
-def test_select_long_tail_too_few_images_names_class_asked_and_available():
+def test_long_tail_split_too_few_images_names_class_asked_and_available():
     labels = _balanced_labels(3, 4)
     with pytest.raises(ValueError, match=r"class 2: asked for 5 images but only 4"):
-        select_long_tail(labels, [4, 4, 5], seed=0)
+        long_tail_split(labels, [4, 4, 5], 0, 0)[0]
 
 
-def test_select_long_tail_rejects_labels_beyond_counts():
+def test_long_tail_split_rejects_labels_beyond_counts():
     with pytest.raises(ValueError, match="class 3"):
-        select_long_tail(torch.tensor([0, 1, 3]), [1, 1], seed=0)
+        long_tail_split(torch.tensor([0, 1, 3]), [1, 1], 0, 0)[0]
 
 
-def test_select_long_tail_rejects_float_labels():
+def test_long_tail_split_rejects_float_labels():
     with pytest.raises(ValueError, match="integer"):
-        select_long_tail(torch.tensor([0.0, 1.0]), [1, 1], seed=0)
+        long_tail_split(torch.tensor([0.0, 1.0]), [1, 1], 0, 0)[0]
 
 
 def test_hold_out_takes_exactly_per_class_and_partitions_indices():
@@ -158,3 +158,56 @@ def test_shot_groups_allow_empty_groups():
 
 def test_shot_groups_custom_thresholds():
     assert shot_groups([10, 5, 4], many_above=9, few_below=5) == {"many": [0], "medium": [1], "few": [2]}
+
+
+def _reference_counts(img_max: int, cls_num: int, imb_factor: float, imb_type: str) -> list[int]:
+    """The LDAM-DRW / BALMS code's get_img_num_per_cls, transcribed (imb_factor there is 1 / IF)."""
+    img_num_per_cls = []
+    if imb_type == "exp":
+        for cls_idx in range(cls_num):
+            num = img_max * (imb_factor ** (cls_idx / (cls_num - 1.0)))
+            img_num_per_cls.append(int(num))
+    else:
+        for cls_idx in range(cls_num // 2):
+            img_num_per_cls.append(int(img_max))
+        for cls_idx in range(cls_num // 2):
+            img_num_per_cls.append(int(img_max * imb_factor))
+    return img_num_per_cls
+
+
+@pytest.mark.parametrize("num_classes, per_class", [(10, 5000), (100, 500)])
+@pytest.mark.parametrize("imbalance", [10, 50, 100, 200])
+@pytest.mark.parametrize("profile", ["exp", "step"])
+@pytest.mark.parametrize("val_per_class", [0, 20])
+def test_cifar_lt_training_set_has_the_reference_counts_and_validation_from_the_images_it_left_out(
+        num_classes, per_class, imbalance, profile, val_per_class):
+    labels = torch.arange(num_classes).repeat_interleave(per_class)  # a CIFAR training split's labels
+    counts = long_tail_counts(per_class, num_classes, imbalance, profile)
+    reference = _reference_counts(per_class, num_classes, 1 / imbalance, profile)
+    assert counts == reference
+    train, val = long_tail_split(labels, counts, val_per_class, seed=0)
+    assert not set(train.tolist()) & set(val.tolist())  # no validation image is a training image
+    assert torch.bincount(labels[val], minlength=num_classes).tolist() == [val_per_class] * num_classes
+    # Every class trains on the reference count, except where the rule leaves fewer than
+    # val_per_class images out (the head): the shortfall comes from its own training images.
+    expected = [n - max(0, val_per_class - (per_class - n)) for n in reference]
+    assert torch.bincount(labels[train], minlength=num_classes).tolist() == expected
+
+
+def test_cifar10_lt_if100_has_the_benchmarks_12406_images():
+    labels = torch.arange(10).repeat_interleave(5000)
+    counts = long_tail_counts(5000, 10, 100, "exp")
+    assert counts == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50] and sum(counts) == 12406
+    assert long_tail_split(labels, counts, 0, seed=0)[0].numel() == 12406
+
+
+def test_validation_is_seeded_and_the_training_draw_does_not_depend_on_it():
+    labels = torch.arange(4).repeat_interleave(30)
+    counts = [30, 12, 6, 3]
+    train0, _ = long_tail_split(labels, counts, 0, seed=5)
+    train5, val5 = long_tail_split(labels, counts, 5, seed=5)
+    # Classes with spare images keep exactly the draw of val_per_class=0; the whole class gives 5 up.
+    assert set(train5.tolist()) <= set(train0.tolist())
+    assert set(train0.tolist()) - set(train5.tolist()) == set(val5[labels[val5] == 0].tolist())
+    assert torch.equal(val5, long_tail_split(labels, counts, 5, seed=5)[1])
+    assert not torch.equal(val5, long_tail_split(labels, counts, 5, seed=6)[1])
