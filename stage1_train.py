@@ -107,6 +107,15 @@ def build_criterion(cfg: Config, class_counts: list[int], model: nn.Module, fres
     return loss_fn
 
 
+def parameter_groups(model: nn.Module, loss_fn: LongTailLoss) -> list[dict]:
+    """The optimiser's parameter groups: one, or, when the loss sets the classifier's bias (class-balanced
+    sigmoid / focal), that bias in a second group without weight decay, as Cui et al.'s code keeps it."""
+    bias = getattr(model.head, "bias", None)
+    if loss_fn.init_bias() is None or bias is None:
+        return [{"params": list(model.parameters())}]
+    return [{"params": [p for p in model.parameters() if p is not bias]}, {"params": [bias], "weight_decay": 0.0}]
+
+
 def wrap_for_training(model: nn.Module, sync_bn: bool, compile_model: bool, device: torch.device,
                       d: Dist) -> nn.Module:
     """The module the loop calls: BatchNorm over the global batch (sync_bn), DistributedDataParallel
@@ -141,8 +150,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     loss_fn = build_criterion(cfg, data.class_counts, model, fresh_head).to(device)
     train_model = wrap_for_training(model, t.sync_bn, t.compile, device, d)  # checkpoints save `model`
     optimizer, scheduler, steps_total = sgd_with_schedule(
-        model.parameters(), len(loader), t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs, t.iterations,
-        t.warmup, t.schedule, t.milestones, t.gamma)
+        parameter_groups(model, loss_fn), len(loader), t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs,
+        t.iterations, t.warmup, t.schedule, t.milestones, t.gamma, t.warmup_start)
     scaler = grad_scaler(device, t.amp)
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if t.amp == "fp16":

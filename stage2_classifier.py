@@ -264,7 +264,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     epoch_len = steps_per_epoch(len(data.train_labels) if meta else sampler.num_samples, t.batch_size)
     optimizer, scheduler, steps_total = sgd_with_schedule(
         head.parameters(), epoch_len, t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs, t.iterations,
-        t.warmup, t.schedule, t.milestones, t.gamma)
+        t.warmup, t.schedule, t.milestones, t.gamma, t.warmup_start)
     states = {"head": head, "optimizer": optimizer, "scheduler": scheduler}
     if meta:
         states.update(meta_sampler=meta.sampler, meta_sampler_optimizer=meta.optimizer)

@@ -83,6 +83,9 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 on all parameters, as the papers' code does
     schedule: str = "cosine"  # cosine | step: decay after warm-up
     warmup: float = 5.0  # linear warm-up length, in epochs (or in iterations when iterations > 0)
+    # lr at the start of warm-up as a fraction of train.lr: 0 rises from ~0 (Goyal et al.); BALMS's
+    # CIFAR configs warm up from base_lr 0.05 to warmup_lr 0.1, i.e. train.lr=0.1 with 0.5.
+    warmup_start: float = 0.0
     milestones: list[float] = field(default_factory=lambda: [160.0, 180.0])  # step schedule, same unit as warmup
     gamma: float = 0.1  # step schedule: lr factor at each milestone
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixup; 0 = off
@@ -162,6 +165,7 @@ RANGES: dict[str, tuple[str, float]] = {
     "data.crop_padding": (">=", 0), "data.cutout": (">=", 0), "data.image_size": (">=", 1), "data.workers": (">=", 0),
     "train.epochs": (">=", 1), "train.iterations": (">=", 0), "train.batch_size": (">=", 2),  # BatchNorm: 2 images
     "train.lr": (">=", 0), "train.momentum": (">=", 0), "train.weight_decay": (">=", 0), "train.warmup": (">=", 0),
+    "train.warmup_start": (">=", 0),
     "train.gamma": (">", 0), "train.mixup_alpha": (">=", 0), "train.num_threads": (">=", 0),
     "train.accum_steps": (">=", 1), "train.dist_timeout_s": (">", 0),
     "stage2.cache_views": (">=", 0), "stage2.tau_norm_tau": (">=", 0),

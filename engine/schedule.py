@@ -10,16 +10,17 @@ SCHEDULES = ("cosine", "step")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str,
-              milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+              milestones: Sequence[int] = (), gamma: float = 0.1, warmup_start: float = 0.0) -> float:
     """Multiplier of the peak lr for optimiser step `step` (0-based) of `total_steps`.
 
-    Warm-up rises linearly from 1/warmup_steps to 1 over the first warmup_steps steps; cosine then
+    Warm-up rises linearly over the first warmup_steps steps, from warmup_start + (1 - warmup_start)
+    / warmup_steps to 1 (warmup_start 0: from 1/warmup_steps; BALMS's 0.05 -> 0.1: 0.5); cosine then
     falls to 0 at total_steps; step multiplies by gamma at each milestone (in steps).
     """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; valid schedules: {', '.join(SCHEDULES)}")
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return warmup_start + (1.0 - warmup_start) * (step + 1) / warmup_steps
     if kind == "cosine":
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -27,11 +28,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str,
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, kind: str,
-                    milestones: Sequence[int] = (), gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+                    milestones: Sequence[int] = (), gamma: float = 0.1,
+                    warmup_start: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepped once per optimiser step."""
     lr_factor(0, total_steps, warmup_steps, kind)  # validates `kind` before training starts
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, kind, milestones, gamma)
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, kind, milestones, gamma, warmup_start)
     )
 
 
@@ -40,17 +42,18 @@ def total_steps(epoch_len: int, epochs: int, iterations: int) -> int:
     return iterations if iterations > 0 else epochs * epoch_len
 
 
-def sgd_with_schedule(params: Iterable[torch.nn.Parameter], epoch_len: int, lr: float, momentum: float,
-                      weight_decay: float, nesterov: bool, epochs: int, iterations: int, warmup: float,
-                      kind: str, milestones: Sequence[float], gamma: float,
+def sgd_with_schedule(params: Iterable[torch.nn.Parameter] | Iterable[dict], epoch_len: int, lr: float,
+                      momentum: float, weight_decay: float, nesterov: bool, epochs: int, iterations: int,
+                      warmup: float, kind: str, milestones: Sequence[float], gamma: float, warmup_start: float = 0.0,
                       ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR, int]:
     """(SGD, its per-step schedule, total steps) of a run of `epochs` epochs or `iterations` steps.
 
-    warmup and milestones count epochs, or steps when iterations > 0.
+    warmup and milestones count epochs, or steps when iterations > 0. `params` may be parameter
+    groups (dicts), e.g. one whose weight_decay is 0.
     """
     steps = total_steps(epoch_len, epochs, iterations)
     unit = 1 if iterations > 0 else epoch_len  # steps per unit of warmup and milestones
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     scheduler = build_scheduler(optimizer, steps, round(warmup * unit), kind, [round(m * unit) for m in milestones],
-                                gamma)
+                                gamma, warmup_start)
     return optimizer, scheduler, steps

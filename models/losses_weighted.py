@@ -74,8 +74,9 @@ class ClassBalancedLoss(LongTailLoss):
         self.register_buffer("class_weights", effective_number_weights(class_counts, beta).float())
 
     def init_bias(self) -> float | None:
-        """-log((1 - pi) / pi) with pi = 0.1 for the sigmoid variants, None for softmax."""
-        return None if self.variant == "softmax" else prior_bias(SIGMOID_PRIOR)
+        """-log(C - 1) for the sigmoid variants (prior pi = 1/C, as Cui et al.'s code), None for softmax.
+        The caller keeps this bias out of weight decay, as their code does."""
+        return None if self.variant == "softmax" else -math.log(self.num_classes - 1)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.check_inputs(logits, labels)
@@ -131,7 +132,8 @@ class LDAMLoss(LongTailLoss):
     """LDAM: CE(scale * (z - m_y * onehot(y)), y) with m_c proportional to n_c^(-1/4), max m_c = max_margin.
 
     With ``drw_epoch`` set, from that epoch on (via ``set_epoch``) each sample's loss is
-    weighted by the class-balanced weight of its class (beta = 0.9999, sum_c w_c = C).
+    weighted by the class-balanced weight of its class (beta = 0.9999, sum_c w_c = C), and the
+    batch's loss is their weighted mean, sum_i w_i l_i / sum_i w_i (as F.cross_entropy(weight=w)).
     """
 
     def __init__(
@@ -172,5 +174,7 @@ class LDAMLoss(LongTailLoss):
             self.scale * (logits - margin * true_class), labels, reduction="none"
         )
         if self.drw_active and self.drw_weights is not None:
-            per_sample = self.drw_weights.to(logits.dtype)[labels] * per_sample
+            # F.cross_entropy(weight=w), as the LDAM code: the weighted mean divides by the batch's sum of weights.
+            weights = self.drw_weights.to(logits.dtype)[labels]
+            return (weights * per_sample).sum() / weights.sum()
         return per_sample.mean()

@@ -44,5 +44,15 @@ def test_config_loads_for_the_stage_of_its_first_line_which_is_its_own_run_comma
 def test_method_configs_differ_from_each_other_only_in_method_and_dataset_keys(path):
     cfg = load_config(path)
     assert cfg.data.imbalance_factor == 100 and cfg.data.profile == path.parent.name.rsplit("_", 1)[1]
+    # ARB's own code decays once, by 0.1 at epoch 160; the others follow LDAM-DRW (x0.01 at 160 and 180).
+    decay = ([160.0], 0.1) if cfg.loss.name == "arb" else ([160.0, 180.0], 0.01)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.schedule, cfg.train.milestones,
-            cfg.train.gamma, cfg.train.weight_decay) == (200, 128, 0.1, "step", [160.0, 180.0], 0.01, 2e-4)
+            cfg.train.gamma, cfg.train.weight_decay) == (200, 128, 0.1, "step", *decay, 2e-4)
+
+
+@pytest.mark.parametrize("name", ["cifar10_lt/stage1_softmax.yaml", "cifar10_lt/stage1_mixup.yaml",
+                                  "cifar100_lt/stage1_softmax.yaml"])
+def test_paper_stage1_configs_warm_up_from_0_05_to_0_1_as_the_balms_configs(name):
+    t = load_config(ROOT / "config" / name).train
+    assert (t.iterations, t.batch_size, t.lr, t.warmup, t.warmup_start, t.schedule) == (13000, 512, 0.1, 800, 0.5,
+                                                                                         "cosine")

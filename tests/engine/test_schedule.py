@@ -75,3 +75,10 @@ def test_build_scheduler_sets_lr_to_peak_times_factor_after_k_steps(k, expected)
 def test_build_scheduler_step_kind_applies_milestones_and_gamma():
     assert _lr_after(6, "step", milestones=[6, 10], gamma=0.5) == pytest.approx(0.1)
     assert _lr_after(10, "step", milestones=[6, 10], gamma=0.5) == pytest.approx(0.05)
+
+
+def test_warmup_from_half_the_peak_is_the_balms_schedule_from_0_05_to_0_1():
+    # train.lr=0.1, warmup_start=0.5, 4 warm-up steps: 0.0625, 0.075, 0.0875, 0.1, then cosine from 0.1.
+    lrs = [0.1 * lr_factor(s, TOTAL, W, "cosine", warmup_start=0.5) for s in range(W + 1)]
+    assert lrs == pytest.approx([0.0625, 0.075, 0.0875, 0.1, 0.1], rel=1e-12)
+    assert lr_factor(W + 8, TOTAL, W, "cosine", warmup_start=0.5) == pytest.approx(0.5)  # the cosine is unchanged

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from models.losses import LOSSES, build_loss, posthoc_logit_adjust
 from models.losses_base import effective_number_weights
@@ -89,10 +90,12 @@ def test_class_balanced_focal_weights_sigmoid_focal_terms():
     assert _value(loss, _logits(), _labels()) == pytest.approx(expected, rel=1e-6)
 
 
-def test_sigmoid_variants_init_bias_is_minus_log_9_and_softmax_has_none():
-    assert build_loss("class_balanced", COUNTS, variant="sigmoid").init_bias() == pytest.approx(-math.log(9.0))
-    assert build_loss("class_balanced", COUNTS, variant="focal").init_bias() == pytest.approx(-2.1972245773362196)
-    assert build_loss("focal", COUNTS, form="sigmoid").init_bias() == pytest.approx(-math.log(9.0))
+def test_class_balanced_sigmoid_bias_is_minus_log_c_minus_1_as_cui_et_al_and_softmax_has_none():
+    # b = -log(C - 1): every sigmoid starts at probability 1/C (Cui et al.'s code), here C = 3.
+    assert build_loss("class_balanced", COUNTS, variant="sigmoid").init_bias() == -math.log(2.0)
+    assert build_loss("class_balanced", COUNTS, variant="focal").init_bias() == -0.6931471805599453
+    assert build_loss("class_balanced", list(range(1, 11)), variant="sigmoid").init_bias() == -math.log(9.0)
+    assert build_loss("focal", COUNTS, form="sigmoid").init_bias() == pytest.approx(-math.log(9.0))  # RetinaNet's 0.1
     assert build_loss("class_balanced", COUNTS, variant="softmax").init_bias() is None
     assert build_loss("ce", COUNTS).init_bias() is None
 
@@ -239,7 +242,10 @@ def test_ldam_drw_weights_switch_on_at_drw_epoch():
     z = 30.0 * (np.array(LOGITS) - np.eye(3)[y] * margins[y][:, None])
     per_sample = _np_ce_per_sample(z, y)
     w = [0.007374335344607821, 0.07693702584006975, 2.9156886388153224]  # beta = 0.9999, sum 3
-    weighted = (np.array(w)[y] * per_sample).mean()
+    # F.cross_entropy(weight=w) as the LDAM code: sum_i w_i l_i / sum_i w_i, not a mean over the batch.
+    weighted = (np.array(w)[y] * per_sample).sum() / np.array(w)[y].sum()
+    reference = nn.functional.cross_entropy(torch.tensor(z), labels, weight=torch.tensor(w, dtype=torch.float64))
+    assert weighted == pytest.approx(reference.item(), rel=1e-12)
     loss.set_epoch(0)
     assert _value(loss, logits, labels) == pytest.approx(per_sample.mean(), rel=1e-6)
     loss.set_epoch(1)
