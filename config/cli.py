@@ -25,7 +25,7 @@ from engine.distributed import Dist, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import RunDirError, default_checkpoint, resume_checkpoint, setup_run
 from engine.runlog import RunLog
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, remove_stale_temp_files
 from models.download import DownloadError
 
 
@@ -119,8 +119,10 @@ def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device
     if ckpt is not None:
         check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")
     run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=ranks.is_main)
-    if ckpt is None and ranks.is_main:  # a start killed before its first last.pt may have logged an epoch: redone
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if ranks.is_main:
+        remove_stale_temp_files(run_dir)  # of checkpoint writes a kill interrupted
+        if ckpt is None:  # a start killed before its first last.pt may have logged an epoch: it is redone
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     return ranks, device, run_dir, ckpt
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 
@@ -26,20 +26,22 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No checkpoint file at the path given."""
 
 
+CHECKPOINT_TEMP_GLOB = ".*.pt.*.tmp"  # write_atomic's temporary files of checkpoints: .<name>.<hex>.tmp
+
+
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """write(file) into a temporary file in path's folder, fsync, then rename over `path`.
 
-    A process killed mid-write leaves the previous file intact, never a truncated one.
+    A process killed mid-write leaves the previous file intact, never a truncated one (a SIGKILL
+    leaves the temporary file, which remove_stale_temp_files clears at the next start). The temporary file's name is
+    known before it exists, so an exception at any point (a second Ctrl-C) removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
+        # O_EXCL: a new file; mode 0666 less the umask, as open() gives.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             try:
                 write(f)
             except RuntimeError as e:  # torch.save turns whatever the file's write raised into a RuntimeError
@@ -50,6 +52,13 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temporary checkpoint files that killed write_atomic calls left in `folder` (call it
+    only where no other process is writing checkpoints: at the start of a training run)."""
+    for stale in folder.glob(CHECKPOINT_TEMP_GLOB):
+        stale.unlink(missing_ok=True)
 
 
 def _write_error(e: RuntimeError, path: Path) -> BaseException:

@@ -44,9 +44,9 @@ def test_stage1_then_stage2_method_then_test_table(fake_cifar10, stage1_run, tmp
             assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("split, images", [("val", 20), ("train", 231)])
+@pytest.mark.parametrize("split, images", [("val", 20), ("train", 238)])
 def test_balms_meta_batches_come_from_the_chosen_split(fake_cifar10, stage1_run, tmp_path, run, split, images):
-    # The shared stage-1 run holds out 2 images per class (20) and trains on 231.
+    # The shared stage-1 run has 2 validation images per class (20) and trains on 238.
     log_dir = tmp_path / split
     run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=balms", f"meta_sampler.meta_split={split}"))
     log = (log_dir / "train.log").read_text()
@@ -86,7 +86,7 @@ def test_stage2_reads_the_training_set_from_the_stage1_checkpoint(fake_cifar10, 
     run(*_stage2(fake_cifar10, stage1_run, log_dir, "data.val_per_class=2"))  # the same value may be repeated
     s1 = torch.load(stage1_run / "last.pt", weights_only=True)
     s2 = torch.load(log_dir / "last.pt", weights_only=True)
-    assert s2["class_counts"] == s1["class_counts"] and sum(s1["class_counts"]) == 231
+    assert s2["class_counts"] == s1["class_counts"] and sum(s1["class_counts"]) == 238
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["data"]["imbalance_factor"] == 10.0 and saved["data"]["val_per_class"] == 2
     assert saved["model"]["name"] == "resnet32"
@@ -132,18 +132,19 @@ def test_killed_stage2_run_resumes_to_the_uninterrupted_result(fake_cifar10, sta
 
 
 def test_stage2_epoch_whose_last_batch_has_one_sample_trains(fake_cifar10, stage1_run, tmp_path, run):
-    # The shared stage-1 run has 231 training images (IF 10, 2 per class held out for val). With
-    # batch 10 the instance sampler's epoch splits into 23 batches of 10 and one of 1. main drops
-    # batches of one sample (len(b) > 1), so 23 batches remain, but it asks train_head_epoch for
-    # ceil(231 / 10) = 24 steps: the run must take the 23 steps the batches allow.
+    # The shared stage-1 run has 238 training images. With batch 79 the instance sampler's epoch
+    # splits into 3 batches of 79 and one of 1. main drops batches of one sample (len(b) > 1), so 3
+    # batches remain, but it asks train_head_epoch for ceil(238 / 79) = 4 steps: the run must take
+    # the 3 steps the batches allow.
     counts = torch.load(stage1_run / "last.pt", weights_only=True)["class_counts"]
-    assert sum(counts) % 10 == 1
+    assert sum(counts) % 79 == 1
     log_dir = tmp_path / "s2"
     proc = run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}",
-               f"stage1.checkpoint={stage1_run / 'last.pt'}", "stage2.method=balanced_softmax", "train.epochs=1", "train.batch_size=10", "train.warmup=0",
-               "train.num_threads=1", "stage2.cache_views=1", "eval.batch_size=64", check=False)
+               f"stage1.checkpoint={stage1_run / 'last.pt'}", "stage2.method=balanced_softmax", "train.epochs=1",
+               "train.batch_size=79", "train.warmup=0", "train.num_threads=1", "stage2.cache_views=1",
+               "eval.batch_size=64", check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert torch.load(log_dir / "last.pt", weights_only=False)["step"] == 23
+    assert torch.load(log_dir / "last.pt", weights_only=False)["step"] == 3
 
 
 def test_ldam_cosine_stage1_then_stage2_trains_and_deploys_a_linear_head(fake_cifar10, tmp_path, run, tiny_stage1):

@@ -92,6 +92,7 @@ def differences(reference: Path, resumed: Path) -> list[str]:
         found += [f"{part}.{k}" for k in flat_a if k not in flat_b or not torch.equal(flat_a[k], flat_b[k])]
     if metric_lines(reference) != metric_lines(resumed):
         found.append("metrics.jsonl")
+    found += [f"left behind: {p.name}" for p in resumed.glob(".*.tmp")]  # a killed checkpoint write's
     return found
 
 

@@ -24,9 +24,9 @@ FAST = ("train.epochs=3", "train.batch_size=32", "train.lr=0.05", "train.warmup=
 CIFAR = ("data.imbalance_factor=10", "data.val_per_class=2")  # added unless a case names data.dataset
 S1, S2, PREDICT = "stage1_train.py", "stage2_classifier.py", "predict.py"
 
-# (script, arguments, what the one line says: one fragment or several). {data} is a tiny CIFAR-10, {bad} the broken files
-# below, {s1} a finished stage-1 run (a copy: cases on it must leave it as it was), {run} the run
-# directory a case would write (log_dir={run} is added unless a case names its own).
+# (script, arguments, what the one line says: one fragment or several). {data} is a tiny CIFAR-10,
+# {bad} the broken files below, {s1} a finished stage-1 run (a copy: cases on it must leave it as it
+# was), {run} the run directory a case would write (log_dir={run} is added unless a case names its own).
 CASES = {
     # the config file and the overrides
     "cfg_missing": (S1, ["--cfg", "{bad}/nope.yaml"], "config error: config file '{bad}/nope.yaml' does not exist"),
@@ -51,7 +51,8 @@ CASES = {
     "unknown_dataset": (S1, ["data.dataset=cifar1000"], "data.dataset='cifar1000' is not one of cifar10, cifar100"),
     "unknown_model": (S1, ["model.name=resnet33"], "model.name='resnet33' is not one of resnet10, resnet101, "
                                                    "resnet152, resnet18, resnet32, resnet34, resnet50"),
-    "unknown_head": (S1, ["model.head=cosin"], "model.head='cosin' is not one of cosine, linear (did you mean cosine?)"),
+    "unknown_head": (S1, ["model.head=cosin"], "model.head='cosin' is not one of cosine, linear (did you mean "
+                                               "cosine?)"),
     "unknown_loss": (S1, ["loss.name=focall"], "loss.name='focall' is not one of arb, balanced_softmax, ce, "
                                                "class_balanced, focal, ldam, logit_adjust, reweight"),
     "unknown_sampler": (S1, ["data.sampler=balancd"], "data.sampler='balancd' is not one of class_balanced, "
@@ -112,8 +113,8 @@ CASES = {
                               "stage2.method='bals' is not one of balanced_softmax, balms, crt, lws, tau_norm (did "
                               "you mean balms"),
     "stage1_key_in_stage2": (S2, ["stage1.checkpoint={s1}/last.pt", "loss.name=focal"],
-                             "loss.name='focal' is read by stage1 (stage1_train.py) only; stage2 (stage2_classifier.py) "
-                             "does not use it: remove it"),
+                             "loss.name='focal' is read by stage1 (stage1_train.py) only; stage2 "
+                             "(stage2_classifier.py) does not use it: remove it"),
     "key_the_method_does_not_read": (S2, ["stage1.checkpoint={s1}/last.pt", "stage2.method=crt",
                                           "meta_sampler.lr=0.1"], "is read by stage2.method=balms only"),
     "stage2_lws_on_a_backbone_of_other_classes": (S2, ["model.pretrained={bad}/resnet32_100_classes.pt",

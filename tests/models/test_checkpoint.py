@@ -1,4 +1,6 @@
 """Checkpoints: round trip, atomic writes, key checks with precise messages, foreign and missing files."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -160,3 +162,28 @@ def test_a_signal_during_a_save_stays_a_signal_not_a_disk_error(tmp_path, monkey
         else:
             assert err.value.code == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exception_right_after_the_temporary_file_appears_removes_it(tmp_path, monkeypatch):
+    # A second Ctrl-C can land between the temporary file's creation and the write: its name is
+    # known before it exists, so nothing is left behind.
+    import models.checkpoint as checkpoint
+
+    def interrupted(fd, *args, **kwargs):
+        os.close(fd)
+        raise SystemExit(130)
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", interrupted)
+    with pytest.raises(SystemExit):
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_checkpoint_files_are_removed_and_nothing_else(tmp_path):
+    from models.checkpoint import remove_stale_temp_files
+
+    names = [".last.pt.1a2b3c4d.tmp", ".best.pt.00ff00ff.tmp", "last.pt", ".notes.tmp", "metrics.jsonl"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_temp_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "last.pt", "metrics.jsonl"]
