@@ -188,9 +188,13 @@ def exit_on_user_error(command: Callable[[], object], debug: bool = False) -> No
 def log_to_files(message: str) -> None:
     """`message` as an ERROR record into the file handlers of the root logger (train.log): stderr has it already."""
     record = logging.makeLogRecord({"name": "cli", "levelno": logging.ERROR, "levelname": "ERROR", "msg": message})
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+    for handler in _file_handlers():
+        handler.handle(record)
+
+
+def _file_handlers() -> list[logging.FileHandler]:
+    """The root logger's handlers that write files (setup_run's train.log)."""
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
 
 
 @contextmanager
@@ -203,10 +207,9 @@ def nothing_left_of_a_refused_run(run_dir: Path) -> Iterator[None]:
         yield
     except SystemExit as e:
         if isinstance(e.code, str) and not existed and run_dir.is_dir() and not (run_dir / "config.yaml").exists():
-            for handler in logging.getLogger().handlers:
-                if isinstance(handler, logging.FileHandler):
-                    logging.getLogger().removeHandler(handler)
-                    handler.close()
+            for handler in _file_handlers():
+                logging.getLogger().removeHandler(handler)
+                handler.close()
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 

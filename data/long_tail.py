@@ -94,17 +94,15 @@ def long_tail_split(labels: torch.Tensor, counts: Sequence[int], val_per_class: 
     logger.info("long-tailed subset: kept %d of %d images", drawn.numel(), labels.numel())
     if val_per_class == 0:
         return drawn, torch.empty(0, dtype=torch.int64)
-    moved, val = [], []
+    val = []
     for c in range(len(counts)):
         spare_c = spare[labels[spare] == c]
         spare_c = spare_c[torch.randperm(spare_c.numel(), generator=generator)][:val_per_class]
         drawn_c = drawn[labels[drawn] == c]
         short = drawn_c[torch.randperm(drawn_c.numel(), generator=generator)][:val_per_class - spare_c.numel()]
         val += [spare_c, short]
-        moved.append(short)
-    moved_all = torch.cat([torch.empty(0, dtype=torch.int64), *moved])
-    train = drawn[~torch.isin(drawn, moved_all)]
-    return train, torch.cat(val).sort().values
+    val_all = torch.cat(val).sort().values
+    return drawn[~torch.isin(drawn, val_all)], val_all  # a drawn image taken for validation leaves training
 
 
 def hold_out_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
