@@ -15,21 +15,20 @@ plain linear head, so --test and any consumer of stage-1 checkpoints read it unc
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 from pathlib import Path
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from config.cli import open_log, run_cli, start_run
-from config.load import changed_keys, check_names, config_from_dict, config_to_dict
-from config.schema import Config, DataConfig, ModelConfig
+from config.load import config_to_dict
+from config.schema import Config
+from config.stage2 import Method, check_data, check_method, keeps_stage1_head, with_stage1_training_set
 from data.augment import BatchAugment
-from data.build import LongTailData
+from data.build import LongTailData, build_meta_resample
 from data.build_files import FileData, build_training_set
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
@@ -42,7 +41,7 @@ from engine.runlog import RunLog
 from engine.schedule import sgd_with_schedule
 from engine.tau_norm import tau_search
 from meta_sampler.learner import ClassSampler
-from models import MODELS, build_model, load_pretrained
+from models import build_model, load_pretrained
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked
 from models.download import DownloadError
 from models.heads import ScaledLinear, deployable_state, head_name, load_backbone_state, tau_normalized
@@ -52,74 +51,6 @@ from models.pretrained import HeadMismatchError
 STAGE = "stage2"
 CACHE_NAMES = {VIEW_STREAM: "train", META_VIEW_STREAM: "meta"}  # features_<name>.npy of image-file datasets
 logger = logging.getLogger("stage2")
-
-
-@dataclass(frozen=True)
-class Method:
-    kind: str  # sampled: a data sampler draws the batches | meta: the BALMS meta-sampler does | posthoc: no training
-    head: str  # new: a linear head (stage2.init_head) | lws: stage-1 weights, learned scales | stage1: the stage-1 head
-    loss: str = ""  # models.losses name; balms uses it per sample inside the meta step
-    sampler: str = ""  # data.samplers name of a sampled method
-
-
-METHODS: dict[str, Method] = {
-    "balanced_softmax": Method("sampled", "new", "balanced_softmax", "instance"),
-    "crt": Method("sampled", "new", "ce", "class_balanced"),
-    "balms": Method("meta", "new", "balanced_softmax"),
-    "lws": Method("sampled", "lws", "ce", "class_balanced"),
-    "tau_norm": Method("posthoc", "stage1"),
-}
-# Stage-2 keys (or sections) that only some methods read: set for another method, they are an error.
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "meta_sampler": ("balms",),
-    "stage2.init_head": ("balanced_softmax", "crt", "balms"),  # lws and tau_norm start from the stage-1 head
-    "stage2.tau_norm_tau": ("tau_norm",),
-    "stage2.tau_norm_grid": ("tau_norm",),
-}
-# Stage-1 keys that fix which images form the training set: read from the stage-1 checkpoint.
-SUBSET_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "val_per_class", "image_size")
-
-
-def check_method(cfg: Config) -> Method:
-    """The method, once the settings that contradict it or each other are refused."""
-    check_names({"stage2.method": (cfg.stage2.method, METHODS), "model.name": (cfg.model.name, MODELS)})
-    method = METHODS[cfg.stage2.method]
-    for key in changed_keys(cfg):
-        readers = METHOD_KEYS.get(key) or METHOD_KEYS.get(key.split(".")[0]) or (cfg.stage2.method,)
-        if cfg.stage2.method not in readers:
-            raise SystemExit(f"config error: {key} is read by stage2.method={' | '.join(readers)} only, not by "
-                             f"{cfg.stage2.method}: remove it")
-    if not cfg.stage1.checkpoint and not cfg.model.pretrained:
-        raise SystemExit("config error: stage 2 needs a backbone: stage1.checkpoint=logs/<stage-1 run>/last.pt, "
-                         "or model.pretrained=NAME|URL|PATH (`python -m models list` shows the names)")
-    if cfg.stage1.checkpoint and cfg.model.pretrained:
-        raise SystemExit("config error: set stage1.checkpoint or model.pretrained, not both: they name the same "
-                         "backbone")
-    if cfg.model.reset_head and keeps_stage1_head(cfg, method):
-        raise SystemExit(f"config error: model.reset_head=true drops the head that stage2.method={cfg.stage2.method} "
-                         f"(stage2.init_head={cfg.stage2.init_head}) starts from; balanced_softmax, crt and "
-                         f"balms with init_head=reinit train a new head for any number of classes")
-    return method
-
-
-def keeps_stage1_head(cfg: Config, method: Method) -> bool:
-    return method.head != "new" or cfg.stage2.init_head == "stage1"
-
-
-def with_stage1_training_set(cfg: Config, s1: dict) -> Config:
-    """cfg with the training-set keys and model.name of the stage-1 run; a different value set in
-    the stage-2 config is an error, since stage 2 must train on stage 1's training set."""
-    saved, default = config_from_dict(s1["config"]).data, DataConfig()
-    mine = {f"data.{k}": (getattr(cfg.data, k), getattr(saved, k), getattr(default, k)) for k in SUBSET_KEYS}
-    mine["model.name"] = (cfg.model.name, s1["model_args"]["name"], ModelConfig().name)
-    for key, (value, recorded, unset) in mine.items():
-        if value not in (recorded, unset):
-            raise SystemExit(f"config error: {key}={value!r}, but the stage-1 run {cfg.stage1.checkpoint} has "
-                             f"{key}={recorded!r}: stage 2 reads it from the checkpoint; remove {key} from the "
-                             f"stage-2 config")
-    data = dataclasses.replace(cfg.data, **{k: getattr(saved, k) for k in SUBSET_KEYS})
-    model = dataclasses.replace(cfg.model, name=s1["model_args"]["name"])
-    return dataclasses.replace(cfg, data=data, model=model)
 
 
 def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: bool,
@@ -221,10 +152,16 @@ def new_head(cfg: Config, method: Method, stage1_head: nn.Module) -> nn.Module:
 def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, features: Features,
                   ranks: Dist, run_dir: Path) -> MetaSampling:
     """BALMS: the class sampler, its optimiser, and the split its class-balanced meta batches come from
-    (validation when there is one and meta_sampler.meta_split=val, else the training set)."""
-    ms = cfg.meta_sampler
+    (meta_sampler.meta_split: validation when there is one, the training set, or a second long-tailed
+    draw of CIFAR's training split)."""
+    ms, d = cfg.meta_sampler, cfg.data
     labels, meta_features, split = data.train_labels, features, "train"
-    if len(data.val_labels) and ms.meta_split == "val":
+    if ms.meta_split == "resample":
+        images, labels = build_meta_resample(d.dataset, d.root, d.download, d.imbalance_factor, d.profile,
+                                             d.subset_seed, d.val_per_class)
+        split = "resampled"
+        meta_features = feature_source(cfg, model, images, data, META_VIEW_STREAM, ranks, run_dir)
+    elif len(data.val_labels) and ms.meta_split == "val":
         labels, split = data.val_labels, "val"
         meta_features = feature_source(cfg, model, data.val_images, data, META_VIEW_STREAM, ranks, run_dir)
     sampler = ClassSampler(data.train_labels, len(data.class_counts), ms.init_pow)
@@ -239,6 +176,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     s1 = load_checkpoint(cfg.stage1.checkpoint) if cfg.stage1.checkpoint else None
     if s1 is not None and s1.get("config"):
         cfg = with_stage1_training_set(cfg, s1)
+    augment_note = check_data(cfg, s1)
     t, d = cfg.train, cfg.data
     ranks, device, run_dir, ckpt = start_run(cfg, STAGE, resume)
 
@@ -246,6 +184,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
                               d.val_per_class, d.image_size)
     model, model_args = build_backbone(cfg, s1, data.class_counts, keeps_stage1_head(cfg, method), device)
     runlog = open_log(cfg, STAGE, run_dir, ranks)
+    if augment_note:
+        logger.warning(augment_note)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint}
     if method.kind == "posthoc":

@@ -137,7 +137,8 @@ class MetaSamplerConfig:
     meta_batch_size: int = 512  # class-balanced meta batch for the outer loss
     gumbel_tau: float = 1.0  # Gumbel-softmax temperature of the class draws
     # Where class-balanced meta batches come from: val (the held-out split, when data.val_per_class > 0;
-    # else train) | train (the long-tailed training set, as the BALMS code does on CIFAR)
+    # else train) | train (the long-tailed training set itself) | resample (CIFAR: a second long-tailed
+    # draw of the training split, seed data.subset_seed + 1, no validation image: the BALMS code's meta set)
     meta_split: str = "val"
 
 
@@ -155,7 +156,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("off", "bf16", "fp16"),
     "stage2.init_head": ("reinit", "stage1"),
     "stage2.live_bn": ("train", "eval"),
-    "meta_sampler.meta_split": ("val", "train"),
+    "meta_sampler.meta_split": ("val", "train", "resample"),
 }
 
 # Lower bounds of the numeric keys, (">" or ">=", bound): checked when the config loads, before

@@ -18,7 +18,7 @@ import torch
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from data.cifar import DatasetFormatError, get_spec, load_cifar
 from data.image_files import IMAGENET_MEAN, IMAGENET_STD, LIST_DATASETS
-from data.long_tail import class_counts, long_tail_counts, long_tail_split
+from data.long_tail import class_counts, long_tail_counts, long_tail_split, second_draw
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +62,22 @@ def check_every_class_kept(counts: list[int], class_names: list[str], n_max: int
             f"class {empty!r} with no training image: lower data.imbalance_factor")
 
 
-def long_tail_subset(labels: torch.Tensor, class_names: list[str], imbalance_factor: float, profile: str,
-                     subset_seed: int, val_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) indices: the reference rule's long-tailed counts of n_max = the smallest class's
-    images (IF 1: every image), validation images from those it leaves out (long_tail_split)."""
-    check_hold_out(labels, class_names, val_per_class)
+def rule_counts(labels: torch.Tensor, class_names: list[str], imbalance_factor: float, profile: str) -> list[int]:
+    """The reference rule's long-tailed counts of n_max = the smallest class's images (IF 1: every image)."""
     full_counts = class_counts(labels, len(class_names))
     n_max = min(full_counts)
     counts = (long_tail_counts(n_max, len(class_names), imbalance_factor, profile) if imbalance_factor > 1
               else full_counts)
     check_every_class_kept(counts, class_names, n_max, imbalance_factor)
+    return counts
+
+
+def long_tail_subset(labels: torch.Tensor, class_names: list[str], imbalance_factor: float, profile: str,
+                     subset_seed: int, val_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices: the rule's counts (rule_counts), validation images from the images the
+    long-tailed draw leaves out (long_tail_split)."""
+    check_hold_out(labels, class_names, val_per_class)
+    counts = rule_counts(labels, class_names, imbalance_factor, profile)
     return long_tail_split(labels, counts, val_per_class, subset_seed)
 
 
@@ -89,3 +95,16 @@ def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_fa
         val_images=full.images[val], val_labels=full.labels[val],
         class_names=full.class_names, class_counts=counts, mean=mean, std=std,
     )
+
+
+def build_meta_resample(dataset: str, root: str | Path, download: bool, imbalance_factor: float, profile: str,
+                        subset_seed: int, val_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images, labels) of BALMS's meta set on CIFAR: a second long-tailed draw of the training
+    split with the same counts and seed subset_seed + 1, never a validation image (second_draw)."""
+    full = load_cifar(dataset, root, "train", download=download)
+    _, val = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed, val_per_class)
+    counts = rule_counts(full.labels, full.class_names, imbalance_factor, profile)
+    meta = second_draw(full.labels, counts, val, subset_seed + 1)
+    logger.info("meta set: a second long-tailed draw of %d training-split images (seed %d), counts %s",
+                len(meta), subset_seed + 1, class_counts(full.labels[meta], len(full.class_names)))
+    return full.images[meta], full.labels[meta]

@@ -105,6 +105,21 @@ def long_tail_split(labels: torch.Tensor, counts: Sequence[int], val_per_class: 
     return drawn[~torch.isin(drawn, val_all)], val_all  # a drawn image taken for validation leaves training
 
 
+def second_draw(labels: torch.Tensor, counts: Sequence[int], exclude: torch.Tensor, seed: int) -> torch.Tensor:
+    """Sorted int64 indices of an independent seeded draw of counts[c] images of each class c from the
+    images not in ``exclude`` (the validation images): the BALMS code's CIFAR meta set, a second
+    long-tailed draw of the training split, so most meta images of a medium or tail class are images
+    its training draw left out. A class with fewer images left gives all of them."""
+    _check_labels(labels)
+    pool = torch.ones(labels.numel(), dtype=torch.bool)
+    pool[exclude] = False
+    candidates = torch.nonzero(pool).flatten()
+    available = torch.bincount(labels[candidates], minlength=len(counts)).tolist()
+    wanted = [min(n, a) for n, a in zip(counts, available)]
+    drawn, _ = _draw_per_class(labels[candidates], wanted, torch.Generator().manual_seed(seed))
+    return candidates[drawn]
+
+
 def hold_out_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split indices into (remaining, held_out) with exactly ``per_class`` held out of each class.
 

@@ -44,11 +44,14 @@ def test_stage1_then_stage2_method_then_test_table(fake_cifar10, stage1_run, tmp
             assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("split, images", [("val", 20), ("train", 238)])
+@pytest.mark.parametrize("split, images", [("val", 20), ("train", 238), ("resampled", 238)])
 def test_balms_meta_batches_come_from_the_chosen_split(fake_cifar10, stage1_run, tmp_path, run, split, images):
     # The shared stage-1 run has 2 validation images per class (20) and trains on 238.
     log_dir = tmp_path / split
-    run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=balms", f"meta_sampler.meta_split={split}"))
+    # resample: a second draw of the rule's counts (60, 46, ..., 6) of the 60 images per class, no
+    # validation image: the head class has 58 left, so 238 images again, mostly other ones.
+    key = "resample" if split == "resampled" else split
+    run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=balms", f"meta_sampler.meta_split={key}"))
     log = (log_dir / "train.log").read_text()
     assert f"balms: class-balanced meta batches of 16 from the {split} split ({images} images)" in log
 

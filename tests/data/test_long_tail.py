@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from data.long_tail import class_counts, hold_out_per_class, long_tail_counts, long_tail_split, shot_groups
+from data.long_tail import (class_counts, hold_out_per_class, long_tail_counts, long_tail_split, second_draw,
+                            shot_groups)
 
 
 def test_cifar10_exp_if200_matches_published_counts():
@@ -211,3 +212,26 @@ def test_validation_is_seeded_and_the_training_draw_does_not_depend_on_it():
     assert set(train0.tolist()) - set(train5.tolist()) == set(val5[labels[val5] == 0].tolist())
     assert torch.equal(val5, long_tail_split(labels, counts, 5, seed=5)[1])
     assert not torch.equal(val5, long_tail_split(labels, counts, 5, seed=6)[1])
+
+
+def test_second_draw_has_the_rule_counts_no_validation_image_and_mostly_new_tail_images():
+    labels = torch.arange(10).repeat_interleave(5000)  # CIFAR-10's training split
+    counts = long_tail_counts(5000, 10, 100, "exp")
+    train, val = long_tail_split(labels, counts, 20, seed=0)
+    meta = second_draw(labels, counts, val, seed=1)
+    assert torch.equal(meta, meta.sort().values) and meta.dtype == torch.int64
+    assert not set(meta.tolist()) & set(val.tolist())
+    # The head class keeps all its 5000 images, so its validation 20 leave 4980 to draw; the rest draw their count.
+    assert torch.bincount(labels[meta], minlength=10).tolist() == [4980] + counts[1:]
+    shared = torch.isin(meta, train)
+    for c, n in enumerate(counts):  # an independent draw of n of 5000: about n / 5000 of them shared
+        if 0 < c:
+            assert shared[labels[meta] == c].float().mean() < n / 5000 + 0.1, c
+    assert torch.equal(meta, second_draw(labels, counts, val, seed=1))
+    assert not torch.equal(meta, second_draw(labels, counts, val, seed=2))
+
+
+def test_second_draw_without_exclusions_is_a_seeded_long_tail_draw():
+    labels = torch.arange(3).repeat_interleave(8)
+    drawn = second_draw(labels, [8, 4, 2], torch.empty(0, dtype=torch.int64), seed=3)
+    assert torch.equal(drawn, long_tail_split(labels, [8, 4, 2], 0, seed=3)[0])  # same rule, same generator order

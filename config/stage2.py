@@ -1,0 +1,102 @@
+"""What a stage-2 run accepts: its methods, the keys each method reads, and the checks of a stage-2
+config against its method and against the stage-1 run whose backbone it retrains."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from config.load import changed_keys, check_names, config_from_dict
+from config.schema import Config, DataConfig, ModelConfig
+from data.build_files import FILE_DATASETS
+from models import MODELS
+
+
+@dataclass(frozen=True)
+class Method:
+    kind: str  # sampled: a data sampler draws the batches | meta: the BALMS meta-sampler does | posthoc: no training
+    head: str  # new: a linear head (stage2.init_head) | lws: stage-1 weights, learned scales | stage1: the stage-1 head
+    loss: str = ""  # models.losses name; balms uses it per sample inside the meta step
+    sampler: str = ""  # data.samplers name of a sampled method
+
+
+METHODS: dict[str, Method] = {
+    "balanced_softmax": Method("sampled", "new", "balanced_softmax", "instance"),
+    "crt": Method("sampled", "new", "ce", "class_balanced"),
+    "balms": Method("meta", "new", "balanced_softmax"),
+    "lws": Method("sampled", "lws", "ce", "class_balanced"),
+    "tau_norm": Method("posthoc", "stage1"),
+}
+# Stage-2 keys (or sections) that only some methods read: set for another method, they are an error.
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "meta_sampler": ("balms",),
+    "stage2.init_head": ("balanced_softmax", "crt", "balms"),  # lws and tau_norm start from the stage-1 head
+    "stage2.tau_norm_tau": ("tau_norm",),
+    "stage2.tau_norm_grid": ("tau_norm",),
+}
+# Stage-1 keys that fix which images form the training set: read from the stage-1 checkpoint.
+SUBSET_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "val_per_class", "image_size")
+AUGMENT_KEYS = ("crop_padding", "flip", "autoaugment", "cutout")  # compared with stage 1's (check_data)
+
+
+def check_method(cfg: Config) -> Method:
+    """The method, once the settings that contradict it or each other are refused."""
+    check_names({"stage2.method": (cfg.stage2.method, METHODS), "model.name": (cfg.model.name, MODELS)})
+    method = METHODS[cfg.stage2.method]
+    for key in changed_keys(cfg):
+        readers = METHOD_KEYS.get(key) or METHOD_KEYS.get(key.split(".")[0]) or (cfg.stage2.method,)
+        if cfg.stage2.method not in readers:
+            raise SystemExit(f"config error: {key} is read by stage2.method={' | '.join(readers)} only, not by "
+                             f"{cfg.stage2.method}: remove it")
+    if not cfg.stage1.checkpoint and not cfg.model.pretrained:
+        raise SystemExit("config error: stage 2 needs a backbone: stage1.checkpoint=logs/<stage-1 run>/last.pt, "
+                         "or model.pretrained=NAME|URL|PATH (`python -m models list` shows the names)")
+    if cfg.stage1.checkpoint and cfg.model.pretrained:
+        raise SystemExit("config error: set stage1.checkpoint or model.pretrained, not both: they name the same "
+                         "backbone")
+    if cfg.model.reset_head and keeps_stage1_head(cfg, method):
+        raise SystemExit(f"config error: model.reset_head=true drops the head that stage2.method={cfg.stage2.method} "
+                         f"(stage2.init_head={cfg.stage2.init_head}) starts from; balanced_softmax, crt and "
+                         f"balms with init_head=reinit train a new head for any number of classes")
+    return method
+
+
+def check_data(cfg: Config, s1: dict | None) -> str:
+    """Refuse a meta split the dataset cannot give; return a warning (or "") when stage 2 augments its
+    training images otherwise than the stage-1 run did: the BALMS code's stage 2 applies its stage 1's
+    crop, flip, AutoAugment and Cutout, and cached features keep whatever views stage 2 draws."""
+    if cfg.stage2.method == "balms" and cfg.meta_sampler.meta_split == "resample" \
+            and cfg.data.dataset in FILE_DATASETS:
+        raise SystemExit(f"config error: meta_sampler.meta_split=resample draws a second long-tailed set from "
+                         f"CIFAR's training split; data.dataset={cfg.data.dataset} has no images beyond its "
+                         f"training set: use meta_split=val (with data.val_per_class) or train")
+    if s1 is None or not s1.get("config") or METHODS[cfg.stage2.method].kind == "posthoc":  # tau_norm: no views
+        return ""
+    saved = config_from_dict(s1["config"]).data
+    differ = [k for k in AUGMENT_KEYS if getattr(cfg.data, k) != getattr(saved, k)]
+    if not differ:
+        return ""
+
+    def keys(data: DataConfig) -> str:
+        return ", ".join(f"data.{k}={str(getattr(data, k)).lower()}" for k in differ)
+    return (f"stage 2 augments with {keys(cfg.data)}, stage 1 trained with {keys(saved)}: set them in the "
+            f"stage-2 config to train the classifier on the views the backbone learned from")
+
+
+def keeps_stage1_head(cfg: Config, method: Method) -> bool:
+    return method.head != "new" or cfg.stage2.init_head == "stage1"
+
+
+def with_stage1_training_set(cfg: Config, s1: dict) -> Config:
+    """cfg with the training-set keys and model.name of the stage-1 run; a different value set in
+    the stage-2 config is an error, since stage 2 must train on stage 1's training set."""
+    saved, default = config_from_dict(s1["config"]).data, DataConfig()
+    mine = {f"data.{k}": (getattr(cfg.data, k), getattr(saved, k), getattr(default, k)) for k in SUBSET_KEYS}
+    mine["model.name"] = (cfg.model.name, s1["model_args"]["name"], ModelConfig().name)
+    for key, (value, recorded, unset) in mine.items():
+        if value not in (recorded, unset):
+            raise SystemExit(f"config error: {key}={value!r}, but the stage-1 run {cfg.stage1.checkpoint} has "
+                             f"{key}={recorded!r}: stage 2 reads it from the checkpoint; remove {key} from the "
+                             f"stage-2 config")
+    data = dataclasses.replace(cfg.data, **{k: getattr(saved, k) for k in SUBSET_KEYS})
+    model = dataclasses.replace(cfg.model, name=s1["model_args"]["name"])
+    return dataclasses.replace(cfg, data=data, model=model)
