@@ -46,11 +46,22 @@ from models.checkpoint import CheckpointError, load_checkpoint, load_state_check
 from models.download import DownloadError
 from models.heads import ScaledLinear, deployable_state, head_name, load_backbone_state, tau_normalized
 from models.losses import build_loss
-from models.pretrained import HeadMismatchError
+from models.pretrained import HeadMismatchError, training_run
 
 STAGE = "stage2"
 CACHE_NAMES = {VIEW_STREAM: "train", META_VIEW_STREAM: "meta"}  # features_<name>.npy of image-file datasets
 logger = logging.getLogger("stage2")
+
+
+def stage1_run(cfg: Config) -> dict | None:
+    """The stage-1 run's checkpoint: stage1.checkpoint, or model.pretrained when it names a stage-1 run
+    of this tool (a release: its training set is read from it the same way); None for other weights."""
+    if cfg.stage1.checkpoint:
+        return load_checkpoint(cfg.stage1.checkpoint)
+    try:
+        return training_run(cfg.model.pretrained)
+    except (CheckpointError, DownloadError) as e:
+        raise SystemExit(f"error: {cfg.model.pretrained}: {e}") from None
 
 
 def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: bool,
@@ -62,7 +73,7 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: b
             raise SystemExit(f"error: the training set differs from stage 1's ({counts} vs {s1['class_counts']}): "
                              f"is data.root the same copy of the dataset?")
         model = build_model(**s1["model_args"])
-        load_state_checked(model, s1["model"], f"model in {cfg.stage1.checkpoint}")
+        load_state_checked(model, s1["model"], f"model in {cfg.stage1.checkpoint or cfg.model.pretrained}")
         model_args = s1["model_args"]
     else:
         source = cfg.stage1.checkpoint or cfg.model.pretrained
@@ -173,7 +184,7 @@ def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, 
 
 def main(cfg: Config, resume: bool = False) -> dict:
     method = check_method(cfg)
-    s1 = load_checkpoint(cfg.stage1.checkpoint) if cfg.stage1.checkpoint else None
+    s1 = stage1_run(cfg)
     if s1 is not None and s1.get("config"):
         cfg = with_stage1_training_set(cfg, s1)
     augment_note = check_data(cfg, s1)
@@ -187,7 +198,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if augment_note:
         logger.warning(augment_note)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
-               "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint}
+               "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint or cfg.model.pretrained}
     if method.kind == "posthoc":
         return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
 

@@ -94,7 +94,8 @@ def with_stage1_training_set(cfg: Config, s1: dict) -> Config:
     mine["model.name"] = (cfg.model.name, s1["model_args"]["name"], ModelConfig().name)
     for key, (value, recorded, unset) in mine.items():
         if value not in (recorded, unset):
-            raise SystemExit(f"config error: {key}={value!r}, but the stage-1 run {cfg.stage1.checkpoint} has "
+            raise SystemExit(f"config error: {key}={value!r}, but the stage-1 run "
+                             f"{cfg.stage1.checkpoint or cfg.model.pretrained} has "
                              f"{key}={recorded!r}: stage 2 reads it from the checkpoint; remove {key} from the "
                              f"stage-2 config")
     data = dataclasses.replace(cfg.data, **{k: getattr(saved, k) for k in SUBSET_KEYS})

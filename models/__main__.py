@@ -3,20 +3,24 @@
     python -m models list                          # the registry, and what is in the download cache
     python -m models fetch resnet50_imagenet       # download a registry name or URL into the cache
     python -m models import final_model_checkpoint.pth balms_resnet32.pt --arch resnet32
+    python -m models release logs/<stage-1 run>/last.pt models/released/NAME.pt
 
 `import` converts a checkpoint in any known layout (BALMS / Decoupling, MiSLAS / ARB, torchvision,
-ours; models/foreign.py) into a checkpoint of this tool once. The cache is $LT_PRETRAINED_CACHE,
+ours; models/foreign.py) into a checkpoint of this tool once. `release` writes a stage-1 run's
+float16 release (models/release.py) and prints the registry entry to add to models/zoo.py. The cache is $LT_PRETRAINED_CACHE,
 else ~/.cache/lt-decoupled/pretrained.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from models.checkpoint import CheckpointError
 from models.download import DEFAULT_TIMEOUT, CACHE_ENV, DownloadError, cache_dir, cache_path
-from models.pretrained import import_checkpoint, resolve
+from models.pretrained import URL_SCHEMES, import_checkpoint, resolve
+from models.release import RELEASED_DIR, write_release
 from models.registry import MODELS
 from models.zoo import PRETRAINED
 
@@ -24,10 +28,10 @@ from models.zoo import PRETRAINED
 def list_registry(args: argparse.Namespace) -> None:
     cache = cache_dir()
     print(f"cache: {cache} (${CACHE_ENV} moves it)")
-    rows = [("name", "arch", "dataset", "classes", "format", "cached")]
+    rows = [("name", "arch", "dataset", "classes", "format", "file")]
     registered = set()
     for name, e in PRETRAINED.items():
-        path = cache_path(e.url, cache)
+        path = cache_path(e.url, cache) if e.url.startswith(URL_SCHEMES) else RELEASED_DIR / e.url  # shipped
         registered.add(path.name)
         rows.append((name, e.arch, e.dataset, str(e.num_classes), e.format, str(path) if path.is_file() else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -53,7 +57,15 @@ def import_source(args: argparse.Namespace) -> None:
           f"{payload['layout']} layout; use it as model.pretrained={args.out}")
 
 
-COMMANDS = {"list": list_registry, "fetch": fetch_source, "import": import_source}
+def release_run(args: argparse.Namespace) -> None:
+    sha256, size = write_release(args.checkpoint, args.out)
+    where = Path(args.out).resolve()
+    name = where.relative_to(RELEASED_DIR) if where.is_relative_to(RELEASED_DIR) else where
+    print(f"wrote {args.out}: {size} bytes, SHA-256 {sha256}; its models/zoo.py entry takes url {str(name)!r} "
+          f"(a file in {RELEASED_DIR.name}/) and that digest")
+
+
+COMMANDS = {"list": list_registry, "fetch": fetch_source, "import": import_source, "release": release_run}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -68,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     imp.add_argument("out", help="path of the checkpoint to write (.pt)")
     imp.add_argument("--arch", choices=sorted(MODELS),
                      help="architecture of the weights (needed for foreign layouts, which do not record it)")
+    rel = sub.add_parser("release", help="write a stage-1 run's checkpoint as a float16 release")
+    rel.add_argument("checkpoint", help="a stage-1 run's checkpoint (logs/<run>/last.pt)")
+    rel.add_argument("out", help="path of the release to write (models/released/NAME.pt to ship it)")
     for p in (fetch, imp):
         p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                        help="seconds to wait for the server before giving up (default %(default)s)")

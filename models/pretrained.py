@@ -4,9 +4,9 @@
     model = load_pretrained("final_model_checkpoint.pth", arch="resnet32")  # a BALMS release
     model = load_pretrained("resnet50_imagenet", num_classes=10, reset_head=True)  # fine-tune on 10 classes
 
-A source is a name in models.zoo.PRETRAINED (downloaded once into the cache, SHA-256 checked), an
-http(s) URL (pinned by appending #sha256=<hex>), or a file. Its layout is detected from its keys
-(models.foreign). Every key is checked: missing and unexpected keys are listed by name, a shape
+A source is a name in models.zoo.PRETRAINED (downloaded once into the cache, or shipped in
+models/released/; SHA-256 checked), an http(s) URL (pinned by appending #sha256=<hex>), or a file.
+Its layout is detected from its keys (models.foreign). Every key is checked: missing and unexpected keys are listed by name, a shape
 mismatch names the parameter and both shapes. A download that is not a checkpoint (a web page
 served instead of the file, say) is removed from the cache, so the next run fetches it again; a
 file the user names is never removed.
@@ -17,10 +17,11 @@ from pathlib import Path
 
 from torch import nn
 
-from models.checkpoint import CheckpointError, load_state_checked, save_checkpoint
+from models.checkpoint import FORMAT, CheckpointError, load_state_checked, save_checkpoint
 from models.download import DEFAULT_TIMEOUT, fetch
 from models.foreign import Converted, convert, read_checkpoint_file
 from models.registry import MODELS, build_model
+from models.release import released_file
 from models.zoo import PRETRAINED, PretrainedEntry
 
 
@@ -40,6 +41,8 @@ def resolve(source: str, cache: str | Path | None = None,
     """The local file of a source (downloading it if needed) and its registry entry, if it has one."""
     if source in PRETRAINED:
         entry = PRETRAINED[source]
+        if not entry.url.startswith(URL_SCHEMES):  # shipped in models/released/
+            return released_file(entry.url, entry.sha256, source), entry
         return fetch(entry.url, entry.sha256, cache, timeout), entry
     if source.startswith(URL_SCHEMES):
         url, _, fragment = source.partition("#")
@@ -58,7 +61,7 @@ def _read(source: str, path: Path, entry: PretrainedEntry | None) -> Converted:
     try:
         return convert(read_checkpoint_file(path), str(path))
     except CheckpointError as e:
-        if not source.startswith(URL_SCHEMES) and entry is None:  # the user's own file
+        if not (entry.url if entry else source).startswith(URL_SCHEMES):  # the user's own or a shipped file
             raise
         path.unlink(missing_ok=True)
         url = f"{entry.url} ({source})" if entry else source
@@ -67,6 +70,20 @@ def _read(source: str, path: Path, entry: PretrainedEntry | None) -> Converted:
                "check that the URL serves the checkpoint itself, not a web page, and pin it with #sha256=<its digest>")
         raise CheckpointError(f"{url}: the downloaded file was not a checkpoint ({e}); it was removed from the cache, "
                               f"so the next run downloads it again; {fix}") from None
+
+
+def training_run(source: str, cache: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict | None:
+    """The checkpoint of `source` when it is a stage-1 training run of this tool (a release, a run's
+    .pt), whose config and class counts stage 2 reads as from stage1.checkpoint; None for other weights
+    (and for a file that is no checkpoint: load_pretrained then says so)."""
+    path, _ = resolve(source, cache, timeout)
+    try:
+        ckpt = read_checkpoint_file(path)
+    except CheckpointError:
+        return None
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and ckpt.get("config") and "stage2" not in ckpt["config"]:
+        return ckpt
+    return None
 
 
 def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bool, head_type: str,

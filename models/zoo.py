@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PretrainedEntry:
-    url: str  # direct http(s) download
+    url: str  # direct http(s) download, or the name of a file shipped in models/released/ (models.release)
     sha256: str  # full hex digest, or its first >= 8 hex digits as published by the file's source
     arch: str  # models.MODELS name the weights fit
     dataset: str  # what the weights were trained on

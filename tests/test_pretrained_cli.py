@@ -50,7 +50,7 @@ def test_list_shows_the_registry_and_what_is_cached(tmp_path, run, monkeypatch):
     (tmp_path / "0123456789-other.pth.part").write_bytes(b"half")
     lines = run("-m", "models", "list").stdout.splitlines()
     assert lines[0] == f"cache: {tmp_path} (${CACHE_ENV} moves it)"
-    assert lines[1].split() == ["name", "arch", "dataset", "classes", "format", "cached"]
+    assert lines[1].split() == ["name", "arch", "dataset", "classes", "format", "file"]
     assert lines[2].split() == ["resnet18_imagenet", "resnet18", "imagenet1k", "1000", "state_dict", str(cached)]
     assert lines[3].split() == ["resnet34_imagenet", "resnet34", "imagenet1k", "1000", "state_dict", "-"]
     assert lines[-2:] == ["other files in the cache:",
@@ -175,3 +175,19 @@ def test_stage2_refuses_contradictory_backbone_settings(fake_cifar10, tmp_path, 
     proc = run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'x'}",
                "model.pretrained=resnet18_imagenet", *extra, check=False)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_released_stage1_run_gives_stage2_its_training_set_like_the_run_itself(fake_cifar10, stage1_run, tmp_path,
+                                                                                  run):
+    out = tmp_path / "released" / "r32.pt"
+    proc = run("-m", "models", "release", str(stage1_run / "last.pt"), str(out))
+    assert proc.stdout.startswith(f"wrote {out}: {out.stat().st_size} bytes, SHA-256 ")
+    log_dir = tmp_path / "s2"  # no data.* key: IF 10 and 2 validation images per class come from the release
+    run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", "train.iterations=6",
+        "train.batch_size=32", "train.warmup=0", "train.num_threads=1", "stage2.cache_views=1",
+        "stage2.method=crt", "--pretrained", str(out))
+    saved = _weights(log_dir / "last.pt")
+    assert saved["class_counts"] == COUNTS and saved["stage1_checkpoint"] == str(out)
+    assert saved["config"]["data"]["val_per_class"] == 2
+    stage1 = _weights(stage1_run / "last.pt")["model"]
+    assert torch.equal(saved["model"]["conv1.weight"], stage1["conv1.weight"].half().float())
