@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare_runs import pct  # noqa: E402
-from config.cli import test  # noqa: E402
+from config.cli import OneLineParser, test  # noqa: E402
 from config.load import load_config  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.loader import steps_per_epoch  # noqa: E402
@@ -48,15 +48,26 @@ def short_schedule(path: Path, iterations: int, out: Path) -> list[str]:
     return overrides
 
 
+def parse_with_overrides(p: argparse.ArgumentParser, words: list[str]) -> argparse.Namespace:
+    """Parse the options; key=value words are overrides wherever they stand (a list option such as
+    --methods ce ... would otherwise swallow them)."""
+    args = p.parse_args([w for w in words if w.startswith("-") or "=" not in w])
+    args.overrides = [w for w in words if not w.startswith("-") and "=" in w]
+    return args
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="config/cifar10_lt/methods_if100_exp", help="folder of method configs")
     p.add_argument("--iterations", type=int, default=400, help="training steps per method at batch 128")
     p.add_argument("--methods", nargs="*", help="config names (file stems) to run; default: all in the folder")
     p.add_argument("--out", default="logs/methods_table", help="parent of the per-method run directories")
     p.add_argument("overrides", nargs="*", help="more key=value overrides for every run (e.g. data.root=...)")
-    args = p.parse_args()
+    args = parse_with_overrides(p, sys.argv[1:])
     paths = sorted(Path(args.configs).glob("*.yaml"))
+    unknown = sorted(set(args.methods or []) - {q.stem for q in paths})
+    if unknown:
+        p.error(f"no config {', '.join(unknown)} in {args.configs}; choose from {', '.join(q.stem for q in paths)}")
     if args.methods:
         paths = [q for q in paths if q.stem in args.methods]
     out = Path(args.out) / Path(args.configs).name

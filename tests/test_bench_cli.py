@@ -22,3 +22,12 @@ def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_sett
         assert train > 0 and pure > 0 and ratio == pytest.approx(train / pure, rel=0.03, abs=0.01)  # rates print rounded
         assert eval_ratio == pytest.approx(ev / fwd, rel=0.03, abs=0.01)
     assert "paper stage-1 schedule" not in proc.stdout  # only printed when batch 512 was measured
+
+
+def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training(run, tmp_path):
+    proc = run("bench/methods_table.py", "--methods", "ce", "nope", f"data.root={tmp_path}", "--out", str(tmp_path),
+               check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "error: no config nope in config/cifar10_lt/methods_if100_exp; choose from arb, balanced_softmax" in lines[0]
+    assert not list(tmp_path.iterdir())
