@@ -42,7 +42,7 @@ demo-stage2: data
 	$(PY) stage2_classifier.py --cfg $(DEMO2) --test
 
 test: env
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=20  # the 20 slowest tests, to keep CI short
 
 test-fast: env
 	$(PY) -m pytest -m "not slow"

@@ -33,11 +33,18 @@ def backbone(fake_cifar10, tmp_path_factory):
     return run_dir / "last.pt"
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(fake_cifar10, backbone, tmp_path_factory):
+    """The stage-2 run both signals are compared with."""
+    full = tmp_path_factory.mktemp("full")
+    run_to_end(command(2, fake_cifar10, full, backbone))
+    return full
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_stage2_mid_epoch_and_resume_reaches_the_uninterrupted_state(fake_cifar10, backbone,
-                                                                                    tmp_path, signum):
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    run_to_end(command(2, fake_cifar10, full, backbone))
+                                                                                    uninterrupted, tmp_path, signum):
+    full, stopped = uninterrupted, tmp_path / "stopped"
     proc = _signal_after_first_checkpoint(command(2, fake_cifar10, stopped, backbone), stopped, [signum])
     assert proc.returncode == 128 + signum, proc.stderr
     assert f"stopped by {signal.Signals(signum).name} at step" in proc.stderr and "--resume" in proc.stderr
