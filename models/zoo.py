@@ -37,4 +37,9 @@ PRETRAINED: dict[str, PretrainedEntry] = {
                                           "394f9c45", "resnet152", "imagenet1k", 1000, "state_dict"),
     "resnext50_32x4d_imagenet": PretrainedEntry("https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth",
                                                 "7cdf4587", "resnext50_32x4d", "imagenet1k", 1000, "state_dict"),
+    # this repository's releases (models/released/): the 200-epoch softmax run of
+    # config/cifar10_lt/methods_if100_exp/ce.yaml, 65.7 % test top-1 (results/full_cifar10_lt_if100/)
+    "resnet32_cifar10_lt_if100_ce": PretrainedEntry(
+        "resnet32_cifar10_lt_if100_ce.pt", "cba707579eaf3a9190cf44c89cd5250c0c5c44d6f41bd08e14bbc7bea2428717",
+        "resnet32", "cifar10_lt_if100", 10, "lt-decoupled"),
 }

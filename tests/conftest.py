@@ -101,6 +101,19 @@ def fake_cifar10(tmp_path_factory) -> Path:
     return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), train_per_class=60, test_per_class=10)
 
 
+@pytest.fixture(scope="session")
+def real_cifar10() -> Path:
+    """The real CIFAR-10 folder under $LT_DATA_ROOT; skipped without it, except under CI (CI set), where
+    missing data is a failure."""
+    root = os.environ.get("LT_DATA_ROOT")
+    if root and (Path(root) / "cifar-10-batches-py").is_dir():
+        return Path(root)
+    why = f"real CIFAR-10 not found: LT_DATA_ROOT={root!r} has no cifar-10-batches-py/"
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}; the real data was expected under CI (CI={os.environ['CI']!r})")
+    pytest.skip(why)
+
+
 def run_script(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run a repository script in a fresh python process, from the repository root."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

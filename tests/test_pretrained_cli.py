@@ -1,6 +1,7 @@
 """Pretrained checkpoints as a user runs them: `python -m models`, and both stages with model.pretrained."""
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -11,6 +12,7 @@ from torchvision.models.resnet import BasicBlock
 from models.download import CACHE_ENV, cache_path
 from models.registry import build_model
 from models.zoo import PRETRAINED
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -183,11 +185,29 @@ def test_a_released_stage1_run_gives_stage2_its_training_set_like_the_run_itself
     proc = run("-m", "models", "release", str(stage1_run / "last.pt"), str(out))
     assert proc.stdout.startswith(f"wrote {out}: {out.stat().st_size} bytes, SHA-256 ")
     log_dir = tmp_path / "s2"  # no data.* key: IF 10 and 2 validation images per class come from the release
-    run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", "train.iterations=6",
-        "train.batch_size=32", "train.warmup=0", "train.num_threads=1", "stage2.cache_views=1",
-        "stage2.method=crt", "--pretrained", str(out))
+    run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", "train.num_threads=1",
+        "stage2.method=tau_norm", "--pretrained", str(out))  # tau_norm: no training, the same reading
     saved = _weights(log_dir / "last.pt")
     assert saved["class_counts"] == COUNTS and saved["stage1_checkpoint"] == str(out)
     assert saved["config"]["data"]["val_per_class"] == 2
     stage1 = _weights(stage1_run / "last.pt")["model"]
     assert torch.equal(saved["model"]["conv1.weight"], stage1["conv1.weight"].half().float())
+
+
+RELEASE = "resnet32_cifar10_lt_if100_ce"
+COMMITTED = REPO / "results/full_cifar10_lt_if100/cifar10_lt_if100_decoupled_tau_norm/test_metrics.json"
+
+
+def test_the_shipped_release_reproduces_the_committed_stage2_result_offline(real_cifar10, tmp_path, run, monkeypatch):
+    # tau_norm trains nothing: the released float16 weights alone must give the committed test accuracy.
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # nothing is downloaded
+    log_dir = tmp_path / "tau_norm_on_release"
+    args = ("stage2_classifier.py", "--cfg", "config/cifar10_lt/decoupled_if100/tau_norm.yaml", "stage1.checkpoint=",
+            "--pretrained", RELEASE, f"data.root={real_cifar10}", f"log_dir={log_dir}")
+    run(*args)
+    proc = run(*args, "--test")
+    committed = json.loads(COMMITTED.read_text())
+    result = json.loads((log_dir / "test_metrics.json").read_text())
+    assert result["train_class_counts"] == committed["train_class_counts"]  # the training set read from the release
+    assert abs(result["top1"] - committed["top1"]) <= 0.002, proc.stdout  # float16 weights: a few images of 10,000
+    assert not (tmp_path / "cache").exists()

@@ -42,11 +42,13 @@ def test_stage1_then_stage2_method_then_test_table(fake_cifar10, stage1_run, tmp
         if method == "balms":
             probs = lines[-1]["sample_probs"]
             assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=1e-5)
+            log = (log_dir / "train.log").read_text()  # meta_sampler.meta_split=val, the default
+            assert "balms: class-balanced meta batches of 16 from the val split (20 images)" in log
 
 
-@pytest.mark.parametrize("split, images", [("val", 20), ("train", 238), ("resampled", 238)])
+@pytest.mark.parametrize("split, images", [("train", 238), ("resampled", 238)])  # val: the balms test above
 def test_balms_meta_batches_come_from_the_chosen_split(fake_cifar10, stage1_run, tmp_path, run, split, images):
-    # The shared stage-1 run has 2 validation images per class (20) and trains on 238.
+    # The shared stage-1 run has 2 validation images per class and trains on 238.
     log_dir = tmp_path / split
     # resample: a second draw of the rule's counts (60, 46, ..., 6) of the 60 images per class, no
     # validation image: the head class has 58 left, so 238 images again, mostly other ones.

@@ -3,7 +3,6 @@
 Skipped when the data is absent, except under CI (CI set), where missing data is a failure.
 """
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,9 @@ from models.registry import build_model
 LT_COUNTS_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 
-def _real_root() -> Path:
-    root = os.environ.get("LT_DATA_ROOT")
-    if root and (Path(root) / "cifar-10-batches-py").is_dir():
-        return Path(root)
-    why = f"real CIFAR-10 not found: LT_DATA_ROOT={root!r} has no cifar-10-batches-py/"
-    if os.environ.get("CI"):
-        pytest.fail(f"{why}; the real data was expected under CI (CI={os.environ['CI']!r})")
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
-def root() -> Path:
-    return _real_root()
+def root(real_cifar10) -> Path:
+    return real_cifar10
 
 
 @pytest.fixture(scope="module")
