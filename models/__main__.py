@@ -7,8 +7,8 @@
 
 `import` converts a checkpoint in any known layout (BALMS / Decoupling, MiSLAS / ARB, torchvision,
 ours; models/foreign.py) into a checkpoint of this tool once. `release` writes a stage-1 run's
-float16 release (models/release.py) and prints the registry entry to add to models/zoo.py. The cache is $LT_PRETRAINED_CACHE,
-else ~/.cache/lt-decoupled/pretrained.
+float16 release (models/release.py) and prints what its models/zoo.py entry takes. The cache is
+$LT_PRETRAINED_CACHE, else ~/.cache/lt-decoupled/pretrained.
 """
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def import_source(args: argparse.Namespace) -> None:
 def release_run(args: argparse.Namespace) -> None:
     sha256, size = write_release(args.checkpoint, args.out)
     where = Path(args.out).resolve()
-    name = where.relative_to(RELEASED_DIR) if where.is_relative_to(RELEASED_DIR) else where
-    print(f"wrote {args.out}: {size} bytes, SHA-256 {sha256}; its models/zoo.py entry takes url {str(name)!r} "
-          f"(a file in {RELEASED_DIR.name}/) and that digest")
+    entry = (f"its models/zoo.py entry takes url {str(where.relative_to(RELEASED_DIR))!r} and that digest"
+             if where.is_relative_to(RELEASED_DIR) else "to ship it, write it into models/released/")
+    print(f"wrote {args.out}: {size} bytes, SHA-256 {sha256}; {entry}")
 
 
 COMMANDS = {"list": list_registry, "fetch": fetch_source, "import": import_source, "release": release_run}

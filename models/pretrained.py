@@ -6,10 +6,10 @@
 
 A source is a name in models.zoo.PRETRAINED (downloaded once into the cache, or shipped in
 models/released/; SHA-256 checked), an http(s) URL (pinned by appending #sha256=<hex>), or a file.
-Its layout is detected from its keys (models.foreign). Every key is checked: missing and unexpected keys are listed by name, a shape
-mismatch names the parameter and both shapes. A download that is not a checkpoint (a web page
-served instead of the file, say) is removed from the cache, so the next run fetches it again; a
-file the user names is never removed.
+Its layout is detected from its keys (models.foreign). Every key is checked: missing and unexpected
+keys are listed by name, a shape mismatch names the parameter and both shapes. A download that is
+not a checkpoint (a web page served instead of the file, say) is removed from the cache, so the next
+run fetches it again; a file the user names, or one shipped here, is never removed.
 """
 from __future__ import annotations
 
