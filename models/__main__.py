@@ -19,7 +19,7 @@ from typing import Sequence
 
 from models.checkpoint import CheckpointError
 from models.download import DEFAULT_TIMEOUT, CACHE_ENV, DownloadError, cache_dir, cache_path
-from models.pretrained import URL_SCHEMES, import_checkpoint, resolve
+from models.pretrained import import_checkpoint, resolve
 from models.release import RELEASED_DIR, write_release
 from models.registry import MODELS
 from models.zoo import PRETRAINED
@@ -31,7 +31,7 @@ def list_registry(args: argparse.Namespace) -> None:
     rows = [("name", "arch", "dataset", "classes", "format", "file")]
     registered = set()
     for name, e in PRETRAINED.items():
-        path = cache_path(e.url, cache) if e.url.startswith(URL_SCHEMES) else RELEASED_DIR / e.url  # shipped
+        path = RELEASED_DIR / e.url if e.shipped else cache_path(e.url, cache)
         registered.add(path.name)
         rows.append((name, e.arch, e.dataset, str(e.num_classes), e.format, str(path) if path.is_file() else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

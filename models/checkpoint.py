@@ -33,8 +33,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """write(file) into a temporary file in path's folder, fsync, then rename over `path`.
 
     A process killed mid-write leaves the previous file intact, never a truncated one (a SIGKILL
-    leaves the temporary file, which remove_stale_temp_files clears at the next start). The temporary file's name is
-    known before it exists, so an exception at any point (a second Ctrl-C) removes it.
+    leaves the temporary file, which remove_stale_temp_files clears at the next start). The temporary
+    file's name is known before it exists, so an exception at any point (a second Ctrl-C) removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def resolve(source: str, cache: str | Path | None = None,
     """The local file of a source (downloading it if needed) and its registry entry, if it has one."""
     if source in PRETRAINED:
         entry = PRETRAINED[source]
-        if not entry.url.startswith(URL_SCHEMES):  # shipped in models/released/
+        if entry.shipped:
             return released_file(entry.url, entry.sha256, source), entry
         return fetch(entry.url, entry.sha256, cache, timeout), entry
     if source.startswith(URL_SCHEMES):
@@ -61,7 +61,8 @@ def _read(source: str, path: Path, entry: PretrainedEntry | None) -> Converted:
     try:
         return convert(read_checkpoint_file(path), str(path))
     except CheckpointError as e:
-        if not (entry.url if entry else source).startswith(URL_SCHEMES):  # the user's own or a shipped file
+        downloaded = not entry.shipped if entry else source.startswith(URL_SCHEMES)
+        if not downloaded:  # the user's own file, or one shipped in models/released/
             raise
         path.unlink(missing_ok=True)
         url = f"{entry.url} ({source})" if entry else source

@@ -32,7 +32,7 @@ def write_release(ckpt_path: str | Path, out: str | Path) -> tuple[str, int]:
     missing = [k for k in KEPT if not ckpt.get(k)]
     if missing:
         raise CheckpointError(f"{ckpt_path} lacks {', '.join(missing)}: release a checkpoint of a training run")
-    if ckpt["config"].get("stage2"):
+    if "stage2" in ckpt["config"]:  # as models.pretrained.training_run tells the stages apart
         raise CheckpointError(f"{ckpt_path} is a stage-2 checkpoint: release the stage-1 run it started from")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,11 @@ class PretrainedEntry:
     num_classes: int  # classes of the checkpoint's classifier (reset the head for others)
     format: str  # models.foreign.LAYOUTS name of the file's layout
 
+    @property
+    def shipped(self) -> bool:
+        """A file of models/released/ rather than a download."""
+        return not self.url.startswith(("http://", "https://"))
+
 
 PRETRAINED: dict[str, PretrainedEntry] = {
     # torchvision IMAGENET1K_V1 weights (the URLs torchvision.models.resnet itself uses)

@@ -92,7 +92,7 @@ def test_training_run_is_none_for_weights_that_are_not_a_stage1_run(tmp_path):
     assert [training_run(str(tmp_path / n)) for n in ("plain.pth", "s2.pt", "junk.pt")] == [None, None, None]
 
 
-@pytest.mark.parametrize("name", [n for n, e in PRETRAINED.items() if not e.url.startswith(("http://", "https://"))])
+@pytest.mark.parametrize("name", [n for n, e in PRETRAINED.items() if e.shipped])
 def test_every_shipped_release_matches_its_entry_and_fits_the_repository(name):
     entry = PRETRAINED[name]
     path, _ = resolve(name)  # SHA-256 checked
