@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment, normalize
 
@@ -103,6 +104,26 @@ def test_crop_then_flip_is_a_mirror_of_a_zero_filled_shift():
         assert len(matches) == 1
         mirrored += matches[0]
     assert 0 < mirrored < images.shape[0]
+
+
+def test_crop_and_flip_draw_uniformly_from_what_torchvision_random_crop_and_flip_can_give():
+    """The reference code's per-image transform (RandomCrop(32, padding=4) then RandomHorizontalFlip):
+    each output is one of its 9 x 9 x 2 outputs for that image, and the batch draws them uniformly."""
+    padding, size, n = 4, 32, 3240
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=_generator(6))
+    out = BatchAugment(crop_padding=padding, flip=True)(images, _generator(7))
+    padded = TF.pad(images, [padding])
+    cells = torch.zeros(2 * padding + 1, 2 * padding + 1, 2)
+    for top in range(2 * padding + 1):
+        for left in range(2 * padding + 1):
+            crop = TF.crop(padded, top, left, size, size)
+            for flip, candidate in enumerate((crop, TF.horizontal_flip(crop))):
+                cells[top, left, flip] = (candidate == out).flatten(1).all(1).sum()
+    assert cells.sum() == n  # every output is exactly one of torchvision's candidates
+    # Pearson's chi-square over the 162 equally likely cells (20 expected each), 161 degrees of freedom:
+    # mean 161, sd 17.9; 6 sd above the mean is far beyond chance and well below a skewed draw.
+    expected = n / cells.numel()
+    assert ((cells - expected) ** 2 / expected).sum() < 161 + 6 * 17.9
 
 
 @pytest.mark.parametrize("length", [4, 5])
