@@ -152,3 +152,11 @@ def test_a_run_without_test_metrics_is_one_line_naming_the_test_command_and_no_t
         f"error: {untested} has no test_metrics.json; run `python stage1_train.py --cfg {untested}/config.yaml "
         f"log_dir={untested} --test` first"]
     assert not (tmp_path / "report").exists()  # refused before anything is written
+
+
+@pytest.mark.slow
+def test_a_command_line_without_out_is_one_line_naming_the_missing_option_with_exit_2(tmp_path):
+    proc = report(stage1_ce(tmp_path / "ce"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "python -m bench.report: error: the following arguments are required: --out; see --help"]
