@@ -22,7 +22,7 @@ from models.download import DEFAULT_TIMEOUT, fetch
 from models.foreign import Converted, convert, read_checkpoint_file
 from models.registry import MODELS, build_model
 from models.release import released_file
-from models.zoo import PRETRAINED, PretrainedEntry
+from models.zoo import PRETRAINED, URL_SCHEMES, PretrainedEntry
 
 
 class HeadMismatchError(CheckpointError):
@@ -33,7 +33,6 @@ class HeadMismatchError(CheckpointError):
                          f"(model.reset_head=true) starts a new one")
         self.problem = problem  # the keys and shapes that do not fit
 
-URL_SCHEMES = ("http://", "https://")
 
 
 def resolve(source: str, cache: str | Path | None = None,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+URL_SCHEMES = ("http://", "https://")  # an entry or source naming a download
+
 
 @dataclass(frozen=True)
 class PretrainedEntry:
@@ -25,7 +27,7 @@ class PretrainedEntry:
     @property
     def shipped(self) -> bool:
         """A file of models/released/ rather than a download."""
-        return not self.url.startswith(("http://", "https://"))
+        return not self.url.startswith(URL_SCHEMES)
 
 
 PRETRAINED: dict[str, PretrainedEntry] = {
