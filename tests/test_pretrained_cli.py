@@ -211,3 +211,16 @@ def test_the_shipped_release_reproduces_the_committed_stage2_result_offline(real
     assert result["train_class_counts"] == committed["train_class_counts"]  # the training set read from the release
     assert abs(result["top1"] - committed["top1"]) <= 0.002, proc.stdout  # float16 weights: a few images of 10,000
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_shipped_end_to_end_release_gives_its_runs_committed_test_accuracy(real_cifar10, tmp_path, run):
+    # the float16 release tested as a stage-1 checkpoint: the committed run's top-1 and per-class counts
+    committed = json.loads((REPO / "results/full_cifar10_lt_if100/cifar10_lt_if100_exp_balanced_softmax"
+                                   "/test_metrics.json").read_text())
+    release = REPO / "models/released" / PRETRAINED["resnet32_cifar10_lt_if100_balanced_softmax"].url
+    log_dir = tmp_path / "test_of_release"
+    proc = run("stage1_train.py", "--cfg", "config/cifar10_lt/methods_if100_exp/balanced_softmax.yaml", "--test",
+               "--ckpt", str(release), f"data.root={real_cifar10}", f"log_dir={log_dir}")
+    result = json.loads((log_dir / "test_metrics.json").read_text())
+    assert result["train_class_counts"] == committed["train_class_counts"]
+    assert abs(result["top1"] - committed["top1"]) <= 0.002, proc.stdout
