@@ -214,7 +214,7 @@ def test_the_shipped_release_reproduces_the_committed_stage2_result_offline(real
 
 
 def test_the_shipped_end_to_end_release_gives_its_runs_committed_test_accuracy(real_cifar10, tmp_path, run):
-    # the float16 release tested as a stage-1 checkpoint: the committed run's top-1 and per-class counts
+    # the float16 release tested as a stage-1 checkpoint: the committed run's top-1 and training class counts
     committed = json.loads((REPO / "results/full_cifar10_lt_if100/cifar10_lt_if100_exp_balanced_softmax"
                                    "/test_metrics.json").read_text())
     release = REPO / "models/released" / PRETRAINED["resnet32_cifar10_lt_if100_balanced_softmax"].url
