@@ -34,7 +34,6 @@ class HeadMismatchError(CheckpointError):
         self.problem = problem  # the keys and shapes that do not fit
 
 
-
 def resolve(source: str, cache: str | Path | None = None,
             timeout: float = DEFAULT_TIMEOUT) -> tuple[Path, PretrainedEntry | None]:
     """The local file of a source (downloading it if needed) and its registry entry, if it has one."""

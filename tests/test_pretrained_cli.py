@@ -11,6 +11,7 @@ from torchvision.models.resnet import BasicBlock
 
 from models.download import CACHE_ENV, cache_path
 from models.registry import build_model
+from models.release import RELEASED_DIR
 from models.zoo import PRETRAINED
 from tests.conftest import REPO
 
@@ -195,7 +196,16 @@ def test_a_released_stage1_run_gives_stage2_its_training_set_like_the_run_itself
 
 
 RELEASE = "resnet32_cifar10_lt_if100_ce"
-COMMITTED = REPO / "results/full_cifar10_lt_if100/cifar10_lt_if100_decoupled_tau_norm/test_metrics.json"
+FULL_RUNS = REPO / "results/full_cifar10_lt_if100"
+
+
+def _assert_reproduces(log_dir, committed_run: str, proc) -> None:
+    """The run's test metrics match the committed run's: its training set, and top-1 within 0.2 points (float16
+    weights: a few images of 10,000)."""
+    committed = json.loads((FULL_RUNS / committed_run / "test_metrics.json").read_text())
+    result = json.loads((log_dir / "test_metrics.json").read_text())
+    assert result["train_class_counts"] == committed["train_class_counts"]  # the training set read from the release
+    assert abs(result["top1"] - committed["top1"]) <= 0.002, proc.stdout
 
 
 def test_the_shipped_release_reproduces_the_committed_stage2_result_offline(real_cifar10, tmp_path, run, monkeypatch):
@@ -206,21 +216,14 @@ def test_the_shipped_release_reproduces_the_committed_stage2_result_offline(real
             "--pretrained", RELEASE, f"data.root={real_cifar10}", f"log_dir={log_dir}")
     run(*args)
     proc = run(*args, "--test")
-    committed = json.loads(COMMITTED.read_text())
-    result = json.loads((log_dir / "test_metrics.json").read_text())
-    assert result["train_class_counts"] == committed["train_class_counts"]  # the training set read from the release
-    assert abs(result["top1"] - committed["top1"]) <= 0.002, proc.stdout  # float16 weights: a few images of 10,000
+    _assert_reproduces(log_dir, "cifar10_lt_if100_decoupled_tau_norm", proc)
     assert not (tmp_path / "cache").exists()
 
 
 def test_the_shipped_end_to_end_release_gives_its_runs_committed_test_accuracy(real_cifar10, tmp_path, run):
-    # the float16 release tested as a stage-1 checkpoint: the committed run's top-1 and training class counts
-    committed = json.loads((REPO / "results/full_cifar10_lt_if100/cifar10_lt_if100_exp_balanced_softmax"
-                                   "/test_metrics.json").read_text())
-    release = REPO / "models/released" / PRETRAINED["resnet32_cifar10_lt_if100_balanced_softmax"].url
+    # the float16 release tested as a stage-1 checkpoint
+    release = RELEASED_DIR / PRETRAINED["resnet32_cifar10_lt_if100_balanced_softmax"].url
     log_dir = tmp_path / "test_of_release"
     proc = run("stage1_train.py", "--cfg", "config/cifar10_lt/methods_if100_exp/balanced_softmax.yaml", "--test",
                "--ckpt", str(release), f"data.root={real_cifar10}", f"log_dir={log_dir}")
-    result = json.loads((log_dir / "test_metrics.json").read_text())
-    assert result["train_class_counts"] == committed["train_class_counts"]
-    assert abs(result["top1"] - committed["top1"]) <= 0.002, proc.stdout
+    _assert_reproduces(log_dir, "cifar10_lt_if100_exp_balanced_softmax", proc)
