@@ -3,8 +3,9 @@
     python bench/throughput.py                          # auto device, batches 128 and 512
     python bench/throughput.py --device cpu --batch-sizes 128 --steps 10 --compile
 
-For each batch size and each setting of the speed switches (train.amp, model.channels_last and,
-with --compile, train.compile), in one run:
+For each batch size and each setting of the speed switches (train.amp, model.channels_last, the
+loader's augmentation chunk (--augment-chunk: images per augment call; the batch size is the old
+batch-by-batch path) and, with --compile, train.compile), in one run:
 - train: images/s of the real stage-1 path (CIFAR-10-LT exp IF100 from $LT_DATA_ROOT, instance
   sampler, crop + flip + AutoAugment + Cutout 16 on the device, normalisation, ResNet-32 forward,
   cross-entropy, backward, SGD step) against the pure model: the same train_one_epoch on one random
@@ -31,7 +32,7 @@ from torch import nn  # noqa: E402
 from data.augment import BatchAugment, normalize  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.cifar import load_cifar  # noqa: E402
-from data.loader import BatchLoader  # noqa: E402
+from data.loader import AUGMENT_CHUNK, BatchLoader  # noqa: E402
 from data.samplers import build_sampler  # noqa: E402
 from engine.device import autocast, check_amp, grad_scaler, resolve_device, set_tf32  # noqa: E402
 from engine.loop import predict_logits, train_one_epoch  # noqa: E402
@@ -54,7 +55,7 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def train_rates(data, device, batch, amp, channels_last, compile_model, steps, warmup) -> tuple[float, float]:
+def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, steps, warmup) -> tuple[float, float]:
     """(real-path images/s, pure-model images/s) of stage-1 training steps."""
     torch.manual_seed(0)
     model = build_model("resnet32", 10)
@@ -67,12 +68,12 @@ def train_rates(data, device, batch, amp, channels_last, compile_model, steps, w
     loss_fn, scaler = nn.CrossEntropyLoss(), grad_scaler(device, amp)
     sampler = build_sampler("instance", data.train_labels, 10)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), batch, sampler,
-                         BatchAugment(4, True, True, 16), data.mean, data.std, 0, channels_last)
+                         BatchAugment(4, True, True, 16), data.mean, data.std, 0, channels_last, augment_chunk=chunk)
 
-    def real(n: int, epoch: int) -> None:  # n steps, running into the next epochs when one ends
+    def real(n: int, epoch: int) -> int:  # n steps, running into the next epochs when one ends; images seen
         batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count(epoch))
-        train_one_epoch(run_model, islice(batches, n), n, loss_fn, optimizer, scheduler, amp=amp,
-                        scaler=scaler, desc="real")
+        return train_one_epoch(run_model, islice(batches, n), n, loss_fn, optimizer, scheduler, amp=amp,
+                               scaler=scaler, desc="real")["sums"][2]
 
     x = torch.randn(batch, 3, 32, 32, device=device)
     if channels_last:
@@ -86,9 +87,13 @@ def train_rates(data, device, batch, amp, channels_last, compile_model, steps, w
     # A compiled model compiles again for an epoch's shorter last batch: warm up past one.
     real(max(warmup, len(loader) + 1) if compile_model else warmup, 100)
     pure(warmup)
-    real_s = timed(lambda: real(steps, 0), device)
+    # Whole epochs of the real path: augmentation runs once per chunk of batches, so a window that
+    # ends inside a chunk would carry all of the chunk's augmentation for part of its steps.
+    # (An epoch's last batch is smaller, hence the count of images seen.)
+    seen = []
+    real_s = timed(lambda: seen.append(real(-(-steps // len(loader)) * len(loader), 0)), device)
     pure_s = timed(lambda: pure(steps), device)
-    return steps * batch / real_s, steps * batch / pure_s
+    return seen[0] / real_s, steps * batch / pure_s
 
 
 def eval_rates(test_images, device, batch, amp, channels_last, mean, std, repeats) -> tuple[float, float]:
@@ -122,10 +127,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 512])
-    p.add_argument("--steps", type=int, default=10, help="timed training steps per measurement")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed training steps per measurement (the real path: rounded up to whole epochs)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
     p.add_argument("--eval-images", type=int, default=2048, help="test images per evaluation pass")
     p.add_argument("--amp", nargs="+", choices=["off", "bf16", "fp16"], help="precisions (default: all the device has)")
+    p.add_argument("--augment-chunk", nargs="+", type=int, default=[AUGMENT_CHUNK],
+                   help=f"images per augmentation call, rounded down to whole batches (default {AUGMENT_CHUNK}; "
+                        "the batch size or less: batch by batch)")
     p.add_argument("--compile", action="store_true", help="also measure train.compile=true (slow to start)")
     p.add_argument("--tf32", choices=["on", "off"], default="on", help="train.tf32 (CUDA fp32 matmuls/convolutions)")
     p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"), help="folder with cifar-10-batches-py/")
@@ -137,15 +146,16 @@ def main() -> None:
     amps = args.amp or ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     compiles = [False, True] if args.compile else [False]
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; ResNet-32, "
-          f"crop + flip + AutoAugment + Cutout 16; {args.steps} timed steps")
-    print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'compile':>7} {'train/s':>9} {'pure/s':>9} {'ratio':>6} "
+          f"crop + flip + AutoAugment + Cutout 16; {args.steps} timed steps (real path: whole epochs)")
+    print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'chunk':>6} {'compile':>7} {'train/s':>9} {'pure/s':>9} {'ratio':>6} "
           f"{'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
     best = 0.0
-    for batch, amp, channels_last, compile_model in itertools.product(args.batch_sizes, amps, [True, False], compiles):
+    settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, compiles)
+    for batch, amp, channels_last, chunk, compile_model in settings:
         check_amp(device, amp)
-        train, pure = train_rates(data, device, batch, amp, channels_last, compile_model, args.steps, args.warmup)
+        train, pure = train_rates(data, device, batch, amp, channels_last, chunk, compile_model, args.steps, args.warmup)
         ev, fwd = eval_rates(test_images, device, batch, amp, channels_last, data.mean, data.std, 1)
-        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {str(compile_model):>7} {train:>9.0f} {pure:>9.0f} "
+        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {max(1, chunk // batch) * batch:>6} {str(compile_model):>7} {train:>9.0f} {pure:>9.0f} "
               f"{train / pure:>6.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
         best = max(best, train if batch == PAPER_BATCH else 0.0)
     if best:

@@ -1,8 +1,11 @@
 """One epoch of augmented, normalised batches from a dataset held in memory as uint8 tensors.
 
-No worker processes: the images are already decoded, and gathering + batched augmentation of a
-batch costs far less than the network's step on it. All randomness of an epoch comes from one
-generator seeded by (seed, epoch), so an epoch is the same whether or not the run was resumed.
+No worker processes: the images are already decoded, and gathering + batched augmentation costs
+far less than the network's steps on them. Augmentation runs on whole chunks of an epoch's batches
+(AUGMENT_CHUNK images per call) rather than batch by batch: on a GPU each call is a few hundred
+small kernel launches whatever its size, and per batch of 512 those launches cost the host as much
+time as the ResNet-32 step itself. All randomness of an epoch comes from one generator seeded by
+(seed, epoch), so an epoch is the same whether or not the run was resumed.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ MIXUP_STREAM = 1  # stage 1: mixup's lambda and pairing (a numpy generator of th
 VIEW_STREAM = 2  # stage 2: augmentation of the cached views of the training set
 META_VIEW_STREAM = 3  # stage 2: augmentation of the cached views of the BALMS meta split
 SHARD_AUGMENT_STREAM = 4  # + rank: augmentation of one rank's share of each batch (several processes)
+
+# Images augmented (and normalised) per call, rounded down to whole batches, at least one: 8192
+# CIFAR images are 25 MB of uint8 and 100 MB once normalised to float32.
+AUGMENT_CHUNK = 8192
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = DATA_STREAM) -> torch.Generator:
@@ -55,8 +62,9 @@ class BatchLoader:
     """Yields (images float32 (B, 3, H, W) normalised, labels int64 (B,)) for one epoch.
 
     `sampler.indices(epoch, generator)` chooses which images an epoch visits, `augment(images,
-    generator)` transforms a uint8 batch (None for evaluation). A trailing batch of one image is
-    dropped: BatchNorm in training mode cannot normalise a single sample.
+    generator)` transforms a uint8 batch (None for evaluation); it is called once per chunk of
+    consecutive batches of about `augment_chunk` images, and the batches are views of the chunk.
+    A trailing batch of one image is dropped: BatchNorm in training mode cannot normalise a single sample.
 
     With world > 1 processes every rank draws the same epoch and takes its contiguous share of
     each batch of batch_size (the global batch), so the ranks' shares are disjoint and together
@@ -77,28 +85,36 @@ class BatchLoader:
         channels_last: bool = False,
         rank: int = 0,
         world: int = 1,
+        augment_chunk: int = AUGMENT_CHUNK,
     ) -> None:
         check_batch_size(batch_size, world)
         self.images, self.labels = images, labels
         self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
         self.mean, self.std, self.seed = mean, std, seed
         self.channels_last, self.rank, self.world = channels_last, rank, world
+        self.steps_per_chunk = max(1, augment_chunk // batch_size)
 
     def __len__(self) -> int:
         return epoch_steps(self.sampler.num_samples, self.batch_size, self.world)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = epoch_generator(self.seed, epoch)
-        order = self.sampler.indices(epoch, gen).to(self.images.device)  # one copy per epoch
+        order = self.sampler.indices(epoch, gen).to(self.images.device, non_blocking=True)  # one copy per epoch
         aug_gen = gen if self.world == 1 else epoch_generator(self.seed, epoch, SHARD_AUGMENT_STREAM + self.rank)
-        for step in range(len(self)):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            if self.world > 1:
-                idx = idx.tensor_split(self.world)[self.rank]
+        steps = len(self)
+        for first in range(0, steps, self.steps_per_chunk):
+            shares = [self._share(order, step) for step in range(first, min(first + self.steps_per_chunk, steps))]
+            idx = torch.cat(shares)
             x = self.images[idx]
             if self.augment is not None:
                 x = self.augment(x, aug_gen)
             x = normalize(x, self.mean, self.std)
-            if self.channels_last:
+            if self.channels_last:  # slices of an NHWC chunk along the batch stay NHWC
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            sizes = [len(share) for share in shares]  # shapes are known on the host: no wait for the device
+            yield from zip(x.split(sizes), self.labels[idx].split(sizes))
+
+    def _share(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        """The dataset indices this rank trains on at `step`: its contiguous share of the global batch."""
+        idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+        return idx.tensor_split(self.world)[self.rank] if self.world > 1 else idx

@@ -11,14 +11,15 @@ pytestmark = pytest.mark.slow
 def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_setting(tmp_path, run):
     root = write_fake_cifar10(tmp_path, train_per_class=100, test_per_class=4)  # IF 100 keeps 1 truck
     proc = run("bench/throughput.py", "--device", "cpu", "--batch-sizes", "16", "--steps", "2", "--warmup", "1",
-               "--amp", "off", "bf16", "--eval-images", "32", "--root", str(root))
+               "--amp", "off", "bf16", "--augment-chunk", "8", "40", "--eval-images", "32", "--root", str(root))
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("device cpu") and "tf32 on" in lines[0]
     rows = [line.split() for line in lines[2:] if line.strip()[:1].isdigit()]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("16", "off", "True"), ("16", "off", "False"),
-                                                 ("16", "bf16", "True"), ("16", "bf16", "False")]
+    # The chunk column is the images per augmentation call: whole batches, at least one.
+    assert [tuple(r[:4]) for r in rows] == [(b, a, n, c) for b in ["16"] for a in ["off", "bf16"]
+                                            for n in ["True", "False"] for c in ["16", "32"]]
     for r in rows:  # train/s, pure/s, ratio, eval/s, fwd/s, ratio
-        train, pure, ratio, ev, fwd, eval_ratio = map(float, r[4:])
+        train, pure, ratio, ev, fwd, eval_ratio = map(float, r[5:])
         assert train > 0 and pure > 0 and ratio == pytest.approx(train / pure, rel=0.03, abs=0.01)  # rates print rounded
         assert eval_ratio == pytest.approx(ev / fwd, rel=0.03, abs=0.01)
     assert "paper stage-1 schedule" not in proc.stdout  # only printed when batch 512 was measured

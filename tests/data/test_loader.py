@@ -6,7 +6,7 @@ Image i has every pixel equal to i, and with mean 0 and std 1/255 normalisation 
 import pytest
 import torch
 
-from data.loader import BatchLoader, epoch_generator
+from data.loader import AUGMENT_CHUNK, BatchLoader, epoch_generator
 from data.samplers import build_sampler
 
 C = 3  # classes; image i has label i % C
@@ -14,12 +14,13 @@ IDENTITY_MEAN = (0.0, 0.0, 0.0)
 IDENTITY_STD = (1 / 255, 1 / 255, 1 / 255)
 
 
-def _loader(n: int, batch_size: int, seed: int = 0, augment=None, channels_last: bool = False) -> BatchLoader:
+def _loader(n: int, batch_size: int, seed: int = 0, augment=None, channels_last: bool = False,
+            augment_chunk: int = AUGMENT_CHUNK) -> BatchLoader:
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
     labels = torch.arange(n, dtype=torch.int64) % C
     sampler = build_sampler("instance", labels, C)
     return BatchLoader(images, labels, batch_size, sampler, augment, IDENTITY_MEAN, IDENTITY_STD, seed,
-                       channels_last=channels_last)
+                       channels_last=channels_last, augment_chunk=augment_chunk)
 
 
 def _indices(x: torch.Tensor) -> list[int]:
@@ -93,19 +94,32 @@ def test_same_epoch_gives_same_batches_and_other_epoch_differs():
     assert [_indices(x) for x, _ in first] != [_indices(x) for x in other]
 
 
-def test_augment_gets_uint8_batch_and_the_epoch_generator_in_order():
+def test_augment_gets_each_chunk_of_batches_as_uint8_and_the_epoch_generator_in_order():
     calls = []
 
     def record(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        calls.append((images.dtype, tuple(images.shape), torch.rand(1, generator=gen).item()))
+        calls.append((images.dtype, _indices(images.float()), torch.rand(1, generator=gen).item()))
         return images
 
-    list(_loader(16, 8, seed=4, augment=record).epoch(1))
-    assert [c[:2] for c in calls] == [(torch.uint8, (8, 3, 4, 4))] * 2
+    # 5 batches of 4, chunks of 8 images (2 batches): the augment sees the images of steps 0-1, 2-3, 4.
+    batches = [_indices(x) for x, _ in _loader(20, 4, seed=4, augment=record, augment_chunk=9).epoch(1)]
+    assert [c[0] for c in calls] == [torch.uint8] * 3
+    assert [c[1] for c in calls] == [batches[0] + batches[1], batches[2] + batches[3], batches[4]]
     # The augment's draws continue the epoch's stream right after the sampler's permutation.
     gen = epoch_generator(4, 1)
-    torch.randperm(16, generator=gen)
-    assert [c[2] for c in calls] == [torch.rand(1, generator=gen).item() for _ in range(2)]
+    torch.randperm(20, generator=gen)
+    assert [c[2] for c in calls] == [torch.rand(1, generator=gen).item() for _ in range(3)]
+
+
+@pytest.mark.parametrize("augment_chunk", [1, 8, 9, 21, AUGMENT_CHUNK])
+def test_batches_do_not_depend_on_the_augment_chunk(augment_chunk):
+    """Without augmentation, chunking changes nothing: 21 images give 5 batches of 4 (the trailing
+    batch of one is dropped); the chunk (at least one batch) only decides how many batches one
+    augment call covers."""
+    batches = [(_indices(x), y.tolist()) for x, y in _loader(21, 4, seed=2, augment_chunk=augment_chunk).epoch(0)]
+    reference = [(_indices(x), y.tolist()) for x, y in _loader(21, 4, seed=2, augment_chunk=4).epoch(0)]
+    assert batches == reference
+    assert [len(i) for i, _ in batches] == [4] * 5 and len({i for b, _ in batches for i in b}) == 20
 
 
 def test_channels_last_flag_gives_channels_last_batches():
