@@ -1,8 +1,16 @@
-"""Print images/s of each augmentation op on a 512-image CIFAR-sized uint8 batch.
+"""Print images/s of each augmentation op on a 512-image CIFAR-sized uint8 batch, and the host's
+work per call and per image of the whole training augmentation.
 
 Run from the repository root: python3 -m bench.augment_speed
 Measured at torch's default thread count and at 1 thread: these ops are small, so
 intra-op threading overhead (and any other process competing for the 2 cores) shows.
+
+Host work: on a GPU the host thread only draws random numbers and queues kernels, and when it is
+slower than the GPU the training step waits for it. On torch's meta device ops compute shapes but
+no pixels, so timing the pipeline there at two batch sizes splits the host's time into a part per
+call (per kernel queued; meta ops are slower to queue than CUDA ones, so this part is an upper
+bound) and a part per image (draws and Python work that grow with the batch), which no chunking
+amortises.
 """
 
 import time
@@ -18,14 +26,18 @@ SIZE = 32
 MIN_SECONDS = 1.0
 
 
-def images_per_second(fn: Callable[[], torch.Tensor]) -> float:
+def seconds_per_call(fn: Callable[[], torch.Tensor]) -> float:
     fn()  # warm-up: first-call allocations and lazy imports
     calls = 0
     start = time.perf_counter()
     while time.perf_counter() - start < MIN_SECONDS:
         fn()
         calls += 1
-    return BATCH * calls / (time.perf_counter() - start)
+    return (time.perf_counter() - start) / calls
+
+
+def images_per_second(fn: Callable[[], torch.Tensor]) -> float:
+    return BATCH / seconds_per_call(fn)
 
 
 def report(threads: int) -> None:
@@ -50,11 +62,28 @@ def report(threads: int) -> None:
     print(f"{'normalize':36s} {rate:12,.0f} images/s")
 
 
+HOST_SIZES = (512, 8192)  # images per call: one batch, and data.loader.AUGMENT_CHUNK
+
+
+def host_work() -> None:
+    aug = BatchAugment(crop_padding=4, flip=True, autoaugment=True, cutout=16)
+    generator = torch.Generator().manual_seed(0)
+    seconds = {}
+    for n in HOST_SIZES:
+        images = torch.empty(n, 3, SIZE, SIZE, dtype=torch.uint8, device="meta")
+        seconds[n] = seconds_per_call(lambda: normalize(aug(images, generator), CIFAR10_MEAN, CIFAR10_STD))
+        print(f"host work, crop + flip + autoaugment + cutout + normalize of {n:5d} images: {seconds[n] * 1e3:6.1f} ms")
+    small, large = HOST_SIZES
+    per_image = (seconds[large] - seconds[small]) / (large - small)
+    print(f"host work per image {per_image * 1e6:.2f} us, per call {(seconds[small] - small * per_image) * 1e3:.1f} ms")
+
+
 def main() -> None:
     default_threads = torch.get_num_threads()
     report(default_threads)
     if default_threads != 1:
         report(1)
+    host_work()
 
 
 if __name__ == "__main__":

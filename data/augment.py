@@ -12,8 +12,9 @@ data/autoaugment.py). Every random draw comes from the CPU generator passed in, 
 order per call (crop offsets (B, 2), flip coins (B,), AutoAugment's sub-policies (B,), op
 coins (B, 2) and signs (B, 2), cutout centres (B, 2); draws of disabled ops are skipped), so
 the same generator state gives the same output on any device, and the global torch RNG seen
-by the caller is left untouched. The draws reach the device with non-blocking copies: no
-step waits for the GPU.
+by the caller is left untouched. The draws reach the device with non-blocking copies (no
+step waits for the GPU), and everything of the size of the images (gather indices, masks)
+is built there: on a GPU the host's work per image is only its few draws.
 """
 
 import logging
@@ -117,25 +118,29 @@ class BatchAugment:
         return out
 
     def _crop_flip(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """Pad once, then one gather with per-image source indices does crop and flip."""
+        """Pad once, then one gather with per-image source indices does crop and flip.
+
+        Only the draws, O(B) numbers, are made on the host; the (B, H*W) gather index is built
+        on the images' device, so a large batch costs the host no per-pixel work or copy.
+        """
         b, c, h, w = images.shape
         p = self.crop_padding
         padded_w = w + 2 * p
+        device = images.device
         # Source row/column in the padded image of every output row/column: (B, H), (B, W).
-        rows = torch.arange(h).expand(b, h)
-        cols = torch.arange(w).expand(b, w)
+        rows = torch.arange(h, device=device).expand(b, h)
+        cols = torch.arange(w, device=device).expand(b, w)
         if p > 0:
-            offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=generator)
+            offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=generator).to(device, non_blocking=True)
             rows = rows + offsets[:, :1]
             cols = cols + offsets[:, 1:]
         if self.flip:
-            mirror = torch.rand(b, generator=generator) < 0.5
+            mirror = (torch.rand(b, generator=generator) < 0.5).to(device, non_blocking=True)
             # Flipping the cropped window reverses its column order.
             cols = torch.where(mirror[:, None], cols.flip(1), cols)
         padded = F.pad(images, (p, p, p, p)) if p > 0 else images
         # Flat index into each padded image plane: (B, H*W), shared by the C channels.
-        flat_index = (rows[:, :, None] * padded_w + cols[:, None, :]).reshape(b, 1, h * w)
-        flat_index = flat_index.to(images.device, non_blocking=True).expand(b, c, h * w)
+        flat_index = (rows[:, :, None] * padded_w + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
         out = torch.gather(padded.reshape(b, c, -1), 2, flat_index)
         return out.reshape(b, c, h, w)
 
@@ -144,19 +149,20 @@ class BatchAugment:
 
         The hole spans rows [cy - L//2, cy - L//2 + L) before clipping, so it has side L
         for odd L too (DeVries & Taylor's code gives L - 1 for odd L) and always
-        contains its centre pixel.
+        contains its centre pixel. As for the crop, only the centres are drawn on the host.
         """
         b, _, h, w = images.shape
         length = self.cutout
+        device = images.device
         centre_y = torch.randint(0, h, (b, 1), generator=generator)
         centre_x = torch.randint(0, w, (b, 1), generator=generator)
-        top = centre_y - length // 2
-        left = centre_x - length // 2
-        ys = torch.arange(h)
-        xs = torch.arange(w)
+        corner = (torch.cat((centre_y, centre_x), 1) - length // 2).to(device, non_blocking=True)  # (B, 2)
+        top, left = corner[:, :1], corner[:, 1:]
+        ys = torch.arange(h, device=device)
+        xs = torch.arange(w, device=device)
         in_rows = (ys >= top) & (ys < top + length)  # (B, H)
         in_cols = (xs >= left) & (xs < left + length)  # (B, W)
-        hole = (in_rows[:, :, None] & in_cols[:, None, :]).to(images.device, non_blocking=True)  # (B, H, W)
+        hole = in_rows[:, :, None] & in_cols[:, None, :]  # (B, H, W)
         return images.masked_fill(hole[:, None], 0)
 
 

@@ -111,6 +111,10 @@ def inverse_affine(op: str, magnitude: float, height: int, width: int) -> list[f
     return m
 
 
+# Geometric ops take one of NUM_BINS magnitudes, with either sign: a few dozen distinct matrices.
+_cached_inverse_affine = functools.lru_cache(maxsize=None)(inverse_affine)
+
+
 def warp(images: Tensor, thetas: Tensor, fill: int) -> Tensor:
     """Nearest-neighbour warp of uint8 (B, C, H, W) by per-image inverse matrices (B, 2, 3) fp32;
     pixels from outside the image get `fill`."""
@@ -183,22 +187,33 @@ def draw_plan(batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor, T
     return policy, torch.rand(batch, 2, generator=generator), torch.rand(batch, 2, generator=generator)
 
 
+@functools.lru_cache
+def _slot_table(slot: int, height: int, width: int) -> tuple[tuple[str, ...], Tensor, Tensor, Tensor, Tensor]:
+    """Slot `slot` of every sub-policy as tensors indexed by sub-policy: op names, op index (25,),
+    probability (25,) fp64, unsigned magnitude (25,) fp64 (0 for ops without one), signed (25,)."""
+    names = tuple(sorted({op for sub in CIFAR10_POLICY for op, _, _ in sub}))
+    tables = _policy_magnitudes(height, width)
+    rows = [sub[slot] for sub in CIFAR10_POLICY]
+    return (names, torch.tensor([names.index(op) for op, _, _ in rows]),
+            torch.tensor([p for _, p, _ in rows], dtype=torch.float64),
+            torch.tensor([0.0 if tables[op] is None else tables[op][b] for op, _, b in rows], dtype=torch.float64),
+            torch.tensor([op in SIGNED for op, _, _ in rows]))
+
+
 def slot_ops(plan: tuple[Tensor, Tensor, Tensor], slot: int, height: int,
              width: int) -> dict[str, tuple[list[int], list[float]]]:
-    """{op: (image indices, signed magnitudes)} of the ops that run in slot 0 or 1 of a plan."""
+    """{op: (image indices, signed magnitudes)} of the ops that run in slot 0 or 1 of a plan,
+    in op-name order. Vectorised over the images: a host cost per op, not per image."""
     policy, coins, signs = plan
-    tables = _policy_magnitudes(height, width)
+    names, op_index, probability, magnitude, signed = _slot_table(slot, height, width)
+    ops = op_index[policy]
+    runs = coins[:, slot].double() <= probability[policy]  # coin <= p, compared in fp64 as Python would
+    mags = magnitude[policy]
+    mags = torch.where(signed[policy] & (signs[:, slot] <= 0.5), -mags, mags)
     groups: dict[str, tuple[list[int], list[float]]] = {}
-    for i, (p, coin, sign) in enumerate(zip(policy.tolist(), coins[:, slot].tolist(), signs[:, slot].tolist())):
-        op, probability, bin_ = CIFAR10_POLICY[p][slot]
-        if not coin <= probability:
-            continue
-        mag = 0.0 if tables[op] is None else tables[op][bin_]
-        if op in SIGNED and sign <= 0.5:
-            mag = -mag
-        idx, mags = groups.setdefault(op, ([], []))
-        idx.append(i)
-        mags.append(mag)
+    for k in ops[runs].unique().tolist():
+        idx = torch.nonzero(runs & (ops == k)).flatten()
+        groups[names[k]] = (idx.tolist(), mags[idx].tolist())
     return groups
 
 
@@ -220,7 +235,7 @@ class BatchAutoAugment:
             for op, (idx, mags) in slot_ops(plan, slot, h, w).items():
                 if op in GEOMETRIC:  # one warp for every geometric op of the slot
                     geometric_idx += idx
-                    thetas += [inverse_affine(op, m, h, w) for m in mags]
+                    thetas += [_cached_inverse_affine(op, m, h, w) for m in mags]
                     continue
                 index = torch.tensor(idx).to(device, non_blocking=True)
                 mag = torch.tensor(mags, dtype=torch.float32).to(device, non_blocking=True)

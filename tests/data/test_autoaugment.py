@@ -109,6 +109,25 @@ def test_ops_run_with_their_probabilities_and_sub_policies_are_uniform():
     assert abs(len(runs[1]["Invert"][0]) - expected_inverts) < 4 * expected_inverts ** 0.5
 
 
+@pytest.mark.parametrize("slot", [0, 1])
+def test_slot_ops_gives_each_image_the_op_coin_and_signed_magnitude_its_sub_policy_says(slot):
+    """The vectorised grouping against the policy read image by image: op k of image i runs when
+    its coin <= the probability (compared in fp64), and a signed magnitude is negated when its
+    sign coin <= 0.5."""
+    policy, coins, signs = draw_plan(3000, torch.Generator().manual_seed(11))
+    expected: dict[str, tuple[list[int], list[float]]] = {}
+    for i in range(len(policy)):
+        op, probability, bin_ = CIFAR10_POLICY[int(policy[i])][slot]
+        if float(coins[i, slot]) <= probability:
+            table = magnitudes(op, 32, 32)
+            mag = 0.0 if table is None else float(table[bin_])
+            mag = -mag if op in SIGNED and float(signs[i, slot]) <= 0.5 else mag
+            expected.setdefault(op, ([], []))[0].append(i)
+            expected[op][1].append(mag)
+    got = slot_ops((policy, coins, signs), slot, 32, 32)
+    assert got == expected and list(got) == sorted(got)
+
+
 def test_the_input_batch_is_not_written_and_the_generator_alone_decides():
     images = _images(32, seed=1)
     before = images.clone()
