@@ -55,8 +55,9 @@ def train_one_epoch(
     # checked for NaN/inf every step on the CPU, every FINITE_CHECK_EVERY steps elsewhere.
     check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
     # carry: the (loss, correct, images) sums of the steps a stopped run took of this epoch already.
-    total_loss = torch.tensor(float(carry[0]), dtype=torch.float64, device=device)
-    total_correct = torch.tensor(float(carry[1]), dtype=torch.float64, device=device)
+    # (torch.full fills on the device; torch.tensor(v, device=cuda) would copy from the host and wait.)
+    total_loss = torch.full((), float(carry[0]), dtype=torch.float64, device=device)
+    total_correct = torch.full((), float(carry[1]), dtype=torch.float64, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
     total_seen, steps, lr = int(carry[2]), 0, optimizer.param_groups[0]["lr"]
     for step, (x, y) in enumerate(tqdm(batches, total=num_steps, desc=desc, leave=False, disable=None)):
@@ -90,10 +91,12 @@ def train_one_epoch(
         steps = step + 1
         if stop is not None and stop():
             break
-    if not finite:
+    # The epoch's one wait for the device: its sums and finiteness, read back together.
+    loss_sum, correct_sum, all_finite = torch.stack([total_loss, total_correct, finite.double()]).tolist()
+    if not all_finite:
         raise FloatingPointError(f"{desc}: the loss became NaN or infinite in the epoch's last {check_every} steps "
                                  f"(lr {lr:.4g}); nothing of this epoch was saved: lower train.lr or check the data")
-    sums = [total_loss.item(), total_correct.item(), total_seen]
+    sums = [loss_sum, correct_sum, total_seen]
     total_loss, total_correct, total_seen = sum_over_ranks(sums, d)
     return {"loss": total_loss / max(1, total_seen), "train_acc": total_correct / max(1, total_seen), "lr": lr,
             "steps": steps, "sums": sums}

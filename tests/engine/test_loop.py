@@ -104,6 +104,6 @@ def test_a_training_epoch_reads_nothing_back_from_the_device_until_it_ends():
     model = build_model("resnet32", 10).to("meta")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    with pytest.raises(RuntimeError, match="meta tensors"):  # the one read: the epoch's sums at its end
+    with pytest.raises(RuntimeError, match="meta tensor"):  # the one read: the epoch's sums at its end
         train_one_epoch(model, loader.epoch(0), len(loader), nn.CrossEntropyLoss(), opt, sched, amp="off")
     assert sched.last_epoch == len(loader) == 4  # every step ran before the first read
