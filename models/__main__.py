@@ -65,12 +65,20 @@ def release_run(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {size} bytes, SHA-256 {sha256}; {entry}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad command line is one line, as for the entry scripts (config.cli, which models/ does not
+    import, has the same class): argparse would print the whole usage first."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
 COMMANDS = {"list": list_registry, "fetch": fetch_source, "import": import_source, "release": release_run}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m models", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the registry of named checkpoints and the cache")
     fetch = sub.add_parser("fetch", help="download a registry name or URL into the cache, print its path")

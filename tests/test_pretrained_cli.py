@@ -81,6 +81,14 @@ def test_offline_download_is_one_clear_error_without_traceback(tmp_path, run, mo
     assert line.endswith(f"pass its path (or copy it to {cache_path(url, tmp_path / 'cache')})")
 
 
+@pytest.mark.parametrize("argv", [(), ("fetch",), ("nope",)])
+def test_a_bad_models_command_line_is_one_line_with_exit_2(run, argv):
+    proc = run("-m", "models", *argv, check=False)
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and line.endswith("; see --help")
+    assert line.startswith("python -m models: error: " if argv != ("fetch",) else "python -m models fetch: error: ")
+
+
 def test_stage1_fine_tunes_from_a_pretrained_checkpoint(fake_cifar10, tmp_path, run, tiny_stage1):
     # lr 0: the weights stay where they started, so they must be the checkpoint's.
     state = _balms_checkpoint(tmp_path / "final_model_checkpoint.pth", 10)
