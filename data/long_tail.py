@@ -91,7 +91,8 @@ def long_tail_split(labels: torch.Tensor, counts: Sequence[int], val_per_class: 
                          f"pass one count per class")
     generator = torch.Generator().manual_seed(seed)
     drawn, spare = _draw_per_class(labels, counts, generator)
-    logger.info("long-tailed subset: kept %d of %d images", drawn.numel(), labels.numel())
+    # debug: the dataset builders log the split they make of it (and BALMS's meta set draws again)
+    logger.debug("long-tailed subset: kept %d of %d images", drawn.numel(), labels.numel())
     if val_per_class == 0:
         return drawn, torch.empty(0, dtype=torch.int64)
     val = []
