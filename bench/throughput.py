@@ -88,10 +88,11 @@ def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, s
     real(max(warmup, len(loader) + 1) if compile_model else warmup, 100)
     pure(warmup)
     # Whole epochs of the real path: augmentation runs once per chunk of batches, so a window that
-    # ends inside a chunk would carry all of the chunk's augmentation for part of its steps.
-    # (An epoch's last batch is smaller, hence the count of images seen.)
+    # ends inside a chunk would carry all of the chunk's augmentation for part of its steps. The
+    # pure model takes as many steps. (An epoch's last batch is smaller, hence the images counted.)
+    steps = -(-steps // len(loader)) * len(loader)
     seen = []
-    real_s = timed(lambda: seen.append(real(-(-steps // len(loader)) * len(loader), 0)), device)
+    real_s = timed(lambda: seen.append(real(steps, 0)), device)
     pure_s = timed(lambda: pure(steps), device)
     return seen[0] / real_s, steps * batch / pure_s
 
@@ -128,7 +129,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 512])
     p.add_argument("--steps", type=int, default=10,
-                   help="timed training steps per measurement (the real path: rounded up to whole epochs)")
+                   help="timed training steps per measurement, rounded up to whole epochs")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
     p.add_argument("--eval-images", type=int, default=2048, help="test images per evaluation pass")
     p.add_argument("--amp", nargs="+", choices=["off", "bf16", "fp16"], help="precisions (default: all the device has)")
@@ -146,7 +147,7 @@ def main() -> None:
     amps = args.amp or ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     compiles = [False, True] if args.compile else [False]
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; ResNet-32, "
-          f"crop + flip + AutoAugment + Cutout 16; {args.steps} timed steps (real path: whole epochs)")
+          f"crop + flip + AutoAugment + Cutout 16; {args.steps} timed steps, rounded up to whole epochs")
     print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'chunk':>6} {'compile':>7} {'train/s':>9} {'pure/s':>9} {'ratio':>6} "
           f"{'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
     best = 0.0
