@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,20 +33,32 @@ from stage1_train import main as stage1_main  # noqa: E402
 VAL_PER_CLASS = 20
 
 
-def short_schedule(path: Path, iterations: int, out: Path) -> list[str]:
-    """Overrides that put one method's config on the shared short schedule."""
-    cfg = load_config(path)
-    overrides = [f"train.iterations={iterations}", "train.batch_size=128", "train.lr=0.1", "train.schedule=cosine",
-                 f"train.warmup={max(1, iterations // 20)}", f"data.val_per_class={VAL_PER_CLASS}",
-                 f"log_dir={out / path.stem}"]
+def short_schedule(path: Path, iterations: int, out: Path, overrides: Sequence[str] = ()) -> list[str]:
+    """Overrides that put one method's config on the shared short schedule. `overrides` are the run's
+    other ones (data.root, a sweep's dataset and imbalance factor): LDAM's deferred re-weighting starts
+    at 80 % of the epochs of the training set the run will really have."""
+    cfg = load_config(path, list(overrides))
+    schedule = [f"train.iterations={iterations}", "train.batch_size=128", "train.lr=0.1", "train.schedule=cosine",
+                f"train.warmup={max(1, iterations // 20)}", f"data.val_per_class={VAL_PER_CLASS}",
+                f"log_dir={out / path.stem}"]
     if cfg.loss.drw_epoch is not None:
         d = cfg.data
         data = build_long_tail(d.dataset, d.root, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                                VAL_PER_CLASS)
         n = build_sampler(d.sampler, data.train_labels, len(data.class_counts)).num_samples
         epochs = math.ceil(iterations / steps_per_epoch(n, 128))
-        overrides.append(f"loss.drw_epoch={int(0.8 * epochs)}")
-    return overrides
+        schedule.append(f"loss.drw_epoch={int(0.8 * epochs)}")
+    return schedule
+
+
+def method_configs(folder: str | Path, names: list[str] | None) -> list[Path]:
+    """The method configs (YAML files) of `folder` named `names` (file stems; None: all), in name order;
+    ValueError naming the valid ones for a name with no file."""
+    paths = sorted(Path(folder).glob("*.yaml"))
+    unknown = sorted(set(names or []) - {q.stem for q in paths})
+    if unknown:
+        raise ValueError(f"no config {', '.join(unknown)} in {folder}; choose from {', '.join(q.stem for q in paths)}")
+    return [q for q in paths if names is None or q.stem in names]
 
 
 def parse_with_overrides(p: argparse.ArgumentParser, words: list[str]) -> argparse.Namespace:
@@ -64,19 +77,18 @@ def main() -> None:
     p.add_argument("--out", default="logs/methods_table", help="parent of the per-method run directories")
     p.add_argument("overrides", nargs="*", help="more key=value overrides for every run (e.g. data.root=...)")
     args = parse_with_overrides(p, sys.argv[1:])
-    paths = sorted(Path(args.configs).glob("*.yaml"))
-    unknown = sorted(set(args.methods or []) - {q.stem for q in paths})
-    if unknown:
-        p.error(f"no config {', '.join(unknown)} in {args.configs}; choose from {', '.join(q.stem for q in paths)}")
-    if args.methods:
-        paths = [q for q in paths if q.stem in args.methods]
+    try:
+        paths = method_configs(args.configs, args.methods or None)
+    except ValueError as e:
+        p.error(str(e))
     out = Path(args.out) / Path(args.configs).name
     rows = []
     for path in paths:
         run_dir = out / path.stem
         metrics_path = run_dir / "test_metrics.json"
         if not metrics_path.is_file():
-            cfg = load_config(path, short_schedule(path, args.iterations, out) + args.overrides, stage="stage1")
+            schedule = short_schedule(path, args.iterations, out, args.overrides)
+            cfg = load_config(path, schedule + args.overrides, stage="stage1")
             stage1_main(cfg, resume=True)  # writes the time of each epoch to metrics.jsonl
             test(cfg, run_dir / "best.pt")
         m = json.loads(metrics_path.read_text())

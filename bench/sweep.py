@@ -2,11 +2,12 @@
 imbalance factor and profile, all on the short CPU schedule of bench/methods_table.py.
 
     python bench/sweep.py                       # ce and balanced_softmax; IF 1 10 50 100 200; exp and step; cifar10
-    python bench/sweep.py --datasets cifar10 cifar100 --methods ce balanced_softmax logit_adjust data.root=/data
+    python bench/sweep.py --datasets cifar10 cifar100 --methods ce balanced_softmax ldam_drw data.root=/data
 
-A method is a stage-1 loss (loss.name) set on --base-config, as in the Balanced Softmax paper's comparison
-with softmax cross-entropy as the imbalance grows. Every run gets short_schedule's overrides, then the
-key=value overrides given here, then its dataset, profile, imbalance factor and loss. Each run has its
+A method is a config of the --configs folder (as for bench/methods_table.py: its loss, head, sampler, LDAM's
+deferred re-weighting), as in the Balanced Softmax paper's comparison with softmax cross-entropy as the
+imbalance grows. Every run gets short_schedule's overrides, then the key=value overrides given here, then
+its dataset, profile and imbalance factor. Each run has its
 own directory under --out (<dataset>_<profile>_if<IF>_<method>); a run whose directory holds
 test_metrics.json is not rerun, so an interrupted sweep continues where it stopped. Imbalance factor 1
 is the same balanced training set under every profile: it is trained once, under the first profile. Writes
@@ -29,12 +30,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare_runs import pct  # noqa: E402
-from bench.methods_table import VAL_PER_CLASS, parse_with_overrides, short_schedule  # noqa: E402
+from bench.methods_table import VAL_PER_CLASS, method_configs, parse_with_overrides, short_schedule  # noqa: E402
 from bench.report_figures import MARKERS, legend_below, log_axis, save  # noqa: E402
 from config.cli import OneLineParser, exit_on_user_error, nothing_left_of_a_refused_run, test, user_errors  # noqa: E402
 from config.load import load_config  # noqa: E402
 from config.schema import Config  # noqa: E402
-from models.losses import LOSSES  # noqa: E402
 from stage1_train import main as stage1_main  # noqa: E402
 
 GROUPS = ("top1", "many", "medium", "few")
@@ -44,7 +44,7 @@ LINESTYLES = ("-", "--", ":", "-.")  # one per profile
 def plan(args: argparse.Namespace) -> list[tuple[dict, Config]]:
     """Every run's record keys and config, all loaded before any run trains, so that a bad value stops the
     sweep at once rather than hours in."""
-    schedule = short_schedule(args.base_config, args.iterations, args.out)
+    paths = {q.stem: q for q in method_configs(args.configs, args.methods)}
     runs = []
     for dataset in args.datasets:
         for profile in args.profiles:
@@ -53,8 +53,10 @@ def plan(args: argparse.Namespace) -> list[tuple[dict, Config]]:
                 for method in args.methods:
                     name = f"{dataset}_{shape}_if{factor:g}_{method}"
                     point = [f"data.dataset={dataset}", f"data.profile={shape}", f"data.imbalance_factor={factor!r}",
-                             f"loss.name={method}", f"name={name}", f"log_dir={args.out / name}"]
-                    cfg = load_config(args.base_config, schedule + args.overrides + point, stage="stage1")
+                             f"name={name}", f"log_dir={args.out / name}"]
+                    path = paths[method]
+                    schedule = short_schedule(path, args.iterations, args.out, args.overrides + point)
+                    cfg = load_config(path, schedule + args.overrides + point, stage="stage1")
                     runs.append(({"dataset": dataset, "profile": profile, "imbalance_factor": factor,
                                   "method": method}, cfg))
     return runs
@@ -105,7 +107,7 @@ def sweep(args: argparse.Namespace) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sweep.json").write_text(json.dumps(records, indent=1))
         t = runs[0][1].train
-        caption = (f"{args.base_config} with each loss.name: {args.iterations} iterations at batch {t.batch_size} "
+        caption = (f"{args.configs}/<method>.yaml: {args.iterations} iterations at batch {t.batch_size} "
                    f"(best on {VAL_PER_CLASS}/class val); test accuracy in %")
         text = table(records, caption)
         (args.out / "table.md").write_text(text)
@@ -119,16 +121,20 @@ def main() -> None:
     p.add_argument("--profiles", nargs="+", default=["exp", "step"], choices=["exp", "step"])
     p.add_argument("--imbalance-factors", nargs="+", type=float, default=[1, 10, 50, 100, 200],
                    help="n_max / n_min of the training set (1 = balanced)")
-    p.add_argument("--methods", nargs="+", default=["ce", "balanced_softmax"], choices=sorted(LOSSES),
-                   help="stage-1 losses (loss.name)")
+    p.add_argument("--methods", nargs="+", default=["ce", "balanced_softmax"],
+                   help="method configs (file stems) of --configs")
     p.add_argument("--iterations", type=int, default=800, help="training steps per run at the schedule's batch")
-    p.add_argument("--base-config", type=Path, default=Path("config/cifar10_lt/methods_if100_exp/ce.yaml"),
-                   help="stage-1 config every run starts from")
+    p.add_argument("--configs", type=Path, default=Path("config/cifar10_lt/methods_if100_exp"),
+                   help="folder of method configs")
     p.add_argument("--out", type=Path, default=Path("logs/sweep"), help="parent of the run directories")
     p.add_argument("overrides", nargs="*", help="more key=value overrides for every run (e.g. data.root=...)")
     args = parse_with_overrides(p, sys.argv[1:])
-    if args.iterations < 1:  # 0 would mean the base config's 200 epochs
+    if args.iterations < 1:  # 0 would mean the configs' 200 epochs
         p.error("--iterations must be at least 1")
+    try:
+        method_configs(args.configs, args.methods)
+    except ValueError as e:
+        p.error(str(e))
     exit_on_user_error(lambda: sweep(args))
 
 

@@ -5,10 +5,15 @@ import argparse
 import json
 from pathlib import Path
 
+import math
+
 import pytest
 
 from bench.compare_runs import pct
+from bench.methods_table import VAL_PER_CLASS
 from bench.sweep import plan, sweep
+from data.build import build_long_tail
+from data.loader import steps_per_epoch
 from tests.conftest import write_fake_cifar10
 
 KEYS = {"dataset", "profile", "imbalance_factor", "method", "top1", "many", "medium", "few"}
@@ -17,7 +22,7 @@ KEYS = {"dataset", "profile", "imbalance_factor", "method", "top1", "many", "med
 def sweep_args(out: Path, **changes) -> argparse.Namespace:
     args = {"datasets": ["cifar10"], "profiles": ["exp"], "imbalance_factors": [1.0, 10.0],
             "methods": ["ce", "balanced_softmax"], "iterations": 2, "out": out,
-            "base_config": Path("config/cifar10_lt/methods_if100_exp/ce.yaml"), "overrides": []}
+            "configs": Path("config/cifar10_lt/methods_if100_exp"), "overrides": []}
     return argparse.Namespace(**{**args, **changes})
 
 
@@ -32,6 +37,27 @@ def test_every_point_gets_its_own_run_directory_but_imbalance_factor_1_is_one_ru
         (1.0, "step", "balanced_softmax"), (10.0, "step", "balanced_softmax"), (1.0, "step", "balanced_softmax"),
         (10.0, "exp", "balanced_softmax")]
     assert {(c.train.iterations, c.train.num_threads, c.train.schedule) for _, c in runs} == {(2, 1, "cosine")}
+
+
+def test_a_method_is_its_whole_config_and_ldam_defers_reweighting_to_80_percent_of_each_runs_epochs(tmp_path):
+    root = write_fake_cifar10(tmp_path / "data", train_per_class=100, test_per_class=4)
+    runs = plan(sweep_args(tmp_path, methods=["ce", "ldam_drw"], iterations=60, overrides=[f"data.root={root}"]))
+    ldam = [(keys["imbalance_factor"], cfg) for keys, cfg in runs if keys["method"] == "ldam_drw"]
+    assert [c.model.head for _, c in ldam] == ["cosine", "cosine"] and {c.loss.name for _, c in ldam} == {"ldam"}
+    drw = []
+    for factor, cfg in ldam:  # 60 steps of 128: 7 steps an epoch at IF 1 (800 images), 3 at IF 10
+        n = len(build_long_tail("cifar10", root, False, factor, "exp", 0, VAL_PER_CLASS).train_labels)
+        drw.append(cfg.loss.drw_epoch)
+        assert cfg.loss.drw_epoch == int(0.8 * math.ceil(60 / steps_per_epoch(n, 128)))
+    assert drw[0] < drw[1]
+    assert [(c.model.head, c.loss.name) for k, c in runs if k["method"] == "ce"] == [("linear", "ce")] * 2
+
+
+def test_an_unknown_method_is_one_line_naming_the_configs_there(run, tmp_path):
+    proc = run("bench/sweep.py", "--methods", "ce", "ldam", "--out", str(tmp_path), check=False)
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "error: no config ldam in config/cifar10_lt/methods_if100_exp; choose from arb" in line
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_bad_override_stops_the_sweep_before_any_run_with_one_config_error(tmp_path):
