@@ -101,7 +101,7 @@ def test_augment_gets_each_chunk_of_batches_as_uint8_and_the_epoch_generator_in_
         calls.append((images.dtype, _indices(images.float()), torch.rand(1, generator=gen).item()))
         return images
 
-    # 5 batches of 4, chunks of 8 images (2 batches): the augment sees the images of steps 0-1, 2-3, 4.
+    # 5 batches of 4; a chunk of 9 images rounds down to 2 batches: the augment sees steps 0-1, 2-3, 4.
     batches = [_indices(x) for x, _ in _loader(20, 4, seed=4, augment=record, augment_chunk=9).epoch(1)]
     assert [c[0] for c in calls] == [torch.uint8] * 3
     assert [c[1] for c in calls] == [batches[0] + batches[1], batches[2] + batches[3], batches[4]]
