@@ -55,8 +55,9 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, steps, warmup) -> tuple[float, float]:
-    """(real-path images/s, pure-model images/s) of stage-1 training steps."""
+def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, steps,
+                warmup) -> tuple[float, float, int]:
+    """(real-path images/s, pure-model images/s, images per augmentation call) of stage-1 training steps."""
     torch.manual_seed(0)
     model = build_model("resnet32", 10)
     if channels_last:
@@ -94,7 +95,7 @@ def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, s
     seen = []
     real_s = timed(lambda: seen.append(real(steps, 0)), device)
     pure_s = timed(lambda: pure(steps), device)
-    return seen[0] / real_s, steps * batch / pure_s
+    return seen[0] / real_s, steps * batch / pure_s, loader.steps_per_chunk * batch
 
 
 def eval_rates(test_images, device, batch, amp, channels_last, mean, std, repeats) -> tuple[float, float]:
@@ -154,9 +155,10 @@ def main() -> None:
     settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, compiles)
     for batch, amp, channels_last, chunk, compile_model in settings:
         check_amp(device, amp)
-        train, pure = train_rates(data, device, batch, amp, channels_last, chunk, compile_model, args.steps, args.warmup)
+        train, pure, per_call = train_rates(data, device, batch, amp, channels_last, chunk, compile_model, args.steps,
+                                            args.warmup)
         ev, fwd = eval_rates(test_images, device, batch, amp, channels_last, data.mean, data.std, 1)
-        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {max(1, chunk // batch) * batch:>6} {str(compile_model):>7} {train:>9.0f} {pure:>9.0f} "
+        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {per_call:>6} {str(compile_model):>7} {train:>9.0f} {pure:>9.0f} "
               f"{train / pure:>6.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
         best = max(best, train if batch == PAPER_BATCH else 0.0)
     if best:
