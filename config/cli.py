@@ -23,7 +23,7 @@ from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.device import DeviceError, check_amp, set_tf32
 from engine.distributed import Dist, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
-from engine.run import RunDirError, default_checkpoint, resume_checkpoint, setup_run
+from engine.run import RunDirError, default_checkpoint, resume_checkpoint, setup_run, trim_metrics_log
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError, remove_stale_temp_files
 from models.download import DownloadError
@@ -123,6 +123,8 @@ def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device
         remove_stale_temp_files(run_dir)  # of checkpoint writes a kill interrupted
         if ckpt is None:  # a start killed before its first last.pt may have logged an epoch: it is redone
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:  # lines of epochs after last.pt (logged before a kill) are redone too
+            trim_metrics_log(run_dir, ckpt["epoch"])
     return ranks, device, run_dir, ckpt
 
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from engine.distributed import Dist, shutdown
 from engine.runlog import RunLog
-from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
+from models.checkpoint import (CheckpointError, load_checkpoint, load_state_checked, save_checkpoint,
+                               write_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,7 @@ class Progress:
 
 def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: list[int]) -> Progress:
     """Load ckpt[name] into each object (modules with every key checked) and return the progress.
-
-    The training set (class_counts) must be the run's. Metric lines logged after the checkpoint (by
-    a run killed mid-epoch) are dropped.
-    """
+    The training set (class_counts) must be the run's."""
     missing = [name for name in objects if name not in ckpt]
     if missing:
         raise CheckpointError(f"{run_dir / 'last.pt'} holds no {', '.join(missing)}: an older version of this tool "
@@ -103,7 +101,6 @@ def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: li
             load_state_checked(obj, ckpt[name], f"{name} in {run_dir / 'last.pt'}")
         else:
             obj.load_state_dict(ckpt[name])
-    trim_metrics_log(run_dir, ckpt["epoch"])
     logger.info("resumed from %s at epoch %d, step %d", run_dir / "last.pt", ckpt["epoch"], ckpt["step"])
     best = ckpt["best"]
     return Progress(best["metric"], ckpt["epoch"], ckpt["step"], best["value"], best["epoch"])
@@ -132,7 +129,7 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
     if runlog is None:
         return
     # The metric line first: a run killed before last.pt has a line of an epoch the checkpoint lacks,
-    # which resume drops (trim_metrics_log) and logs again; the other order would lose the line.
+    # which resume drops (trim_metrics_log, from start_run) and logs again; the other order would lose the line.
     runlog.log(progress.step, record)
     state = {**payload, **progress.as_checkpoint()}
     if is_best:
@@ -187,11 +184,14 @@ def finish_run(runlog: RunLog | None, d: Dist) -> None:
 
 
 def trim_metrics_log(run_dir: Path, last_epoch: int) -> None:
-    """On resume, drop metric lines of epochs after the checkpoint (logged before a kill)."""
+    """On resume, drop metric lines of epochs after the checkpoint (logged before a kill). Only the
+    writing rank may call it: ranks rewriting one file at once can read it while another has emptied
+    it, and lose lines. The file is replaced whole, so a kill while trimming leaves the old log."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if _epoch_of(line) <= last_epoch]
-        path.write_text("".join(line + "\n" for line in keep))
+        text = "".join(line + "\n" for line in keep)
+        write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _epoch_of(line: str) -> float:

@@ -1,11 +1,18 @@
 """The shared command line: options and overrides in any order, and user errors as one line."""
-import pytest
+import json
+from pathlib import Path
 
-from config.cli import parse_cli, user_errors
+import pytest
+import torch
+
+import config.cli
+from config.cli import parse_cli, start_run, user_errors
+from config.load import config_to_dict
+from engine.distributed import Dist
 from config.load import ConfigError
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.run import RunDirError
-from models.checkpoint import CheckpointError, CheckpointNotFoundError
+from models.checkpoint import CheckpointError, CheckpointNotFoundError, save_checkpoint
 from models.download import DownloadError
 
 
@@ -174,3 +181,25 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == ("stopped by SIGINT (Ctrl-C); --resume continues from the last checkpoint "
                                        "written, if any\n")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_on_resume_rank_0_alone_drops_the_metric_lines_after_last_pt(tmp_path, monkeypatch, rank):
+    # Each rank rewriting metrics.jsonl could read it while another had emptied it: a two-process
+    # resume lost its epoch-1 line that way. Rank 0 trims it once; the others never touch it.
+    cfg, _ = parse_cli("stage1", "", [f"log_dir={tmp_path}"])
+    save_checkpoint(tmp_path / "last.pt", {"config": config_to_dict(cfg, "stage1"), "epoch": 2})
+    log = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)) + '{"epoch": 4, "lo'  # a kill cut 4 short
+    log.write_text(text)
+    before = log.stat()
+    monkeypatch.setattr(config.cli, "init_distributed", lambda *_: (Dist(rank=rank, world=2), torch.device("cpu")))
+    monkeypatch.setattr(config.cli, "setup_run", lambda run_dir, *_, **__: Path(run_dir))  # no logging or seeds here
+    *_, ckpt = start_run(cfg, "stage1", resume=True)
+    assert ckpt["epoch"] == 2
+    if rank:
+        assert log.read_text() == text and (log.stat().st_ino, log.stat().st_mtime_ns) == (before.st_ino,
+                                                                                          before.st_mtime_ns)
+    else:
+        assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl"]  # replaced whole
