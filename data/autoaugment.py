@@ -21,7 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
 
 # The 25 sub-policies of Cubuk et al. 2019 (reduced CIFAR-10): two (op, probability, magnitude bin)
 # each, in torchvision's order; a bin of None means the op takes no magnitude.
@@ -155,6 +154,9 @@ def _sharpness(images: Tensor, factor: Tensor) -> Tensor:
 def apply_op(op: str, images: Tensor, mags: Tensor) -> Tensor:
     """Apply the non-geometric `op` to every image of uint8 (B, C, H, W), image i with magnitude
     mags[i] ((B,) fp32 on the images' device; ignored by the ops that take none)."""
+    # Imported here: torchvision's import takes about 1 s (it loads torch._dynamo), which a command
+    # that augments nothing (--test, --help, a refused config) would pay.
+    from torchvision.transforms.v2 import functional as TF
     per_image = mags.view(-1, 1, 1, 1)
     if op == "Brightness":
         return _blend(images, torch.zeros((), device=images.device), 1.0 + mags)

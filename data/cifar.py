@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.datasets import utils as tv_utils
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +146,7 @@ def _missing(folder: Path, file_names: tuple[str, ...]) -> list[str]:
 
 def _download(spec: CifarSpec, root: Path) -> None:
     logger.info("downloading %s from %s into %s", spec.display_name, spec.url, root)
+    from torchvision.datasets import utils as tv_utils  # here: importing torchvision takes about 1 s
     try:
         tv_utils.download_and_extract_archive(spec.url, download_root=root, md5=spec.md5)
     # URLError and socket timeouts are OSErrors; torchvision raises RuntimeError on a bad checksum.

@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms import v2
 
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 
@@ -208,6 +206,10 @@ def read_folder_split(root: Path, split: str, class_names: list[str] | None = No
 
 def decode_rgb(path: Path) -> torch.Tensor:
     """Decode the image file ``path`` to uint8 (3, H, W) RGB (grayscale and alpha images included)."""
+    # torchvision is imported where it is used: its import takes about 1 s (it loads torch._dynamo),
+    # which every command that reads no image file (CIFAR runs, --help, a refused config) would pay.
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms import v2
     try:
         image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as err:
@@ -226,9 +228,10 @@ def _check_size(image_size: int) -> None:
         raise ValueError(f"image_size must be a positive int (pixels), got {image_size!r}; e.g. 224")
 
 
-def train_transform(image_size: int) -> v2.Compose:
+def train_transform(image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (3, H, W) -> float32 (3, S, S): the Decoupling / BALMS ImageNet-LT training pipeline."""
     _check_size(image_size)
+    from torchvision.transforms import v2
     return v2.Compose([
         v2.RandomResizedCrop(image_size, antialias=True),
         v2.RandomHorizontalFlip(),
@@ -238,9 +241,10 @@ def train_transform(image_size: int) -> v2.Compose:
     ])
 
 
-def eval_transform(image_size: int) -> v2.Compose:
+def eval_transform(image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (3, H, W) -> float32 (3, S, S): shorter side to S * 256/224 (256 for 224), centre crop S."""
     _check_size(image_size)
+    from torchvision.transforms import v2
     return v2.Compose([
         v2.Resize(round(image_size * 256 / 224), antialias=True),
         v2.CenterCrop(image_size),

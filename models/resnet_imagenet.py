@@ -9,20 +9,25 @@ backbone of the Decoupling and BALMS papers; torchvision publishes no weights fo
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 
 class ResNetImageNet(nn.Module):
     """Backbone (`forward_features` -> (B, 512 * block expansion)) + linear `head`."""
 
-    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int,
+    def __init__(self, block: Literal["basic", "bottleneck"], layers: list[int], num_classes: int,
                  groups: int = 1, width_per_group: int = 64) -> None:
         super().__init__()
+        # Imported here: torchvision's import takes about 1 s (it loads torch._dynamo), which every
+        # command that builds no ImageNet model (CIFAR runs, --help, a refused config) would pay.
+        from torchvision.models import resnet
         # torchvision's init; its 1000-class fc is replaced by `head`. groups / width_per_group: ResNeXt's
         # cardinality and channels per group in the first stage's 3x3 convs (1 / 64 = plain ResNet).
-        net = ResNet(block, layers, groups=groups, width_per_group=width_per_group)
+        blocks = {"basic": resnet.BasicBlock, "bottleneck": resnet.Bottleneck}
+        net = resnet.ResNet(blocks[block], layers, groups=groups, width_per_group=width_per_group)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.avgpool = net.avgpool  # the same pooling op as torchvision, so imported logits match bit for bit
@@ -40,28 +45,28 @@ class ResNetImageNet(nn.Module):
 
 
 def resnet10(num_classes: int) -> ResNetImageNet:
-    return ResNetImageNet(BasicBlock, [1, 1, 1, 1], num_classes)
+    return ResNetImageNet("basic", [1, 1, 1, 1], num_classes)
 
 
 def resnet18(num_classes: int) -> ResNetImageNet:
-    return ResNetImageNet(BasicBlock, [2, 2, 2, 2], num_classes)
+    return ResNetImageNet("basic", [2, 2, 2, 2], num_classes)
 
 
 def resnet34(num_classes: int) -> ResNetImageNet:
-    return ResNetImageNet(BasicBlock, [3, 4, 6, 3], num_classes)
+    return ResNetImageNet("basic", [3, 4, 6, 3], num_classes)
 
 
 def resnet50(num_classes: int) -> ResNetImageNet:
-    return ResNetImageNet(Bottleneck, [3, 4, 6, 3], num_classes)
+    return ResNetImageNet("bottleneck", [3, 4, 6, 3], num_classes)
 
 
 def resnet101(num_classes: int) -> ResNetImageNet:
-    return ResNetImageNet(Bottleneck, [3, 4, 23, 3], num_classes)
+    return ResNetImageNet("bottleneck", [3, 4, 23, 3], num_classes)
 
 
 def resnet152(num_classes: int) -> ResNetImageNet:
-    return ResNetImageNet(Bottleneck, [3, 8, 36, 3], num_classes)
+    return ResNetImageNet("bottleneck", [3, 8, 36, 3], num_classes)
 
 
 def resnext50_32x4d(num_classes: int) -> ResNetImageNet:
-    return ResNetImageNet(Bottleneck, [3, 4, 6, 3], num_classes, groups=32, width_per_group=4)
+    return ResNetImageNet("bottleneck", [3, 4, 6, 3], num_classes, groups=32, width_per_group=4)

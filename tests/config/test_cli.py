@@ -1,5 +1,7 @@
 """The shared command line: options and overrides in any order, and user errors as one line."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,13 +9,13 @@ import torch
 
 import config.cli
 from config.cli import parse_cli, start_run, user_errors
-from config.load import config_to_dict
-from engine.distributed import Dist
-from config.load import ConfigError
+from config.load import ConfigError, config_to_dict
 from data.cifar import DatasetFormatError, DatasetNotFoundError
+from engine.distributed import Dist
 from engine.run import RunDirError
 from models.checkpoint import CheckpointError, CheckpointNotFoundError, save_checkpoint
 from models.download import DownloadError
+from tests.conftest import REPO
 
 
 def test_options_may_come_before_between_and_after_overrides():
@@ -203,3 +205,13 @@ def test_on_resume_rank_0_alone_drops_the_metric_lines_after_last_pt(tmp_path, m
     else:
         assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl"]  # replaced whole
+
+
+def test_the_entry_scripts_start_without_importing_torchvision():
+    # Its import takes about 1 s (it loads torch._dynamo): a CIFAR run, --help or a refused config would
+    # pay it for nothing. It is imported where image files are decoded, AutoAugment runs, or an ImageNet
+    # ResNet is built.
+    probe = ("import sys, stage1_train, stage2_classifier, predict, models.__main__, bench.throughput; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout == "[]\n"
