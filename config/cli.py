@@ -120,7 +120,7 @@ def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device
         check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")
     run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=ranks.is_main)
     if ranks.is_main:
-        remove_stale_temp_files(run_dir)  # of checkpoint writes a kill interrupted
+        remove_stale_temp_files(run_dir)  # of checkpoint and metric-log writes a kill interrupted
         if ckpt is None:  # a start killed before its first last.pt may have logged an epoch: it is redone
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:  # lines of epochs after last.pt (logged before a kill) are redone too

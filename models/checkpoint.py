@@ -26,7 +26,8 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No checkpoint file at the path given."""
 
 
-CHECKPOINT_TEMP_GLOB = ".*.pt.*.tmp"  # write_atomic's temporary files of checkpoints: .<name>.<hex>.tmp
+# write_atomic's temporary files (.<name>.<8 hex digits>.tmp): of checkpoints and of the trimmed metric log
+WRITE_TEMP_GLOB = ".*." + "[0-9a-f]" * 8 + ".tmp"
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -55,9 +56,9 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 def remove_stale_temp_files(folder: Path) -> None:
-    """Delete the temporary checkpoint files that killed write_atomic calls left in `folder` (call it
-    only where no other process is writing checkpoints: at the start of a training run)."""
-    for stale in folder.glob(CHECKPOINT_TEMP_GLOB):
+    """Delete the temporary files that killed write_atomic calls left in `folder` (call it only where
+    no other process is writing there: at the start of a training run, on rank 0)."""
+    for stale in folder.glob(WRITE_TEMP_GLOB):
         stale.unlink(missing_ok=True)
 
 

@@ -179,11 +179,13 @@ def test_an_exception_right_after_the_temporary_file_appears_removes_it(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_stale_temporary_checkpoint_files_are_removed_and_nothing_else(tmp_path):
+def test_stale_temporary_files_of_atomic_writes_are_removed_and_nothing_else(tmp_path):
     from models.checkpoint import remove_stale_temp_files
 
-    names = [".last.pt.1a2b3c4d.tmp", ".best.pt.00ff00ff.tmp", "last.pt", ".notes.tmp", "metrics.jsonl"]
+    names = [".last.pt.1a2b3c4d.tmp", ".best.pt.00ff00ff.tmp", ".metrics.jsonl.0a1b2c3d.tmp", "last.pt",
+             ".notes.tmp", ".notes.draft.tmp", "metrics.jsonl"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     remove_stale_temp_files(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.draft.tmp", ".notes.tmp", "last.pt",
+                                                          "metrics.jsonl"]
