@@ -209,7 +209,6 @@ def decode_rgb(path: Path) -> torch.Tensor:
     # torchvision is imported where it is used: its import takes about 1 s (it loads torch._dynamo),
     # which every command that reads no image file (CIFAR runs, --help, a refused config) would pay.
     from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms import v2
     try:
         image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as err:
@@ -219,6 +218,7 @@ def decode_rgb(path: Path) -> torch.Tensor:
         raise DatasetFormatError(f"cannot decode image {path}: {reason}; re-download or remove it.") from err
     # 16-bit PNGs decode to uint16: scale them to uint8 so every image takes the same path.
     if image.dtype != torch.uint8:
+        from torchvision.transforms import v2
         image = v2.functional.to_dtype(image, torch.uint8, scale=True)
     return image
 
