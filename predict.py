@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from config.cli import USER_ERROR_STATUS, OneLineParser, exit_on_user_error
+from config.cli import USER_ERROR_STATUS, OneLineParser, run_program
 from config.schema import DataConfig
 from data.build import NORMALIZATION
 from data.build_files import FILE_DATASETS
@@ -112,4 +112,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main, debug="--debug" in sys.argv[1:])
+    run_program(main, debug="--debug" in sys.argv[1:])

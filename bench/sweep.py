@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.compare_runs import pct  # noqa: E402
 from bench.methods_table import VAL_PER_CLASS, method_configs, parse_with_overrides, short_schedule  # noqa: E402
 from bench.report_figures import MARKERS, legend_below, log_axis, save  # noqa: E402
-from config.cli import OneLineParser, exit_on_user_error, nothing_left_of_a_refused_run, test, user_errors  # noqa: E402
+from config.cli import OneLineParser, nothing_left_of_a_refused_run, run_program, test, user_errors  # noqa: E402
 from config.load import load_config  # noqa: E402
 from config.schema import Config  # noqa: E402
 from stage1_train import main as stage1_main  # noqa: E402
@@ -135,7 +135,7 @@ def main() -> None:
         method_configs(args.configs, args.methods)
     except ValueError as e:
         p.error(str(e))
-    exit_on_user_error(lambda: sweep(args))
+    run_program(lambda: sweep(args))
 
 
 if __name__ == "__main__":

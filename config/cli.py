@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -187,6 +188,25 @@ def exit_on_user_error(command: Callable[[], object], debug: bool = False) -> No
         raise SystemExit(128 + signal.SIGINT) from None
 
 
+def run_program(command: Callable[[], object], debug: bool = False) -> None:
+    """A command-line program's top: exit_on_user_error, then signals end the process at once.
+
+    Once `command` has returned or raised, its work is saved; a signal now lands while the interpreter
+    shuts down, inside some finaliser (a second Ctrl-C 50 ms after the first, which has just stopped the
+    run). Raising there, as StopRequest or Python's Ctrl-C do, prints that finaliser's traceback; this
+    writes one line and exits with 128 + the signal instead."""
+    try:
+        exit_on_user_error(command, debug)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _exit_at_once)
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    os.write(2, f"{signal.Signals(signum).name} while exiting: stopped at once\n".encode())
+    os._exit(128 + signum)
+
+
 def log_to_files(message: str) -> None:
     """`message` as an ERROR record into the file handlers of the root logger (train.log): stderr has it already."""
     record = logging.makeLogRecord({"name": "cli", "levelno": logging.ERROR, "levelname": "ERROR", "msg": message})
@@ -231,4 +251,4 @@ def run_cli(stage: str, description: str, main: Callable[..., dict]) -> None:
             else:
                 main(cfg, resume=args.resume)
 
-    exit_on_user_error(command, args.debug)
+    run_program(command, args.debug)

@@ -185,6 +185,38 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
                                        "written, if any\n")
 
 
+# The program's first Ctrl-C stops the run, which saves and exits; the second lands while the interpreter
+# shuts down (here an atexit callback sends it, as CI's test_signals did by chance 50 ms after the first).
+SECOND_CTRL_C_WHILE_EXITING = """
+import atexit, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from config.cli import run_program
+from engine.run import StopRequest
+
+def second_ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+    print("the exit went on after the second Ctrl-C", flush=True)
+
+def command():
+    stop = StopRequest().install()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop()
+    atexit.register(second_ctrl_c)
+    raise SystemExit(128 + signal.SIGINT)
+
+run_program(command)
+"""
+
+
+def test_a_signal_while_the_program_exits_ends_it_at_once_with_one_line_and_no_traceback():
+    proc = subprocess.run([sys.executable, "-c", SECOND_CTRL_C_WHILE_EXITING, str(REPO)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines()[-1] == "SIGINT while exiting: stopped at once", proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_on_resume_rank_0_alone_drops_the_metric_lines_after_last_pt(tmp_path, monkeypatch, rank):
     # Each rank rewriting metrics.jsonl could read it while another had emptied it: a two-process
