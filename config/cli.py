@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -194,12 +194,15 @@ def run_program(command: Callable[[], object], debug: bool = False) -> None:
     Once `command` has returned or raised, its work is saved; a signal now lands while the interpreter
     shuts down, inside some finaliser (a second Ctrl-C 50 ms after the first, which has just stopped the
     run). Raising there, as StopRequest or Python's Ctrl-C do, prints that finaliser's traceback; this
-    writes one line and exits with 128 + the signal instead."""
+    writes one line and exits with 128 + the signal instead. What the program printed is flushed first
+    (predict.py's lines in a pipe): exiting at once skips the interpreter's own flush."""
     try:
         exit_on_user_error(command, debug)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _exit_at_once)
+        with suppress(OSError, ValueError):  # a closed pipe or stream: the interpreter's exit reports it
+            sys.stdout.flush()
 
 
 def _exit_at_once(signum: int, frame: object) -> None:

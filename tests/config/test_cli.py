@@ -1,5 +1,6 @@
 """The shared command line: options and overrides in any order, and user errors as one line."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,6 +199,7 @@ def second_ctrl_c():
     print("the exit went on after the second Ctrl-C", flush=True)
 
 def command():
+    print("the run's output")  # left in the pipe's buffer: exiting at once must not lose it
     stop = StopRequest().install()
     os.kill(os.getpid(), signal.SIGINT)
     assert stop()
@@ -208,11 +210,12 @@ run_program(command)
 """
 
 
-def test_a_signal_while_the_program_exits_ends_it_at_once_with_one_line_and_no_traceback():
+def test_a_signal_while_the_program_exits_ends_it_at_once_with_one_line_no_traceback_and_its_output():
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout a buffered pipe
     proc = subprocess.run([sys.executable, "-c", SECOND_CTRL_C_WHILE_EXITING, str(REPO)], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=buffered)
     assert proc.returncode == 130, proc.stderr
-    assert proc.stdout == ""
+    assert proc.stdout == "the run's output\n"
     assert proc.stderr.splitlines()[-1] == "SIGINT while exiting: stopped at once", proc.stderr
     assert "Traceback" not in proc.stderr
 
