@@ -12,11 +12,13 @@ data/autoaugment.py). Every random draw comes from the CPU generator passed in, 
 order per call (crop offsets (B, 2), flip coins (B,), AutoAugment's sub-policies (B,), op
 coins (B, 2) and signs (B, 2), cutout centres (B, 2); draws of disabled ops are skipped), so
 the same generator state gives the same output on any device, and the global torch RNG seen
-by the caller is left untouched. The draws reach the device with non-blocking copies (no
-step waits for the GPU), and everything of the size of the images (gather indices, masks)
-is built there: on a GPU the host's work per image is only its few draws.
+by the caller is left untouched. The draws, a few integers per image, reach the device in one
+non-blocking copy per call (no step waits for the GPU), and everything of the size of the
+images (gather indices, masks) is built there: on a GPU the host's work per image is only its
+few draws.
 """
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data.autoaugment import BatchAutoAugment
+from data.autoaugment import apply_plan, draw_plan, group_sizes, plan_codes
+from data.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,11 @@ CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+
+# Columns of the (B, 9) int64 draws of a call: crop row and column offsets, mirror (0/1),
+# AutoAugment's codes (data.autoaugment.plan_codes, two slots of op and magnitude), the cutout
+# hole's top row and left column (before clipping). Columns of disabled ops stay 0.
+_CROP, _MIRROR, _AUTOAUGMENT, _CUTOUT = slice(0, 2), 2, slice(3, 7), slice(7, 9)
 
 # Grey fill for pixels that shear/translate/rotate move in from outside the image, as in
 # the DeepVoltaire CIFAR10Policy used by the BALMS / Decoupling code (fillcolor=128).
@@ -87,13 +95,13 @@ class BatchAugment:
         self.crop_padding = crop_padding
         self.flip = flip
         self.cutout = cutout
-        self._autoaugment = BatchAutoAugment(_AUTOAUGMENT_FILL) if autoaugment else None
+        self.autoaugment = autoaugment
         logger.debug("built %r", self)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(crop_padding={self.crop_padding}, flip={self.flip}, "
-            f"autoaugment={self._autoaugment is not None}, cutout={self.cutout})"
+            f"autoaugment={self.autoaugment}, cutout={self.cutout})"
         )
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
@@ -108,20 +116,43 @@ class BatchAugment:
                 f"generator must be a torch.Generator, got {type(generator).__name__}; "
                 "pass the training loop's generator so runs are reproducible"
             )
+        b, _, h, w = images.shape
+        draws, sizes = self._draw(b, h, w, generator)
+        draws = to_device(draws, images.device)
         out = images
         if self.crop_padding > 0 or self.flip:
-            out = self._crop_flip(out, generator)
-        if self._autoaugment is not None:
-            out = self._autoaugment(out, generator)
+            out = self._crop_flip(out, draws[:, _CROP], draws[:, _MIRROR])
+        if self.autoaugment:
+            out = apply_plan(out, draws[:, _AUTOAUGMENT].reshape(b, 2, 2), sizes, _AUTOAUGMENT_FILL)
         if self.cutout > 0:
-            out = self._cutout(out, generator)
+            out = self._cutout(out, draws[:, _CUTOUT])
         return out
 
-    def _crop_flip(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """Pad once, then one gather with per-image source indices does crop and flip.
+    def _draw(self, b: int, h: int, w: int, generator: torch.Generator) -> tuple[Tensor, list[list[int]]]:
+        """Every draw of a call, in the fixed order, as (B, 9) int64 on the CPU; and AutoAugment's
+        group sizes (data.autoaugment.group_sizes; empty when it is off)."""
+        draws = torch.zeros(b, 9, dtype=torch.int64)
+        sizes: list[list[int]] = []
+        if self.crop_padding > 0:
+            draws[:, _CROP] = torch.randint(0, 2 * self.crop_padding + 1, (b, 2), generator=generator)
+        if self.flip:
+            draws[:, _MIRROR] = torch.rand(b, generator=generator) < 0.5
+        if self.autoaugment:
+            codes = plan_codes(draw_plan(b, generator))
+            draws[:, _AUTOAUGMENT] = codes.view(b, 4)
+            sizes = group_sizes(codes)
+        if self.cutout > 0:
+            centre_y = torch.randint(0, h, (b,), generator=generator)
+            centre_x = torch.randint(0, w, (b,), generator=generator)
+            draws[:, _CUTOUT] = torch.stack((centre_y, centre_x), 1) - self.cutout // 2
+        return draws, sizes
 
-        Only the draws, O(B) numbers, are made on the host; the (B, H*W) gather index is built
-        on the images' device, so a large batch costs the host no per-pixel work or copy.
+    def _crop_flip(self, images: Tensor, offsets: Tensor, mirror: Tensor) -> Tensor:
+        """Pad once, then one gather with per-image source indices does crop and flip; `offsets`
+        (B, 2) and `mirror` (B,) are the call's draws on the images' device.
+
+        The (B, H*W) gather index is built on the images' device, so a large batch costs the host
+        no per-pixel work or copy.
         """
         b, c, h, w = images.shape
         p = self.crop_padding
@@ -131,32 +162,27 @@ class BatchAugment:
         rows = torch.arange(h, device=device).expand(b, h)
         cols = torch.arange(w, device=device).expand(b, w)
         if p > 0:
-            offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=generator).to(device, non_blocking=True)
             rows = rows + offsets[:, :1]
             cols = cols + offsets[:, 1:]
-        if self.flip:
-            mirror = (torch.rand(b, generator=generator) < 0.5).to(device, non_blocking=True)
-            # Flipping the cropped window reverses its column order.
-            cols = torch.where(mirror[:, None], cols.flip(1), cols)
+        if self.flip:  # flipping the cropped window reverses its column order
+            cols = torch.where(mirror[:, None].bool(), cols.flip(1), cols)
         padded = F.pad(images, (p, p, p, p)) if p > 0 else images
         # Flat index into each padded image plane: (B, H*W), shared by the C channels.
         flat_index = (rows[:, :, None] * padded_w + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
         out = torch.gather(padded.reshape(b, c, -1), 2, flat_index)
         return out.reshape(b, c, h, w)
 
-    def _cutout(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """Zero one square of side `cutout` per image, centre uniform, clipped at borders.
+    def _cutout(self, images: Tensor, corner: Tensor) -> Tensor:
+        """Zero one square of side `cutout` per image whose top-left corner is `corner` (B, 2) on
+        the images' device, clipped at the borders.
 
-        The hole spans rows [cy - L//2, cy - L//2 + L) before clipping, so it has side L
-        for odd L too (DeVries & Taylor's code gives L - 1 for odd L) and always
-        contains its centre pixel. As for the crop, only the centres are drawn on the host.
+        The centre is drawn uniformly over the image and the hole spans rows [cy - L//2,
+        cy - L//2 + L) before clipping, so it has side L for odd L too (DeVries & Taylor's code
+        gives L - 1 for odd L) and always contains its centre pixel.
         """
         b, _, h, w = images.shape
         length = self.cutout
         device = images.device
-        centre_y = torch.randint(0, h, (b, 1), generator=generator)
-        centre_x = torch.randint(0, w, (b, 1), generator=generator)
-        corner = (torch.cat((centre_y, centre_x), 1) - length // 2).to(device, non_blocking=True)  # (B, 2)
         top, left = corner[:, :1], corner[:, 1:]
         ys = torch.arange(h, device=device)
         xs = torch.arange(w, device=device)
@@ -183,7 +209,11 @@ def normalize(images_uint8: Tensor, mean: Sequence[float], std: Sequence[float])
         )
     if any(s <= 0 for s in std):
         raise ValueError(f"std values must be positive, got {tuple(std)}")
-    # Built on the CPU and copied without blocking: torch.tensor(..., device=cuda) waits for the GPU.
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(images_uint8.device, non_blocking=True)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(images_uint8.device, non_blocking=True)
+    mean_t, std_t = _channel_constants(tuple(map(float, mean)), tuple(map(float, std)), images_uint8.device)
     return (images_uint8.float().div_(255.0) - mean_t).div_(std_t)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """mean and std as (C, 1, 1) fp32 on `device`, copied there once, not on every call."""
+    return tuple(to_device(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1), device) for v in (mean, std))

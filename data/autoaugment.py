@@ -4,8 +4,11 @@ torchvision's `v2.AutoAugment` transforms one image per call and draws from the 
 GPU, a batch of 512 costs 512 x (a dozen small kernels + Python), about 130 ms on an H200 against
 10 ms for the ResNet-32 step itself. Here every image of the batch gets its own sub-policy, coins
 and signs, drawn at once from the caller's CPU generator, and each op runs once per batch on the
-images that drew it, with per-image magnitudes as tensors: about ten batched calls per op slot,
-no host-device synchronisation (index and parameter tensors are copied with non_blocking=True).
+images that drew it, with per-image magnitudes as tensors: about ten batched calls per op slot.
+The host draws the plan and encodes it as a few integers per image (`plan_codes`); the device
+sorts the images by op and takes each op's images as one slice of that order, with magnitudes and
+warp matrices looked up in tables kept on the device, so a chunk costs one small copy to the
+device, no per-image host work and no wait for the GPU.
 
 The policy table, magnitude bins, sign rule and op definitions are torchvision's (`v2.AutoAugment`
 with the CIFAR10 policy, nearest interpolation); the tests check each op against torchvision's own
@@ -21,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from data.transfer import to_device
 
 # The 25 sub-policies of Cubuk et al. 2019 (reduced CIFAR-10): two (op, probability, magnitude bin)
 # each, in torchvision's order; a bin of None means the op takes no magnitude.
@@ -76,13 +81,6 @@ def magnitudes(op: str, height: int, width: int) -> Tensor | None:
     return table[op]() if op in table else None
 
 
-@functools.lru_cache
-def _policy_magnitudes(height: int, width: int) -> dict[str, tuple[float, ...] | None]:
-    """The magnitude bins of every op of the policy for (height, width) images, built once per size."""
-    ops = {op for sub in CIFAR10_POLICY for op, _, _ in sub}
-    return {op: None if (m := magnitudes(op, height, width)) is None else tuple(float(v) for v in m) for op in ops}
-
-
 def inverse_affine(op: str, magnitude: float, height: int, width: int) -> list[float]:
     """Row-major 2x3 inverse affine matrix (output pixel -> input pixel, origin at the image centre)
     of a geometric op, as torchvision's affine/rotate build it for AutoAugment."""
@@ -110,10 +108,6 @@ def inverse_affine(op: str, magnitude: float, height: int, width: int) -> list[f
     return m
 
 
-# Geometric ops take one of NUM_BINS magnitudes, with either sign: a few dozen distinct matrices.
-_cached_inverse_affine = functools.lru_cache(maxsize=None)(inverse_affine)
-
-
 def warp(images: Tensor, thetas: Tensor, fill: int) -> Tensor:
     """Nearest-neighbour warp of uint8 (B, C, H, W) by per-image inverse matrices (B, 2, 3) fp32;
     pixels from outside the image get `fill`."""
@@ -123,7 +117,7 @@ def warp(images: Tensor, thetas: Tensor, fill: int) -> Tensor:
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=device))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=device).unsqueeze(-1))
     base[..., 2].fill_(1)
-    scale = torch.tensor([0.5 * w, 0.5 * h]).to(device, non_blocking=True)
+    scale = to_device(torch.tensor([0.5 * w, 0.5 * h]), device)
     rescaled = thetas.transpose(1, 2) / scale  # (B, 3, 2), to grid_sample's [-1, 1] units
     grid = base.view(1, h * w, 3).expand(b, h * w, 3).bmm(rescaled).view(b, h, w, 2)
     # A channel of ones marks the pixels that came from inside the image.
@@ -189,34 +183,90 @@ def draw_plan(batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor, T
     return policy, torch.rand(batch, 2, generator=generator), torch.rand(batch, 2, generator=generator)
 
 
+# Op codes: the policy's non-geometric ops, then its geometric ones (so that, with the images sorted
+# by code, every geometric op of a slot is one slice, warped in one call), each part in name order.
+# NO_OP: the image's coin said no. A magnitude code is bin * 2 + (1 if the magnitude is negated).
+_POLICY_OPS = {op for sub in CIFAR10_POLICY for op, _, _ in sub}
+OPS: tuple[str, ...] = tuple(sorted(_POLICY_OPS - GEOMETRIC)) + tuple(sorted(_POLICY_OPS & GEOMETRIC))
+FIRST_GEOMETRIC = len(_POLICY_OPS - GEOMETRIC)
+NO_OP = len(OPS)
+CODES_PER_OP = 2 * NUM_BINS
+
+
 @functools.lru_cache
-def _slot_table(slot: int, height: int, width: int) -> tuple[tuple[str, ...], Tensor, Tensor, Tensor, Tensor]:
-    """Slot `slot` of every sub-policy as tensors indexed by sub-policy: op names, op index (25,),
-    probability (25,) fp64, unsigned magnitude (25,) fp64 (0 for ops without one), signed (25,)."""
-    names = tuple(sorted({op for sub in CIFAR10_POLICY for op, _, _ in sub}))
-    tables = _policy_magnitudes(height, width)
+def _slot_table(slot: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Slot `slot` of every sub-policy as tensors indexed by sub-policy: op code (25,), probability
+    (25,) fp64, magnitude bin (25,) (0 for ops without one), signed (25,)."""
     rows = [sub[slot] for sub in CIFAR10_POLICY]
-    return (names, torch.tensor([names.index(op) for op, _, _ in rows]),
-            torch.tensor([p for _, p, _ in rows], dtype=torch.float64),
-            torch.tensor([0.0 if tables[op] is None else tables[op][b] for op, _, b in rows], dtype=torch.float64),
-            torch.tensor([op in SIGNED for op, _, _ in rows]))
+    return (torch.tensor([OPS.index(op) for op, _, _ in rows]), torch.tensor([p for _, p, _ in rows], dtype=torch.float64),
+            torch.tensor([b or 0 for _, _, b in rows]), torch.tensor([op in SIGNED for op, _, _ in rows]))
 
 
-def slot_ops(plan: tuple[Tensor, Tensor, Tensor], slot: int, height: int,
-             width: int) -> dict[str, tuple[list[int], list[float]]]:
-    """{op: (image indices, signed magnitudes)} of the ops that run in slot 0 or 1 of a plan,
-    in op-name order. Vectorised over the images: a host cost per op, not per image."""
+def plan_codes(plan: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """(B, 2, 2) int64 codes of a plan (draw_plan): for image i and slot k, [i, k, 0] is the code
+    of the op it runs (NO_OP when its coin is above the op's probability, compared in fp64 as
+    Python would) and [i, k, 1] its magnitude code (a signed op's magnitude is negated when the
+    sign coin is <= 0.5, torchvision's rule)."""
     policy, coins, signs = plan
-    names, op_index, probability, magnitude, signed = _slot_table(slot, height, width)
-    ops = op_index[policy]
-    runs = coins[:, slot].double() <= probability[policy]  # coin <= p, compared in fp64 as Python would
-    mags = magnitude[policy]
-    mags = torch.where(signed[policy] & (signs[:, slot] <= 0.5), -mags, mags)
-    groups: dict[str, tuple[list[int], list[float]]] = {}
-    for k in ops[runs].unique().tolist():
-        idx = torch.nonzero(runs & (ops == k)).flatten()
-        groups[names[k]] = (idx.tolist(), mags[idx].tolist())
-    return groups
+    codes = torch.empty(len(policy), 2, 2, dtype=torch.int64)
+    for slot in (0, 1):
+        op, probability, bins, signed = _slot_table(slot)
+        runs = coins[:, slot].double() <= probability[policy]
+        codes[:, slot, 0] = torch.where(runs, op[policy], NO_OP)
+        codes[:, slot, 1] = bins[policy] * 2 + (signed[policy] & (signs[:, slot] <= 0.5))
+    return codes
+
+
+def group_sizes(codes: Tensor) -> list[list[int]]:
+    """Images per op code (NO_OP last) in each slot of host `codes` (plan_codes): the slices of the
+    device's sorted order, known on the host without reading anything back."""
+    return [torch.bincount(codes[:, slot, 0], minlength=NO_OP + 1).tolist() for slot in (0, 1)]
+
+
+@functools.lru_cache
+def code_tables(height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Indexed by op code * CODES_PER_OP + magnitude code: the signed magnitude ((NO_OP + 1) *
+    CODES_PER_OP,) fp32 (0 for ops without one) and, for geometric ops, the inverse affine matrix
+    (..., 2, 3) fp32 in pixel units (zeros for the others)."""
+    mags = torch.zeros(NO_OP + 1, NUM_BINS, 2, dtype=torch.float64)
+    thetas = torch.zeros(NO_OP + 1, NUM_BINS, 2, 6)
+    for k, op in enumerate(OPS):
+        table = magnitudes(op, height, width)
+        for b in range(NUM_BINS if table is not None else 0):
+            for negated, m in enumerate((float(table[b]), -float(table[b]))):
+                mags[k, b, negated] = m
+                if op in GEOMETRIC:
+                    thetas[k, b, negated] = torch.tensor(inverse_affine(op, m, height, width))
+    return mags.float().flatten(), thetas.view(-1, 2, 3)
+
+
+@functools.lru_cache
+def _device_code_tables(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """code_tables on `device`, copied there once."""
+    return tuple(t.to(device) for t in code_tables(height, width))
+
+
+def apply_plan(images: Tensor, codes: Tensor, sizes: list[list[int]], fill: int) -> Tensor:
+    """AutoAugment of uint8 images (B, C, H, W) by the plan encoded in `codes` (B, 2, 2) on the
+    images' device (plan_codes), with `sizes` its group_sizes; the input is not written."""
+    _, _, h, w = images.shape
+    mag_table, theta_table = _device_code_tables(h, w, images.device)
+    out = images.clone()
+    for slot in (0, 1):
+        op = codes[:, slot, 0]
+        key = op * CODES_PER_OP + codes[:, slot, 1]  # (B,) row of the tables
+        order = torch.argsort(op, stable=True)  # images grouped by op, in index order within a group
+        start = 0
+        for name, size in zip(OPS[:FIRST_GEOMETRIC], sizes[slot]):
+            if size:
+                idx = order[start : start + size]
+                out.index_copy_(0, idx, apply_op(name, out.index_select(0, idx), mag_table[key[idx]]))
+            start += size
+        geometric = sum(sizes[slot][FIRST_GEOMETRIC:NO_OP])
+        if geometric:  # one warp for every geometric op of the slot
+            idx = order[start : start + geometric]
+            out.index_copy_(0, idx, warp(out.index_select(0, idx), theta_table[key[idx]], fill))
+    return out
 
 
 class BatchAutoAugment:
@@ -227,23 +277,5 @@ class BatchAutoAugment:
         self.fill = fill
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        b, _, h, w = images.shape
-        device = images.device
-        plan = draw_plan(b, generator)
-        out = images.clone()
-        for slot in (0, 1):
-            geometric_idx: list[int] = []
-            thetas: list[list[float]] = []
-            for op, (idx, mags) in slot_ops(plan, slot, h, w).items():
-                if op in GEOMETRIC:  # one warp for every geometric op of the slot
-                    geometric_idx += idx
-                    thetas += [_cached_inverse_affine(op, m, h, w) for m in mags]
-                    continue
-                index = torch.tensor(idx).to(device, non_blocking=True)
-                mag = torch.tensor(mags, dtype=torch.float32).to(device, non_blocking=True)
-                out.index_copy_(0, index, apply_op(op, out.index_select(0, index), mag))
-            if geometric_idx:
-                index = torch.tensor(geometric_idx).to(device, non_blocking=True)
-                theta = torch.tensor(thetas, dtype=torch.float32).view(-1, 2, 3).to(device, non_blocking=True)
-                out.index_copy_(0, index, warp(out.index_select(0, index), theta, self.fill))
-        return out
+        codes = plan_codes(draw_plan(len(images), generator))
+        return apply_plan(images, to_device(codes, images.device), group_sizes(codes), self.fill)

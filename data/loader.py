@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from data.augment import normalize
+from data.transfer import to_device
 
 
 # The independent random streams of a run, each seeded by (seed, epoch or view, stream), so that no
@@ -99,7 +100,7 @@ class BatchLoader:
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = epoch_generator(self.seed, epoch)
-        order = self.sampler.indices(epoch, gen).to(self.images.device, non_blocking=True)  # one copy per epoch
+        order = to_device(self.sampler.indices(epoch, gen), self.images.device)  # one copy per epoch
         aug_gen = gen if self.world == 1 else epoch_generator(self.seed, epoch, SHARD_AUGMENT_STREAM + self.rank)
         steps = len(self)
         for first in range(0, steps, self.steps_per_chunk):

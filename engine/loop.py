@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data.augment import normalize
+from data.transfer import to_device
 from engine.device import autocast, grad_scaler
 from engine.distributed import Dist, gather_rows, sum_over_ranks
 from engine.metrics import confusion_matrix, summarize
@@ -65,7 +66,7 @@ def train_one_epoch(
         lam, y_b = 1.0, y
         if mixup_alpha > 0:
             lam = float(mixup_rng.beta(mixup_alpha, mixup_alpha))
-            perm = torch.from_numpy(mixup_rng.permutation(len(y))).to(y.device, non_blocking=True)
+            perm = to_device(torch.from_numpy(mixup_rng.permutation(len(y))), y.device)
             x, y_b = lam * x + (1 - lam) * x[perm], y[perm]
         optimizer.zero_grad(set_to_none=True)
         chunks = max(1, min(accum_steps, len(y) // 2))  # no micro-batch of one image (BatchNorm)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from data.autoaugment import (CIFAR10_POLICY, GEOMETRIC, NUM_BINS, SIGNED, BatchAutoAugment, apply_op,
-                              draw_plan, inverse_affine, magnitudes, slot_ops, warp)
+from data.autoaugment import (CIFAR10_POLICY, CODES_PER_OP, GEOMETRIC, NO_OP, NUM_BINS, OPS, SIGNED, BatchAutoAugment,
+                              apply_op, code_tables, draw_plan, group_sizes, inverse_affine, magnitudes, plan_codes,
+                              warp)
 
 FILL = 128
 REFERENCE = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=FILL)
@@ -38,6 +39,18 @@ def _ours(images: torch.Tensor, op: str, mags: list[float]) -> torch.Tensor:
         thetas = torch.tensor([inverse_affine(op, m, h, w) for m in mags]).view(-1, 2, 3)
         return warp(images, thetas, FILL)
     return apply_op(op, images, torch.tensor(mags, dtype=torch.float32))
+
+
+def slot_ops(plan, slot: int) -> dict[str, tuple[list[int], list[float]]]:
+    """{op: (image indices, signed fp32 magnitudes)} that the codes of a plan (32x32 images) say run in
+    `slot`, decoded image by image through the magnitude table."""
+    mags, _ = code_tables(32, 32)
+    groups: dict[str, tuple[list[int], list[float]]] = {}
+    for i, (op, code) in enumerate(plan_codes(plan)[:, slot].tolist()):
+        if op != NO_OP:
+            groups.setdefault(OPS[op], ([], []))[0].append(i)
+            groups[OPS[op]][1].append(float(mags[op * CODES_PER_OP + code]))
+    return groups
 
 
 def test_the_policy_table_is_torchvisions_cifar10_policy():
@@ -81,7 +94,7 @@ def test_a_whole_batch_equals_torchvision_ops_applied_per_image_with_the_same_dr
     plan = draw_plan(len(images), torch.Generator().manual_seed(3))
     expected, blended = images.clone(), set()
     for slot in (0, 1):
-        for op, (idx, mags) in slot_ops(plan, slot, 32, 32).items():
+        for op, (idx, mags) in slot_ops(plan, slot).items():
             for i, m in zip(idx, mags):
                 expected[i] = _reference(expected[i], op, m)
             blended |= set(idx) if op in BLENDS else set()
@@ -97,7 +110,7 @@ def test_ops_run_with_their_probabilities_and_sub_policies_are_uniform():
     policy, coins, signs = draw_plan(n, torch.Generator().manual_seed(0))
     counts = torch.bincount(policy, minlength=len(CIFAR10_POLICY)).float()
     assert (counts / n - 1 / len(CIFAR10_POLICY)).abs().max() < 0.006
-    runs = {slot: slot_ops((policy, coins, signs), slot, 32, 32) for slot in (0, 1)}
+    runs = {slot: slot_ops((policy, coins, signs), slot) for slot in (0, 1)}
     # Slot 0 of sub-policy 1 is Rotate with p = 0.7: the images that drew it run it 70% of the time.
     drew = int((policy == 1).sum())
     rotated = len(runs[0]["Rotate"][0])
@@ -110,10 +123,10 @@ def test_ops_run_with_their_probabilities_and_sub_policies_are_uniform():
 
 
 @pytest.mark.parametrize("slot", [0, 1])
-def test_slot_ops_gives_each_image_the_op_coin_and_signed_magnitude_its_sub_policy_says(slot):
-    """The vectorised grouping against the policy read image by image: op k of image i runs when
-    its coin <= the probability (compared in fp64), and a signed magnitude is negated when its
-    sign coin <= 0.5."""
+def test_the_codes_give_each_image_the_op_coin_and_signed_magnitude_its_sub_policy_says(slot):
+    """The vectorised codes and magnitude table against the policy read image by image: op k of
+    image i runs when its coin <= the probability (compared in fp64), and a signed magnitude is
+    negated when its sign coin <= 0.5 (fp32, as the ops take it)."""
     policy, coins, signs = draw_plan(3000, torch.Generator().manual_seed(11))
     expected: dict[str, tuple[list[int], list[float]]] = {}
     for i in range(len(policy)):
@@ -123,9 +136,28 @@ def test_slot_ops_gives_each_image_the_op_coin_and_signed_magnitude_its_sub_poli
             mag = 0.0 if table is None else float(table[bin_])
             mag = -mag if op in SIGNED and float(signs[i, slot]) <= 0.5 else mag
             expected.setdefault(op, ([], []))[0].append(i)
-            expected[op][1].append(mag)
-    got = slot_ops((policy, coins, signs), slot, 32, 32)
-    assert got == expected and list(got) == sorted(got)
+            expected[op][1].append(float(torch.tensor(mag, dtype=torch.float32)))
+    got = slot_ops((policy, coins, signs), slot)
+    assert got == expected
+    sizes = group_sizes(plan_codes((policy, coins, signs)))[slot]
+    assert sizes == [len(got.get(op, ([], []))[0]) for op in OPS] + [len(policy) - sum(sizes[:-1])]
+
+
+def test_geometric_ops_come_last_so_that_one_slice_of_the_sorted_images_holds_them():
+    first = next(k for k, op in enumerate(OPS) if op in GEOMETRIC)
+    assert all(op in GEOMETRIC for op in OPS[first:]) and not any(op in GEOMETRIC for op in OPS[:first])
+
+
+def test_the_matrix_table_holds_each_geometric_ops_inverse_affine_for_both_signs():
+    mags, thetas = code_tables(24, 32)
+    for k, op in enumerate(OPS):
+        for code in range(CODES_PER_OP):
+            row = k * CODES_PER_OP + code
+            m = float(magnitudes(op, 24, 32)[code // 2]) if op not in ("AutoContrast", "Equalize", "Invert") else 0.0
+            m = -m if code % 2 else m
+            assert mags[row] == torch.tensor(m, dtype=torch.float32)
+            expected = torch.tensor(inverse_affine(op, m, 24, 32)).view(2, 3) if op in GEOMETRIC else torch.zeros(2, 3)
+            assert torch.equal(thetas[row], expected)
 
 
 def test_the_input_batch_is_not_written_and_the_generator_alone_decides():
