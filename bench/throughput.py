@@ -12,7 +12,11 @@ batch-by-batch path) and, with --compile, train.compile), in one run:
   normalised batch already on the device, same batch size and precision. ratio = train / pure.
 - eval: images/s of predict_logits on the CIFAR-10 test images (uint8, moved and normalised per
   batch) against forward passes on a random batch already on the device. ratio = eval / pure.
-The ratios say how much the data pipeline costs; 1.0 means none.
+The ratios say how much the data pipeline costs; 1.0 means none. `load ms` is the host's time per
+training step inside the loader (gathering, augmenting, normalising the batches): on the CPU the
+augmentation itself, on a GPU only the queueing of its kernels. On a GPU, a load time close to the
+gap between the real and the pure step times (batch / rate) says that the host thread, not the GPU,
+limits training.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import sys
 import time
 from itertools import islice
 from pathlib import Path
+from typing import Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,9 +60,23 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def timed_iter(batches: Iterable, seconds: list[float]) -> Iterator:
+    """The items of `batches`, adding the time spent producing each to seconds[0]."""
+    it = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        seconds[0] += time.perf_counter() - start
+        yield item
+
+
 def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, steps,
-                warmup) -> tuple[float, float, int]:
-    """(real-path images/s, pure-model images/s, images per augmentation call) of stage-1 training steps."""
+                warmup) -> tuple[float, float, int, float]:
+    """(real-path images/s, pure-model images/s, images per augmentation call, host ms per real step
+    spent in the loader) of stage-1 training steps."""
     torch.manual_seed(0)
     model = build_model("resnet32", 10)
     if channels_last:
@@ -71,10 +90,12 @@ def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, s
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), batch, sampler,
                          BatchAugment(4, True, True, 16), data.mean, data.std, 0, channels_last, augment_chunk=chunk)
 
+    load_seconds = [0.0]
+
     def real(n: int, epoch: int) -> int:  # n steps, running into the next epochs when one ends; images seen
         batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count(epoch))
-        return train_one_epoch(run_model, islice(batches, n), n, loss_fn, optimizer, scheduler, amp=amp,
-                               scaler=scaler, desc="real")["sums"][2]
+        return train_one_epoch(run_model, timed_iter(islice(batches, n), load_seconds), n, loss_fn, optimizer,
+                               scheduler, amp=amp, scaler=scaler, desc="real")["sums"][2]
 
     x = torch.randn(batch, 3, 32, 32, device=device)
     if channels_last:
@@ -92,10 +113,10 @@ def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, s
     # ends inside a chunk would carry all of the chunk's augmentation for part of its steps. The
     # pure model takes as many steps. (An epoch's last batch is smaller, hence the images counted.)
     steps = -(-steps // len(loader)) * len(loader)
-    seen = []
+    seen, load_seconds[0] = [], 0.0
     real_s = timed(lambda: seen.append(real(steps, 0)), device)
     pure_s = timed(lambda: pure(steps), device)
-    return seen[0] / real_s, steps * batch / pure_s, loader.steps_per_chunk * batch
+    return seen[0] / real_s, steps * batch / pure_s, loader.steps_per_chunk * batch, 1000 * load_seconds[0] / steps
 
 
 def eval_rates(test_images, device, batch, amp, channels_last, mean, std, repeats) -> tuple[float, float]:
@@ -150,16 +171,16 @@ def main() -> None:
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; ResNet-32, "
           f"crop + flip + AutoAugment + Cutout 16; {args.steps} timed steps, rounded up to whole epochs")
     print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'chunk':>6} {'compile':>7} {'train/s':>9} {'pure/s':>9} {'ratio':>6} "
-          f"{'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
+          f"{'load ms':>7} {'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
     best = 0.0
     settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, compiles)
     for batch, amp, channels_last, chunk, compile_model in settings:
         check_amp(device, amp)
-        train, pure, per_call = train_rates(data, device, batch, amp, channels_last, chunk, compile_model, args.steps,
+        train, pure, per_call, load_ms = train_rates(data, device, batch, amp, channels_last, chunk, compile_model, args.steps,
                                             args.warmup)
         ev, fwd = eval_rates(test_images, device, batch, amp, channels_last, data.mean, data.std, 1)
         print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {per_call:>6} {str(compile_model):>7} {train:>9.0f} {pure:>9.0f} "
-              f"{train / pure:>6.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
+              f"{train / pure:>6.2f} {load_ms:>7.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
         best = max(best, train if batch == PAPER_BATCH else 0.0)
     if best:
         print(f"paper stage-1 schedule ({PAPER_STEPS} x {PAPER_BATCH} images) at the best batch-{PAPER_BATCH} train "
