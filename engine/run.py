@@ -114,7 +114,10 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
     runlog=None (ranks other than 0): the same bookkeeping, nothing written. Weights that are no
     longer finite stop the run before anything is saved: the last checkpoint stays the last good one.
     """
-    bad = [k for k, v in payload.get("model", {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    floats = {k: v for k, v in payload.get("model", {}).items() if v.is_floating_point()}
+    # One flag per tensor, read back together: on a GPU, one wait rather than one per tensor (about 190 for ResNet-32).
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist() if floats else []
+    bad = [k for k, ok in zip(floats, finite) if not ok]
     if bad:
         raise FloatingPointError(f"the weights became NaN or infinite in epoch {progress.epoch} ({bad[0]} and "
                                  f"{len(bad) - 1} more); nothing of this epoch was saved: lower train.lr, or "

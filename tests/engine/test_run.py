@@ -80,8 +80,11 @@ def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved
     good = {"w": torch.ones(2)}
     end_epoch(tmp_path, runlog, progress, {}, _val(0.5), {"model": good}, 2)
     progress.epoch, progress.step = 2, 2
-    with pytest.raises(FloatingPointError, match="epoch 2 .*nothing of this epoch was saved"):
-        end_epoch(tmp_path, runlog, progress, {}, _val(0.9), {"model": {"w": torch.tensor([1.0, float("nan")])}}, 2)
+    # Integer buffers (BatchNorm's batch count) are skipped; the first tensor that went bad is named.
+    model = {"a": torch.ones(2), "count": torch.tensor(3), "w": torch.tensor([1.0, float("nan")]),
+             "v": torch.tensor([float("inf")])}
+    with pytest.raises(FloatingPointError, match=r"epoch 2 \(w and 1 more\); nothing of this epoch was saved"):
+        end_epoch(tmp_path, runlog, progress, {}, _val(0.9), {"model": model}, 2)
     for name in ("last.pt", "best.pt"):
         saved = torch.load(tmp_path / name, weights_only=True)
         assert saved["epoch"] == 1 and torch.equal(saved["model"]["w"], good["w"])
