@@ -5,13 +5,13 @@ import torch
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` (on the CPU) on `device`, copied without blocking.
+    """`tensor` on `device`, copied without blocking (the tensor itself when it is there already).
 
     On CUDA the copy starts from pinned memory: a non-blocking copy from pageable memory may wait
     for the stream's queued work first (CUDA stages it through a pinned buffer), which drains the
     GPU's queue behind the host. pin_memory() takes its buffer from PyTorch's caching host
     allocator, which keeps it until the copy is done.
     """
-    if device.type == "cuda":
+    if device.type == "cuda" and tensor.device.type == "cpu":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from data.augment import normalize
 from data.loader import epoch_generator
+from data.transfer import to_device
 from engine.loop import forward_each
 from engine.distributed import Dist, gather_rows, sum_over_ranks
 
@@ -100,7 +101,7 @@ class CachedFeatures:
 
     def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         k = torch.randint(self.views.shape[0], (len(indices),), generator=generator)
-        return self.views[k, indices].to(self.device, non_blocking=True).float()  # (B, D)
+        return to_device(self.views[k, indices], self.device).float()  # (B, D)
 
 
 class LiveFeatures:

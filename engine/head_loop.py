@@ -6,7 +6,6 @@ by a bilevel step (meta_sampler.meta_step) before the head's own step.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -14,6 +13,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data.transfer import to_device
+from engine.loop import FINITE_CHECK_EVERY
 from meta_sampler.learner import ClassSampler, balanced_batch
 from meta_sampler.meta_step import meta_step
 
@@ -61,8 +62,14 @@ def train_head_epoch(
         raise ValueError("give exactly one of index_batches (plain sampling) or meta (BALMS sampling)")
     head.train()
     batches = iter(index_batches) if index_batches is not None else None
-    total_loss, correct, seen, total_meta = carry
-    lr = optimizer.param_groups[0]["lr"]
+    device = next(head.parameters()).device
+    # As in engine.loop.train_one_epoch: the sums stay on the device and the losses are checked for
+    # NaN/inf every step on the CPU, every FINITE_CHECK_EVERY steps elsewhere (each check waits for it).
+    check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
+    sums = to_device(torch.tensor([carry[0], carry[1], carry[3]], dtype=torch.float64), device)  # loss, correct, meta
+    finite = torch.ones(2, dtype=torch.bool, device=device)  # loss, meta loss
+    no_meta_loss = torch.zeros((), device=device)
+    seen, lr = int(carry[2]), optimizer.param_groups[0]["lr"]
     for step in tqdm(range(steps), desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]
         if meta is None:
@@ -70,42 +77,50 @@ def train_head_epoch(
             if idx is None:
                 raise ValueError(f"index_batches ran out before {steps} steps: give at least as many batches as steps")
             x = features(idx, generator)
-            y = labels[idx].to(x.device)
+            y = to_device(labels[idx], x.device)
             logits = head(x)
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step_loss = loss.item()
+            step_loss, meta_loss = loss.detach(), no_meta_loss
         else:
             classes, weights = meta.sampler.sample_classes(batch_size, generator, meta.gumbel_tau)
             idx = meta.sampler.draw_images(classes, generator)
             x = features(idx, generator)
-            y = labels[idx].to(x.device)
+            y = to_device(labels[idx], x.device)
             with torch.no_grad():  # before meta_step changes the head, as the plain path's logits
                 logits = head(x)
             midx = balanced_batch(meta.meta_labels, meta.sampler.num_classes, meta.meta_batch_size, generator)
             # The sampler draws on the CPU; its weights carry theta's gradient to the head's device.
             out = meta_step(head, optimizer, meta.sampler, meta.optimizer, x, y, weights.to(x.device),
-                            meta.meta_features(midx, generator), meta.meta_labels[midx].to(x.device), loss_fn)
-            step_loss = out["loss"]
-            total_meta += out["meta_loss"] * len(y)
-        bad = [name for name, value in (("loss", step_loss), ("meta loss", out["meta_loss"] if meta else 0.0))
-               if not math.isfinite(value)]
-        if bad:
-            raise FloatingPointError(f"{desc}, step {step + 1}: the head's {bad[0]} became NaN or infinite (lr "
-                                     f"{lr:.4g}); nothing of this epoch was saved: lower train.lr"
-                                     + (" or meta_sampler.lr, or raise meta_sampler.gumbel_tau" if meta else ""))
+                            meta.meta_features(midx, generator), to_device(meta.meta_labels[midx], x.device), loss_fn)
+            step_loss, meta_loss = out["loss"], out["meta_loss"]
+        losses = torch.stack((step_loss, meta_loss)).double()
+        finite &= losses.isfinite()
+        if (step + 1) % check_every == 0:
+            _raise_unless_finite(*finite.tolist(), f"{desc}, step {step + 1}", lr, meta is not None)
         scheduler.step()
-        total_loss += step_loss * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct = (logits.argmax(1) == y).sum().double()
+        sums += torch.stack((losses[0] * len(y), correct, losses[1] * len(y)))
         seen += len(y)
         if stop is not None and stop():
             steps = step + 1
             break
+    # The epoch's one wait for the device: its sums and finiteness, read back together.
+    total_loss, correct, total_meta, loss_ok, meta_ok = torch.cat((sums, finite.double())).tolist()
+    _raise_unless_finite(loss_ok, meta_ok, f"{desc}, in the epoch's last {check_every} steps", lr, meta is not None)
     out = {"loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen), "lr": lr, "steps": steps,
            "sums": [total_loss, correct, seen, total_meta]}
     if meta is not None:
         out["meta_loss"] = total_meta / max(1, seen)
         out["sample_probs"] = meta.sampler.class_probs().tolist()  # (C,) after the epoch's updates
     return out
+
+
+def _raise_unless_finite(loss_ok: float, meta_ok: float, where: str, lr: float, balms: bool) -> None:
+    """A clear error when the loss or the meta loss (flags read back from the device) went NaN/inf."""
+    if not (loss_ok and meta_ok):
+        raise FloatingPointError(f"{where}: the head's {'loss' if not loss_ok else 'meta loss'} became NaN or infinite "
+                                 f"(lr {lr:.4g}); nothing of this epoch was saved: lower train.lr"
+                                 + (" or meta_sampler.lr, or raise meta_sampler.gumbel_tau" if balms else ""))

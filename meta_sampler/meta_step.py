@@ -106,7 +106,8 @@ def meta_step(
     feats (B, D), labels (B,) and weights (B,) come from ``sampler.sample_classes`` and
     ``sampler.draw_images``; meta_feats (M, D), meta_labels (M,) are a class-balanced
     batch. inner_loss maps (logits (B, C), labels (B,)) to per-sample losses (B,).
-    Returns {"loss": real-step mean inner loss, "meta_loss": balanced CE after look-ahead}.
+    Returns {"loss": real-step mean inner loss, "meta_loss": balanced CE after look-ahead}, as
+    detached 0-dim tensors on the head's device (reading them would make the host wait for it).
     """
     _check_batch(meta_feats, meta_labels, "meta")
     if not weights.requires_grad:
@@ -128,4 +129,4 @@ def meta_step(
     loss = _per_sample(inner_loss, head(feats.detach()), labels).mean()
     loss.backward()
     head_optimizer.step()
-    return {"loss": loss.item(), "meta_loss": meta_loss.item()}
+    return {"loss": loss.detach(), "meta_loss": meta_loss.detach()}

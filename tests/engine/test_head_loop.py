@@ -62,6 +62,21 @@ def test_plain_sampling_learns_separable_blobs():
     assert (logits.argmax(1) == labels).float().mean().item() > 0.95
 
 
+def test_a_plain_head_epoch_reads_nothing_back_from_the_device_until_it_ends():
+    """On the meta device every read of a device value on the host raises: an epoch of cached-feature
+    batches, head steps and their sums that reaches its end never waited for the device (on a GPU the
+    losses are checked for NaN every FINITE_CHECK_EVERY steps, here more than the epoch has)."""
+    feats, labels = _blobs()
+    head = nn.Linear(2, 3).to("meta")
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    sched = _constant_lr(opt)
+    on_meta = feats.to("meta")
+    with pytest.raises(RuntimeError, match="meta tensor"):  # the one read: the epoch's sums at its end
+        train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, lambda idx, gen: on_meta[idx], 10, 30,
+                         torch.Generator().manual_seed(0), index_batches=_batches(300, 30, 0))
+    assert sched.last_epoch == 10  # every step ran before the first read
+
+
 def test_plain_sampling_takes_exactly_steps_optimiser_steps():
     feats, labels, head, opt, sched = _plain_setup()
     consumed = []

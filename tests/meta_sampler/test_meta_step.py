@@ -160,7 +160,7 @@ def test_theta_gradient_equals_independent_meta_gradient_and_real_step_adds_none
     torch.testing.assert_close(
         sampler.theta.detach(), theta_before - sampler_lr * expected_grad, rtol=1e-9, atol=1e-12
     )
-    assert out["meta_loss"] == pytest.approx(outer.item(), abs=1e-9)
+    assert out["meta_loss"].item() == pytest.approx(outer.item(), abs=1e-9) and not out["meta_loss"].requires_grad
 
 
 def test_real_head_step_equals_plain_sgd_step() -> None:
@@ -182,7 +182,7 @@ def test_real_head_step_equals_plain_sgd_step() -> None:
         loss = _ce_none(twin(feats), labels).mean()
         loss.backward()
         twin_opt.step()
-        assert out["loss"] == loss.item()
+        assert out["loss"].item() == loss.item()
         for p, q in zip(head.parameters(), twin.parameters()):
             assert torch.equal(p.detach(), q.detach())
             assert torch.equal(opt.state[p]["momentum_buffer"], twin_opt.state[q]["momentum_buffer"])
