@@ -11,6 +11,7 @@ from torch import nn
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment
 from data.loader import BatchLoader
 from data.samplers import build_sampler
+from data.transfer import to_device
 from engine.loop import train_one_epoch
 from models import build_model
 
@@ -56,4 +57,32 @@ def test_training_steps_on_cuda_do_not_wait_for_the_gpu():
     # (The first warning says the debug mode is a prototype; the waits are "called a synchronizing ...".)
     syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
     assert len(loader) == 8 and out["loss"] > 0
+    assert len(syncs) == 1, syncs
+
+
+def test_a_stage2_head_epoch_on_cuda_waits_for_the_gpu_once():
+    """Cached features on the CPU, a linear head on the GPU: each step's views and labels go over in
+    pinned copies and its sums stay there; the epoch reads them back once, at its end."""
+    from engine.head_loop import train_head_epoch
+
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(600, 64, generator=g), torch.arange(600) % 10
+    head = nn.Linear(64, 10).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    batches = list(torch.randperm(600, generator=g).split(60))
+    features = lambda idx, gen: to_device(feats[idx], device)  # noqa: E731  (as FeatureCache.views)
+    train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, features, 2, 60, g, index_batches=batches[:2])
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, features, 10, 60, g,
+                                   index_batches=batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    assert out["steps"] == 10 and out["loss"] > 0
     assert len(syncs) == 1, syncs
