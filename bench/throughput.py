@@ -176,8 +176,8 @@ def main() -> None:
     settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, compiles)
     for batch, amp, channels_last, chunk, compile_model in settings:
         check_amp(device, amp)
-        train, pure, per_call, load_ms = train_rates(data, device, batch, amp, channels_last, chunk, compile_model, args.steps,
-                                            args.warmup)
+        train, pure, per_call, load_ms = train_rates(data, device, batch, amp, channels_last, chunk, compile_model,
+                                                     args.steps, args.warmup)
         ev, fwd = eval_rates(test_images, device, batch, amp, channels_last, data.mean, data.std, 1)
         print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {per_call:>6} {str(compile_model):>7} {train:>9.0f} {pure:>9.0f} "
               f"{train / pure:>6.2f} {load_ms:>7.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)

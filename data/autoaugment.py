@@ -198,7 +198,8 @@ def _slot_table(slot: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Slot `slot` of every sub-policy as tensors indexed by sub-policy: op code (25,), probability
     (25,) fp64, magnitude bin (25,) (0 for ops without one), signed (25,)."""
     rows = [sub[slot] for sub in CIFAR10_POLICY]
-    return (torch.tensor([OPS.index(op) for op, _, _ in rows]), torch.tensor([p for _, p, _ in rows], dtype=torch.float64),
+    return (torch.tensor([OPS.index(op) for op, _, _ in rows]),
+            torch.tensor([p for _, p, _ in rows], dtype=torch.float64),
             torch.tensor([b or 0 for _, _, b in rows]), torch.tensor([op in SIGNED for op, _, _ in rows]))
 
 
