@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data.transfer import to_device
-from engine.loop import FINITE_CHECK_EVERY
+from engine.loop import finite_check_interval
 from meta_sampler.learner import ClassSampler, balanced_batch
 from meta_sampler.meta_step import meta_step
 
@@ -64,8 +64,8 @@ def train_head_epoch(
     batches = iter(index_batches) if index_batches is not None else None
     device = next(head.parameters()).device
     # As in engine.loop.train_one_epoch: the sums stay on the device and the losses are checked for
-    # NaN/inf every step on the CPU, every FINITE_CHECK_EVERY steps elsewhere (each check waits for it).
-    check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
+    # NaN/inf every finite_check_interval steps (each check waits for the device).
+    check_every = finite_check_interval(device)
     sums = to_device(torch.tensor([carry[0], carry[1], carry[3]], dtype=torch.float64), device)  # loss, correct, meta
     finite = torch.ones(2, dtype=torch.bool, device=device)  # loss, meta loss
     no_meta_loss = torch.zeros((), device=device)
@@ -101,8 +101,8 @@ def train_head_epoch(
         if (step + 1) % check_every == 0:
             _raise_unless_finite(*finite.tolist(), f"{desc}, step {step + 1}", lr, meta is not None)
         scheduler.step()
-        correct = (logits.argmax(1) == y).sum().double()
-        sums += torch.stack((losses[0] * len(y), correct, losses[1] * len(y)))
+        hits = (logits.argmax(1) == y).sum().double()
+        sums += torch.stack((losses[0] * len(y), hits, losses[1] * len(y)))
         seen += len(y)
         if stop is not None and stop():
             steps = step + 1

@@ -18,6 +18,12 @@ from engine.metrics import confusion_matrix, summarize
 FINITE_CHECK_EVERY = 50  # steps between NaN/inf loss checks on an accelerator (each one waits for it)
 
 
+def finite_check_interval(device: torch.device) -> int:
+    """Steps between the loss's NaN/inf checks: every step on the CPU (reading a value costs nothing
+    there), every FINITE_CHECK_EVERY steps on an accelerator, where each read waits for it."""
+    return 1 if device.type == "cpu" else FINITE_CHECK_EVERY
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -53,8 +59,8 @@ def train_one_epoch(
     device = next(model.parameters()).device
     scaler = scaler or grad_scaler(device, "off")
     # Running sums stay on the device: no step waits for the GPU to read them back. The loss is
-    # checked for NaN/inf every step on the CPU, every FINITE_CHECK_EVERY steps elsewhere.
-    check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
+    # checked for NaN/inf every finite_check_interval steps.
+    check_every = finite_check_interval(device)
     # carry: the (loss, correct, images) sums of the steps a stopped run took of this epoch already.
     # (torch.full fills on the device; torch.tensor(v, device=cuda) would copy from the host and wait.)
     total_loss = torch.full((), float(carry[0]), dtype=torch.float64, device=device)
