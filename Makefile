@@ -41,8 +41,12 @@ demo-stage2: data
 	$(PY) stage2_classifier.py --cfg $(DEMO2) --resume
 	$(PY) stage2_classifier.py --cfg $(DEMO2) --test
 
+# Test processes run side by side (pytest-xdist), a module per process so that its shared fixtures
+# are built once; every test and the entry scripts it starts use one thread each.
+TEST_WORKERS ?= 2
+
 test: env
-	$(PY) -m pytest --durations=20  # the 20 slowest tests, to keep CI short
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=20  # the 20 slowest tests, to keep CI short
 
 test-fast: env
 	$(PY) -m pytest -m "not slow"

@@ -85,6 +85,13 @@ def write_image_lists(root: Path, files: dict[str, list[int]], size: int = 16) -
     return root
 
 
+def pytest_configure(config):
+    # Every process a test starts uses one intra-op thread unless OMP_NUM_THREADS says otherwise:
+    # make test runs test processes side by side, and torch threads that share cores spin-wait for
+    # each other (a script's own train.num_threads still wins).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # In-process tests use tiny tensors: intra-op threads only add overhead, and stall badly

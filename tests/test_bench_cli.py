@@ -8,6 +8,11 @@ from tests.conftest import write_fake_cifar10
 pytestmark = pytest.mark.slow
 
 
+def ratio_of_rounded(ratio: float, a: float, b: float) -> bool:
+    """Whether `ratio` (printed to 0.01) can be a / b of the rates a and b printed to whole numbers."""
+    return (a - 0.5) / (b + 0.5) - 0.005 <= ratio <= (a + 0.5) / (b - 0.5) + 0.005
+
+
 def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_setting(tmp_path, run):
     root = write_fake_cifar10(tmp_path, train_per_class=100, test_per_class=4)  # IF 100 keeps 1 truck
     proc = run("bench/throughput.py", "--device", "cpu", "--batch-sizes", "16", "--steps", "2", "--warmup", "1",
@@ -20,10 +25,10 @@ def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_sett
                                             for n in ["True", "False"] for c in ["16", "32"]]
     for r in rows:  # train/s, pure/s, ratio, load ms, eval/s, fwd/s, ratio
         train, pure, ratio, load_ms, ev, fwd, eval_ratio = map(float, r[5:])
-        assert train > 0 and pure > 0 and ratio == pytest.approx(train / pure, rel=0.03, abs=0.01)  # rates print rounded
+        assert train > 0 and pure > 0 and ratio_of_rounded(ratio, train, pure)
         # On the CPU the loader's time is the augmentation itself: part of each real step, never all of it.
         assert 0 < load_ms < 1000 * 16 / train
-        assert eval_ratio == pytest.approx(ev / fwd, rel=0.03, abs=0.01)
+        assert ratio_of_rounded(eval_ratio, ev, fwd)
     assert "paper stage-1 schedule" not in proc.stdout  # only printed when batch 512 was measured
 
 
