@@ -7,9 +7,11 @@ For each batch size and each setting of the speed switches (train.amp, model.cha
 loader's augmentation chunk (--augment-chunk: images per augment call; the batch size is the old
 batch-by-batch path) and, with --compile, train.compile), in one run:
 - train: images/s of the real stage-1 path (CIFAR-10-LT exp IF100 from $LT_DATA_ROOT, instance
-  sampler, crop + flip + AutoAugment + Cutout 16 on the device, normalisation, ResNet-32 forward,
-  cross-entropy, backward, SGD step) against the pure model: the same train_one_epoch on one random
-  normalised batch already on the device, same batch size and precision. ratio = train / pure.
+  sampler, augmentation on the device (--augment: full = crop + flip + AutoAugment + Cutout 16, the
+  paper's; basic = crop + flip; none = gathering and normalising only, which says what the
+  augmentation itself costs), normalisation, ResNet-32 forward, cross-entropy, backward, SGD step)
+  against the pure model: the same train_one_epoch on one random normalised batch already on the
+  device, same batch size and precision. ratio = train / pure.
 - eval: images/s of predict_logits on the CIFAR-10 test images (uint8, moved and normalised per
   batch) against forward passes on a random batch already on the device. ratio = eval / pure.
 The ratios say how much the data pipeline costs; 1.0 means none. `load ms` is the host's time per
@@ -45,6 +47,11 @@ from models import build_model  # noqa: E402
 
 
 PAPER_STEPS, PAPER_BATCH = 13000, 512  # the BALMS stage-1 schedule on CIFAR-LT
+AUGMENTS = {  # --augment: the loader's augmentation (None: gather and normalise only)
+    "full": lambda: BatchAugment(4, True, True, 16),
+    "basic": lambda: BatchAugment(4, True, False, 0),
+    "none": lambda: None,
+}
 
 
 def sync(device: torch.device) -> None:
@@ -73,7 +80,7 @@ def timed_iter(batches: Iterable, seconds: list[float]) -> Iterator:
         yield item
 
 
-def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, steps,
+def train_rates(data, device, batch, amp, channels_last, chunk, augment, compile_model, steps,
                 warmup) -> tuple[float, float, int, float]:
     """(real-path images/s, pure-model images/s, images per augmentation call, host ms per real step
     spent in the loader) of stage-1 training steps."""
@@ -88,7 +95,7 @@ def train_rates(data, device, batch, amp, channels_last, chunk, compile_model, s
     loss_fn, scaler = nn.CrossEntropyLoss(), grad_scaler(device, amp)
     sampler = build_sampler("instance", data.train_labels, 10)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), batch, sampler,
-                         BatchAugment(4, True, True, 16), data.mean, data.std, 0, channels_last, augment_chunk=chunk)
+                         AUGMENTS[augment](), data.mean, data.std, 0, channels_last, augment_chunk=chunk)
 
     load_seconds = [0.0]
 
@@ -158,6 +165,9 @@ def main() -> None:
     p.add_argument("--augment-chunk", nargs="+", type=int, default=[AUGMENT_CHUNK],
                    help=f"images per augmentation call, rounded down to whole batches (default {AUGMENT_CHUNK}; "
                         "the batch size or less: batch by batch)")
+    p.add_argument("--augment", nargs="+", choices=list(AUGMENTS), default=["full"],
+                   help="the loader's augmentation: full (crop + flip + AutoAugment + Cutout 16), basic (crop + "
+                        "flip), none (gather and normalise only)")
     p.add_argument("--compile", action="store_true", help="also measure train.compile=true (slow to start)")
     p.add_argument("--tf32", choices=["on", "off"], default="on", help="train.tf32 (CUDA fp32 matmuls/convolutions)")
     p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"), help="folder with cifar-10-batches-py/")
@@ -169,19 +179,22 @@ def main() -> None:
     amps = args.amp or ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     compiles = [False, True] if args.compile else [False]
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; ResNet-32, "
-          f"crop + flip + AutoAugment + Cutout 16; {args.steps} timed steps, rounded up to whole epochs")
-    print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'chunk':>6} {'compile':>7} {'train/s':>9} {'pure/s':>9} {'ratio':>6} "
-          f"{'load ms':>7} {'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
+          f"augmentation full = crop + flip + AutoAugment + Cutout 16, basic = crop + flip; {args.steps} timed steps, "
+          f"rounded up to whole epochs")
+    print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'chunk':>6} {'aug':>5} {'compile':>7} {'train/s':>9} {'pure/s':>9} "
+          f"{'ratio':>6} {'load ms':>7} {'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
     best = 0.0
-    settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, compiles)
-    for batch, amp, channels_last, chunk, compile_model in settings:
+    settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, args.augment, compiles)
+    for batch, amp, channels_last, chunk, augment, compile_model in settings:
         check_amp(device, amp)
-        train, pure, per_call, load_ms = train_rates(data, device, batch, amp, channels_last, chunk, compile_model,
-                                                     args.steps, args.warmup)
+        train, pure, per_call, load_ms = train_rates(data, device, batch, amp, channels_last, chunk, augment,
+                                                     compile_model, args.steps, args.warmup)
         ev, fwd = eval_rates(test_images, device, batch, amp, channels_last, data.mean, data.std, 1)
-        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {per_call:>6} {str(compile_model):>7} {train:>9.0f} {pure:>9.0f} "
-              f"{train / pure:>6.2f} {load_ms:>7.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
-        best = max(best, train if batch == PAPER_BATCH else 0.0)
+        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {per_call:>6} {augment:>5} {str(compile_model):>7} "
+              f"{train:>9.0f} {pure:>9.0f} {train / pure:>6.2f} {load_ms:>7.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}",
+              flush=True)
+        if augment == "full":  # the paper's schedule runs with the full augmentation
+            best = max(best, train if batch == PAPER_BATCH else 0.0)
     if best:
         print(f"paper stage-1 schedule ({PAPER_STEPS} x {PAPER_BATCH} images) at the best batch-{PAPER_BATCH} train "
               f"rate: {PAPER_STEPS * PAPER_BATCH / best:.0f} s of training steps (evaluation not counted)")

@@ -16,15 +16,16 @@ def ratio_of_rounded(ratio: float, a: float, b: float) -> bool:
 def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_setting(tmp_path, run):
     root = write_fake_cifar10(tmp_path, train_per_class=100, test_per_class=4)  # IF 100 keeps 1 truck
     proc = run("bench/throughput.py", "--device", "cpu", "--batch-sizes", "16", "--steps", "2", "--warmup", "1",
-               "--amp", "off", "bf16", "--augment-chunk", "8", "40", "--eval-images", "32", "--root", str(root))
+               "--amp", "off", "bf16", "--augment-chunk", "40", "--augment", "full", "none",
+               "--eval-images", "32", "--root", str(root))
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("device cpu") and "tf32 on" in lines[0]
     rows = [line.split() for line in lines[2:] if line.strip()[:1].isdigit()]
-    # The chunk column is the images per augmentation call: whole batches, at least one.
-    assert [tuple(r[:4]) for r in rows] == [(b, a, n, c) for b in ["16"] for a in ["off", "bf16"]
-                                            for n in ["True", "False"] for c in ["16", "32"]]
+    # The chunk column is the images per augmentation call: whole batches (40 -> 32).
+    assert [tuple(r[:5]) for r in rows] == [("16", a, n, "32", g) for a in ["off", "bf16"] for n in ["True", "False"]
+                                            for g in ["full", "none"]]
     for r in rows:  # train/s, pure/s, ratio, load ms, eval/s, fwd/s, ratio
-        train, pure, ratio, load_ms, ev, fwd, eval_ratio = map(float, r[5:])
+        train, pure, ratio, load_ms, ev, fwd, eval_ratio = map(float, r[6:])
         assert train > 0 and pure > 0 and ratio_of_rounded(ratio, train, pure)
         # On the CPU the loader's time is the augmentation itself: part of each real step, never all of it.
         assert 0 < load_ms < 1000 * 16 / train
