@@ -189,7 +189,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         val = (evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
                         data.std, cfg.model.channels_last, amp=t.amp, d=d, workers=cfg.data.workers)
                if len(data.val_labels) else None)
-        end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs)
+        end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs, t.save_every_s)
     finish_run(runlog, d)
     return record
 

@@ -251,7 +251,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         progress.epoch = epoch + 1
         check_same_on_ranks({k: v for k, v in states.items() if isinstance(v, nn.Module)}, ranks)
         val = validate(cfg, model, data, ranks) if len(data.val_labels) else None
-        end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs)
+        end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs, t.save_every_s)
     finish_run(runlog, ranks)
     return record
 

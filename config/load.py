@@ -306,10 +306,11 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
     """--resume continues a run only with the config it was started with. Where things lie may differ
     (a moved or renamed run directory, another copy or spelling of the data folder): the run is the
     directory's last.pt, and the data's class counts are checked against the checkpoint's. So may the
-    host's resources (threads, decoding processes, the collective timeout): a run moved to another
-    machine continues, to float precision rather than bit for bit when the thread count changes."""
+    host's resources (threads, decoding processes, the collective timeout, how often last.pt is
+    written): a run moved to another machine continues, to float precision rather than bit for bit
+    when the thread count changes."""
     where = ("data.root", "data.list_dir", "log_dir", "name", "train.num_threads", "data.workers",
-             "train.dist_timeout_s")
+             "train.dist_timeout_s", "train.save_every_s")
     diff = [k for k in config_diff(saved, config_to_dict(cfg, stage)) if k not in where]
     if diff:
         raise ConfigError(f"--resume with a config that differs from the run's at {', '.join(diff)}; "

@@ -8,7 +8,8 @@ import math
 import random
 import signal
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,8 @@ class Progress:
     step: int = 0
     best_value: float | None = None
     best_epoch: int | None = None
+    # time.monotonic() of the last last.pt write (or of the start): not saved, end_epoch's clock
+    saved_at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     def as_checkpoint(self) -> dict:
         return {"epoch": self.epoch, "step": self.step,
@@ -107,9 +110,10 @@ def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: li
 
 
 def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: dict, val: dict | None,
-              payload: dict, num_epochs: int) -> None:
+              payload: dict, num_epochs: int, save_every_s: float = 0.0) -> None:
     """Close epoch progress.epoch: validation metrics into the record, the metric log, then best.pt
-    when they improved (only with a validation split) and last.pt always (atomically).
+    when they improved (only with a validation split) and last.pt (atomically) after the last epoch and
+    whenever save_every_s seconds have passed since the last write (0: after every epoch).
 
     runlog=None (ranks other than 0): the same bookkeeping, nothing written. Weights that are no
     longer finite stop the run before anything is saved: the last checkpoint stays the last good one.
@@ -137,9 +141,13 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
     state = {**payload, **progress.as_checkpoint()}
     if is_best:
         save_checkpoint(run_dir / "best.pt", state)
-    save_checkpoint(run_dir / "last.pt", state)
-    logger.info("epoch %d/%d %s", progress.epoch, num_epochs,
-                " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+    saves = progress.epoch >= num_epochs or time.monotonic() - progress.saved_at >= save_every_s
+    if saves:
+        save_checkpoint(run_dir / "last.pt", state)
+        progress.saved_at = time.monotonic()
+    logger.info("epoch %d/%d %s%s", progress.epoch, num_epochs,
+                " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)),
+                " (last.pt written)" if saves else "")
 
 
 class StopRequest:

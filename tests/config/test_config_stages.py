@@ -110,9 +110,9 @@ def test_resume_accepts_another_place_of_the_data_or_the_run_directory_but_no_ot
         check_resume(saved, load_config(None, ["data.root=/data/cifar/", "train.lr=0.2"]), "stage1", "x.yaml")
 
 
-def test_resume_on_another_machine_may_change_threads_decoding_processes_and_the_collective_timeout():
+def test_resume_on_another_machine_may_change_threads_decoding_processes_timeout_and_checkpoint_interval():
     saved = config_to_dict(load_config(None, ["train.num_threads=1", "data.workers=2"]), "stage1")
-    check_resume(saved, load_config(None, ["train.num_threads=16", "data.workers=8", "train.dist_timeout_s=60"]),
-                 "stage1", "x.yaml")
+    check_resume(saved, load_config(None, ["train.num_threads=16", "data.workers=8", "train.dist_timeout_s=60",
+                                           "train.save_every_s=60"]), "stage1", "x.yaml")
     with pytest.raises(ConfigError, match=r"differs from the run's at train.amp;"):  # numerics are the run's
         check_resume(saved, load_config(None, ["train.num_threads=16", "train.amp=bf16"]), "stage1", "x.yaml")

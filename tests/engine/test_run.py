@@ -38,6 +38,33 @@ def test_without_validation_only_last_pt_is_written_and_a_metric_with_no_classes
     assert not (tmp_path / "few" / "best.pt").exists()
 
 
+def test_last_pt_waits_save_every_s_between_writes_but_the_last_epoch_always_writes_it(tmp_path, monkeypatch):
+    clock = [100.0]  # time.monotonic() as end_epoch sees it, in seconds
+    monkeypatch.setattr("engine.run.time.monotonic", lambda: clock[0])
+    runlog, progress = RunLog(tmp_path), Progress("top1", saved_at=100.0)  # the run started at t=100
+    saved = []
+    for epoch, now in enumerate([130.0, 159.9, 160.0, 170.0, 175.0], start=1):
+        clock[0] = now
+        progress.epoch, progress.step = epoch, 10 * epoch
+        end_epoch(tmp_path, runlog, progress, {}, None, {"payload": epoch}, 5, save_every_s=60.0)
+        saved.append(torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] if (tmp_path / "last.pt").exists()
+                     else None)
+    runlog.close()
+    # 60 s after the start (epoch 3), then not before 220 s, except the run's last epoch (5).
+    assert saved == [None, None, 3, 3, 5]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5  # every epoch's line all the same
+
+
+def test_save_every_s_of_zero_writes_last_pt_after_every_epoch(tmp_path, monkeypatch):
+    monkeypatch.setattr("engine.run.time.monotonic", lambda: 0.0)  # no time passes at all
+    runlog, progress = RunLog(tmp_path), Progress("top1", saved_at=0.0)
+    for epoch in (1, 2):
+        progress.epoch = epoch
+        end_epoch(tmp_path, runlog, progress, {}, None, {}, 3)
+        assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == epoch
+    runlog.close()
+
+
 def test_a_run_directory_with_a_run_is_refused_without_resume_and_returned_with_it(tmp_path):
     assert resume_checkpoint(tmp_path, resume=False) is None  # nothing there: a new run
     save_checkpoint(tmp_path / "last.pt", {"epoch": 2})
