@@ -49,4 +49,4 @@ test: env
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=20  # the 20 slowest tests, to keep CI short
 
 test-fast: env
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow"
