@@ -81,7 +81,7 @@ class Progress:
     step: int = 0
     best_value: float | None = None
     best_epoch: int | None = None
-    # time.monotonic() of the last last.pt write (or of the start): not saved, end_epoch's clock
+    # time.monotonic() when last.pt was last written (or the run started): end_epoch's clock, not saved
     saved_at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     def as_checkpoint(self) -> dict:
