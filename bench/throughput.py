@@ -191,8 +191,8 @@ def main() -> None:
                                                      compile_model, args.steps, args.warmup)
         ev, fwd = eval_rates(test_images, device, batch, amp, channels_last, data.mean, data.std, 1)
         print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {per_call:>6} {augment:>5} {str(compile_model):>7} "
-              f"{train:>9.0f} {pure:>9.0f} {train / pure:>6.2f} {load_ms:>7.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}",
-              flush=True)
+              f"{train:>9.0f} {pure:>9.0f} {train / pure:>6.2f} {load_ms:>7.2f} "
+              f"{ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
         if augment == "full":  # the paper's schedule runs with the full augmentation
             best = max(best, train if batch == PAPER_BATCH else 0.0)
     if best:
