@@ -269,14 +269,3 @@ def apply_plan(images: Tensor, codes: Tensor, sizes: list[list[int]], fill: int)
             out.index_copy_(0, idx, warp(out.index_select(0, idx), theta_table[key[idx]], fill))
     return out
 
-
-class BatchAutoAugment:
-    """CIFAR-10 AutoAugment for uint8 batches (B, 3, H, W) on any device; `fill` is the grey value
-    of pixels that shear, translate and rotate bring in from outside the image."""
-
-    def __init__(self, fill: int = 128) -> None:
-        self.fill = fill
-
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        codes = plan_codes(draw_plan(len(images), generator))
-        return apply_plan(images, to_device(codes, images.device), group_sizes(codes), self.fill)

@@ -24,6 +24,20 @@ def _images(n: int) -> torch.Tensor:
     return (ramp + torch.randint(0, 56, (n, 3, 32, 32), generator=g)).clamp(0, 255).to(torch.uint8)
 
 
+def _waits(fn):
+    """(fn(), the messages of the waits for the GPU it made), from torch's sync debug mode."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # (The first warning says the debug mode is a prototype; the waits are "called a synchronizing ...".)
+    return out, [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
+
+
 def test_the_augmented_batch_on_cuda_is_the_cpu_batch():
     images = _images(256)
     aug = BatchAugment(crop_padding=4, flip=True, autoaugment=True, cutout=16)
@@ -46,16 +60,8 @@ def test_training_steps_on_cuda_do_not_wait_for_the_gpu():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     train_one_epoch(model, islice(loader.epoch(0), 2), 2, nn.CrossEntropyLoss(), opt, sched, amp="bf16")  # warm-up
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = train_one_epoch(model, loader.epoch(1), len(loader), nn.CrossEntropyLoss(), opt, sched, amp="bf16")
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # (The first warning says the debug mode is a prototype; the waits are "called a synchronizing ...".)
-    syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    out, syncs = _waits(lambda: train_one_epoch(model, loader.epoch(1), len(loader), nn.CrossEntropyLoss(), opt,
+                                                 sched, amp="bf16"))
     assert len(loader) == 8 and out["loss"] > 0
     assert len(syncs) == 1, syncs
 
@@ -74,15 +80,7 @@ def test_a_stage2_head_epoch_on_cuda_waits_for_the_gpu_once():
     batches = list(torch.randperm(600, generator=g).split(60))
     features = lambda idx, gen: to_device(feats[idx], device)  # noqa: E731  (as FeatureCache.views)
     train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, features, 2, 60, g, index_batches=batches[:2])
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, features, 10, 60, g,
-                                   index_batches=batches)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    out, syncs = _waits(lambda: train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, features, 10, 60,
+                                                  g, index_batches=batches))
     assert out["steps"] == 10 and out["loss"] > 0
     assert len(syncs) == 1, syncs

@@ -10,12 +10,16 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from data.autoaugment import (CIFAR10_POLICY, CODES_PER_OP, GEOMETRIC, NO_OP, NUM_BINS, OPS, SIGNED, BatchAutoAugment,
+from data.augment import BatchAugment
+from data.autoaugment import (CIFAR10_POLICY, CODES_PER_OP, GEOMETRIC, NO_OP, NUM_BINS, OPS, SIGNED,
                               apply_op, code_tables, draw_plan, group_sizes, inverse_affine, magnitudes, plan_codes,
                               warp)
 
 FILL = 128
 REFERENCE = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=FILL)
+# The batched AutoAugment as training runs it, alone: it draws the plan (draw_plan) and nothing else
+# from the generator, and brings in pixels from outside the image at grey FILL.
+AUTOAUGMENT_ONLY = BatchAugment(crop_padding=0, flip=False, autoaugment=True, cutout=0)
 # Ops that blend with a per-image factor tensor: a pixel may differ by one grey level.
 BLENDS = {"Color", "Contrast", "Sharpness"}
 
@@ -90,7 +94,7 @@ def test_each_op_on_a_batch_matches_torchvision_per_image(op):
 
 def test_a_whole_batch_equals_torchvision_ops_applied_per_image_with_the_same_draws():
     images = _images(96, seed=7)
-    out = BatchAutoAugment(FILL)(images, torch.Generator().manual_seed(3))
+    out = AUTOAUGMENT_ONLY(images, torch.Generator().manual_seed(3))
     plan = draw_plan(len(images), torch.Generator().manual_seed(3))
     expected, blended = images.clone(), set()
     for slot in (0, 1):
@@ -163,7 +167,7 @@ def test_the_matrix_table_holds_each_geometric_ops_inverse_affine_for_both_signs
 def test_the_input_batch_is_not_written_and_the_generator_alone_decides():
     images = _images(32, seed=1)
     before = images.clone()
-    aug = BatchAutoAugment(FILL)
+    aug = AUTOAUGMENT_ONLY
     first = aug(images, torch.Generator().manual_seed(5))
     torch.manual_seed(123)
     assert torch.equal(first, aug(images, torch.Generator().manual_seed(5)))
