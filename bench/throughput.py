@@ -11,14 +11,18 @@ batch-by-batch path) and, with --compile, train.compile), in one run:
   paper's; basic = crop + flip; none = gathering and normalising only, which says what the
   augmentation itself costs), normalisation, ResNet-32 forward, cross-entropy, backward, SGD step)
   against the pure model: the same train_one_epoch on one random normalised batch already on the
-  device, same batch size and precision. ratio = train / pure.
+  device, same batch size and precision. ratio = train / pure, over --rounds windows of each path
+  taken in turn (so that the machine's drift reaches both alike); range: the lowest and highest
+  ratio of one window pair.
 - eval: images/s of predict_logits on the CIFAR-10 test images (uint8, moved and normalised per
   batch) against forward passes on a random batch already on the device. ratio = eval / pure.
 The ratios say how much the data pipeline costs; 1.0 means none. `load ms` is the host's time per
 training step inside the loader (gathering, augmenting, normalising the batches): on the CPU the
 augmentation itself, on a GPU only the queueing of its kernels. On a GPU, a load time close to the
 gap between the real and the pure step times (batch / rate) says that the host thread, not the GPU,
-limits training.
+limits training. --profile DIR writes, per setting, where one window of each path spends its time:
+the host's time in the loader, the device's kernel time (the loader's share of it) and the operators
+by time, so that one run on a GPU tells a busy device from an idle one waiting for the host.
 """
 from __future__ import annotations
 
@@ -27,14 +31,17 @@ import itertools
 import os
 import sys
 import time
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from data.augment import BatchAugment, normalize  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
@@ -59,31 +66,43 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    """(seconds fn() took, the device's queued work included; its return value)."""
     sync(device)
     start = time.perf_counter()
-    fn()
+    out = fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, out
 
 
 def timed_iter(batches: Iterable, seconds: list[float]) -> Iterator:
-    """The items of `batches`, adding the time spent producing each to seconds[0]."""
+    """The items of `batches`, adding the time spent producing each to seconds[0] (and to the profiler's
+    "loader" range when it runs)."""
     it = iter(batches)
     while True:
         start = time.perf_counter()
         try:
-            item = next(it)
+            with record_function("loader"):
+                item = next(it)
         except StopIteration:
             return
         seconds[0] += time.perf_counter() - start
         yield item
 
 
-def train_rates(data, device, batch, amp, channels_last, chunk, augment, compile_model, steps,
-                warmup) -> tuple[float, float, int, float]:
-    """(real-path images/s, pure-model images/s, images per augmentation call, host ms per real step
-    spent in the loader) of stage-1 training steps."""
+@dataclass
+class TrainBench:
+    """The two training paths of one switch setting: real(n, epoch) takes n steps of the real stage-1 path
+    from `epoch` on (running into the next epochs) and returns the images seen; pure(n) takes n steps on
+    one batch already on the device. load_seconds[0] adds up the host's time inside the loader."""
+    real: Callable[[int, int], int]
+    pure: Callable[[int], None]
+    epoch_steps: int
+    images_per_call: int
+    load_seconds: list[float]
+
+
+def train_bench(data, device, batch, amp, channels_last, chunk, augment, compile_model) -> TrainBench:
     torch.manual_seed(0)
     model = build_model("resnet32", 10)
     if channels_last:
@@ -96,10 +115,9 @@ def train_rates(data, device, batch, amp, channels_last, chunk, augment, compile
     sampler = build_sampler("instance", data.train_labels, 10)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), batch, sampler,
                          AUGMENTS[augment](), data.mean, data.std, 0, channels_last, augment_chunk=chunk)
-
     load_seconds = [0.0]
 
-    def real(n: int, epoch: int) -> int:  # n steps, running into the next epochs when one ends; images seen
+    def real(n: int, epoch: int) -> int:
         batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count(epoch))
         return train_one_epoch(run_model, timed_iter(islice(batches, n), load_seconds), n, loss_fn, optimizer,
                                scheduler, amp=amp, scaler=scaler, desc="real")["sums"][2]
@@ -113,17 +131,56 @@ def train_rates(data, device, batch, amp, channels_last, chunk, augment, compile
         train_one_epoch(run_model, itertools.repeat((x, y), n), n, loss_fn, optimizer, scheduler, amp=amp,
                         scaler=scaler, desc="pure")
 
+    return TrainBench(real, pure, len(loader), loader.steps_per_chunk * batch, load_seconds)
+
+
+def window_steps(steps: int, epoch_steps: int) -> int:
+    """Steps of a timed window: whole epochs of the real path. Augmentation runs once per chunk of batches,
+    so a window that ends inside a chunk would carry all of the chunk's augmentation for part of its steps;
+    the pure model takes as many steps. (An epoch's last batch is smaller, hence the real path counts images.)"""
+    return -(-steps // epoch_steps) * epoch_steps
+
+
+def train_rates(b: TrainBench, device, batch, compile_model, steps, warmup,
+                rounds) -> tuple[float, float, float, float, float]:
+    """(real-path images/s, pure-model images/s, lowest and highest window ratio, host ms per real step spent
+    in the loader) over `rounds` windows of each path, alternating, so that a drift of the machine's speed
+    reaches both paths alike."""
     # A compiled model compiles again for an epoch's shorter last batch: warm up past one.
-    real(max(warmup, len(loader) + 1) if compile_model else warmup, 100)
-    pure(warmup)
-    # Whole epochs of the real path: augmentation runs once per chunk of batches, so a window that
-    # ends inside a chunk would carry all of the chunk's augmentation for part of its steps. The
-    # pure model takes as many steps. (An epoch's last batch is smaller, hence the images counted.)
-    steps = -(-steps // len(loader)) * len(loader)
-    seen, load_seconds[0] = [], 0.0
-    real_s = timed(lambda: seen.append(real(steps, 0)), device)
-    pure_s = timed(lambda: pure(steps), device)
-    return seen[0] / real_s, steps * batch / pure_s, loader.steps_per_chunk * batch, 1000 * load_seconds[0] / steps
+    b.real(max(warmup, b.epoch_steps + 1) if compile_model else warmup, 100)
+    b.pure(warmup)
+    steps = window_steps(steps, b.epoch_steps)
+    seen, real_s, pure_s, ratios = 0, 0.0, 0.0, []
+    b.load_seconds[0] = 0.0
+    for _ in range(rounds):
+        r, n = timed(lambda: b.real(steps, 0), device)
+        p, _ = timed(lambda: b.pure(steps), device)
+        seen, real_s, pure_s = seen + n, real_s + r, pure_s + p
+        ratios.append((n / r) / (steps * batch / p))
+    return seen / real_s, rounds * steps * batch / pure_s, min(ratios), max(ratios), \
+        1000 * b.load_seconds[0] / (rounds * steps)
+
+
+def profile_train(b: TrainBench, device, steps, path: Path) -> None:
+    """Write where one window of each path spends its time to `path` (torch.profiler): per step the wall
+    time, the host's time in the loader, the device's kernel time (a GPU) with the loader's share of it,
+    then the operators by self device time (on the CPU: self host time)."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    steps = window_steps(steps, b.epoch_steps)
+    lines = []
+    for name, fn in (("real", lambda: b.real(steps, 0)), ("pure", lambda: b.pure(steps))):
+        with profile(activities=activities) as prof:
+            wall, _ = timed(fn, device)
+        events = prof.key_averages()
+        loader = [e for e in prof.events() if e.name == "loader" and e.device_type == DeviceType.CPU]
+        kernels = sum(e.self_device_time_total for e in events if e.key != "loader")
+        lines.append(f"{name}: {steps} steps; per step (ms): wall {1000 * wall / steps:.2f} under the profiler, "
+                     f"host in the loader {sum(e.cpu_time_total for e in loader) / 1000 / steps:.2f}, "
+                     f"device kernels {kernels / 1000 / steps:.2f} (the loader's "
+                     f"{sum(e.device_time_total for e in loader) / 1000 / steps:.2f})")
+        lines.append(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def eval_rates(test_images, device, batch, amp, channels_last, mean, std, repeats) -> tuple[float, float]:
@@ -132,13 +189,14 @@ def eval_rates(test_images, device, batch, amp, channels_last, mean, std, repeat
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device).eval()
-    x = normalize(test_images[:batch].to(device), mean, std)
+    x = normalize(test_images[:batch].to(device), mean, std)  # fewer images than a batch: all of them
+    passes = repeats * max(1, len(test_images) // batch)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def pure() -> None:
-        for _ in range(repeats * (len(test_images) // batch)):
+        for _ in range(passes):
             with autocast(device, amp):
                 model(x).float()
 
@@ -149,8 +207,8 @@ def eval_rates(test_images, device, batch, amp, channels_last, mean, std, repeat
     real()  # warm-up
     pure()
     n_real = repeats * len(test_images)
-    n_pure = repeats * (len(test_images) // batch) * batch
-    return n_real / timed(real, device), n_pure / timed(pure, device)
+    n_pure = passes * len(x)
+    return n_real / timed(real, device)[0], n_pure / timed(pure, device)[0]
 
 
 def main() -> None:
@@ -170,7 +228,14 @@ def main() -> None:
                         "flip), none (gather and normalise only)")
     p.add_argument("--compile", action="store_true", help="also measure train.compile=true (slow to start)")
     p.add_argument("--tf32", choices=["on", "off"], default="on", help="train.tf32 (CUDA fp32 matmuls/convolutions)")
-    p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"), help="folder with cifar-10-batches-py/")
+    p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"),
+                   help="folder with cifar-10-batches-py/")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed windows of each training path, alternating real and pure (range: the lowest and "
+                        "highest window ratio)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="also profile one window of each path per setting into DIR/<setting>.txt: host time in the "
+                        "loader, device kernel time, the operators by time")
     args = p.parse_args()
     device = resolve_device(args.device)
     set_tf32(device, args.tf32 == "on")
@@ -178,21 +243,26 @@ def main() -> None:
     test_images = load_cifar("cifar10", args.root, "test").images[: args.eval_images]
     amps = args.amp or ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     compiles = [False, True] if args.compile else [False]
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; ResNet-32, "
-          f"augmentation full = crop + flip + AutoAugment + Cutout 16, basic = crop + flip; {args.steps} timed steps, "
-          f"rounded up to whole epochs")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; "
+          f"ResNet-32, augmentation full = crop + flip + AutoAugment + Cutout 16, basic = crop + flip; "
+          f"{args.steps} timed steps, rounded up to whole epochs, {args.rounds} windows of each path in turn")
     print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'chunk':>6} {'aug':>5} {'compile':>7} {'train/s':>9} {'pure/s':>9} "
-          f"{'ratio':>6} {'load ms':>7} {'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
+          f"{'ratio':>6} {'range':>9} {'load ms':>7} {'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
     best = 0.0
     settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, args.augment, compiles)
     for batch, amp, channels_last, chunk, augment, compile_model in settings:
         check_amp(device, amp)
-        train, pure, per_call, load_ms = train_rates(data, device, batch, amp, channels_last, chunk, augment,
-                                                     compile_model, args.steps, args.warmup)
+        b = train_bench(data, device, batch, amp, channels_last, chunk, augment, compile_model)
+        train, pure, low, high, load_ms = train_rates(b, device, batch, compile_model, args.steps, args.warmup,
+                                                      args.rounds)
         ev, fwd = eval_rates(test_images, device, batch, amp, channels_last, data.mean, data.std, 1)
-        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {per_call:>6} {augment:>5} {str(compile_model):>7} "
-              f"{train:>9.0f} {pure:>9.0f} {train / pure:>6.2f} {load_ms:>7.2f} "
-              f"{ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
+        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {b.images_per_call:>6} {augment:>5} "
+              f"{str(compile_model):>7} {train:>9.0f} {pure:>9.0f} {train / pure:>6.2f} {f'{low:.2f}-{high:.2f}':>9} "
+              f"{load_ms:>7.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            name = f"b{batch}_{amp}_{'nhwc' if channels_last else 'nchw'}_c{b.images_per_call}_{augment}"
+            profile_train(b, device, args.steps, args.profile / f"{name}{'_compiled' if compile_model else ''}.txt")
         if augment == "full":  # the paper's schedule runs with the full augmentation
             best = max(best, train if batch == PAPER_BATCH else 0.0)
     if best:

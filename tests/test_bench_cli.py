@@ -16,7 +16,7 @@ def ratio_of_rounded(ratio: float, a: float, b: float) -> bool:
 def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_setting(tmp_path, run):
     root = write_fake_cifar10(tmp_path, train_per_class=100, test_per_class=4)  # IF 100 keeps 1 truck
     proc = run("bench/throughput.py", "--device", "cpu", "--batch-sizes", "16", "--steps", "2", "--warmup", "1",
-               "--amp", "off", "bf16", "--augment-chunk", "40", "--augment", "full", "none",
+               "--amp", "off", "bf16", "--augment-chunk", "40", "--augment", "full", "none", "--rounds", "2",
                "--eval-images", "32", "--root", str(root))
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("device cpu") and "tf32 on" in lines[0]
@@ -24,13 +24,38 @@ def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_sett
     # The chunk column is the images per augmentation call: whole batches (40 -> 32).
     assert [tuple(r[:5]) for r in rows] == [("16", a, n, "32", g) for a in ["off", "bf16"] for n in ["True", "False"]
                                             for g in ["full", "none"]]
-    for r in rows:  # train/s, pure/s, ratio, load ms, eval/s, fwd/s, ratio
-        train, pure, ratio, load_ms, ev, fwd, eval_ratio = map(float, r[6:])
+    for r in rows:  # train/s, pure/s, ratio, range, load ms, eval/s, fwd/s, ratio
+        train, pure, ratio = map(float, r[6:9])
+        low, high = map(float, r[9].split("-"))
+        load_ms, ev, fwd, eval_ratio = map(float, r[10:])
         assert train > 0 and pure > 0 and ratio_of_rounded(ratio, train, pure)
+        # Both paths take the same images in every window: the ratio of the sums lies between the windows' ratios.
+        assert low - 0.01 <= ratio <= high + 0.01 and low <= high
         # On the CPU the loader's time is the augmentation itself: part of each real step, never all of it.
         assert 0 < load_ms < 1000 * 16 / train
         assert ratio_of_rounded(eval_ratio, ev, fwd)
     assert "paper stage-1 schedule" not in proc.stdout  # only printed when batch 512 was measured
+
+
+def test_the_throughput_bench_profiles_each_setting_into_one_file_of_times_per_step(tmp_path, run):
+    root = write_fake_cifar10(tmp_path, train_per_class=100, test_per_class=4)
+    # 32 test images for a batch of 64: evaluation takes them all in one batch.
+    proc = run("bench/throughput.py", "--device", "cpu", "--batch-sizes", "64", "--steps", "1", "--warmup", "1",
+               "--amp", "off", "--rounds", "1", "--eval-images", "32", "--root", str(root),
+               "--profile", str(tmp_path / "prof"))
+    rows = [line.split() for line in proc.stdout.splitlines()[2:] if line.strip()[:1].isdigit()]
+    assert len(rows) == 2 and all(float(r[-2]) > 0 for r in rows)  # fwd/s
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["b64_off_nchw_c8192_full.txt",
+                                                                      "b64_off_nhwc_c8192_full.txt"]
+    for path in (tmp_path / "prof").iterdir():
+        text = path.read_text()
+        summaries = [line for line in text.splitlines() if line.startswith(("real:", "pure:"))]
+        # 1 step rounds up to the 4 steps of an epoch (~250 images in batches of 64); one summary per path.
+        assert [s.split(";")[0] for s in summaries] == ["real: 4 steps", "pure: 4 steps"], text[:500]
+        loader_ms = [float(s.split("host in the loader ")[1].split(",")[0]) for s in summaries]
+        assert loader_ms[0] > 0 and loader_ms[1] == 0  # only the real path runs the loader
+        assert all("device kernels 0.00" in s for s in summaries)  # no device kernels on the CPU
+        assert text.count("aten::convolution_backward") == 2  # both operator tables
 
 
 def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training(run, tmp_path):
