@@ -43,6 +43,7 @@ from torch import nn  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
+from config.cli import OneLineParser, user_errors  # noqa: E402
 from data.augment import BatchAugment, normalize  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.cifar import load_cifar  # noqa: E402
@@ -211,16 +212,28 @@ def eval_rates(test_images, device, batch, amp, channels_last, mean, std, repeat
     return n_real / timed(real, device)[0], n_pure / timed(pure, device)[0]
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"  # argparse names the type in its message for a non-number
+    return parse
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 512])
-    p.add_argument("--steps", type=int, default=10,
+    p.add_argument("--batch-sizes", nargs="+", type=at_least(2), default=[128, 512],
+                   help="training batch sizes (at least 2: BatchNorm)")
+    p.add_argument("--steps", type=at_least(1), default=10,
                    help="timed training steps per measurement, rounded up to whole epochs")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
-    p.add_argument("--eval-images", type=int, default=2048, help="test images per evaluation pass")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps before each measurement")
+    p.add_argument("--eval-images", type=at_least(1), default=2048, help="test images per evaluation pass")
     p.add_argument("--amp", nargs="+", choices=["off", "bf16", "fp16"], help="precisions (default: all the device has)")
-    p.add_argument("--augment-chunk", nargs="+", type=int, default=[AUGMENT_CHUNK],
+    p.add_argument("--augment-chunk", nargs="+", type=at_least(1), default=[AUGMENT_CHUNK],
                    help=f"images per augmentation call, rounded down to whole batches (default {AUGMENT_CHUNK}; "
                         "the batch size or less: batch by batch)")
     p.add_argument("--augment", nargs="+", choices=list(AUGMENTS), default=["full"],
@@ -230,18 +243,25 @@ def main() -> None:
     p.add_argument("--tf32", choices=["on", "off"], default="on", help="train.tf32 (CUDA fp32 matmuls/convolutions)")
     p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"),
                    help="folder with cifar-10-batches-py/")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=at_least(1), default=3,
                    help="timed windows of each training path, alternating real and pure (range: the lowest and "
                         "highest window ratio)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="also profile one window of each path per setting into DIR/<setting>.txt: host time in the "
                         "loader, device kernel time, the operators by time")
     args = p.parse_args()
+    with user_errors():  # no CIFAR-10 under --root, a device or precision this machine lacks: one line
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
+    amps = args.amp or ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    for amp in amps:  # before any row: a precision the device lacks is refused at once
+        check_amp(device, amp)
     set_tf32(device, args.tf32 == "on")
     data = build_long_tail("cifar10", args.root, False, 100.0, "exp", 0, 0)
     test_images = load_cifar("cifar10", args.root, "test").images[: args.eval_images]
-    amps = args.amp or ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     compiles = [False, True] if args.compile else [False]
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; "
           f"ResNet-32, augmentation full = crop + flip + AutoAugment + Cutout 16, basic = crop + flip; "
@@ -251,7 +271,6 @@ def main() -> None:
     best = 0.0
     settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, args.augment, compiles)
     for batch, amp, channels_last, chunk, augment, compile_model in settings:
-        check_amp(device, amp)
         b = train_bench(data, device, batch, amp, channels_last, chunk, augment, compile_model)
         train, pure, low, high, load_ms = train_rates(b, device, batch, compile_model, args.steps, args.warmup,
                                                       args.rounds)

@@ -61,6 +61,27 @@ def test_the_throughput_bench_profiles_each_setting_and_its_ratio_lies_within_it
         assert text.count("aten::convolution_backward") == 2  # both operator tables
 
 
+def test_the_throughput_bench_refuses_zero_windows_in_one_line_before_loading_data(run, tmp_path):
+    proc = run("bench/throughput.py", "--rounds", "0", "--root", str(tmp_path / "none"), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "error: argument --rounds: must be at least 1, got 0" in lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--root", "missing"], "error: CIFAR-10 not found: looked in"),
+    (["--amp", "off", "fp16"], "error: train.amp=fp16 needs a CUDA device (this run is on cpu); use train.amp=bf16"),
+])
+def test_the_throughput_bench_refuses_missing_data_or_a_precision_the_device_lacks_in_one_line(
+        run, tmp_path, args, message):
+    root = write_fake_cifar10(tmp_path, train_per_class=100, test_per_class=4)
+    args = [str(tmp_path / a) if a == "missing" else a for a in args]
+    proc = run("bench/throughput.py", "--device", "cpu", "--root", str(root), *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert proc.stdout == ""  # refused before the first row
+
+
 def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training(run, tmp_path):
     proc = run("bench/methods_table.py", "--methods", "ce", "nope", f"data.root={tmp_path}", "--out", str(tmp_path),
                check=False)
