@@ -162,6 +162,13 @@ def train_rates(b: TrainBench, device, batch, compile_model, steps, warmup,
         1000 * b.load_seconds[0] / (rounds * steps)
 
 
+def launched_us(event) -> float:
+    """Microseconds of device work launched inside a profiled host event and its children (a range's own
+    span on the device, listed among its kernels under its own name, not counted)."""
+    own = sum(k.duration for k in event.kernels if k.name != event.name)
+    return own + sum(launched_us(child) for child in event.cpu_children)
+
+
 def profile_train(b: TrainBench, device, steps, path: Path) -> None:
     """Write where one window of each path spends its time to `path` (torch.profiler): per step the wall
     time, the host's time in the loader, the device's kernel time (a GPU) with the loader's share of it,
@@ -173,14 +180,17 @@ def profile_train(b: TrainBench, device, steps, path: Path) -> None:
     for name, fn in (("real", lambda: b.real(steps, 0)), ("pure", lambda: b.pure(steps))):
         with profile(activities=activities) as prof:
             wall, _ = timed(fn, device)
-        events = prof.key_averages()
+        # Device work: kernels and copies, not the spans of record_function ranges (user annotations), as
+        # the profiler's own table totals them.
+        kernels = sum(e.self_device_time_total for e in prof.events()
+                      if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
         loader = [e for e in prof.events() if e.name == "loader" and e.device_type == DeviceType.CPU]
-        kernels = sum(e.self_device_time_total for e in events if e.key != "loader")
         lines.append(f"{name}: {steps} steps; per step (ms): wall {1000 * wall / steps:.2f} under the profiler, "
                      f"host in the loader {sum(e.cpu_time_total for e in loader) / 1000 / steps:.2f}, "
                      f"device kernels {kernels / 1000 / steps:.2f} (the loader's "
-                     f"{sum(e.device_time_total for e in loader) / 1000 / steps:.2f})")
-        lines.append(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25))
+                     f"{sum(map(launched_us, loader)) / 1000 / steps:.2f})")
+        lines.append(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                               row_limit=25))
     path.write_text("\n".join(lines) + "\n")
 
 
