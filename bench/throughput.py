@@ -27,6 +27,7 @@ by time, so that one run on a GPU tells a busy device from an idle one waiting f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
@@ -76,14 +77,14 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def timed_iter(batches: Iterable, seconds: list[float]) -> Iterator:
-    """The items of `batches`, adding the time spent producing each to seconds[0] (and to the profiler's
-    "loader" range when it runs)."""
+def timed_iter(batches: Iterable, seconds: list[float], annotate: bool) -> Iterator:
+    """The items of `batches`, adding the time spent producing each to seconds[0]; with `annotate`, each
+    also inside a "loader" range of the profiler (a range costs a dispatcher call: only when profiling)."""
     it = iter(batches)
     while True:
         start = time.perf_counter()
         try:
-            with record_function("loader"):
+            with record_function("loader") if annotate else contextlib.nullcontext():
                 item = next(it)
         except StopIteration:
             return
@@ -93,10 +94,11 @@ def timed_iter(batches: Iterable, seconds: list[float]) -> Iterator:
 
 @dataclass
 class TrainBench:
-    """The two training paths of one switch setting: real(n, epoch) takes n steps of the real stage-1 path
-    from `epoch` on (running into the next epochs) and returns the images seen; pure(n) takes n steps on
-    one batch already on the device. load_seconds[0] adds up the host's time inside the loader."""
-    real: Callable[[int, int], int]
+    """The two training paths of one switch setting: real(n, epoch, annotate) takes n steps of the real
+    stage-1 path from `epoch` on (running into the next epochs; annotate: the loader's profiler ranges) and
+    returns the images seen; pure(n) takes n steps on one batch already on the device. load_seconds[0] adds
+    up the host's time inside the loader."""
+    real: Callable[[int, int, bool], int]
     pure: Callable[[int], None]
     epoch_steps: int
     images_per_call: int
@@ -118,10 +120,11 @@ def train_bench(data, device, batch, amp, channels_last, chunk, augment, compile
                          AUGMENTS[augment](), data.mean, data.std, 0, channels_last, augment_chunk=chunk)
     load_seconds = [0.0]
 
-    def real(n: int, epoch: int) -> int:
+    def real(n: int, epoch: int, annotate: bool = False) -> int:
         batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count(epoch))
-        return train_one_epoch(run_model, timed_iter(islice(batches, n), load_seconds), n, loss_fn, optimizer,
-                               scheduler, amp=amp, scaler=scaler, desc="real")["sums"][2]
+        timed_batches = timed_iter(islice(batches, n), load_seconds, annotate)
+        return train_one_epoch(run_model, timed_batches, n, loss_fn, optimizer, scheduler, amp=amp, scaler=scaler,
+                               desc="real")["sums"][2]
 
     x = torch.randn(batch, 3, 32, 32, device=device)
     if channels_last:
@@ -177,7 +180,7 @@ def profile_train(b: TrainBench, device, steps, path: Path) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     steps = window_steps(steps, b.epoch_steps)
     lines = []
-    for name, fn in (("real", lambda: b.real(steps, 0)), ("pure", lambda: b.pure(steps))):
+    for name, fn in (("real", lambda: b.real(steps, 0, True)), ("pure", lambda: b.pure(steps))):
         with profile(activities=activities) as prof:
             wall, _ = timed(fn, device)
         # Device work: kernels and copies, not the spans of record_function ranges (user annotations), as
