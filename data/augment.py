@@ -215,5 +215,7 @@ def normalize(images_uint8: Tensor, mean: Sequence[float], std: Sequence[float])
 
 @functools.lru_cache(maxsize=16)
 def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """mean and std as (C, 1, 1) fp32 on `device`, copied there once, not on every call."""
-    return tuple(to_device(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1), device) for v in (mean, std))
+    """mean and std as (C, 1, 1) fp32 on `device`, copied there once, not on every call. The copy waits
+    for its end (once per process): the cached tensors are then complete for every stream that reads
+    them (the training one, a prefetch thread's)."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for v in (mean, std))

@@ -243,7 +243,8 @@ def code_tables(height: int, width: int) -> tuple[Tensor, Tensor]:
 
 @functools.lru_cache
 def _device_code_tables(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """code_tables on `device`, copied there once."""
+    """code_tables on `device`, copied there once; the copy waits for its end, so that the cached tables are
+    complete for whichever stream reads them (the training one, a prefetch thread's)."""
     return tuple(t.to(device) for t in code_tables(height, width))
 
 

@@ -9,13 +9,16 @@ time as the ResNet-32 step itself. All randomness of an epoch comes from one gen
 """
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from data.augment import normalize
+from data.prefetch import prefetched
 from data.transfer import to_device
 
 
@@ -67,6 +70,11 @@ class BatchLoader:
     consecutive batches of about `augment_chunk` images, and the batches are views of the chunk.
     A trailing batch of one image is dropped: BatchNorm in training mode cannot normalise a single sample.
 
+    With `prefetch`, each next chunk is made in a background thread (on its own CUDA stream) while
+    the caller trains on the current one (data.prefetch), running on from an epoch's last chunk into
+    the next epoch's first, so that consecutive epoch(e), epoch(e + 1) calls keep it busy; the batches
+    are the same either way.
+
     With world > 1 processes every rank draws the same epoch and takes its contiguous share of
     each batch of batch_size (the global batch), so the ranks' shares are disjoint and together
     are the single-process batch; the epoch has only full batches, and each rank augments its
@@ -87,22 +95,63 @@ class BatchLoader:
         rank: int = 0,
         world: int = 1,
         augment_chunk: int = AUGMENT_CHUNK,
+        prefetch: bool = False,
     ) -> None:
         check_batch_size(batch_size, world)
-        self.images, self.labels = images, labels
-        self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
-        self.mean, self.std, self.seed = mean, std, seed
-        self.channels_last, self.rank, self.world = channels_last, rank, world
         self.steps_per_chunk = max(1, augment_chunk // batch_size)
+        self.prefetch = prefetch
+        # The chunk maker holds no reference to the loader: a dropped loader closes its prefetch thread.
+        self._chunks = _ChunkMaker(images, labels, batch_size, sampler, augment, tuple(mean), tuple(std), seed,
+                                   channels_last, rank, world, self.steps_per_chunk)
+        self._next: tuple[int, Iterator] | None = None  # (epoch, its chunks and all later epochs') made ahead
 
     def __len__(self) -> int:
-        return epoch_steps(self.sampler.num_samples, self.batch_size, self.world)
+        return self._chunks.steps()
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        chunks = self._chunks_from(epoch)
+        count = -(-len(self) // self.steps_per_chunk)
+        for k in range(count):
+            x, labels, sizes = next(chunks)
+            if k == count - 1:  # the stream now stands at the next epoch, however much of this one is used
+                self._next = (epoch + 1, chunks)
+            yield from zip(x.split(sizes), labels.split(sizes))
+
+    def _chunks_from(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        """The chunks of `epoch` and the epochs after it: the stream made ahead when it stands there,
+        else a new one (the old one, dropped, stops its thread)."""
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == epoch:
+            return ahead[1]
+        chunks = itertools.chain.from_iterable(map(self._chunks, itertools.count(epoch)))
+        return prefetched(chunks, self._chunks.images.device) if self.prefetch else chunks
+
+
+@dataclass(frozen=True, eq=False)
+class _ChunkMaker:
+    """The chunks of an epoch of BatchLoader: (images (n, 3, H, W) float32 normalised, labels (n,), the
+    sizes of the n images' batches), each of up to steps_per_chunk batches."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int
+    sampler: object
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    seed: int
+    channels_last: bool
+    rank: int
+    world: int
+    steps_per_chunk: int
+
+    def steps(self) -> int:
+        return epoch_steps(self.sampler.num_samples, self.batch_size, self.world)
+
+    def __call__(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
         gen = epoch_generator(self.seed, epoch)
         order = to_device(self.sampler.indices(epoch, gen), self.images.device)  # one copy per epoch
         aug_gen = gen if self.world == 1 else epoch_generator(self.seed, epoch, SHARD_AUGMENT_STREAM + self.rank)
-        steps = len(self)
+        steps = self.steps()
         for first in range(0, steps, self.steps_per_chunk):
             shares = [self._share(order, step) for step in range(first, min(first + self.steps_per_chunk, steps))]
             idx = torch.cat(shares)
@@ -112,8 +161,8 @@ class BatchLoader:
             x = normalize(x, self.mean, self.std)
             if self.channels_last:  # slices of an NHWC chunk along the batch stay NHWC
                 x = x.contiguous(memory_format=torch.channels_last)
-            sizes = [len(share) for share in shares]  # shapes are known on the host: no wait for the device
-            yield from zip(x.split(sizes), self.labels[idx].split(sizes))
+            # Shapes are known on the host: no wait for the device.
+            yield x, self.labels[idx], [len(share) for share in shares]
 
     def _share(self, order: torch.Tensor, step: int) -> torch.Tensor:
         """The dataset indices this rank trains on at `step`: its contiguous share of the global batch."""

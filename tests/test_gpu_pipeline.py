@@ -48,14 +48,30 @@ def test_the_augmented_batch_on_cuda_is_the_cpu_batch():
     assert ((on_gpu.cpu().int() - on_cpu.int()).abs() == 0).float().mean() > 0.99
 
 
-def test_training_steps_on_cuda_do_not_wait_for_the_gpu():
-    """Crop, flip, AutoAugment, Cutout, normalisation, forward, backward and SGD step: the host
-    queues the whole epoch without reading anything back, and waits once, at its end, for the sums."""
+def _loader(prefetch: bool, n: int = 1024, chunk: int = 512) -> BatchLoader:
     device = torch.device("cuda")
-    images = _images(1024)
-    labels = torch.arange(1024) % 10
-    loader = BatchLoader(images.to(device), labels.to(device), 128, build_sampler("instance", labels, 10),
-                         BatchAugment(4, True, True, 16), CIFAR10_MEAN, CIFAR10_STD, 0, channels_last=True)
+    images, labels = _images(n), torch.arange(n) % 10
+    return BatchLoader(images.to(device), labels.to(device), 128, build_sampler("instance", labels, 10),
+                       BatchAugment(4, True, True, 16), CIFAR10_MEAN, CIFAR10_STD, 0, channels_last=True,
+                       augment_chunk=chunk, prefetch=prefetch)
+
+
+def test_prefetched_batches_on_cuda_are_the_batches_made_in_the_training_thread():
+    """The side stream's chunks, taken by the training stream after their event: the same bytes, epoch
+    after epoch (the thread runs on into the next epoch's first chunk)."""
+    made_ahead, in_line = _loader(True), _loader(False)
+    for epoch in (0, 1, 2):
+        for (xa, ya), (xb, yb) in zip(made_ahead.epoch(epoch), in_line.epoch(epoch), strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_training_steps_on_cuda_do_not_wait_for_the_gpu(prefetch):
+    """Crop, flip, AutoAugment, Cutout, normalisation, forward, backward and SGD step: the host
+    queues the whole epoch without reading anything back, and waits once, at its end, for the sums
+    (with prefetch, the thread that makes the chunks does not wait either)."""
+    device = torch.device("cuda")
+    loader = _loader(prefetch, chunk=8192)
     model = build_model("resnet32", 10).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
