@@ -62,7 +62,8 @@ def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTail
                                   cfg.model.channels_last, ranks.rank, ranks.world)
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), t.batch_size, sampler, augment,
-                         data.mean, data.std, t.seed, cfg.model.channels_last, ranks.rank, ranks.world)
+                         data.mean, data.std, t.seed, cfg.model.channels_last, ranks.rank, ranks.world,
+                         prefetch=d.prefetch)
     return data, loader
 
 

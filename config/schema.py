@@ -31,6 +31,9 @@ class DataConfig:
     flip: bool = True  # random horizontal flip
     autoaugment: bool = False  # CIFAR AutoAugment policy (Cubuk et al. 2019)
     cutout: int = 0  # side of the Cutout square in pixels; 0 = off
+    # Stage 1, CIFAR: augment the next chunk of batches in a background thread (on its own CUDA stream)
+    # while the current one trains; the same batches either way (data/prefetch.py, bench/throughput.py).
+    prefetch: bool = False
     sampler: str = "instance"  # how a stage-1 epoch draws images (data.samplers.SAMPLERS)
     list_dir: str = ""  # split-list datasets: folder of ImageNet_LT_train.txt etc.; empty = root
     image_size: int = 224  # image-file datasets: training crop and evaluation centre crop, in pixels
@@ -183,6 +186,7 @@ RANGES: dict[str, tuple[str, float]] = {
 # stage that reads it: a key that does nothing must not look as if it did.
 STAGE_KEYS: dict[str, str] = {
     "data.sampler": "stage1",  # stage 2 draws by stage2.method
+    "data.prefetch": "stage1",  # stage 2 augments its cached views once, or each batch of the live backbone
     "model.head": "stage1",  # stage 2 always trains a linear head
     "loss": "stage1",  # stage 2's loss is fixed by stage2.method
     "train.mixup_alpha": "stage1",
@@ -202,6 +206,7 @@ DATASET_KEYS: dict[str, tuple[str, ...]] = {
     "data.crop_padding": ("cifar",),  # image files: RandomResizedCrop to data.image_size
     "data.autoaugment": ("cifar",),
     "data.cutout": ("cifar",),
+    "data.prefetch": ("cifar",),  # image files: data.workers processes decode and augment ahead
     "data.imbalance_factor": ("cifar", "folder"),  # split lists are long-tailed as published
     "data.profile": ("cifar", "folder"),
     "data.list_dir": ("list",),

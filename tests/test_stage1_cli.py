@@ -154,8 +154,25 @@ def test_a_signal_stops_after_the_step_saves_last_pt_and_resume_reaches_the_unin
     args = (*tiny_stage1, "train.epochs=6", "train.mixup_alpha=0.2", "data.autoaugment=true", "data.cutout=8")
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     run(*_args(fake_cifar10, full, *args))
-    proc = subprocess.Popen([sys.executable, *_args(fake_cifar10, stopped, *args)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _stop_resume_and_compare(run, _args(fake_cifar10, stopped, *args), full, stopped, signum)
+
+
+def test_prefetch_trains_the_weights_of_a_run_without_it_and_stops_and_resumes(fake_cifar10, tmp_path, run,
+                                                                               tiny_stage1):
+    """data.prefetch=true augments the next chunk in a background thread: the same batches, so the
+    same weights as a run without it, also when a signal stops it mid-run and --resume continues."""
+    args = (*tiny_stage1, "train.epochs=6", "train.mixup_alpha=0.2", "data.autoaugment=true", "data.cutout=8")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run(*_args(fake_cifar10, full, *args))
+    _stop_resume_and_compare(run, _args(fake_cifar10, stopped, *args, "data.prefetch=true"), full, stopped,
+                             signal.SIGTERM)
+
+
+def _stop_resume_and_compare(run, argv, full, stopped, signum) -> None:
+    """Run argv (into `stopped`), send `signum` after its first checkpoint, check the one-line stop, resume,
+    and check that it ends with the weights of the uninterrupted run in `full`."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 120
     while not (stopped / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
@@ -166,7 +183,7 @@ def test_a_signal_stops_after_the_step_saves_last_pt_and_resume_reaches_the_unin
     assert f"stopped by {signal.Signals(signum).name} at step" in stderr and "--resume continues" in stderr
     saved = torch.load(stopped / "last.pt", weights_only=True)
     assert saved["step"] < torch.load(full / "last.pt", weights_only=True)["step"]
-    run(*_args(fake_cifar10, stopped, *args, "--resume"))
+    run(*argv, "--resume")
     a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full, stopped))
     assert a["epoch"] == b["epoch"] == 6 and a["step"] == b["step"]
     for key, tensor in a["model"].items():
