@@ -5,7 +5,8 @@
 
 For each batch size and each setting of the speed switches (train.amp, model.channels_last, the
 loader's augmentation chunk (--augment-chunk: images per augment call; the batch size is the old
-batch-by-batch path) and, with --compile, train.compile), in one run:
+batch-by-batch path), data.prefetch (--prefetch: the next chunk made in a background thread) and, with
+--compile, train.compile), in one run:
 - train: images/s of the real stage-1 path (CIFAR-10-LT exp IF100 from $LT_DATA_ROOT, instance
   sampler, augmentation on the device (--augment: full = crop + flip + AutoAugment + Cutout 16, the
   paper's; basic = crop + flip; none = gathering and normalising only, which says what the
@@ -18,9 +19,9 @@ batch-by-batch path) and, with --compile, train.compile), in one run:
   batch) against forward passes on a random batch already on the device. ratio = eval / pure.
 The ratios say how much the data pipeline costs; 1.0 means none. `load ms` is the host's time per
 training step inside the loader (gathering, augmenting, normalising the batches): on the CPU the
-augmentation itself, on a GPU only the queueing of its kernels. On a GPU, a load time close to the
-gap between the real and the pure step times (batch / rate) says that the host thread, not the GPU,
-limits training. --profile DIR writes, per setting, where one window of each path spends its time:
+augmentation itself, on a GPU only the queueing of its kernels; with prefetch, only the wait for the
+thread that makes the chunks. On a GPU, a load time close to the gap between the real and the pure
+step times (batch / rate) says that the host thread, not the GPU, limits training. --profile DIR writes, per setting, where one window of each path spends its time:
 the host's time in the loader, the device's kernel time (the loader's share of it) and the operators
 by time, so that one run on a GPU tells a busy device from an idle one waiting for the host.
 """
@@ -94,18 +95,19 @@ def timed_iter(batches: Iterable, seconds: list[float], annotate: bool) -> Itera
 
 @dataclass
 class TrainBench:
-    """The two training paths of one switch setting: real(n, epoch, annotate) takes n steps of the real
-    stage-1 path from `epoch` on (running into the next epochs; annotate: the loader's profiler ranges) and
+    """The two training paths of one switch setting: real(n, annotate) takes n steps of the real stage-1
+    path from the epoch after the last one it touched (so that whole-epoch windows follow each other as a
+    run's epochs do, and a prefetching loader stays ahead; annotate: the loader's profiler ranges) and
     returns the images seen; pure(n) takes n steps on one batch already on the device. load_seconds[0] adds
     up the host's time inside the loader."""
-    real: Callable[[int, int, bool], int]
+    real: Callable[[int, bool], int]
     pure: Callable[[int], None]
     epoch_steps: int
     images_per_call: int
     load_seconds: list[float]
 
 
-def train_bench(data, device, batch, amp, channels_last, chunk, augment, compile_model) -> TrainBench:
+def train_bench(data, device, batch, amp, channels_last, chunk, augment, prefetch, compile_model) -> TrainBench:
     torch.manual_seed(0)
     model = build_model("resnet32", 10)
     if channels_last:
@@ -117,11 +119,13 @@ def train_bench(data, device, batch, amp, channels_last, chunk, augment, compile
     loss_fn, scaler = nn.CrossEntropyLoss(), grad_scaler(device, amp)
     sampler = build_sampler("instance", data.train_labels, 10)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), batch, sampler,
-                         AUGMENTS[augment](), data.mean, data.std, 0, channels_last, augment_chunk=chunk)
-    load_seconds = [0.0]
+                         AUGMENTS[augment](), data.mean, data.std, 0, channels_last, augment_chunk=chunk,
+                         prefetch=prefetch)
+    load_seconds, next_epoch = [0.0], [0]
 
-    def real(n: int, epoch: int, annotate: bool = False) -> int:
-        batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count(epoch))
+    def real(n: int, annotate: bool = False) -> int:
+        first, next_epoch[0] = next_epoch[0], next_epoch[0] + -(-n // len(loader))
+        batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count(first))
         timed_batches = timed_iter(islice(batches, n), load_seconds, annotate)
         return train_one_epoch(run_model, timed_batches, n, loss_fn, optimizer, scheduler, amp=amp, scaler=scaler,
                                desc="real")["sums"][2]
@@ -151,13 +155,13 @@ def train_rates(b: TrainBench, device, batch, compile_model, steps, warmup,
     in the loader) over `rounds` windows of each path, alternating, so that a drift of the machine's speed
     reaches both paths alike."""
     # A compiled model compiles again for an epoch's shorter last batch: warm up past one.
-    b.real(max(warmup, b.epoch_steps + 1) if compile_model else warmup, 100)
+    b.real(max(warmup, b.epoch_steps + 1) if compile_model else warmup)
     b.pure(warmup)
     steps = window_steps(steps, b.epoch_steps)
     seen, real_s, pure_s, ratios = 0, 0.0, 0.0, []
     b.load_seconds[0] = 0.0
     for _ in range(rounds):
-        r, n = timed(lambda: b.real(steps, 0), device)
+        r, n = timed(lambda: b.real(steps), device)
         p, _ = timed(lambda: b.pure(steps), device)
         seen, real_s, pure_s = seen + n, real_s + r, pure_s + p
         ratios.append((n / r) / (steps * batch / p))
@@ -180,7 +184,7 @@ def profile_train(b: TrainBench, device, steps, path: Path) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     steps = window_steps(steps, b.epoch_steps)
     lines = []
-    for name, fn in (("real", lambda: b.real(steps, 0, True)), ("pure", lambda: b.pure(steps))):
+    for name, fn in (("real", lambda: b.real(steps, True)), ("pure", lambda: b.pure(steps))):
         with profile(activities=activities) as prof:
             wall, _ = timed(fn, device)
         # Device work: kernels and copies, not the spans of record_function ranges (user annotations), as
@@ -252,6 +256,8 @@ def main() -> None:
     p.add_argument("--augment", nargs="+", choices=list(AUGMENTS), default=["full"],
                    help="the loader's augmentation: full (crop + flip + AutoAugment + Cutout 16), basic (crop + "
                         "flip), none (gather and normalise only)")
+    p.add_argument("--prefetch", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="data.prefetch: the loader makes the next chunk in a background thread (its own CUDA stream)")
     p.add_argument("--compile", action="store_true", help="also measure train.compile=true (slow to start)")
     p.add_argument("--tf32", choices=["on", "off"], default="on", help="train.tf32 (CUDA fp32 matmuls/convolutions)")
     p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"),
@@ -279,21 +285,23 @@ def measure(args: argparse.Namespace) -> None:
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; "
           f"ResNet-32, augmentation full = crop + flip + AutoAugment + Cutout 16, basic = crop + flip; "
           f"{args.steps} timed steps, rounded up to whole epochs, {args.rounds} windows of each path in turn")
-    print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'chunk':>6} {'aug':>5} {'compile':>7} {'train/s':>9} {'pure/s':>9} "
-          f"{'ratio':>6} {'range':>9} {'load ms':>7} {'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
+    print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'chunk':>6} {'aug':>5} {'pf':>3} {'compile':>7} {'train/s':>9} "
+          f"{'pure/s':>9} {'ratio':>6} {'range':>9} {'load ms':>7} {'eval/s':>9} {'fwd/s':>9} {'ratio':>6}")
     best = 0.0
-    settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, args.augment, compiles)
-    for batch, amp, channels_last, chunk, augment, compile_model in settings:
-        b = train_bench(data, device, batch, amp, channels_last, chunk, augment, compile_model)
+    settings = itertools.product(args.batch_sizes, amps, [True, False], args.augment_chunk, args.augment,
+                                 args.prefetch, compiles)
+    for batch, amp, channels_last, chunk, augment, prefetch, compile_model in settings:
+        b = train_bench(data, device, batch, amp, channels_last, chunk, augment, prefetch == "on", compile_model)
         train, pure, low, high, load_ms = train_rates(b, device, batch, compile_model, args.steps, args.warmup,
                                                       args.rounds)
         ev, fwd = eval_rates(test_images, device, batch, amp, channels_last, data.mean, data.std, 1)
-        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {b.images_per_call:>6} {augment:>5} "
+        print(f"{batch:>5} {amp:>5} {str(channels_last):>5} {b.images_per_call:>6} {augment:>5} {prefetch:>3} "
               f"{str(compile_model):>7} {train:>9.0f} {pure:>9.0f} {train / pure:>6.2f} {f'{low:.2f}-{high:.2f}':>9} "
               f"{load_ms:>7.2f} {ev:>9.0f} {fwd:>9.0f} {ev / fwd:>6.2f}", flush=True)
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
-            name = f"b{batch}_{amp}_{'nhwc' if channels_last else 'nchw'}_c{b.images_per_call}_{augment}"
+            name = (f"b{batch}_{amp}_{'nhwc' if channels_last else 'nchw'}_c{b.images_per_call}_{augment}"
+                    f"{'_prefetch' if prefetch == 'on' else ''}")
             profile_train(b, device, args.steps, args.profile / f"{name}{'_compiled' if compile_model else ''}.txt")
         if augment == "full":  # the paper's schedule runs with the full augmentation
             best = max(best, train if batch == PAPER_BATCH else 0.0)

@@ -16,18 +16,18 @@ def ratio_of_rounded(ratio: float, a: float, b: float) -> bool:
 def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_setting(tmp_path, run):
     root = write_fake_cifar10(tmp_path, train_per_class=100, test_per_class=4)  # IF 100 keeps 1 truck
     proc = run("bench/throughput.py", "--device", "cpu", "--batch-sizes", "16", "--steps", "2", "--warmup", "1",
-               "--amp", "off", "bf16", "--augment-chunk", "40", "--augment", "full", "none", "--rounds", "1",
-               "--eval-images", "32", "--root", str(root))
+               "--amp", "off", "bf16", "--augment-chunk", "40", "--augment", "full", "none", "--prefetch", "off",
+               "--rounds", "1", "--eval-images", "32", "--root", str(root))
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("device cpu") and "tf32 on" in lines[0]
     rows = [line.split() for line in lines[2:] if line.strip()[:1].isdigit()]
     # The chunk column is the images per augmentation call: whole batches (40 -> 32).
-    assert [tuple(r[:5]) for r in rows] == [("16", a, n, "32", g) for a in ["off", "bf16"] for n in ["True", "False"]
-                                            for g in ["full", "none"]]
+    assert [tuple(r[:7]) for r in rows] == [("16", a, n, "32", g, "off", "False") for a in ["off", "bf16"]
+                                            for n in ["True", "False"] for g in ["full", "none"]]
     for r in rows:  # train/s, pure/s, ratio, range, load ms, eval/s, fwd/s, ratio
-        train, pure, ratio = map(float, r[6:9])
-        low, high = map(float, r[9].split("-"))
-        load_ms, ev, fwd, eval_ratio = map(float, r[10:])
+        train, pure, ratio = map(float, r[7:10])
+        low, high = map(float, r[10].split("-"))
+        load_ms, ev, fwd, eval_ratio = map(float, r[11:])
         assert train > 0 and pure > 0 and ratio_of_rounded(ratio, train, pure)
         assert low == high  # one window of each path
         # On the CPU the loader's time is the augmentation itself: part of each real step, never all of it.
@@ -37,19 +37,20 @@ def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_sett
 
 
 def test_the_throughput_bench_profiles_each_setting_and_its_ratio_lies_within_its_windows(tmp_path, run):
+    """With the loader prefetching: its thread makes the chunks, the loader's host time is the wait for it."""
     root = write_fake_cifar10(tmp_path, train_per_class=100, test_per_class=4)
     # 32 test images for a batch of 64: evaluation takes them all in one batch.
     proc = run("bench/throughput.py", "--device", "cpu", "--batch-sizes", "64", "--steps", "1", "--warmup", "1",
-               "--amp", "off", "--rounds", "2", "--eval-images", "32", "--root", str(root),
+               "--amp", "off", "--prefetch", "on", "--rounds", "2", "--eval-images", "32", "--root", str(root),
                "--profile", str(tmp_path / "prof"))
     rows = [line.split() for line in proc.stdout.splitlines()[2:] if line.strip()[:1].isdigit()]
-    assert len(rows) == 2 and all(float(r[-2]) > 0 for r in rows)  # fwd/s
+    assert [r[5] for r in rows] == ["on", "on"] and all(float(r[-2]) > 0 for r in rows)  # fwd/s
     for r in rows:
-        ratio, (low, high) = float(r[8]), map(float, r[9].split("-"))
+        ratio, (low, high) = float(r[9]), map(float, r[10].split("-"))
         # Both paths take the same images in every window: the ratio of the sums lies between the windows' ratios.
         assert low - 0.01 <= ratio <= high + 0.01 and low <= high
-    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["b64_off_nchw_c8192_full.txt",
-                                                                      "b64_off_nhwc_c8192_full.txt"]
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["b64_off_nchw_c8192_full_prefetch.txt",
+                                                                      "b64_off_nhwc_c8192_full_prefetch.txt"]
     for path in (tmp_path / "prof").iterdir():
         text = path.read_text()
         summaries = [line for line in text.splitlines() if line.startswith(("real:", "pure:"))]
