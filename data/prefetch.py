@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+_END = object()  # what the thread hands over after the source's last item
 
 
 def prefetched(items: Iterator[T], device: torch.device) -> Iterator[T]:
@@ -56,9 +57,6 @@ def prefetched(items: Iterator[T], device: torch.device) -> Iterator[T]:
     finally:
         stop.set()
         wanted.release()  # wake a thread waiting for permission, so that it sees `stop`
-
-
-_END = object()
 
 
 def _make(items: Iterator, stream: torch.cuda.Stream | None, made: queue.SimpleQueue,

@@ -125,13 +125,15 @@ def predict_logits(
     (normalised here with mean/std) or of an image-file Dataset of (normalised image, label) items
     (decoded and transformed in `workers` processes).
 
-    Each batch moves to the model's device (a no-op for images already there) and runs under
+    Each batch moves to the model's device (a no-op for images already there; to a GPU in a copy from
+    pinned memory, which the host does not wait for: CUDA may stage a copy from pageable memory only
+    after the forward passes queued before it, which keeps the host from running ahead) and runs under
     autocast with amp (off | bf16 | fp16).
     """
     model.eval()
     device = next(model.parameters()).device
     if isinstance(images, torch.Tensor):
-        batches = (normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+        batches = (normalize(to_device(images[start : start + batch_size], device), mean, std)
                    for start in range(0, len(images), batch_size))
     else:
         batches = (x for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers,

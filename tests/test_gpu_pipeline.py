@@ -82,6 +82,19 @@ def test_training_steps_on_cuda_do_not_wait_for_the_gpu(prefetch):
     assert len(syncs) == 1, syncs
 
 
+def test_evaluation_on_cuda_of_images_in_host_memory_waits_for_the_gpu_once():
+    """Each batch goes over in a copy from pinned memory (the host queues the next one at once); the
+    logits come back once, at the end."""
+    from engine.loop import predict_logits
+
+    model = build_model("resnet32", 10).cuda().to(memory_format=torch.channels_last)
+    images = _images(1024)
+    predict_logits(model, images[:256], 128, CIFAR10_MEAN, CIFAR10_STD, channels_last=True)  # warm-up
+    logits, syncs = _waits(lambda: predict_logits(model, images, 128, CIFAR10_MEAN, CIFAR10_STD, channels_last=True))
+    assert logits.shape == (1024, 10) and logits.device.type == "cpu"
+    assert len(syncs) == 1, syncs
+
+
 def test_a_stage2_head_epoch_on_cuda_waits_for_the_gpu_once():
     """Cached features on the CPU, a linear head on the GPU: each step's views and labels go over in
     pinned copies and its sums stay there; the epoch reads them back once, at its end."""
