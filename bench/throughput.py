@@ -21,9 +21,11 @@ The ratios say how much the data pipeline costs; 1.0 means none. `load ms` is th
 training step inside the loader (gathering, augmenting, normalising the batches): on the CPU the
 augmentation itself, on a GPU only the queueing of its kernels; with prefetch, only the wait for the
 thread that makes the chunks. On a GPU, a load time close to the gap between the real and the pure
-step times (batch / rate) says that the host thread, not the GPU, limits training. --profile DIR writes, per setting, where one window of each path spends its time:
-the host's time in the loader, the device's kernel time (the loader's share of it) and the operators
-by time, so that one run on a GPU tells a busy device from an idle one waiting for the host.
+step times (batch / rate) says that the host thread, not the GPU, limits training. --profile DIR
+writes, per setting, where one window of each path spends its time: the host's time in the loader,
+the device's kernel time (the loader's share of it) and the operators by time, so that one run on a
+GPU tells a busy device from an idle one waiting for the host (the profiler records the operators of
+the training thread only: with prefetch, the chunks' work is not in the loader's share).
 """
 from __future__ import annotations
 
