@@ -6,7 +6,8 @@
 For each batch size and each setting of the speed switches (train.amp, model.channels_last, the
 loader's augmentation chunk (--augment-chunk: images per augment call; the batch size is the old
 batch-by-batch path), data.prefetch (--prefetch: the next chunk made in a background thread) and, with
---compile, train.compile), in one run:
+--compile, train.compile), in one run (the process-wide CUDA flags --tf32 and --cudnn-benchmark hold
+for the whole run and are named in its first line):
 - train: images/s of the real stage-1 path (CIFAR-10-LT exp IF100 from $LT_DATA_ROOT, instance
   sampler, augmentation on the device (--augment: full = crop + flip + AutoAugment + Cutout 16, the
   paper's; basic = crop + flip; none = gathering and normalising only, which says what the
@@ -53,7 +54,7 @@ from data.build import build_long_tail  # noqa: E402
 from data.cifar import load_cifar  # noqa: E402
 from data.loader import AUGMENT_CHUNK, BatchLoader  # noqa: E402
 from data.samplers import build_sampler  # noqa: E402
-from engine.device import autocast, check_amp, grad_scaler, resolve_device, set_tf32  # noqa: E402
+from engine.device import autocast, check_amp, grad_scaler, resolve_device, set_cuda_flags  # noqa: E402
 from engine.loop import predict_logits, train_one_epoch  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -262,6 +263,8 @@ def main() -> None:
                    help="data.prefetch: the loader makes the next chunk in a background thread (its own CUDA stream)")
     p.add_argument("--compile", action="store_true", help="also measure train.compile=true (slow to start)")
     p.add_argument("--tf32", choices=["on", "off"], default="on", help="train.tf32 (CUDA fp32 matmuls/convolutions)")
+    p.add_argument("--cudnn-benchmark", choices=["on", "off"], default="off",
+                   help="train.cudnn_benchmark (CUDA: cuDNN's autotuner picks the convolution algorithms)")
     p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"),
                    help="folder with cifar-10-batches-py/")
     p.add_argument("--rounds", type=at_least(1), default=3,
@@ -280,11 +283,12 @@ def measure(args: argparse.Namespace) -> None:
     amps = args.amp or ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     for amp in amps:  # before any row: a precision the device lacks is refused at once
         check_amp(device, amp)
-    set_tf32(device, args.tf32 == "on")
+    set_cuda_flags(device, args.tf32 == "on", args.cudnn_benchmark == "on")
     data = build_long_tail("cifar10", args.root, False, 100.0, "exp", 0, 0)
     test_images = load_cifar("cifar10", args.root, "test").images[: args.eval_images]
     compiles = [False, True] if args.compile else [False]
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}; "
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, tf32 {args.tf32}, "
+          f"cudnn benchmark {args.cudnn_benchmark}; "
           f"ResNet-32, augmentation full = crop + flip + AutoAugment + Cutout 16, basic = crop + flip; "
           f"{args.steps} timed steps, rounded up to whole epochs, {args.rounds} windows of each path in turn")
     print(f"{'batch':>5} {'amp':>5} {'NHWC':>5} {'chunk':>6} {'aug':>5} {'pf':>3} {'compile':>7} {'train/s':>9} "

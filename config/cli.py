@@ -21,7 +21,7 @@ from config.load import ConfigError, check_dataset_keys, check_names, check_resu
 from config.schema import Config
 from data.build_files import DATASET_KINDS
 from data.cifar import DatasetFormatError, DatasetNotFoundError
-from engine.device import DeviceError, check_amp, set_tf32
+from engine.device import DeviceError, check_amp, set_cuda_flags
 from engine.distributed import Dist, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import RunDirError, default_checkpoint, resume_checkpoint, setup_run, trim_metrics_log
@@ -115,7 +115,7 @@ def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device
     check_dataset_keys(cfg, DATASET_KINDS[cfg.data.dataset])
     ranks, device = init_distributed(t.device, t.dist_timeout_s)
     check_amp(device, t.amp)
-    set_tf32(device, t.tf32)
+    set_cuda_flags(device, t.tf32, t.cudnn_benchmark)
     ckpt = resume_checkpoint(Path(cfg.run_dir), resume)  # before the log opens: a refusal writes nothing
     if ckpt is not None:
         check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")

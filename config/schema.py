@@ -103,6 +103,9 @@ class TrainConfig:
     amp: str = "off"
     compile: bool = False  # torch.compile the model (stage 1) before training; first steps pay the compile time
     tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions
+    # CUDA only: cuDNN times its convolution algorithms once per new input shape and keeps the fastest
+    # (the first step of each shape pays for it; runs may then differ in the last bits). Off: its heuristics.
+    cudnn_benchmark: bool = False
     # Split each batch of batch_size into this many micro-batches and add their gradients before the
     # step: the same update with less activation memory (BatchNorm sees each micro-batch alone).
     accum_steps: int = 1

@@ -60,8 +60,11 @@ def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
-def set_tf32(device: torch.device, enabled: bool) -> None:
-    """TF32 tensor-core matmuls and convolutions on CUDA (10-bit mantissa inputs, fp32 accumulation)."""
+def set_cuda_flags(device: torch.device, tf32: bool, cudnn_benchmark: bool) -> None:
+    """CUDA's process-wide speed flags (nothing on other devices): TF32 tensor-core matmuls and
+    convolutions (10-bit mantissa inputs, fp32 accumulation); cuDNN's autotuner, which times the
+    convolution algorithms once for each new input shape and keeps the fastest."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -19,7 +19,7 @@ def test_the_throughput_bench_prints_one_row_of_rates_and_ratios_per_switch_sett
                "--amp", "off", "bf16", "--augment-chunk", "40", "--augment", "full", "none", "--prefetch", "off",
                "--rounds", "1", "--eval-images", "32", "--root", str(root))
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("device cpu") and "tf32 on" in lines[0]
+    assert lines[0].startswith("device cpu") and "tf32 on, cudnn benchmark off;" in lines[0]
     rows = [line.split() for line in lines[2:] if line.strip()[:1].isdigit()]
     # The chunk column is the images per augmentation call: whole batches (40 -> 32).
     assert [tuple(r[:7]) for r in rows] == [("16", a, n, "32", g, "off", "False") for a in ["off", "bf16"]

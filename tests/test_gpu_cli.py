@@ -17,7 +17,8 @@ def test_stage1_then_balms_then_test_on_cuda(fake_cifar10, tmp_path, run, tiny_s
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     common = (f"data.root={fake_cifar10}", "train.device=cuda", f"train.amp={amp}")
     proc = run("stage1_train.py", *common, f"log_dir={s1}", *tiny_stage1, "data.val_per_class=2",
-               "data.autoaugment=true", "data.cutout=8", "train.accum_steps=2")
+               "data.autoaugment=true", "data.cutout=8", "train.accum_steps=2", "data.prefetch=true",
+               "train.cudnn_benchmark=true")
     assert "on cuda:0" in proc.stderr
     run("stage2_classifier.py", *common, f"log_dir={s2}", f"stage1.checkpoint={s1 / 'last.pt'}",
         "stage2.method=balms", "train.iterations=12", "train.batch_size=32", "train.num_threads=1",

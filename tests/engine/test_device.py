@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.device import DeviceError, autocast, check_amp, grad_scaler, resolve_device
+from engine.device import DeviceError, autocast, check_amp, grad_scaler, resolve_device, set_cuda_flags
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -73,3 +73,18 @@ def test_fp16_on_cuda_scales_the_loss_and_steps():
     scaler.step(opt)
     scaler.update()
     assert scaler.get_scale() > 1 and not torch.equal(before, layer.weight)
+
+
+def test_cuda_flags_set_tf32_and_the_cudnn_autotuner_on_cuda_and_nothing_elsewhere():
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
+        (torch.backends.cudnn, "benchmark")
+    saved = [getattr(obj, name) for obj, name in flags]
+    try:
+        set_cuda_flags(torch.device("cuda"), tf32=True, cudnn_benchmark=False)
+        set_cuda_flags(torch.device("cpu"), tf32=False, cudnn_benchmark=True)
+        assert [getattr(obj, name) for obj, name in flags] == [True, True, False]
+        set_cuda_flags(torch.device("cuda"), tf32=False, cudnn_benchmark=True)
+        assert [getattr(obj, name) for obj, name in flags] == [False, False, True]
+    finally:
+        for (obj, name), value in zip(flags, saved):
+            setattr(obj, name, value)
