@@ -175,7 +175,8 @@ def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, 
     elif len(data.val_labels) and ms.meta_split == "val":
         labels, split = data.val_labels, "val"
         meta_features = feature_source(cfg, model, data.val_images, data, META_VIEW_STREAM, ranks, run_dir)
-    sampler = ClassSampler(data.train_labels, len(data.class_counts), ms.init_pow)
+    # On the backbone's device, so that a step's class draws, meta-gradient and update never wait for it.
+    sampler = ClassSampler(data.train_labels, len(data.class_counts), ms.init_pow).to(next(model.parameters()).device)
     logger.info("balms: class-balanced meta batches of %d from the %s split (%d images)", ms.meta_batch_size,
                 split, len(labels))
     return MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=ms.lr), labels, meta_features,

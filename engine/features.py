@@ -101,6 +101,10 @@ class CachedFeatures:
 
     def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         k = torch.randint(self.views.shape[0], (len(indices),), generator=generator)
+        if self.views.device.type == "cpu":  # memory-mapped views: indices drawn on a GPU come back (a wait)
+            indices = indices.cpu()
+        else:
+            k, indices = to_device(k, self.views.device), to_device(indices, self.views.device)
         return to_device(self.views[k, indices], self.device).float()  # (B, D)
 
 
@@ -120,7 +124,8 @@ class LiveFeatures:
     @torch.no_grad()
     def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         self.model.train(self.bn_train)
-        images = self.images[indices].to(next(self.model.parameters()).device, non_blocking=True)
+        images = self.images[to_device(indices, self.images.device)].to(next(self.model.parameters()).device,
+                                                                         non_blocking=True)
         x = normalize(self.augment(images, generator), self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

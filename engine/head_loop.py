@@ -67,6 +67,9 @@ def train_head_epoch(
     # NaN/inf every finite_check_interval steps (each check waits for the device).
     check_every = finite_check_interval(device)
     sums = to_device(torch.tensor([carry[0], carry[1], carry[3]], dtype=torch.float64), device)  # loss, correct, meta
+    # (N,) labels on the head's device, once: a step gathers its labels where its indices are (on a GPU, the
+    # BALMS sampler's draws are made there).
+    labels_here = to_device(labels, device)
     finite = torch.ones(2, dtype=torch.bool, device=device)  # loss, meta loss
     no_meta_loss = torch.zeros((), device=device)
     seen, lr = int(carry[2]), optimizer.param_groups[0]["lr"]
@@ -77,7 +80,7 @@ def train_head_epoch(
             if idx is None:
                 raise ValueError(f"index_batches ran out before {steps} steps: give at least as many batches as steps")
             x = features(idx, generator)
-            y = to_device(labels[idx], x.device)
+            y = labels_here[to_device(idx, device)]
             logits = head(x)
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -88,11 +91,12 @@ def train_head_epoch(
             classes, weights = meta.sampler.sample_classes(batch_size, generator, meta.gumbel_tau)
             idx = meta.sampler.draw_images(classes, generator)
             x = features(idx, generator)
-            y = to_device(labels[idx], x.device)
+            y = labels_here[to_device(idx, device)]
             with torch.no_grad():  # before meta_step changes the head, as the plain path's logits
                 logits = head(x)
             midx = balanced_batch(meta.meta_labels, meta.sampler.num_classes, meta.meta_batch_size, generator)
-            # The sampler draws on the CPU; its weights carry theta's gradient to the head's device.
+            # The weights carry theta's gradient from the head's device to the sampler's (the same one in
+            # stage 2; a sampler on the CPU would make each step wait for that gradient).
             out = meta_step(head, optimizer, meta.sampler, meta.optimizer, x, y, weights.to(x.device),
                             meta.meta_features(midx, generator), to_device(meta.meta_labels[midx], x.device), loss_fn)
             step_loss, meta_loss = out["loss"], out["meta_loss"]
@@ -107,14 +111,17 @@ def train_head_epoch(
         if stop is not None and stop():
             steps = step + 1
             break
-    # The epoch's one wait for the device: its sums and finiteness, read back together.
-    total_loss, correct, total_meta, loss_ok, meta_ok = torch.cat((sums, finite.double())).tolist()
+    # The epoch's one wait for the device: its sums, finiteness and (BALMS) the sampler's class shares after
+    # the epoch's updates, read back together.
+    probs = [meta.sampler.class_probs().double()] if meta is not None else []
+    read = torch.cat((sums, finite.double(), *probs)).tolist()
+    total_loss, correct, total_meta, loss_ok, meta_ok, *class_probs = read
     _raise_unless_finite(loss_ok, meta_ok, f"{desc}, in the epoch's last {check_every} steps", lr, meta is not None)
     out = {"loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen), "lr": lr, "steps": steps,
            "sums": [total_loss, correct, seen, total_meta]}
     if meta is not None:
         out["meta_loss"] = total_meta / max(1, seen)
-        out["sample_probs"] = meta.sampler.class_probs().tolist()  # (C,) after the epoch's updates
+        out["sample_probs"] = class_probs  # (C,)
     return out
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.transfer import to_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -140,10 +142,10 @@ class ClassSampler(nn.Module):
         if not tau > 0:
             raise ValueError(f"tau must be a positive temperature, got {tau}.")
         logits = self.log_counts + F.logsigmoid(self.theta)  # (C,)
-        uniform = torch.rand(
-            (batch_size, self.num_classes), generator=generator,
-            dtype=logits.dtype, device=logits.device,
-        )
+        # Drawn on the CPU from the run's generator, whatever the device: the same draws everywhere,
+        # and on a GPU one copy the host does not wait for.
+        uniform = to_device(torch.rand((batch_size, self.num_classes), generator=generator, dtype=logits.dtype),
+                            logits.device)
         # Clamp keeps Gumbel noise finite when rand returns exactly 0.
         gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(logits.dtype).tiny)))
         perturbed = logits + gumbel  # (B, C); empty classes stay at -inf
@@ -160,12 +162,15 @@ class ClassSampler(nn.Module):
                 f"classes must be a 1-D int64 tensor, got shape {tuple(classes.shape)} "
                 f"and dtype {classes.dtype}; pass the classes returned by sample_classes."
             )
-        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
-            raise ValueError(f"classes must lie in [0, {self.num_classes - 1}].")
         n = self.counts.long()[classes]  # (B,)
-        if bool((n == 0).any()):
-            raise ValueError("draw_images got a class with no images; such classes cannot be drawn.")
-        # float64 keeps floor(u * n) < n exactly for any realistic dataset size.
-        u = torch.rand(classes.shape, generator=generator, dtype=torch.float64, device=classes.device)
+        # The value checks read the classes: on the CPU only (on a GPU each would wait for it; there the
+        # classes come from sample_classes, which never draws an empty or out-of-range class).
+        if classes.device.type == "cpu":
+            if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
+                raise ValueError(f"classes must lie in [0, {self.num_classes - 1}].")
+            if bool((n == 0).any()):
+                raise ValueError("draw_images got a class with no images; such classes cannot be drawn.")
+        # float64 keeps floor(u * n) < n exactly for any realistic dataset size; drawn on the CPU.
+        u = to_device(torch.rand(classes.shape, generator=generator, dtype=torch.float64), classes.device)
         within = torch.minimum((u * n).long(), n - 1)
         return self.sorted_indices[self.offsets[classes] + within]

@@ -113,3 +113,28 @@ def test_a_stage2_head_epoch_on_cuda_waits_for_the_gpu_once():
                                                   g, index_batches=batches))
     assert out["steps"] == 10 and out["loss"] > 0
     assert len(syncs) == 1, syncs
+
+
+def test_a_balms_head_epoch_on_cuda_waits_for_the_gpu_once():
+    """The sampler on the GPU: its class and image draws (uniforms from the CPU generator, copied), the
+    look-ahead step, the meta-gradient and both updates stay there; the epoch reads its sums and the
+    sampler's class shares back once, at its end."""
+    from engine.head_loop import MetaSampling, train_head_epoch
+    from meta_sampler.learner import ClassSampler
+    from models.losses import build_loss
+
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(600) % 10
+    feats = torch.randn(600, 64, generator=g).to(device)
+    head = nn.Linear(64, 10).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sampler = ClassSampler(labels, 10).to(device)
+    features = lambda idx, gen: feats[idx]  # noqa: E731  (cached views on the device)
+    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, features, 32, 1.0)
+    loss_fn = build_loss("balanced_softmax", [60] * 10, reduction="none").to(device)
+    train_head_epoch(head, opt, sched, loss_fn, labels, features, 2, 60, g, meta=meta)  # warm-up
+    out, syncs = _waits(lambda: train_head_epoch(head, opt, sched, loss_fn, labels, features, 10, 60, g, meta=meta))
+    assert out["steps"] == 10 and len(out["sample_probs"]) == 10
+    assert len(syncs) == 1, syncs

@@ -147,6 +147,25 @@ def test_giving_both_or_neither_of_index_batches_and_meta_raises(which):
 # ---------------------------------------------------------------- BALMS meta-sampling
 
 
+def test_a_balms_epoch_with_the_sampler_on_the_device_reads_nothing_back_until_it_ends():
+    """As the plain epoch above, with the BALMS path: class and image draws (uniforms from the CPU
+    generator, copied over), features, labels, the look-ahead step through higher, the meta-gradient,
+    the sampler's and the head's updates all stay on the device; every step runs before the first read."""
+    feats, labels = _blobs()
+    head = nn.Linear(2, 3).to("meta")
+    opt = torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9)
+    sched = _constant_lr(opt)
+    sampler = ClassSampler(labels, 3).to("meta")
+    on_meta = feats.to("meta")
+    features = lambda idx, gen: on_meta[idx]  # noqa: E731
+    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, features, 16, 1.0)
+    loss_fn = build_loss("balanced_softmax", [100, 100, 100], reduction="none").to("meta")
+    with pytest.raises(RuntimeError, match="meta tensor"):  # the one read: the epoch's sums at its end
+        train_head_epoch(head, opt, sched, loss_fn, labels, features, 10, 30, torch.Generator().manual_seed(0),
+                         meta=meta)
+    assert sched.last_epoch == 10
+
+
 def test_meta_sampling_returns_finite_meta_loss_and_updates_theta_and_head():
     torch.manual_seed(0)
     counts = [300, 15]
