@@ -63,6 +63,21 @@ def test_two_processes_reproduce_one_process_with_the_same_global_batch(fake_cif
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_under_torchrun_prefetch_trains_what_two_processes_train_without_it(fake_cifar10, tmp_path):
+    """Each rank's loader makes its share's chunks in its own thread (with augmentation, every rank its
+    own stream): the same losses and weights as the two processes without prefetch, bit for bit."""
+    args = (f"data.root={fake_cifar10}", "data.imbalance_factor=10", "data.autoaugment=true", "data.cutout=8",
+            "train.epochs=2", "train.batch_size=32", "train.warmup=1", "train.num_threads=1", "train.device=cpu",
+            "eval.batch_size=64")
+    plain, prefetch = tmp_path / "plain", tmp_path / "prefetch"
+    _run(torchrun(*args, f"log_dir={plain}"))
+    _run(torchrun(*args, "data.prefetch=true", f"log_dir={prefetch}"))
+    a, b = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (plain, prefetch))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 2
+    wa, wb = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (plain, prefetch))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def _rank_pid(parent: int, rank: int) -> int | None:
     """The pid of the torchrun worker with RANK=rank among parent's children."""
     children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
