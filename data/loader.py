@@ -110,7 +110,7 @@ class BatchLoader:
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         chunks = self._chunks_from(epoch)
-        count = -(-len(self) // self.steps_per_chunk)
+        count = len(self._chunks.firsts())
         for k in range(count):
             x, labels, sizes = next(chunks)
             if k == count - 1:  # the stream now stands at the next epoch, however much of this one is used
@@ -147,12 +147,16 @@ class _ChunkMaker:
     def steps(self) -> int:
         return epoch_steps(self.sampler.num_samples, self.batch_size, self.world)
 
+    def firsts(self) -> range:
+        """The first step of each chunk of an epoch."""
+        return range(0, self.steps(), self.steps_per_chunk)
+
     def __call__(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
         gen = epoch_generator(self.seed, epoch)
         order = to_device(self.sampler.indices(epoch, gen), self.images.device)  # one copy per epoch
         aug_gen = gen if self.world == 1 else epoch_generator(self.seed, epoch, SHARD_AUGMENT_STREAM + self.rank)
         steps = self.steps()
-        for first in range(0, steps, self.steps_per_chunk):
+        for first in self.firsts():
             shares = [self._share(order, step) for step in range(first, min(first + self.steps_per_chunk, steps))]
             idx = torch.cat(shares)
             x = self.images[idx]
