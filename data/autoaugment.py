@@ -164,8 +164,9 @@ def apply_op(op: str, images: Tensor, mags: Tensor) -> Tensor:
     if op == "Posterize":  # keep the top `bits` bits of each value
         keep = (256 - 2 ** (8 - per_image.int())).to(torch.uint8)
         return images & keep
-    if op == "Solarize":  # invert values at or above the threshold (a fraction of 255, in fp64 first)
-        return torch.where(images >= (255.0 * per_image.double()).float(), 255 - images, images)
+    if op == "Solarize":  # invert values at or above the threshold, a fraction of 255
+        # torchvision rounds the float64 product 255 * m to float32; for an fp32 m that is the fp32 product.
+        return torch.where(images >= 255.0 * per_image, 255 - images, images)
     if op == "AutoContrast":
         return TF.autocontrast(images)
     if op == "Equalize":

@@ -15,3 +15,13 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+# Device types without float64: Apple's MPS (the tests add the meta device, their stand-in for it).
+NO_FLOAT64 = frozenset({"mps"})
+
+
+def widest_float(device: torch.device) -> torch.dtype:
+    """The float dtype for running sums and exact draws on `device`: float64, except where the device
+    has none (there float32: an epoch's sums keep about 7 significant digits)."""
+    return torch.float32 if device.type in NO_FLOAT64 else torch.float64

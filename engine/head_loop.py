@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data.transfer import to_device
+from data.transfer import to_device, widest_float
 from engine.loop import finite_check_interval
 from meta_sampler.learner import ClassSampler, balanced_batch
 from meta_sampler.meta_step import meta_step
@@ -66,7 +66,8 @@ def train_head_epoch(
     # As in engine.loop.train_one_epoch: the sums stay on the device and the losses are checked for
     # NaN/inf every finite_check_interval steps (each check waits for the device).
     check_every = finite_check_interval(device)
-    sums = to_device(torch.tensor([carry[0], carry[1], carry[3]], dtype=torch.float64), device)  # loss, correct, meta
+    wide = widest_float(device)
+    sums = to_device(torch.tensor([carry[0], carry[1], carry[3]], dtype=wide), device)  # loss, correct, meta
     # (N,) labels on the head's device, once: a step gathers its labels where its indices are (on a GPU, the
     # BALMS sampler's draws are made there).
     labels_here = to_device(labels, device)
@@ -100,12 +101,12 @@ def train_head_epoch(
             out = meta_step(head, optimizer, meta.sampler, meta.optimizer, x, y, weights.to(x.device),
                             meta.meta_features(midx, generator), to_device(meta.meta_labels[midx], x.device), loss_fn)
             step_loss, meta_loss = out["loss"], out["meta_loss"]
-        losses = torch.stack((step_loss, meta_loss)).double()
+        losses = torch.stack((step_loss, meta_loss)).to(wide)
         finite &= losses.isfinite()
         if (step + 1) % check_every == 0:
             _raise_unless_finite(*finite.tolist(), f"{desc}, step {step + 1}", lr, meta is not None)
         scheduler.step()
-        hits = (logits.argmax(1) == y).sum().double()
+        hits = (logits.argmax(1) == y).sum().to(wide)
         sums += torch.stack((losses[0] * len(y), hits, losses[1] * len(y)))
         seen += len(y)
         if stop is not None and stop():
@@ -113,8 +114,8 @@ def train_head_epoch(
             break
     # The epoch's one wait for the device: its sums, finiteness and (BALMS) the sampler's class shares after
     # the epoch's updates, read back together.
-    probs = [meta.sampler.class_probs().double()] if meta is not None else []
-    read = torch.cat((sums, finite.double(), *probs)).tolist()
+    probs = [meta.sampler.class_probs().to(wide)] if meta is not None else []
+    read = torch.cat((sums, finite.to(wide), *probs)).tolist()
     total_loss, correct, total_meta, loss_ok, meta_ok, *class_probs = read
     _raise_unless_finite(loss_ok, meta_ok, f"{desc}, in the epoch's last {check_every} steps", lr, meta is not None)
     out = {"loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen), "lr": lr, "steps": steps,

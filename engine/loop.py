@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data.augment import normalize
-from data.transfer import to_device
+from data.transfer import to_device, widest_float
 from engine.device import autocast, grad_scaler
 from engine.distributed import Dist, gather_rows, sum_over_ranks
 from engine.metrics import confusion_matrix, summarize
@@ -63,8 +63,9 @@ def train_one_epoch(
     check_every = finite_check_interval(device)
     # carry: the (loss, correct, images) sums of the steps a stopped run took of this epoch already.
     # (torch.full fills on the device; torch.tensor(v, device=cuda) would copy from the host and wait.)
-    total_loss = torch.full((), float(carry[0]), dtype=torch.float64, device=device)
-    total_correct = torch.full((), float(carry[1]), dtype=torch.float64, device=device)
+    wide = widest_float(device)
+    total_loss = torch.full((), float(carry[0]), dtype=wide, device=device)
+    total_correct = torch.full((), float(carry[1]), dtype=wide, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
     total_seen, steps, lr = int(carry[2]), 0, optimizer.param_groups[0]["lr"]
     for step, (x, y) in enumerate(tqdm(batches, total=num_steps, desc=desc, leave=False, disable=None)):
@@ -99,7 +100,7 @@ def train_one_epoch(
         if stop is not None and stop():
             break
     # The epoch's one wait for the device: its sums and finiteness, read back together.
-    loss_sum, correct_sum, all_finite = torch.stack([total_loss, total_correct, finite.double()]).tolist()
+    loss_sum, correct_sum, all_finite = torch.stack([total_loss, total_correct, finite.to(wide)]).tolist()
     if not all_finite:
         raise FloatingPointError(f"{desc}: the loss became NaN or infinite in the epoch's last {check_every} steps "
                                  f"(lr {lr:.4g}); nothing of this epoch was saved: lower train.lr or check the data")

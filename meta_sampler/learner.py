@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data.transfer import to_device
+from data.transfer import to_device, widest_float
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,9 @@ class ClassSampler(nn.Module):
                 raise ValueError(f"classes must lie in [0, {self.num_classes - 1}].")
             if bool((n == 0).any()):
                 raise ValueError("draw_images got a class with no images; such classes cannot be drawn.")
-        # float64 keeps floor(u * n) < n exactly for any realistic dataset size; drawn on the CPU.
-        u = to_device(torch.rand(classes.shape, generator=generator, dtype=torch.float64), classes.device)
+        # float64 keeps floor(u * n) < n exactly for any realistic dataset size (MPS has only float32,
+        # where the minimum below keeps it in range); drawn on the CPU.
+        u = to_device(torch.rand(classes.shape, generator=generator, dtype=widest_float(classes.device)),
+                      classes.device)
         within = torch.minimum((u * n).long(), n - 1)
         return self.sorted_indices[self.offsets[classes] + within]

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,6 +102,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class _NoFloat64On(TorchDispatchMode):
+    """Fails any operator that makes or takes a float64 tensor on `device_type`."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == self.device_type:
+                raise AssertionError(f"{func} has a float64 tensor on the {self.device_type} device, "
+                                     "which MPS (Apple GPUs) cannot hold")
+        return out
+
+
+@pytest.fixture
+def no_float64_on_meta(monkeypatch):
+    """Apple's MPS has no float64, and no Apple GPU is here: a test that runs a loop on the meta device
+    (the stand-in for a GPU: there every read of a device value raises) with this fixture treats meta
+    as MPS (data.transfer.widest_float gives float32) and fails on any float64 tensor there;
+    host-side float64 (draws, counts) is fine."""
+    import data.transfer
+
+    monkeypatch.setattr(data.transfer, "NO_FLOAT64", data.transfer.NO_FLOAT64 | {"meta"})
+    with _NoFloat64On("meta"):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.transfer import to_device
+from data.transfer import to_device, widest_float
 
 
 def test_on_the_cpu_the_tensor_itself_comes_back_without_a_copy():
@@ -21,3 +21,8 @@ def test_on_cuda_the_copy_is_taken_before_the_caller_reuses_its_tensor():
     on_gpu = to_device(t, torch.device("cuda"))
     t.zero_()
     assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), torch.arange(1 << 20))
+
+
+def test_sums_and_draws_are_float64_except_on_mps_which_has_none():
+    assert widest_float(torch.device("cpu")) == widest_float(torch.device("cuda", 1)) == torch.float64
+    assert widest_float(torch.device("mps")) == torch.float32

@@ -233,3 +233,16 @@ def test_cached_features_from_disk_come_back_as_float32_on_the_device():
     out = CachedFeatures(views, torch.device("cpu"))(torch.tensor([3, 0]), torch.Generator().manual_seed(0))
     assert out.dtype == torch.float32 and out.shape == (2, 3)
     assert all(any(torch.equal(row, views[k, i].float()) for k in range(2)) for row, i in zip(out, [3, 0]))
+
+
+def test_views_and_both_feature_paths_run_without_float64_on_the_device(no_float64_on_meta, base_model, images):
+    """MPS (Apple GPUs) has no float64 (the meta device stands in for it): augmenting, normalising and
+    featurising the views, and drawing cached or live features, make no float64 tensor there."""
+    model = copy.deepcopy(base_model).to("meta")
+    augment = BatchAugment(4, True, True, 16)
+    views = compute_views(model, images, augment, 2, MEAN, STD, 0, VIEW_STREAM, 8)
+    assert views.shape == (2, N, model.feature_dim) and views.device.type == "meta"
+    indices = torch.tensor([0, 3, 5])
+    assert CachedFeatures(views)(indices, torch.Generator()).dtype == torch.float32
+    live = LiveFeatures(model, images.to("meta"), augment, MEAN, STD)(indices, torch.Generator())
+    assert live.shape == (3, model.feature_dim) and live.dtype == torch.float32

@@ -62,7 +62,7 @@ def test_plain_sampling_learns_separable_blobs():
     assert (logits.argmax(1) == labels).float().mean().item() > 0.95
 
 
-def test_a_plain_head_epoch_reads_nothing_back_from_the_device_until_it_ends():
+def test_a_plain_head_epoch_reads_nothing_back_from_the_device_until_it_ends(no_float64_on_meta):
     """On the meta device every read of a device value on the host raises: an epoch of cached-feature
     batches, head steps and their sums that reaches its end never waited for the device (on a GPU the
     losses are checked for NaN every FINITE_CHECK_EVERY steps, here more than the epoch has)."""
@@ -147,7 +147,7 @@ def test_giving_both_or_neither_of_index_batches_and_meta_raises(which):
 # ---------------------------------------------------------------- BALMS meta-sampling
 
 
-def test_a_balms_epoch_with_the_sampler_on_the_device_reads_nothing_back_until_it_ends():
+def test_a_balms_epoch_with_the_sampler_on_the_device_reads_nothing_back_until_it_ends(no_float64_on_meta):
     """As the plain epoch above, with the BALMS path: class and image draws (uniforms from the CPU
     generator, copied over), features, labels, the look-ahead step through higher, the meta-gradient,
     the sampler's and the head's updates all stay on the device; every step runs before the first read."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.loop import train_one_epoch
+from engine.loop import predict_logits, train_one_epoch
 
 
 class Tiny(nn.Module):
@@ -87,7 +87,7 @@ def test_the_epoch_metrics_are_the_image_weighted_means_of_the_steps():
     assert isinstance(out["loss"], float) and isinstance(out["train_acc"], float)
 
 
-def test_a_training_epoch_reads_nothing_back_from_the_device_until_it_ends():
+def test_a_training_epoch_reads_nothing_back_from_the_device_until_it_ends(no_float64_on_meta):
     """On the meta device every read of a device value on the host (item, bool, nonzero) raises, so
     an epoch of loader, crop + flip + AutoAugment + Cutout, normalisation, ResNet step and SGD that
     reaches its end-of-epoch sums never waited on a device value. (Blocking host-to-device copies
@@ -107,3 +107,15 @@ def test_a_training_epoch_reads_nothing_back_from_the_device_until_it_ends():
     with pytest.raises(RuntimeError, match="meta tensor"):  # the one read: the epoch's sums at its end
         train_one_epoch(model, loader.epoch(0), len(loader), nn.CrossEntropyLoss(), opt, sched, amp="off")
     assert sched.last_epoch == len(loader) == 4  # every step ran before the first read
+
+
+def test_evaluation_makes_no_float64_tensor_on_the_device(no_float64_on_meta):
+    """MPS (Apple GPUs) has no float64 (the meta device stands in for it): batches, normalisation and
+    forward passes of an evaluation stay float32 there; the one copy back of the logits is their end."""
+    from data.augment import CIFAR10_MEAN, CIFAR10_STD
+    from models import build_model
+
+    model = build_model("resnet32", 10).to("meta")
+    images = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(NotImplementedError, match="meta tensor"):  # the logits' copy to the host
+        predict_logits(model, images, 16, CIFAR10_MEAN, CIFAR10_STD, channels_last=True)

@@ -331,3 +331,16 @@ def test_logits_with_wrong_class_dimension_rejected():
 def test_unknown_reduction_rejected():
     with pytest.raises(ValueError, match="reduction"):
         build_loss("ce", COUNTS, reduction="sum")
+
+
+@pytest.mark.parametrize("name, params", [(name, {}) for name in sorted(LOSSES)] + [
+    ("class_balanced", {"variant": "sigmoid"}), ("class_balanced", {"variant": "focal"}),
+    ("focal", {"form": "sigmoid"}), ("ldam", {"drw_epoch": 2})])
+def test_every_loss_runs_forward_and_backward_without_float64_on_the_device(no_float64_on_meta, name, params):
+    """MPS (Apple GPUs) has no float64: the losses' buffers (counts, weights, margins), forward pass and
+    gradient stay in float32 on the device (the meta device stands in for it)."""
+    loss = build_loss(name, COUNTS, **params).to("meta")
+    loss.set_epoch(3)
+    logits = _logits().float().to("meta").requires_grad_()
+    loss(logits, _labels().to("meta")).backward()
+    assert logits.grad.shape == logits.shape and logits.grad.dtype == torch.float32
