@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.head_loop import MetaSampling, train_head_epoch
 from meta_sampler.learner import ClassSampler
+from models.heads import CosineLinear, ScaledLinear
 from models.losses import build_loss
 
 
@@ -62,12 +63,15 @@ def test_plain_sampling_learns_separable_blobs():
     assert (logits.argmax(1) == labels).float().mean().item() > 0.95
 
 
-def test_a_plain_head_epoch_reads_nothing_back_from_the_device_until_it_ends(no_float64_on_meta):
+@pytest.mark.parametrize("kind", ["linear", "cosine", "lws"])
+def test_a_plain_head_epoch_reads_nothing_back_from_the_device_until_it_ends(no_float64_on_meta, kind):
     """On the meta device every read of a device value on the host raises: an epoch of cached-feature
-    batches, head steps and their sums that reaches its end never waited for the device (on a GPU the
-    losses are checked for NaN every FINITE_CHECK_EVERY steps, here more than the epoch has)."""
+    batches, head steps (each head kind of stage 2) and their sums that reaches its end never waited for
+    the device (on a GPU the losses are checked for NaN every FINITE_CHECK_EVERY steps, here more than
+    the epoch has)."""
     feats, labels = _blobs()
-    head = nn.Linear(2, 3).to("meta")
+    head = {"linear": lambda: nn.Linear(2, 3), "cosine": lambda: CosineLinear(2, 3),
+            "lws": lambda: ScaledLinear(nn.Linear(2, 3))}[kind]().to("meta")
     opt = torch.optim.SGD(head.parameters(), lr=0.5)
     sched = _constant_lr(opt)
     on_meta = feats.to("meta")

@@ -87,26 +87,34 @@ def test_the_epoch_metrics_are_the_image_weighted_means_of_the_steps():
     assert isinstance(out["loss"], float) and isinstance(out["train_acc"], float)
 
 
-def test_a_training_epoch_reads_nothing_back_from_the_device_until_it_ends(no_float64_on_meta):
+@pytest.mark.parametrize("sampler, loss, mixup_alpha, accum_steps", [
+    ("instance", "ce", 0.0, 1), ("class_balanced", "arb", 0.0, 1), ("sqrt", "ldam", 0.4, 2),
+    ("oversample", "class_balanced", 0.0, 2)])
+def test_a_training_epoch_reads_nothing_back_from_the_device_until_it_ends(
+        no_float64_on_meta, sampler, loss, mixup_alpha, accum_steps):
     """On the meta device every read of a device value on the host (item, bool, nonzero) raises, so
-    an epoch of loader, crop + flip + AutoAugment + Cutout, normalisation, ResNet step and SGD that
-    reaches its end-of-epoch sums never waited on a device value. (Blocking host-to-device copies
-    also make a GPU wait; tests/test_gpu_pipeline.py counts those on CUDA.)"""
+    an epoch of loader (each sampler's draws), crop + flip + AutoAugment + Cutout, normalisation, ResNet
+    step (mixup, micro-batches), the loss and SGD that reaches its end-of-epoch sums never waited on a
+    device value. (Blocking host-to-device copies also make a GPU wait; tests/test_gpu_pipeline.py
+    counts those on CUDA.)"""
     from data.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment
     from data.loader import BatchLoader
     from data.samplers import build_sampler
     from models import build_model
+    from models.losses import build_loss
 
     labels = torch.arange(256) % 10
     images = torch.empty(256, 3, 32, 32, dtype=torch.uint8, device="meta")
-    loader = BatchLoader(images, labels.to("meta"), 64, build_sampler("instance", labels, 10),
+    loader = BatchLoader(images, labels.to("meta"), 64, build_sampler(sampler, labels, 10),
                          BatchAugment(4, True, True, 16), CIFAR10_MEAN, CIFAR10_STD, 0, channels_last=True)
     model = build_model("resnet32", 10).to("meta")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loss_fn = build_loss(loss, torch.bincount(labels, minlength=10)).to("meta")
     with pytest.raises(RuntimeError, match="meta tensor"):  # the one read: the epoch's sums at its end
-        train_one_epoch(model, loader.epoch(0), len(loader), nn.CrossEntropyLoss(), opt, sched, amp="off")
-    assert sched.last_epoch == len(loader) == 4  # every step ran before the first read
+        train_one_epoch(model, loader.epoch(0), len(loader), loss_fn, opt, sched, mixup_alpha=mixup_alpha,
+                        mixup_rng=np.random.default_rng(0), accum_steps=accum_steps, amp="off")
+    assert sched.last_epoch == len(loader) >= 4  # every step ran before the first read
 
 
 def test_evaluation_makes_no_float64_tensor_on_the_device(no_float64_on_meta):
