@@ -29,6 +29,15 @@ def test_a_cuda_index_beyond_the_devices_names_the_valid_ones(monkeypatch):
         resolve_device("cuda:2")
 
 
+def test_mps_resolves_where_apple_silicon_has_it_and_says_to_use_the_cpu_elsewhere(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match=r"train.device=mps: the Apple-silicon GPU \(MPS\) is not available here; "
+                                          "use train.device=cpu"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("mps") == torch.device("mps")
+
+
 @pytest.mark.parametrize("name", ["gpu", "cuda0", "tpu", "CPU", "cuda:x"])
 def test_an_unknown_device_name_lists_the_forms_that_exist(name):
     with pytest.raises(DeviceError, match="is not one of auto, cpu, cuda, cuda:N, mps"):

@@ -8,7 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from engine.distributed import Dist, GlobalBatchNorm2d, gather_rows, sum_over_ranks, sync_batchnorm
+from engine.device import DeviceError
+from engine.distributed import (Dist, GlobalBatchNorm2d, gather_rows, init_distributed, sum_over_ranks,
+                                  sync_batchnorm)
 from models import build_model
 
 
@@ -70,3 +72,14 @@ def test_in_one_process_nothing_is_gathered_and_batchnorm_is_plain():
     bn = GlobalBatchNorm2d(3).train()
     x = torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(bn(x), nn.BatchNorm2d(3).train()(x))
+
+
+def test_several_processes_on_mps_are_refused_before_any_process_group(monkeypatch):
+    """The collective backends move CUDA (nccl) and CPU (gloo) tensors: under torchrun, train.device=mps
+    stops with a line naming the devices that work, before the process group would wait for other ranks."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DeviceError, match="several processes run on CUDA \\(nccl\\) or the CPU \\(gloo\\) only"):
+        init_distributed("mps", 5.0)
+    assert not dist.is_initialized()
