@@ -58,6 +58,10 @@ def test_the_throughput_bench_profiles_each_setting_and_its_ratio_lies_within_it
         assert [s.split(";")[0] for s in summaries] == ["real: 4 steps", "pure: 4 steps"], text[:500]
         loader_ms = [float(s.split("host in the loader ")[1].split(",")[0]) for s in summaries]
         assert loader_ms[0] > 0 and loader_ms[1] == 0  # only the real path runs the loader
+        # Every thread is profiled: the prefetch thread's chunks (the augmentation itself) are there too.
+        thread_ms = [float(s.split("in the prefetch thread ")[1].split(",")[0]) for s in summaries]
+        assert thread_ms[0] > 0 and thread_ms[1] == 0
+        assert all("waiting for the device 0.00 (0 waits)" in s for s in summaries)  # no CUDA here
         assert all("device kernels 0.00" in s for s in summaries)  # no device kernels on the CPU
         assert text.count("aten::convolution_backward") == 2  # both operator tables
 
