@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from config.cli import open_log, run_cli, start_run
+from config.cli import open_log, run_cli, start_processes, start_run
 from config.load import check_names, config_to_dict
 from config.schema import Config
 from data.augment import BatchAugment
@@ -141,7 +141,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     check_names({"model.name": (cfg.model.name, MODELS), "model.head": (cfg.model.head, HEADS),
                  "loss.name": (cfg.loss.name, LOSSES), "data.sampler": (cfg.data.sampler, SAMPLERS)})
     t = cfg.train
-    d, device, run_dir, ckpt = start_run(cfg, STAGE, resume)
+    d, device = start_processes(cfg)
+    run_dir, ckpt = start_run(cfg, STAGE, resume, d)
     if t.batch_size % d.world:
         raise SystemExit(f"config error: train.batch_size={t.batch_size} (the global batch) must split evenly "
                          f"over the {d.world} processes")

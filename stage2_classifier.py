@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from config.cli import open_log, run_cli, start_run
+from config.cli import open_log, run_cli, start_processes, start_run
 from config.load import config_to_dict
 from config.schema import Config
 from config.stage2 import Method, check_data, check_method, keeps_stage1_head, with_stage1_training_set
@@ -32,7 +32,7 @@ from data.build import LongTailData, build_meta_resample
 from data.build_files import FileData, build_training_set
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
-from engine.distributed import Dist, check_same_on_ranks
+from engine.distributed import Dist, check_same_on_ranks, from_rank0
 from engine.features import CachedFeatures, LiveFeatures, compute_views, disk_views
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
@@ -53,15 +53,18 @@ CACHE_NAMES = {VIEW_STREAM: "train", META_VIEW_STREAM: "meta"}  # features_<name
 logger = logging.getLogger("stage2")
 
 
-def stage1_run(cfg: Config) -> dict | None:
+def stage1_run(cfg: Config, ranks: Dist) -> dict | None:
     """The stage-1 run's checkpoint: stage1.checkpoint, or model.pretrained when it names a stage-1 run
-    of this tool (a release: its training set is read from it the same way); None for other weights."""
-    if cfg.stage1.checkpoint:
-        return load_checkpoint(cfg.stage1.checkpoint)
-    try:
-        return training_run(cfg.model.pretrained)
-    except (CheckpointError, DownloadError) as e:
-        raise SystemExit(f"error: {cfg.model.pretrained}: {e}") from None
+    of this tool (a release: its training set is read from it the same way); None for other weights.
+    Rank 0 reads it and sends it to the others: only its machine may hold the stage-1 run directory."""
+    def read() -> dict | None:
+        if cfg.stage1.checkpoint:
+            return load_checkpoint(cfg.stage1.checkpoint)
+        try:
+            return training_run(cfg.model.pretrained)
+        except (CheckpointError, DownloadError) as e:
+            raise SystemExit(f"error: {cfg.model.pretrained}: {e}") from None
+    return from_rank0(read, ranks)
 
 
 def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: bool,
@@ -185,12 +188,13 @@ def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, 
 
 def main(cfg: Config, resume: bool = False) -> dict:
     method = check_method(cfg)
-    s1 = stage1_run(cfg)
+    ranks, device = start_processes(cfg)
+    s1 = stage1_run(cfg, ranks)
     if s1 is not None and s1.get("config"):
         cfg = with_stage1_training_set(cfg, s1)
     augment_note = check_data(cfg, s1)
     t, d = cfg.train, cfg.data
-    ranks, device, run_dir, ckpt = start_run(cfg, STAGE, resume)
+    run_dir, ckpt = start_run(cfg, STAGE, resume, ranks)
 
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size)

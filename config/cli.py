@@ -1,6 +1,6 @@
 """What both entry scripts share at their top: the command line (--cfg YAML, key=value overrides,
 --test, --ckpt, --resume, --pretrained, --debug), user errors as one line (also in train.log), the
-start of a run (start_run), and what --test runs, which is the same for both stages."""
+start of a run (start_processes, start_run), and what --test runs, which is the same for both stages."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,7 @@ from config.schema import Config
 from data.build_files import DATASET_KINDS
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.device import DeviceError, check_amp, set_cuda_flags
-from engine.distributed import Dist, init_distributed, shutdown
+from engine.distributed import Dist, from_rank0, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import RunDirError, default_checkpoint, resume_checkpoint, setup_run, trim_metrics_log
 from engine.runlog import RunLog
@@ -106,27 +106,33 @@ def own_message(e: Exception) -> str:
     return text
 
 
-def start_run(cfg: Config, stage: str, resume: bool) -> tuple[Dist, torch.device, Path, dict | None]:
-    """The start of both stages' main: processes and device, the run directory (rank 0 writes it,
-    every RNG seeded), and the last.pt to resume from (None for a new run; a run is never
-    overwritten), whose config must be this one."""
-    t = cfg.train
+def start_processes(cfg: Config) -> tuple[Dist, torch.device]:
+    """The first step of both stages' main: this process's rank (torchrun) and device, checked against
+    the precision asked for."""
+    ranks, device = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    check_amp(device, cfg.train.amp)
+    set_cuda_flags(device, cfg.train.tf32, cfg.train.cudnn_benchmark)
+    return ranks, device
+
+
+def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path, dict | None]:
+    """The run directory (rank 0 writes it, every RNG seeded) and the last.pt to resume from (None for a
+    new run; a run is never overwritten), whose config must be this one. Rank 0 reads last.pt and sends it
+    to the others: on machines without a shared disk only rank 0's holds the run directory."""
     check_names({"data.dataset": (cfg.data.dataset, DATASET_KINDS)})
     check_dataset_keys(cfg, DATASET_KINDS[cfg.data.dataset])
-    ranks, device = init_distributed(t.device, t.dist_timeout_s)
-    check_amp(device, t.amp)
-    set_cuda_flags(device, t.tf32, t.cudnn_benchmark)
-    ckpt = resume_checkpoint(Path(cfg.run_dir), resume)  # before the log opens: a refusal writes nothing
+    # Before the log opens: a refusal writes nothing.
+    ckpt = from_rank0(lambda: resume_checkpoint(Path(cfg.run_dir), resume), ranks)
     if ckpt is not None:
         check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")
-    run_dir = setup_run(cfg.run_dir, t.seed, t.num_threads, writes=ranks.is_main)
+    run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)
     if ranks.is_main:
         remove_stale_temp_files(run_dir)  # of checkpoint and metric-log writes a kill interrupted
         if ckpt is None:  # a start killed before its first last.pt may have logged an epoch: it is redone
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:  # lines of epochs after last.pt (logged before a kill) are redone too
             trim_metrics_log(run_dir, ckpt["epoch"])
-    return ranks, device, run_dir, ckpt
+    return run_dir, ckpt
 
 
 def open_log(cfg: Config, stage: str, run_dir: Path, ranks: Dist) -> RunLog | None:
@@ -150,10 +156,9 @@ def report_path(run_dir: Path, ckpt_path: Path) -> Path:
 def test(cfg: Config, ckpt_path: Path | None) -> dict:
     """--test: the table of a checkpoint (default: the run's best.pt, else last.pt) on its test split,
     written to <run_dir>/test_metrics.json (report_path)."""
-    ranks, device = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    check_amp(device, cfg.train.amp)
+    ranks, device = start_processes(cfg)
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)
-    ckpt_path = ckpt_path or default_checkpoint(run_dir)
+    ckpt_path = ckpt_path or from_rank0(lambda: default_checkpoint(run_dir), ranks)  # the run's own: rank 0 has it
     metrics, class_names = evaluate_checkpoint(ckpt_path, cfg.data.root, cfg.data.download, cfg.eval.batch_size,
                                                device, cfg.model.channels_last, cfg.eval.logit_adjust_tau,
                                                cfg.train.amp, ranks, cfg.data.list_dir, cfg.data.workers)

@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ from torch import nn
 from engine.device import DeviceError, resolve_device
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,28 @@ def sum_over_ranks(values: list[float], d: Dist) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def from_rank0(read: Callable[[], T], d: Dist) -> T:
+    """read() run on rank 0 alone, its value (or the error it raised) on every rank.
+
+    For what the run directory holds (the checkpoint to resume, the one to test, a stage-1 run's): rank 0
+    writes it, so on machines without a shared disk only rank 0's has it, and a rank that read its own copy
+    would start over while the others resume. The value travels pickled (a checkpoint's tensors on the CPU).
+    """
+    if d.world == 1:
+        return read()
+    box: list = [None]
+    if d.is_main:
+        try:
+            box[0] = (read(), None)
+        except (SystemExit, Exception) as e:  # a user error (no checkpoint, a damaged one): every rank stops with it
+            box[0] = (None, e)
+    dist.broadcast_object_list(box, src=0)
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
 
 
 def broadcast_module(module: nn.Module, d: Dist) -> None:

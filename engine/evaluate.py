@@ -18,7 +18,7 @@ from data.build import NORMALIZATION
 from data.build_files import DATASET_KINDS, FILE_DATASETS, read_test_split
 from data.cifar import load_cifar
 from data.image_files import ImageFileDataset, eval_transform
-from engine.distributed import Dist
+from engine.distributed import Dist, from_rank0
 from engine.loop import metrics_from_logits, predict_all_ranks
 from engine.metrics import format_table
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked
@@ -56,12 +56,12 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
                         logit_adjust_tau: float = 0.0, amp: str = "off", d: Dist = Dist(), list_dir: str | Path = "",
                         workers: int = 0) -> tuple[dict, list[str]]:
     """(metrics of engine.metrics.summarize, class names) of the checkpoint at `path` on its test split,
-    computed on `device` under autocast `amp` (with several processes each rank predicts its shard and
-    every rank gets the metrics of the whole split).
+    computed on `device` under autocast `amp` (with several processes rank 0 reads the checkpoint and sends
+    it to the others, each rank predicts its shard and every rank gets the metrics of the whole split).
 
     logit_adjust_tau > 0 subtracts tau * log prior (the checkpoint's class counts) from the logits.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = from_rank0(lambda: load_checkpoint(path), d)  # only rank 0's machine may hold it
     dataset = checkpoint_dataset(ckpt, path)
     counts = ckpt["class_counts"]
     images, labels, class_names, mean, std = test_split(ckpt, dataset, data_root, list_dir, download)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import config.cli
 from config.cli import parse_cli, start_run, user_errors
@@ -230,9 +229,10 @@ def test_on_resume_rank_0_alone_drops_the_metric_lines_after_last_pt(tmp_path, m
     text = "".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)) + '{"epoch": 4, "lo'  # a kill cut 4 short
     log.write_text(text)
     before = log.stat()
-    monkeypatch.setattr(config.cli, "init_distributed", lambda *_: (Dist(rank=rank, world=2), torch.device("cpu")))
+    # (No process group here: rank 1 receives what rank 0 reads; tests/test_distributed_cli.py sends it.)
+    monkeypatch.setattr(config.cli, "from_rank0", lambda read, d: read())
     monkeypatch.setattr(config.cli, "setup_run", lambda run_dir, *_, **__: Path(run_dir))  # no logging or seeds here
-    *_, ckpt = start_run(cfg, "stage1", resume=True)
+    _, ckpt = start_run(cfg, "stage1", True, Dist(rank=rank, world=2))
     assert ckpt["epoch"] == 2
     if rank:
         assert log.read_text() == text and (log.stat().st_ino, log.stat().st_mtime_ns) == (before.st_ino,
