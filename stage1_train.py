@@ -158,35 +158,38 @@ def main(cfg: Config, resume: bool = False) -> dict:
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if t.amp == "fp16":
         states["scaler"] = scaler
-    progress = restore(ckpt, states, run_dir, data.class_counts) if ckpt is not None else Progress(t.select_metric)
+    epoch_len = len(loader)
+    progress = (restore(ckpt, states, run_dir, data.class_counts, epoch_len) if ckpt is not None
+                else Progress(t.select_metric))
     runlog = open_log(cfg, STAGE, run_dir, d)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names}
 
     # ---- train: one epoch, validate, checkpoint (atomically), log
-    epoch_len = len(loader)
-    num_epochs = math.ceil(steps_total / epoch_len)
+    num_epochs = progress.final_epoch(steps_total, epoch_len)
     logger.info("%d training images, %d steps/epoch, %d epochs, %d steps, on %s (amp %s)%s", len(data.train_labels),
                 epoch_len, num_epochs, steps_total, device, t.amp, f", {d.world} processes" if d.world > 1 else "")
     record = {}
     stop = StopRequest().install() if d.world == 1 else None  # torchrun itself stops its workers
     for epoch in range(progress.epoch, num_epochs):
-        done = progress.step - epoch * epoch_len  # > 0 when resuming a run stopped mid-epoch
-        steps = min(epoch_len, steps_total - epoch * epoch_len) - done
+        done = progress.epoch_step  # > 0 when resuming a run stopped mid-epoch
+        steps = min(epoch_len - done, steps_total - progress.step)
         mixup_rng = mixup_generator(t.seed, epoch, t.mixup_alpha, done, t.batch_size // d.world)
         loss_fn.set_epoch(epoch)
         start = time.perf_counter()
         record = train_one_epoch(train_model, islice(loader.epoch(epoch), done, done + steps), steps, loss_fn,
                                  optimizer, scheduler, t.mixup_alpha, mixup_rng, t.accum_steps, t.amp, scaler,
                                  desc=f"epoch {epoch + 1}/{num_epochs}", d=d, stop=stop,
-                                 carry=ckpt["epoch_sums"] if done else (0.0, 0.0, 0))
+                                 carry=ckpt["epoch_sums"] if done and d.is_main else (0.0, 0.0, 0))
         record["train_seconds"] = time.perf_counter() - start
-        progress.step += record.pop("steps")
-        sums = record.pop("sums")
+        taken = record.pop("steps")
+        progress.step += taken
+        sums = record.pop("sums")  # this rank's: only one process stops mid-epoch, and rank 0 carries them on
         state = {name: obj.state_dict() for name, obj in states.items()}
         if stop is not None and stop():
+            progress.epoch_step = done + taken
             stop_run(run_dir, runlog, progress, {**payload, **state, "epoch_sums": sums}, stop.signum)
-        progress.epoch = epoch + 1
+        progress.epoch, progress.epoch_step = epoch + 1, 0
         broadcast_module(model, d)  # rank 0's BatchNorm statistics (each rank's own without sync_bn), as saved
         val = (evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
                         data.std, cfg.model.channels_last, amp=t.amp, d=d, workers=cfg.data.workers)

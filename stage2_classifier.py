@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -227,33 +226,35 @@ def main(cfg: Config, resume: bool = False) -> dict:
     progress = Progress(t.select_metric)
     if ckpt is not None:
         load_backbone_state(model, ckpt["model"], f"model in {run_dir / 'last.pt'}")  # BN statistics may move
-        progress = restore(ckpt, states, run_dir, data.class_counts)
+        progress = restore(ckpt, states, run_dir, data.class_counts, epoch_len)
 
     # ---- train the head: one epoch, validate, checkpoint, log
-    num_epochs = math.ceil(steps_total / epoch_len)
+    num_epochs = progress.final_epoch(steps_total, epoch_len)
     logger.info("stage 2 %s: %d steps of batch %d (%d epochs) on %s, features %s", cfg.stage2.method, steps_total,
                 t.batch_size, num_epochs, device, f"cached x{cfg.stage2.cache_views}" if cfg.stage2.cache_views
                 else f"live, BatchNorm in {cfg.stage2.live_bn} mode")
     record = {}
     stop = StopRequest().install() if ranks.world == 1 else None  # torchrun itself stops its workers
     for epoch in range(progress.epoch, num_epochs):
-        done = progress.step - epoch * epoch_len  # > 0 when resuming a run stopped mid-epoch
+        done = progress.epoch_step  # > 0 when resuming a run stopped mid-epoch
         gen = epoch_generator(t.seed, epoch)
         batches = sampler.indices(epoch, gen).split(t.batch_size)[done:epoch_len] if sampler else None
         if done:  # the draws of the steps already taken: the stopped run saved its generator
             gen.set_state(ckpt["epoch_rng"])
         loss_fn.set_epoch(epoch)
         record = train_head_epoch(head, optimizer, scheduler, loss_fn, data.train_labels, features,
-                                  min(epoch_len, steps_total - epoch * epoch_len) - done, t.batch_size, gen, batches,
+                                  min(epoch_len - done, steps_total - progress.step), t.batch_size, gen, batches,
                                   meta, desc=f"epoch {epoch + 1}/{num_epochs}", stop=stop,
                                   carry=ckpt["epoch_sums"] if done else (0.0, 0.0, 0, 0.0))
-        progress.step += record.pop("steps")
+        taken = record.pop("steps")
+        progress.step += taken
         sums = record.pop("sums")
         state = {name: obj.state_dict() for name, obj in states.items()} | {"model": deployable_state(model, head)}
         if stop is not None and stop():
+            progress.epoch_step = done + taken
             stop_run(run_dir, runlog, progress, {**payload, **state, "epoch_rng": gen.get_state(),
                                                  "epoch_sums": sums}, stop.signum)
-        progress.epoch = epoch + 1
+        progress.epoch, progress.epoch_step = epoch + 1, 0
         check_same_on_ranks({k: v for k, v in states.items() if isinstance(v, nn.Module)}, ranks)
         val = validate(cfg, model, data, ranks) if len(data.val_labels) else None
         end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs, t.save_every_s)

@@ -77,21 +77,31 @@ class Progress:
     """Where a run stands: epochs and optimiser steps done, and the best validation score so far."""
 
     metric: str  # validation metric that picks best.pt
-    epoch: int = 0
-    step: int = 0
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimiser steps done
     best_value: float | None = None
     best_epoch: int | None = None
+    epoch_step: int = 0  # steps done of epoch `epoch` + 1: > 0 only when a run stopped inside it
     # time.monotonic() when last.pt was last written (or the run started): end_epoch's clock, not saved
     saved_at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     def as_checkpoint(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step,
+        return {"epoch": self.epoch, "step": self.step, "epoch_step": self.epoch_step,
                 "best": {"metric": self.metric, "value": self.best_value, "epoch": self.best_epoch}}
 
+    def final_epoch(self, steps_total: int, epoch_len: int) -> int:
+        """The number of the run's last epoch: enough epochs of epoch_len steps after this one's
+        epoch_step to reach steps_total. A run resumed under another number of processes (one process
+        keeps an epoch's short last batch, several do not) may have had other epoch lengths so far: it
+        still ends at steps_total, its last epoch cut short or one short epoch added."""
+        return self.epoch + math.ceil(max(0, steps_total - self.step + self.epoch_step) / epoch_len)
 
-def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: list[int]) -> Progress:
+
+def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: list[int], epoch_len: int) -> Progress:
     """Load ckpt[name] into each object (modules with every key checked) and return the progress.
-    The training set (class_counts) must be the run's."""
+    The training set (class_counts) must be the run's. (A checkpoint written before 2026-11-27 has no
+    epoch_step: a mid-epoch one, which has epoch_sums, took step - epoch * epoch_len steps of its epoch,
+    since it was written by one process at this epoch length.)"""
     missing = [name for name in objects if name not in ckpt]
     if missing:
         raise CheckpointError(f"{run_dir / 'last.pt'} holds no {', '.join(missing)}: an older version of this tool "
@@ -106,7 +116,9 @@ def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: li
             obj.load_state_dict(ckpt[name])
     logger.info("resumed from %s at epoch %d, step %d", run_dir / "last.pt", ckpt["epoch"], ckpt["step"])
     best = ckpt["best"]
-    return Progress(best["metric"], ckpt["epoch"], ckpt["step"], best["value"], best["epoch"])
+    legacy = ckpt["step"] - ckpt["epoch"] * epoch_len if "epoch_sums" in ckpt else 0
+    return Progress(best["metric"], ckpt["epoch"], ckpt["step"], best["value"], best["epoch"],
+                    ckpt.get("epoch_step", legacy))
 
 
 def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: dict, val: dict | None,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -132,3 +134,31 @@ def test_an_image_folder_trains_and_tests_under_torchrun_as_in_one_process(tmp_p
     ta, tb = (json.loads((d / "test_metrics.json").read_text()) for d in (one, two))
     assert ta["confusion_matrix"] == tb["confusion_matrix"] and sum(map(sum, ta["confusion_matrix"])) == 6
     assert ta["train_class_counts"] == [8, 4]
+
+
+def test_resume_with_another_number_of_processes_ends_at_the_schedule_s_total_steps(fake_cifar10, tmp_path, kill_run):
+    """One process keeps an epoch's short last batch (238 training images at batch 32: 8 steps), several
+    do not (7 steps): a run killed after its first checkpoint resumes under the other number, and ends
+    at the schedule's total steps at its own epoch length, each epoch logged once."""
+    args = [f"data.root={fake_cifar10}", *DETERMINISTIC, "train.epochs=5"]
+    one_then_two = tmp_path / "one_then_two"
+    assert kill_run(["stage1_train.py", *args, f"log_dir={one_then_two}"], one_then_two) < 5
+    _run(torchrun(*args, f"log_dir={one_then_two}", "--resume"))
+    two_then_one = tmp_path / "two_then_one"
+    job = subprocess.Popen(torchrun(*args, f"log_dir={two_then_one}"), cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (two_then_one / "last.pt").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.005)
+    victim = _rank_pid(job.pid, 1)  # torchrun then stops rank 0 and exits
+    assert victim is not None and job.poll() is None, "the job ended before a rank could be killed"
+    os.kill(victim, signal.SIGKILL)
+    assert job.wait(timeout=90) != 0
+    assert torch.load(two_then_one / "last.pt", weights_only=True)["epoch"] < 5
+    _run([sys.executable, "stage1_train.py", *args, f"log_dir={two_then_one}", "--resume"])
+    for run, steps_total in ((one_then_two, 5 * 7), (two_then_one, 5 * 8)):
+        ckpt = torch.load(run / "last.pt", weights_only=True)
+        assert ckpt["step"] == ckpt["scheduler"]["last_epoch"] == steps_total
+        epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == list(range(1, ckpt["epoch"] + 1)) and ckpt["epoch"] in (5, 6)
+        assert ckpt["optimizer"]["param_groups"][0]["lr"] < 1e-4  # the cosine schedule ran to its end

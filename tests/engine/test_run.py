@@ -83,24 +83,48 @@ def test_restore_loads_every_state_and_returns_the_progress_leaving_the_log_to_t
             "best": {"metric": "few", "value": 0.25, "epoch": 1}, "class_counts": [5, 2]}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
     other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
-    progress = restore(ckpt, {"model": other, "optimizer": other_opt}, tmp_path, [5, 2])
-    assert progress == Progress("few", epoch=2, step=20, best_value=0.25, best_epoch=1)
+    progress = restore(ckpt, {"model": other, "optimizer": other_opt}, tmp_path, [5, 2], epoch_len=10)
+    assert progress == Progress("few", epoch=2, step=20, best_value=0.25, best_epoch=1, epoch_step=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert other_opt.state_dict()["state"][0]["momentum_buffer"].shape == (2, 3)
     # every rank restores; the log is trimmed once, by rank 0 in config.cli.start_run
     assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("saved, epoch_len, expected", [
+    ({"epoch_step": 3}, 10, 3),  # a run stopped 3 steps into its epoch
+    ({"epoch_step": 0}, 7, 0),  # an epoch's end, whatever the epoch length now
+    ({}, 7, 0),  # written before epoch_step existed, at an epoch's end (no epoch_sums)
+    ({"epoch_sums": [1.0, 1.0, 4]}, 8, 4)])  # ... stopped mid-epoch: step 20 - 2 epochs x 8
+def test_restore_gives_the_steps_taken_of_the_epoch_in_progress(tmp_path, saved, epoch_len, expected):
+    ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 2, "step": 20, "best": {"metric": "top1", "value": None,
+                                                                                    "epoch": None},
+            "class_counts": [5, 2], **saved}
+    assert restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], epoch_len).epoch_step == expected
+
+
+@pytest.mark.parametrize("epoch, step, epoch_step, expected", [
+    (0, 0, 0, 3),  # a new run: 25 steps of 10 are 3 epochs, the last of 5 steps
+    (1, 10, 0, 3),  # resumed at an epoch's end
+    (1, 14, 4, 3),  # resumed 4 steps into epoch 2
+    (2, 24, 0, 3),  # 2 epochs of 12 (one process) done, then 10 per epoch: 1 left, cut to 1 step
+    (2, 12, 0, 4),  # 2 epochs of 6 done: 13 steps left, an epoch of 10 and one of 3 added
+    (3, 25, 0, 3)])  # done
+def test_the_final_epoch_reaches_the_schedule_s_total_steps_whatever_the_epochs_before_took(
+        epoch, step, epoch_step, expected):
+    assert Progress("top1", epoch=epoch, step=step, epoch_step=epoch_step).final_epoch(25, 10) == expected
+
+
 def test_restore_from_a_checkpoint_without_a_state_it_needs_says_to_start_a_new_run(tmp_path):
     ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}, "class_counts": [5, 2]}
     with pytest.raises(CheckpointError, match="holds no head.*start a new run"):
-        restore(ckpt, {"model": nn.Linear(3, 2), "head": nn.Linear(3, 2)}, tmp_path, [5, 2])
+        restore(ckpt, {"model": nn.Linear(3, 2), "head": nn.Linear(3, 2)}, tmp_path, [5, 2], 1)
 
 
 def test_resume_on_another_training_set_names_both_class_counts(tmp_path):
     ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}, "class_counts": [5, 2]}
     with pytest.raises(RunDirError, match=r"class counts \[5, 1\], the run's \[5, 2\]: point data.root at the copy"):
-        restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 1])
+        restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 1], 1)
 
 
 def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved(tmp_path):
@@ -117,3 +141,4 @@ def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved
         saved = torch.load(tmp_path / name, weights_only=True)
         assert saved["epoch"] == 1 and torch.equal(saved["model"]["w"], good["w"])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
