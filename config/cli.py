@@ -24,7 +24,7 @@ from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.device import DeviceError, check_amp, set_cuda_flags
 from engine.distributed import Dist, from_rank0, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
-from engine.run import RunDirError, default_checkpoint, resume_checkpoint, setup_run, trim_metrics_log
+from engine.run import RunDirError, claim_run_dir, default_checkpoint, resume_checkpoint, setup_run, trim_metrics_log
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError, remove_stale_temp_files
 from models.download import DownloadError
@@ -116,13 +116,16 @@ def start_processes(cfg: Config) -> tuple[Dist, torch.device]:
 
 
 def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path, dict | None]:
-    """The run directory (rank 0 writes it, every RNG seeded) and the last.pt to resume from (None for a
-    new run; a run is never overwritten), whose config must be this one. Rank 0 reads last.pt and sends it
-    to the others: on machines without a shared disk only rank 0's holds the run directory."""
+    """The run directory (rank 0 claims it for its lifetime and writes it, every RNG seeded) and the last.pt
+    to resume from (None for a new run; a run is never overwritten), whose config must be this one. Rank 0
+    reads last.pt and sends it to the others: on machines without a shared disk only rank 0's holds the
+    run directory."""
     check_names({"data.dataset": (cfg.data.dataset, DATASET_KINDS)})
     check_dataset_keys(cfg, DATASET_KINDS[cfg.data.dataset])
-    # Before the log opens: a refusal writes nothing.
-    ckpt = from_rank0(lambda: resume_checkpoint(Path(cfg.run_dir), resume), ranks)
+    def read() -> dict | None:  # before the log opens: a refusal writes nothing
+        claim_run_dir(Path(cfg.run_dir))  # one writer: a second run there stops here
+        return resume_checkpoint(Path(cfg.run_dir), resume)
+    ckpt = from_rank0(read, ranks)
     if ckpt is not None:
         check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)

@@ -2,9 +2,11 @@
 seeding, resuming, and the end of each epoch (best and last checkpoints, the metric log)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -53,6 +55,34 @@ def setup_run(run_dir: str | Path, seed: int, num_threads: int, writes: bool = T
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     return run_dir
+
+
+_claimed: dict[Path, int] = {}  # run directories this process writes: path -> its open descriptor, flock()ed
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Take the run directory (created if need be) for this process, for as long as it lives: another
+    process that would write it (the same command started twice, a resume while the run still goes on)
+    is refused here, before it reads or writes anything. The lock is the directory's own (flock), so the
+    kernel drops it when the process ends, however it ends, and no lock file is left behind. On a file
+    system without such locks (some cluster ones): a warning, and no claim."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _claimed:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirError(f"{run_dir} is in use: another process is writing a run there (the same command started "
+                          f"twice, or a run still stopping); wait for it to end or stop it, or choose another "
+                          f"name=... / log_dir=...") from None
+    except OSError as e:
+        os.close(fd)
+        logger.warning("%s cannot be locked (%s): a second run started there would not be refused", run_dir, e)
+        return
+    _claimed[run_dir] = fd
 
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> dict | None:

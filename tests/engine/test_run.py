@@ -1,11 +1,13 @@
 """engine.run: a run directory never overwritten, best/last checkpoints at the end of each epoch, resume."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from engine.run import Progress, RunDirError, end_epoch, restore, resume_checkpoint
+from engine.run import Progress, RunDirError, claim_run_dir, end_epoch, restore, resume_checkpoint
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError, save_checkpoint
 
@@ -142,3 +144,23 @@ def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved
         assert saved["epoch"] == 1 and torch.equal(saved["model"]["w"], good["w"])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
+
+HOLD = "import sys, time; from engine.run import claim_run_dir; claim_run_dir(sys.argv[1]); print('held', flush=True); " \
+       "time.sleep(60)"
+
+
+def test_a_run_directory_another_process_writes_is_refused_until_that_process_ends(tmp_path):
+    from tests.conftest import REPO
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunDirError, match="is in use: another process is writing a run there"):
+            claim_run_dir(run_dir)
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its claim
+        holder.wait()
+    claim_run_dir(run_dir)
+    claim_run_dir(run_dir)  # this process holds it already: a second run of it in one process goes on
+    assert list(run_dir.iterdir()) == []  # no lock file
