@@ -66,8 +66,8 @@ def claim_run_dir(run_dir: Path) -> None:
     is refused here, before it reads or writes anything. The lock is the directory's own (flock), so the
     kernel drops it when the process ends, however it ends, and no lock file is left behind. On a file
     system without such locks (some cluster ones): a warning, and no claim."""
-    run_dir = Path(run_dir).resolve()
-    if run_dir in _claimed:
+    run_dir, key = Path(run_dir), Path(run_dir).resolve()
+    if key in _claimed:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir, os.O_RDONLY)
@@ -82,7 +82,7 @@ def claim_run_dir(run_dir: Path) -> None:
         os.close(fd)
         logger.warning("%s cannot be locked (%s): a second run started there would not be refused", run_dir, e)
         return
-    _claimed[run_dir] = fd
+    _claimed[key] = fd
 
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> dict | None:
