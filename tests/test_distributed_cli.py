@@ -140,9 +140,9 @@ def test_resume_with_another_number_of_processes_ends_at_the_schedule_s_total_st
     """One process keeps an epoch's short last batch (238 training images at batch 32: 8 steps), several
     do not (7 steps): a run killed after its first checkpoint resumes under the other number, and ends
     at the schedule's total steps at its own epoch length, each epoch logged once."""
-    args = [f"data.root={fake_cifar10}", *DETERMINISTIC, "train.epochs=5"]
+    args = [f"data.root={fake_cifar10}", *DETERMINISTIC, "train.epochs=3"]
     one_then_two = tmp_path / "one_then_two"
-    assert kill_run(["stage1_train.py", *args, f"log_dir={one_then_two}"], one_then_two) < 5
+    assert kill_run(["stage1_train.py", *args, f"log_dir={one_then_two}"], one_then_two) < 3
     _run(torchrun(*args, f"log_dir={one_then_two}", "--resume"))
     two_then_one = tmp_path / "two_then_one"
     job = subprocess.Popen(torchrun(*args, f"log_dir={two_then_one}"), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -154,11 +154,11 @@ def test_resume_with_another_number_of_processes_ends_at_the_schedule_s_total_st
     assert victim is not None and job.poll() is None, "the job ended before a rank could be killed"
     os.kill(victim, signal.SIGKILL)
     assert job.wait(timeout=90) != 0
-    assert torch.load(two_then_one / "last.pt", weights_only=True)["epoch"] < 5
+    assert torch.load(two_then_one / "last.pt", weights_only=True)["epoch"] < 3
     _run([sys.executable, "stage1_train.py", *args, f"log_dir={two_then_one}", "--resume"])
-    for run, steps_total in ((one_then_two, 5 * 7), (two_then_one, 5 * 8)):
+    for run, steps_total in ((one_then_two, 3 * 7), (two_then_one, 3 * 8)):
         ckpt = torch.load(run / "last.pt", weights_only=True)
         assert ckpt["step"] == ckpt["scheduler"]["last_epoch"] == steps_total
         epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert epochs == list(range(1, ckpt["epoch"] + 1)) and ckpt["epoch"] in (5, 6)
+        assert epochs == list(range(1, ckpt["epoch"] + 1)) and ckpt["epoch"] in (3, 4)
         assert ckpt["optimizer"]["param_groups"][0]["lr"] < 1e-4  # the cosine schedule ran to its end
