@@ -61,11 +61,12 @@ _claimed: dict[Path, int] = {}  # run directories this process writes: path -> i
 
 
 def claim_run_dir(run_dir: Path) -> None:
-    """Take the run directory (created if need be) for this process, for as long as it lives: another
-    process that would write it (the same command started twice, a resume while the run still goes on)
-    is refused here, before it reads or writes anything. The lock is the directory's own (flock), so the
-    kernel drops it when the process ends, however it ends, and no lock file is left behind. On a file
-    system without such locks (some cluster ones): a warning, and no claim."""
+    """Take the run directory (created if need be) for this process until the run ends (release_run_dir,
+    from finish_run) or the process does: another process that would write it (the same command started
+    twice, a resume while the run still goes on) is refused here, before it reads or writes anything. The
+    lock is the directory's own (flock), so the kernel drops it when the process ends, however it ends,
+    and no lock file is left behind. On a file system without such locks (some cluster ones): a warning,
+    and no claim."""
     run_dir, key = Path(run_dir), Path(run_dir).resolve()
     if key in _claimed:
         return
@@ -83,6 +84,14 @@ def claim_run_dir(run_dir: Path) -> None:
         logger.warning("%s cannot be locked (%s): a second run started there would not be refused", run_dir, e)
         return
     _claimed[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Give up this process's claim on the run directory (claim_run_dir): the run has ended, and a process
+    that goes on (a notebook, a sweep of runs) no longer keeps other processes out."""
+    fd = _claimed.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops its flock
 
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> dict | None:
@@ -230,9 +239,11 @@ def stop_run(run_dir: Path, runlog: RunLog | None, progress: Progress, payload: 
 
 
 def finish_run(runlog: RunLog | None, d: Dist) -> None:
-    """Close the metric log (rank 0) and leave the process group (several processes)."""
+    """Close the metric log and give up the run directory's claim (rank 0), and leave the process group
+    (several processes)."""
     if runlog is not None:
         runlog.close()
+        release_run_dir(runlog.run_dir)
     shutdown(d)
 
 

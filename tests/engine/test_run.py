@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.run import Progress, RunDirError, claim_run_dir, end_epoch, restore, resume_checkpoint
+from engine.distributed import Dist
+from engine.run import Progress, RunDirError, claim_run_dir, end_epoch, finish_run, restore, resume_checkpoint
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError, save_checkpoint
 
@@ -145,8 +146,8 @@ def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-HOLD = "import sys, time; from engine.run import claim_run_dir; claim_run_dir(sys.argv[1]); print('held', flush=True); " \
-       "time.sleep(60)"
+HOLD = ("import sys, time; from engine.run import claim_run_dir; claim_run_dir(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(60)")
 
 
 def test_a_run_directory_another_process_writes_is_refused_until_that_process_ends(tmp_path):
@@ -164,3 +165,11 @@ def test_a_run_directory_another_process_writes_is_refused_until_that_process_en
     claim_run_dir(run_dir)
     claim_run_dir(run_dir)  # this process holds it already: a second run of it in one process goes on
     assert list(run_dir.iterdir()) == []  # no lock file
+    # A run that ended in a process that goes on (a notebook, a sweep) lets another process in.
+    finish_run(RunLog(run_dir), Dist())
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+    finally:
+        holder.kill()
+        holder.wait()
