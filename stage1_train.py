@@ -182,12 +182,10 @@ def main(cfg: Config, resume: bool = False) -> dict:
                                  desc=f"epoch {epoch + 1}/{num_epochs}", d=d, stop=stop,
                                  carry=ckpt["epoch_sums"] if done and d.is_main else (0.0, 0.0, 0))
         record["train_seconds"] = time.perf_counter() - start
-        taken = record.pop("steps")
-        progress.step += taken
+        progress.took(record.pop("steps"))
         sums = record.pop("sums")  # this rank's: only one process stops mid-epoch, and rank 0 carries them on
         state = {name: obj.state_dict() for name, obj in states.items()}
         if stop is not None and stop():
-            progress.epoch_step = done + taken
             stop_run(run_dir, runlog, progress, {**payload, **state, "epoch_sums": sums}, stop.signum)
         progress.epoch, progress.epoch_step = epoch + 1, 0
         broadcast_module(model, d)  # rank 0's BatchNorm statistics (each rank's own without sync_bn), as saved

@@ -246,12 +246,10 @@ def main(cfg: Config, resume: bool = False) -> dict:
                                   min(epoch_len - done, steps_total - progress.step), t.batch_size, gen, batches,
                                   meta, desc=f"epoch {epoch + 1}/{num_epochs}", stop=stop,
                                   carry=ckpt["epoch_sums"] if done else (0.0, 0.0, 0, 0.0))
-        taken = record.pop("steps")
-        progress.step += taken
+        progress.took(record.pop("steps"))
         sums = record.pop("sums")
         state = {name: obj.state_dict() for name, obj in states.items()} | {"model": deployable_state(model, head)}
         if stop is not None and stop():
-            progress.epoch_step = done + taken
             stop_run(run_dir, runlog, progress, {**payload, **state, "epoch_rng": gen.get_state(),
                                                  "epoch_sums": sums}, stop.signum)
         progress.epoch, progress.epoch_step = epoch + 1, 0

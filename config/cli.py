@@ -116,7 +116,7 @@ def start_processes(cfg: Config) -> tuple[Dist, torch.device]:
 
 
 def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path, dict | None]:
-    """The run directory (rank 0 claims it for its lifetime and writes it, every RNG seeded) and the last.pt
+    """The run directory (rank 0 claims it while its run lasts and writes it, every RNG seeded) and the last.pt
     to resume from (None for a new run; a run is never overwritten), whose config must be this one. Rank 0
     reads last.pt and sends it to the others: on machines without a shared disk only rank 0's holds the
     run directory."""

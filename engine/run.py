@@ -128,6 +128,11 @@ class Progress:
         return {"epoch": self.epoch, "step": self.step, "epoch_step": self.epoch_step,
                 "best": {"metric": self.metric, "value": self.best_value, "epoch": self.best_epoch}}
 
+    def took(self, steps: int) -> None:
+        """Count `steps` optimiser steps of the epoch in progress."""
+        self.step += steps
+        self.epoch_step += steps
+
     def final_epoch(self, steps_total: int, epoch_len: int) -> int:
         """The number of the run's last epoch: enough epochs of epoch_len steps after this one's
         epoch_step to reach steps_total. A run resumed under another number of processes (one process
