@@ -26,7 +26,9 @@ S1, S2, PREDICT = "stage1_train.py", "stage2_classifier.py", "predict.py"
 
 # (script, arguments, what the one line says: one fragment or several). {data} is a tiny CIFAR-10,
 # {bad} the broken files below, {s1} a finished stage-1 run (a copy: cases on it must leave it as it
-# was), {run} the run directory a case would write (log_dir={run} is added unless a case names its own).
+# was), {s1_again} another copy (a case that points log_dir at a run claims it, and the cases run at once: a
+# second such case on {s1} would be refused as "in use"), {run} the run directory a case would write
+# (log_dir={run} is added unless a case names its own).
 CASES = {
     # the config file and the overrides
     "cfg_missing": (S1, ["--cfg", "{bad}/nope.yaml"], "config error: config file '{bad}/nope.yaml' does not exist"),
@@ -99,7 +101,7 @@ CASES = {
     "test_checkpoint_not_torch": (S1, ["--test", "--ckpt", "{bad}/text.pt"],
                                   "{bad}/text.pt cannot be read as a checkpoint"),
     "run_exists_without_resume": (S1, ["log_dir={s1}"], "already holds a run ({s1}/last.pt); pass --resume"),
-    "resume_with_another_config": (S1, ["log_dir={s1}", "--resume", "train.lr=0.2"],
+    "resume_with_another_config": (S1, ["log_dir={s1_again}", "--resume", "train.lr=0.2"],
                                    "--resume with a config that differs from the run's at train.lr"),
     # stage 2
     "stage2_without_backbone": (S2, [], "config error: stage 2 needs a backbone: stage1.checkpoint="),
@@ -158,12 +160,13 @@ def bad(tmp_path_factory, fake_cifar10) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, stage1_run, bad) -> Path:
-    """A copy of the shared stage-1 run (cases on it must not change it), and a truncated checkpoint."""
-    copy = tmp_path_factory.mktemp("finished") / "run"
-    shutil.copytree(stage1_run, copy)
-    (bad / "truncated.pt").write_bytes((copy / "last.pt").read_bytes()[:1000])
-    return copy
+def finished_runs(tmp_path_factory, stage1_run, bad) -> tuple[Path, Path]:
+    """Two copies of the shared stage-1 run (cases on them must not change them), and a truncated checkpoint."""
+    copies = tmp_path_factory.mktemp("finished") / "run", tmp_path_factory.mktemp("finished") / "run"
+    for copy in copies:
+        shutil.copytree(stage1_run, copy)
+    (bad / "truncated.pt").write_bytes((copies[0] / "last.pt").read_bytes()[:1000])
+    return copies
 
 
 def _snapshot(*folders: Path) -> dict:
@@ -172,15 +175,16 @@ def _snapshot(*folders: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcomes(fake_cifar10, bad, finished_run, tmp_path_factory) -> dict:
+def outcomes(fake_cifar10, bad, finished_runs, tmp_path_factory) -> dict:
     """Every case run once, as many at a time as there are cores (each is one process, mostly start-up
     time): {case: (its process, its run directory)}, and the watched files before and after them all."""
     cases = tmp_path_factory.mktemp("cases")
-    watched = (finished_run, bad, REPO / "logs")
+    watched = (*finished_runs, bad, REPO / "logs")
 
     def run_case(case: str) -> tuple[subprocess.CompletedProcess, Path]:
         script, args, _ = CASES[case]
-        places = {"data": fake_cifar10, "bad": bad, "s1": finished_run, "run": cases / case}
+        places = {"data": fake_cifar10, "bad": bad, "s1": finished_runs[0], "s1_again": finished_runs[1],
+                  "run": cases / case}
         args = [a.format(**places) for a in args]
         if script != PREDICT:
             cifar = () if any(a.startswith("data.dataset=") for a in args) else CIFAR
