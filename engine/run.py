@@ -60,6 +60,19 @@ def setup_run(run_dir: str | Path, seed: int, num_threads: int, writes: bool = T
 _claimed: dict[Path, int] = {}  # run directories this process writes: path -> its open descriptor, flock()ed
 
 
+def _forget_claims_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited descriptors of the claims. The flock
+    belongs to the open file description both processes share and lasts until its last descriptor closes,
+    so a worker that outlives a killed run (until it notices: about a second, longer mid-batch) would
+    refuse a --resume started at once (a requeued job). Closing, not unlocking: the parent's claim stands."""
+    for fd in _claimed.values():
+        os.close(fd)
+    _claimed.clear()
+
+
+os.register_at_fork(after_in_child=_forget_claims_in_child)
+
+
 def claim_run_dir(run_dir: Path) -> None:
     """Take the run directory (created if need be) for this process until the run ends (release_run_dir,
     from finish_run) or the process does: another process that would write it (the same command started

@@ -1,5 +1,7 @@
 """engine.run: a run directory never overwritten, best/last checkpoints at the end of each epoch, resume."""
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -8,7 +10,8 @@ import torch
 from torch import nn
 
 from engine.distributed import Dist
-from engine.run import Progress, RunDirError, claim_run_dir, end_epoch, finish_run, restore, resume_checkpoint
+from engine.run import (Progress, RunDirError, claim_run_dir, end_epoch, finish_run, release_run_dir, restore,
+                        resume_checkpoint)
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError, save_checkpoint
 
@@ -173,3 +176,30 @@ def test_a_run_directory_another_process_writes_is_refused_until_that_process_en
     finally:
         holder.kill()
         holder.wait()
+
+
+# The holder forks a child that outlives it, as a DataLoader worker does for a few seconds after its
+# process is killed, and prints the child's pid.
+HOLD_AND_FORK = ("import os, sys, time; from engine.run import claim_run_dir; claim_run_dir(sys.argv[1])\n"
+                 "pid = os.fork()\n"
+                 "if pid == 0: time.sleep(60); os._exit(0)\n"
+                 "print(pid, flush=True); time.sleep(60)")
+
+
+def test_a_killed_run_s_forked_children_do_not_keep_its_run_directory_claimed(tmp_path):
+    from tests.conftest import REPO
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(RunDirError, match="is in use"):
+            claim_run_dir(run_dir)
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child still lives
+        claim_run_dir(run_dir)  # and the claim died with the holder
+    finally:
+        release_run_dir(run_dir)
+        os.kill(child, signal.SIGKILL)
