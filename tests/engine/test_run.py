@@ -178,7 +178,7 @@ def test_a_run_directory_another_process_writes_is_refused_until_that_process_en
         holder.wait()
 
 
-# The holder forks a child that outlives it, as a DataLoader worker does for a few seconds after its
+# The holder forks a child that outlives it, as a DataLoader worker does for a moment after its
 # process is killed, and prints the child's pid.
 HOLD_AND_FORK = ("import os, sys, time; from engine.run import claim_run_dir; claim_run_dir(sys.argv[1])\n"
                  "pid = os.fork()\n"
