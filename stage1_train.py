@@ -173,7 +173,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     stop = StopRequest().install() if d.world == 1 else None  # torchrun itself stops its workers
     for epoch in range(progress.epoch, num_epochs):
         done = progress.epoch_step  # > 0 when resuming a run stopped mid-epoch
-        steps = min(epoch_len - done, steps_total - progress.step)
+        steps = progress.steps_this_epoch(steps_total, epoch_len)
         mixup_rng = mixup_generator(t.seed, epoch, t.mixup_alpha, done, t.batch_size // d.world)
         loss_fn.set_epoch(epoch)
         start = time.perf_counter()
@@ -187,7 +187,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         state = {name: obj.state_dict() for name, obj in states.items()}
         if stop is not None and stop():
             stop_run(run_dir, runlog, progress, {**payload, **state, "epoch_sums": sums}, stop.signum)
-        progress.epoch, progress.epoch_step = epoch + 1, 0
+        progress.next_epoch()
         broadcast_module(model, d)  # rank 0's BatchNorm statistics (each rank's own without sync_bn), as saved
         val = (evaluate(model, data.val_images, data.val_labels, data.class_counts, cfg.eval.batch_size, data.mean,
                         data.std, cfg.model.channels_last, amp=t.amp, d=d, workers=cfg.data.workers)

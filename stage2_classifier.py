@@ -243,7 +243,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
             gen.set_state(ckpt["epoch_rng"])
         loss_fn.set_epoch(epoch)
         record = train_head_epoch(head, optimizer, scheduler, loss_fn, data.train_labels, features,
-                                  min(epoch_len - done, steps_total - progress.step), t.batch_size, gen, batches,
+                                  progress.steps_this_epoch(steps_total, epoch_len), t.batch_size, gen, batches,
                                   meta, desc=f"epoch {epoch + 1}/{num_epochs}", stop=stop,
                                   carry=ckpt["epoch_sums"] if done else (0.0, 0.0, 0, 0.0))
         progress.took(record.pop("steps"))
@@ -252,7 +252,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         if stop is not None and stop():
             stop_run(run_dir, runlog, progress, {**payload, **state, "epoch_rng": gen.get_state(),
                                                  "epoch_sums": sums}, stop.signum)
-        progress.epoch, progress.epoch_step = epoch + 1, 0
+        progress.next_epoch()
         check_same_on_ranks({k: v for k, v in states.items() if isinstance(v, nn.Module)}, ranks)
         val = validate(cfg, model, data, ranks) if len(data.val_labels) else None
         end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs, t.save_every_s)

@@ -141,10 +141,18 @@ class Progress:
         return {"epoch": self.epoch, "step": self.step, "epoch_step": self.epoch_step,
                 "best": {"metric": self.metric, "value": self.best_value, "epoch": self.best_epoch}}
 
+    def steps_this_epoch(self, steps_total: int, epoch_len: int) -> int:
+        """Steps the epoch in progress takes: the rest of its epoch_len, no further than steps_total."""
+        return min(epoch_len - self.epoch_step, steps_total - self.step)
+
     def took(self, steps: int) -> None:
         """Count `steps` optimiser steps of the epoch in progress."""
         self.step += steps
         self.epoch_step += steps
+
+    def next_epoch(self) -> None:
+        """The epoch in progress has ended (not stopped inside)."""
+        self.epoch, self.epoch_step = self.epoch + 1, 0
 
     def final_epoch(self, steps_total: int, epoch_len: int) -> int:
         """The number of the run's last epoch: enough epochs of epoch_len steps after this one's

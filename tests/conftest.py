@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,18 +188,19 @@ def stage1_run(fake_cifar10, tmp_path_factory) -> Path:
     return log_dir
 
 
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Return once run_dir/last.pt exists, or proc has ended, or timeout seconds have passed (the caller's
+    assertions then say which)."""
+    deadline = time.time() + timeout
+    while not (run_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+
+
 def kill_after_first_checkpoint(args: list[str], log_dir: Path) -> int:
     """Start a run, SIGKILL it as soon as its first last.pt appears; return the epoch it had saved."""
-    import signal
-    import time
-
-    import torch
-
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (log_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
+    wait_for_checkpoint(log_dir, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"

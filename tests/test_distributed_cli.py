@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -147,9 +146,7 @@ def test_resume_with_another_number_of_processes_ends_at_the_schedule_s_total_st
     two_then_one = tmp_path / "two_then_one"
     job = subprocess.Popen(torchrun(*args, f"log_dir={two_then_one}"), cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (two_then_one / "last.pt").exists() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.005)
+    wait_for_checkpoint(two_then_one, job)
     victim = _rank_pid(job.pid, 1)  # torchrun then stops rank 0 and exits
     assert victim is not None and job.poll() is None, "the job ended before a rank could be killed"
     os.kill(victim, signal.SIGKILL)

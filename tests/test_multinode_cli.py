@@ -12,13 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for_checkpoint
 from tests.test_distributed_cli import DETERMINISTIC, _rank_pid, _run, torchrun
 
 pytestmark = pytest.mark.slow
@@ -59,9 +58,7 @@ def _kill_node_1_after_the_first_checkpoint(data_root: Path, disk0: Path, disk1:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     node1 = subprocess.Popen(_node(1, port, "stage1_train.py", *_stage1(data_root, disk1 / "run")), cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (disk0 / "run" / "last.pt").exists() and time.time() < deadline and node0.poll() is None:
-        time.sleep(0.02)
+    wait_for_checkpoint(disk0 / "run", node0)
     worker = _rank_pid(node1.pid, 1)
     assert worker is not None and node0.poll() is None, "the job ended before node 1 could be stopped"
     os.kill(worker, signal.SIGKILL)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -173,9 +173,7 @@ def _stop_resume_and_compare(run, argv, full, stopped, signum) -> None:
     and check that it ends with the weights of the uninterrupted run in `full`."""
     proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.time() + 120
-    while not (stopped / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
+    wait_for_checkpoint(stopped, proc)
     time.sleep(0.05)  # into the next epoch
     proc.send_signal(signum)
     stderr = proc.communicate(timeout=120)[1]

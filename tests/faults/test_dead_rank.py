@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from tests.conftest import wait_for_checkpoint
 from tests.test_distributed_cli import DETERMINISTIC, REPO, _rank_pid, _run
 
 pytestmark = pytest.mark.slow
@@ -30,9 +31,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_resume_continues(fake_cifar10,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            *_args(stage, fake_cifar10, stage1_run, log_dir)]
     job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (log_dir / "last.pt").exists() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.05)
+    wait_for_checkpoint(log_dir, job)
     victim = _rank_pid(job.pid, 1)
     assert victim is not None and job.poll() is None, "the job ended before a rank could be killed"
     killed_at = time.time()

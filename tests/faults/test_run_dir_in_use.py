@@ -5,12 +5,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +23,7 @@ def test_a_second_run_in_a_directory_being_written_is_refused_and_the_first_goes
             "train.epochs=1000", "train.batch_size=32", "train.num_threads=1"]
     first = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
-    deadline = time.time() + 60
-    while not (log_dir / "last.pt").exists() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.05)
+    wait_for_checkpoint(log_dir, first, timeout=60)
     second = run(*args, "--resume", check=False)
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert f"{log_dir} is in use: another process is writing a run there" in second.stderr.splitlines()[-1]

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from tests.conftest import wait_for_checkpoint
 from tests.faults.kill_resume import REPO, command, differences, run_to_end
 
 pytestmark = pytest.mark.slow
@@ -16,9 +17,7 @@ pytestmark = pytest.mark.slow
 def _signal_after_first_checkpoint(args: list[str], run_dir, signals: list[int]) -> subprocess.CompletedProcess:
     """Start `args`, send `signals` (0.05 s apart) once its first last.pt is there, wait for its end."""
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
+    wait_for_checkpoint(run_dir, proc)
     for signum in signals:
         time.sleep(0.05)
         proc.send_signal(signum)
