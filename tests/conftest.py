@@ -1,6 +1,7 @@
 """Shared fixtures: tiny datasets written in the official on-disk formats, and a subprocess runner."""
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import signal
@@ -14,6 +15,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from tests import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,11 +157,16 @@ def real_cifar10() -> Path:
     pytest.skip(why)
 
 
-def run_script(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a repository script in a fresh python process, from the repository root."""
+def run_script(*args: str, timeout: float = 300, check: bool = True, cold: bool = False) -> subprocess.CompletedProcess:
+    """`python *args` (a script and its arguments, or -m and a module) as its own process, from the repository
+    root: forked from a process that has imported torch already (tests/forkserver.py), or, with `cold` or
+    LT_TESTS_COLD=1 set, started afresh."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    if cold or os.environ.get("LT_TESTS_COLD") == "1":
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    else:
+        proc = forkserver.run(list(args), REPO, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -170,7 +178,11 @@ TINY_STAGE1 = ("data.imbalance_factor=10", "train.epochs=3", "train.batch_size=3
 
 
 @pytest.fixture
-def run() -> callable:
+def run(request) -> callable:
+    """run_script; cold for the GPU tests (a fork of a process that imported torch may start CUDA, but those
+    tests run rarely, on borrowed machines: they take the plain path)."""
+    if request.node.get_closest_marker("gpu"):
+        return functools.partial(run_script, cold=True)
     return run_script
 
 

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from models import build_model
-from tests.conftest import REPO, write_image_folder, write_image_lists
+from tests.conftest import REPO, run_script, write_image_folder, write_image_lists
 
 pytestmark = pytest.mark.slow
 
@@ -176,8 +175,9 @@ def _snapshot(*folders: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def outcomes(fake_cifar10, bad, finished_runs, tmp_path_factory) -> dict:
-    """Every case run once, as many at a time as there are cores (each is one process, mostly start-up
-    time): {case: (its process, its run directory)}, and the watched files before and after them all."""
+    """Every case run once, as many at a time as there are cores (each its own process, forked from the
+    test process's fork server): {case: (its process, its places)}, and the watched files before and after
+    them all."""
     cases = tmp_path_factory.mktemp("cases")
     watched = (*finished_runs, bad, REPO / "logs")
 
@@ -191,7 +191,7 @@ def outcomes(fake_cifar10, bad, finished_runs, tmp_path_factory) -> dict:
             args = [f"data.root={fake_cifar10}", *FAST, *cifar, *args]
             if not any(a.startswith("log_dir=") for a in args) and case != "empty_name":
                 args.append(f"log_dir={places['run']}")
-        proc = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        proc = run_script(script, *args, check=False)
         return proc, places
 
     before = _snapshot(*watched)
