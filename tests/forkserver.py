@@ -95,9 +95,9 @@ def _run(request: dict) -> None:
     except BaseException as error:  # the interpreter prints it and exits 1; an uncaught Ctrl-C ends by SIGINT
         sys.excepthook(type(error), error, error.__traceback__)
         status, interrupted = 1, isinstance(error, KeyboardInterrupt)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # The interpreter's own exit sequence: threading's exit hooks (concurrent.futures tells its pools'
+    # threads to stop, as torch.compile's pool must be), non-daemon threads joined, then atexit handlers.
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -180,16 +180,16 @@ class ForkServer:
                 conn.connect(self.path)
                 request = {"args": list(args), "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
                 conn.sendall((json.dumps(request) + "\n").encode())
-                replies = conn.makefile("r")
-                pid = replies.readline()
-                if not pid:
-                    raise RuntimeError(f"the fork server ended (exit status {self._server.poll()})")
-                conn.settimeout(timeout)
-                try:
-                    code = int(replies.readline())
-                except TimeoutError:  # as subprocess.run: kill the run, then raise
-                    os.kill(int(pid), signal.SIGKILL)
-                    raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text()) from None
+                with conn.makefile("r") as replies:
+                    pid = replies.readline()
+                    if not pid:
+                        raise RuntimeError(f"the fork server ended (exit status {self._server.poll()})")
+                    conn.settimeout(timeout)
+                    try:
+                        code = int(replies.readline())
+                    except TimeoutError:  # as subprocess.run: kill the run, then raise
+                        os.kill(int(pid), signal.SIGKILL)
+                        raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text()) from None
             return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
 
     def close(self) -> None:

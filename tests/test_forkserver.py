@@ -30,6 +30,10 @@ if mode == "signal":
     signal.raise_signal(signal.SIGTERM)
 if mode == "thread":
     threading.Thread(target=lambda: (time.sleep(1), print("thread finished", flush=True))).start()
+if mode == "pool":  # a pool kept alive to the end, as torch.compile's: the interpreter stops its threads at exit
+    from concurrent.futures import ThreadPoolExecutor
+    sys.pool = ThreadPoolExecutor(2)
+    sys.pool.submit(print, "pool task ran", flush=True).result()
 if mode == "sleep":
     print("sleeping", flush=True)
     time.sleep(60)
@@ -47,7 +51,7 @@ def _cold(args, cwd, env, timeout=60):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("mode", ["ok", "message", "status", "raise", "interrupt", "signal", "thread"])
+@pytest.mark.parametrize("mode", ["ok", "message", "status", "raise", "interrupt", "signal", "thread", "pool"])
 def test_a_forked_run_ends_with_the_status_output_and_exit_handlers_of_a_fresh_process(script, tmp_path, mode):
     env = {**os.environ, "FORKSERVER_PROBE": f"value-{mode}"}
     warm = forkserver.run([str(script), mode], tmp_path, env, timeout=60)
