@@ -14,6 +14,7 @@ from engine.run import (Progress, RunDirError, claim_run_dir, end_epoch, finish_
                         resume_checkpoint)
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError, save_checkpoint
+from tests.conftest import REPO
 
 
 def _val(top1, few=None):
@@ -154,8 +155,6 @@ HOLD = ("import sys, time; from engine.run import claim_run_dir; claim_run_dir(s
 
 
 def test_a_run_directory_another_process_writes_is_refused_until_that_process_ends(tmp_path):
-    from tests.conftest import REPO
-
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -187,8 +186,6 @@ HOLD_AND_FORK = ("import os, sys, time; from engine.run import claim_run_dir; cl
 
 
 def test_a_killed_run_s_forked_children_do_not_keep_its_run_directory_claimed(tmp_path):
-    from tests.conftest import REPO
-
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
                               text=True)
