@@ -19,6 +19,19 @@ def launched_us(event) -> float:
 
 # CUDA runtime calls in which the host waits for the device.
 HOST_WAITS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"})
+# Runtime calls that queue device work: their count per step is the host's launch load.
+LAUNCHES = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                      "cudaMemcpyAsync", "cudaMemsetAsync"})
+# Runtime calls that allocate or free memory, or copy synchronously: each can stall the host (cudaFree and
+# cudaFreeHost wait for the whole device), none should recur once the caching allocators are warm.
+ALLOCS = frozenset({"cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaMallocHost", "cudaFreeHost", "cudaHostRegister",
+                    "cudaMemcpy"})
+
+
+def calls(events, names: frozenset[str]) -> tuple[int, float]:
+    """(count, host microseconds) of the CUDA runtime calls named `names` among profiler events."""
+    hits = [e for e in events if e.name in names]
+    return len(hits), sum(e.cpu_time_total for e in hits)
 
 
 def all_threads_config() -> _ExperimentalConfig:
@@ -33,8 +46,9 @@ def profile_train(b: TrainBench, device, steps, path: Path) -> None:
     """Write where one window of each path spends its time to `path` (torch.profiler, every thread): per step
     the wall time, the host's time in the loader (with prefetch: waiting for the thread) and in the prefetch
     thread, the host's waits for the device (CUDA synchronisations; the window's end is one), the device's
-    kernel time (a GPU) with the loader's and the prefetch thread's shares, then the operators by self device
-    time (on the CPU: self host time)."""
+    kernel time (a GPU) with the loader's and the prefetch thread's shares, the launches (kernels, async
+    copies and fills) per step and their host time, and the allocations in the window (cudaMalloc, cudaFree,
+    pinned memory, synchronous copies); then the operators by self device time (a GPU) and by self host time."""
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     steps = window_steps(steps, b.epoch_steps)
@@ -48,14 +62,18 @@ def profile_train(b: TrainBench, device, steps, path: Path) -> None:
                       if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
         ranges = {r: [e for e in prof.events() if e.name == r and e.device_type == DeviceType.CPU]
                   for r in ("loader", "prefetch")}
-        waits = [e for e in prof.events() if e.name in HOST_WAITS]
+        (waits, wait_us), (launches, launch_us), (allocs, alloc_us) = (calls(prof.events(), names)
+                                                                      for names in (HOST_WAITS, LAUNCHES, ALLOCS))
         ms = lambda us: f"{us / 1000 / steps:.2f}"  # noqa: E731 (microseconds in the window -> ms per step)
         lines.append(f"{name}: {steps} steps; per step (ms): wall {1000 * wall / steps:.2f} under the profiler, "
                      f"host in the loader {ms(sum(e.cpu_time_total for e in ranges['loader']))}, in the prefetch "
                      f"thread {ms(sum(e.cpu_time_total for e in ranges['prefetch']))}, waiting for the device "
-                     f"{ms(sum(e.cpu_time_total for e in waits))} ({len(waits)} waits), device kernels {ms(kernels)} "
+                     f"{ms(wait_us)} ({waits} waits), device kernels {ms(kernels)} "
                      f"(the loader's {ms(sum(map(launched_us, ranges['loader'])))}, the prefetch thread's "
-                     f"{ms(sum(map(launched_us, ranges['prefetch'])))})")
-        lines.append(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                               row_limit=25))
+                     f"{ms(sum(map(launched_us, ranges['prefetch'])))}), launches {launches / steps:.1f} "
+                     f"({ms(launch_us)} host), allocations {allocs} in the window ({ms(alloc_us)} host)")
+        table = prof.key_averages().table
+        if cuda:  # what the device did, then what the host did: one of the two is the limit
+            lines.append(table(sort_by="self_device_time_total", row_limit=25))
+        lines.append(table(sort_by="self_cpu_time_total", row_limit=25))
     path.write_text("\n".join(lines) + "\n")

@@ -25,8 +25,9 @@ thread that makes the chunks. On a GPU, a load time close to the gap between the
 step times (batch / rate) says that the host thread, not the GPU, limits training. --profile DIR
 writes, per setting, where one window of each path spends its time (every thread): the host's time in
 the loader and in the prefetch thread, its waits for the device, the device's kernel time (the
-loader's and the prefetch thread's shares of it) and the operators by time, so that one run on a GPU
-tells a busy device from an idle one waiting for the host.
+loader's and the prefetch thread's shares of it), the launches per step and the allocations (cudaMalloc,
+cudaFree, pinned memory) in the window, and the operators by device and by host time, so that one run
+on a GPU tells a busy device from an idle one waiting for the host.
 """
 from __future__ import annotations
 
