@@ -1,0 +1,34 @@
+"""Seconds of each training step of a torch.compiled ResNet-32 on the CPU (NHWC, fp32): the first step of
+each batch shape compiles (128, then 118 as an epoch's shorter last batch). Run with an empty inductor cache:
+
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python results/compile_cost_cpu.py
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models import build_model  # noqa: E402
+
+torch.manual_seed(0)
+model = build_model("resnet32", 10).to(memory_format=torch.channels_last)
+compiled = torch.compile(model)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def step(batch: int) -> float:
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    start = time.perf_counter()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(compiled(x), y).backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+for batch in (128, 128, 118, 118, 128):
+    print(f"batch {batch}: {step(batch):.2f} s")
