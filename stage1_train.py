@@ -29,6 +29,7 @@ from data.build_files import FileData, build_training_set
 from data.loader import MIXUP_STREAM, BatchLoader, steps_per_epoch
 from data.samplers import SAMPLERS, build_sampler
 from data.stream import StreamLoader
+from engine.compiled import CompiledForOneBatchSize
 from engine.device import grad_scaler
 from engine.distributed import Dist, broadcast_module, sync_batchnorm
 from engine.loop import evaluate, train_one_epoch
@@ -120,12 +121,13 @@ def parameter_groups(model: nn.Module, loss_fn: LongTailLoss) -> list[dict]:
 def wrap_for_training(model: nn.Module, sync_bn: bool, compile_model: bool, device: torch.device,
                       d: Dist) -> nn.Module:
     """The module the loop calls: BatchNorm over the global batch (sync_bn), DistributedDataParallel
-    (gradients averaged over ranks), torch.compile; all share `model`'s parameters."""
+    (gradients averaged over ranks), torch.compile (for the full batch; an epoch's shorter last batch runs
+    eagerly rather than compiling again); all share `model`'s parameters."""
     if d.world > 1:
         if sync_bn:
             model = sync_batchnorm(model, device)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if compile_model else model
+    return CompiledForOneBatchSize(model) if compile_model else model
 
 
 def mixup_generator(seed: int, epoch: int, alpha: float, skip: int, batch_size: int) -> np.random.Generator:

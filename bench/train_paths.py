@@ -17,6 +17,7 @@ from torch.profiler import record_function
 from data.augment import BatchAugment
 from data.loader import BatchLoader
 from data.samplers import build_sampler
+from engine.compiled import CompiledForOneBatchSize
 from engine.device import grad_scaler
 from engine.loop import train_one_epoch
 from models import build_model
@@ -78,7 +79,7 @@ def train_bench(data, device, batch, amp, channels_last, chunk, augment, prefetc
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
-    run_model = torch.compile(model) if compile_model else model
+    run_model = CompiledForOneBatchSize(model) if compile_model else model  # as stage1_train.py
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     loss_fn, scaler = nn.CrossEntropyLoss(), grad_scaler(device, amp)
@@ -119,8 +120,8 @@ def train_rates(b: TrainBench, device, batch, compile_model, steps, warmup,
     """(real-path images/s, pure-model images/s, lowest and highest window ratio, host ms per real step spent
     in the loader) over `rounds` windows of each path, alternating, so that a drift of the machine's speed
     reaches both paths alike."""
-    # A compiled model compiles again for an epoch's shorter last batch: warm up past one.
-    b.real(max(warmup, b.epoch_steps + 1) if compile_model else warmup)
+    # A compiled model compiles in its first step, for the full batch only (engine/compiled.py).
+    b.real(max(warmup, 1) if compile_model else warmup)
     b.pure(warmup)
     steps = window_steps(steps, b.epoch_steps)
     seen, real_s, pure_s, ratios = 0, 0.0, 0.0, []

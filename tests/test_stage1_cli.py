@@ -133,13 +133,17 @@ def test_explicit_cpu_device_with_bf16_and_accumulation_trains_and_tests(fake_ci
     assert sum(map(sum, json.loads((log_dir / "test_metrics.json").read_text())["confusion_matrix"])) == 100
 
 
-def test_a_compiled_model_trains_and_saves_the_plain_model_layout(fake_cifar10, tmp_path, run, tiny_stage1):
+def test_a_compiled_model_trains_compiles_once_and_saves_the_plain_model_layout(fake_cifar10, tmp_path, run,
+                                                                               tiny_stage1, monkeypatch):
     # torch.compile wraps the model (keys "_orig_mod.*"); checkpoints must keep the plain layout.
     log_dir = tmp_path / "compiled"
-    # Batch 40 divides the 240 training images: every step has one shape, so one graph is compiled (a
-    # last partial batch would compile a second, doubling the test's 45 s).
-    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "train.epochs=2", "train.batch_size=40", "train.compile=true",
-               "train.device=cpu"), timeout=600)
+    # Batch 64 of the 240 training images: three full batches, compiled once, and a last one of 48, which
+    # runs the plain module (engine/compiled.py) instead of compiling a second graph. torch logs each
+    # recompilation when TORCH_LOGS says so, which it reads at import: a cold process.
+    monkeypatch.setenv("TORCH_LOGS", "recompiles")
+    proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "train.epochs=2", "train.batch_size=64",
+                      "train.compile=true", "train.device=cpu"), timeout=600, cold=True)
+    assert "Recompiling" not in proc.stderr, proc.stderr[-2000:]
     ckpt = torch.load(log_dir / "last.pt", weights_only=True)
     assert "conv1.weight" in ckpt["model"] and not any(k.startswith("_orig_mod") for k in ckpt["model"])
     lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,47 @@
+"""engine/compiled.py: torch.compile for the full batch, the module itself for any other size."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine.compiled import CompiledForOneBatchSize
+from engine.loop import train_one_epoch
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def _epoch(model: nn.Module, params: nn.Module, batches) -> dict:
+    opt = torch.optim.SGD(params.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return train_one_epoch(model, batches, len(batches), nn.CrossEntropyLoss(), opt, sched)
+
+
+def test_an_epoch_with_a_shorter_last_batch_compiles_one_graph_and_trains_as_the_plain_module():
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):  # counts the graphs torch.compile makes; runs them as they are
+        graphs.append(gm)
+        return gm.forward
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 3, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (8, 8, 5)]
+    plain, net = _net(), _net()
+    wrapped = CompiledForOneBatchSize(net, backend=backend)
+    # Two epochs each: the second one's full batches reuse the graph, its short one runs eagerly again.
+    losses = [_epoch(wrapped, net, batches)["loss"] for _ in range(2)]
+    assert len(graphs) == 1 and wrapped.batch_size == 8
+    ref = [_epoch(plain, plain, batches)["loss"] for _ in range(2)]
+    assert losses == pytest.approx(ref, abs=1e-6)
+    for (name, a), b in zip(net.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+def test_the_wrapper_registers_the_module_once():
+    net = _net()
+    wrapped = CompiledForOneBatchSize(net, backend="eager")
+    assert list(wrapped.parameters()) == list(net.parameters())
+    assert list(wrapped.state_dict()) == [f"module.{k}" for k in net.state_dict()]
