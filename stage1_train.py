@@ -22,17 +22,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from config.cli import open_log, run_cli, start_processes, start_run
 from config.load import check_names, config_to_dict
-from config.schema import Config
+from config.schema import Config, TrainConfig
 from data.augment import BatchAugment
 from data.build import LongTailData
 from data.build_files import FileData, build_training_set
 from data.loader import MIXUP_STREAM, BatchLoader, steps_per_epoch
 from data.samplers import SAMPLERS, build_sampler
 from data.stream import StreamLoader
-from engine.compiled import CompiledForOneBatchSize
+from engine.compiled import CompiledForBatchSizes
 from engine.device import grad_scaler
 from engine.distributed import Dist, broadcast_module, sync_batchnorm
-from engine.loop import evaluate, train_one_epoch
+from engine.loop import evaluate, micro_batch_sizes, train_one_epoch
 from engine.run import Progress, StopRequest, end_epoch, finish_run, restore, stop_run
 from engine.schedule import sgd_with_schedule, total_steps
 from models import MODELS, build_model, load_pretrained
@@ -118,16 +118,17 @@ def parameter_groups(model: nn.Module, loss_fn: LongTailLoss) -> list[dict]:
     return [{"params": [p for p in model.parameters() if p is not bias]}, {"params": [bias], "weight_decay": 0.0}]
 
 
-def wrap_for_training(model: nn.Module, sync_bn: bool, compile_model: bool, device: torch.device,
-                      d: Dist) -> nn.Module:
+def wrap_for_training(model: nn.Module, t: TrainConfig, device: torch.device, d: Dist) -> nn.Module:
     """The module the loop calls: BatchNorm over the global batch (sync_bn), DistributedDataParallel
-    (gradients averaged over ranks), torch.compile (for the full batch; an epoch's shorter last batch runs
-    eagerly rather than compiling again); all share `model`'s parameters."""
+    (gradients averaged over ranks), torch.compile (for this process's full micro-batch; an epoch's shorter
+    last batch runs uncompiled rather than compiling again); all share `model`'s parameters."""
     if d.world > 1:
-        if sync_bn:
+        if t.sync_bn:
             model = sync_batchnorm(model, device)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return CompiledForOneBatchSize(model) if compile_model else model
+    if not t.compile:
+        return model
+    return CompiledForBatchSizes(model, micro_batch_sizes(t.batch_size // d.world, t.accum_steps))
 
 
 def mixup_generator(seed: int, epoch: int, alpha: float, skip: int, batch_size: int) -> np.random.Generator:
@@ -152,7 +153,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     data, loader = build_data(cfg, device, d)
     model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device)
     loss_fn = build_criterion(cfg, data.class_counts, model, fresh_head).to(device)
-    train_model = wrap_for_training(model, t.sync_bn, t.compile, device, d)  # checkpoints save `model`
+    train_model = wrap_for_training(model, t, device, d)  # checkpoints save `model`
     optimizer, scheduler, steps_total = sgd_with_schedule(
         parameter_groups(model, loss_fn), len(loader), t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs,
         t.iterations, t.warmup, t.schedule, t.milestones, t.gamma, t.warmup_start)

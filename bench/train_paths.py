@@ -17,7 +17,7 @@ from torch.profiler import record_function
 from data.augment import BatchAugment
 from data.loader import BatchLoader
 from data.samplers import build_sampler
-from engine.compiled import CompiledForOneBatchSize
+from engine.compiled import CompiledForBatchSizes
 from engine.device import grad_scaler
 from engine.loop import train_one_epoch
 from models import build_model
@@ -79,7 +79,7 @@ def train_bench(data, device, batch, amp, channels_last, chunk, augment, prefetc
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
-    run_model = CompiledForOneBatchSize(model) if compile_model else model  # as stage1_train.py
+    run_model = CompiledForBatchSizes(model, {batch}) if compile_model else model  # as stage1_train.py
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     loss_fn, scaler = nn.CrossEntropyLoss(), grad_scaler(device, amp)

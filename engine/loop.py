@@ -24,6 +24,18 @@ def finite_check_interval(device: torch.device) -> int:
     return 1 if device.type == "cpu" else FINITE_CHECK_EVERY
 
 
+def micro_batches(batch: int, accum_steps: int) -> int:
+    """How many micro-batches a batch of `batch` images is split into (tensor_split: sizes differ by at most
+    one): accum_steps, but none of fewer than two images, which BatchNorm cannot normalise in training."""
+    return max(1, min(accum_steps, batch // 2))
+
+
+def micro_batch_sizes(batch: int, accum_steps: int) -> set[int]:
+    """The sizes of the micro-batches of a batch of `batch` images (one size, or two a single image apart)."""
+    parts = micro_batches(batch, accum_steps)
+    return {batch // parts, -(-batch // parts)}
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -76,8 +88,8 @@ def train_one_epoch(
             perm = to_device(torch.from_numpy(mixup_rng.permutation(len(y))), y.device)
             x, y_b = lam * x + (1 - lam) * x[perm], y[perm]
         optimizer.zero_grad(set_to_none=True)
-        chunks = max(1, min(accum_steps, len(y) // 2))  # no micro-batch of one image (BatchNorm)
-        for xs, ya, yb in zip(x.chunk(chunks), y.chunk(chunks), y_b.chunk(chunks)):
+        parts = micro_batches(len(y), accum_steps)
+        for xs, ya, yb in zip(x.tensor_split(parts), y.tensor_split(parts), y_b.tensor_split(parts)):
             with autocast(device, amp):
                 logits = model(xs)
             logits = logits.float()

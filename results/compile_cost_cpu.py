@@ -14,12 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engine.compiled import CompiledForOneBatchSize  # noqa: E402
+from engine.compiled import CompiledForBatchSizes  # noqa: E402
 from models import build_model  # noqa: E402
 
 torch.manual_seed(0)
 model = build_model("resnet32", 10).to(memory_format=torch.channels_last)
-compiled = {"plain": torch.compile, "one-size": CompiledForOneBatchSize}[sys.argv[1]](model)
+compiled = torch.compile(model) if sys.argv[1] == "plain" else CompiledForBatchSizes(model, {128})
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 

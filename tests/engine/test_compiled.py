@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.compiled import CompiledForOneBatchSize
+from engine.compiled import CompiledForBatchSizes
 from engine.loop import train_one_epoch
 
 
@@ -20,7 +20,7 @@ def _epoch(model: nn.Module, params: nn.Module, batches) -> dict:
     return train_one_epoch(model, batches, len(batches), nn.CrossEntropyLoss(), opt, sched)
 
 
-def test_an_epoch_with_a_shorter_last_batch_compiles_one_graph_and_trains_as_the_plain_module():
+def test_batches_of_another_size_run_uncompiled_one_graph_is_compiled_and_training_is_the_plain_modules():
     torch._dynamo.reset()
     graphs = []
 
@@ -31,17 +31,20 @@ def test_an_epoch_with_a_shorter_last_batch_compiles_one_graph_and_trains_as_the
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(n, 3, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (8, 8, 5)]
     plain, net = _net(), _net()
-    wrapped = CompiledForOneBatchSize(net, backend=backend)
-    # Two epochs each: the second one's full batches reuse the graph, its short one runs eagerly again.
-    losses = [_epoch(wrapped, net, batches)["loss"] for _ in range(2)]
-    assert len(graphs) == 1 and wrapped.batch_size == 8
-    ref = [_epoch(plain, plain, batches)["loss"] for _ in range(2)]
+    wrapped = CompiledForBatchSizes(net, {8}, backend=backend)
+    # A run resumed before an epoch's last step starts with the short batch: it runs eagerly, then the full
+    # batches compile; the next epoch's full batches reuse the graph, its short one runs eagerly again.
+    epochs = [batches[2:], batches]
+    losses = [_epoch(wrapped, net, epoch)["loss"] for epoch in epochs]
+    assert len(graphs) == 1
+    ref = [_epoch(plain, plain, epoch)["loss"] for epoch in epochs]
     assert losses == pytest.approx(ref, abs=1e-6)
     for (name, a), b in zip(net.state_dict().items(), plain.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
 
+
 def test_the_wrapper_registers_the_module_once():
     net = _net()
-    wrapped = CompiledForOneBatchSize(net, backend="eager")
+    wrapped = CompiledForBatchSizes(net, {8}, backend="eager")
     assert list(wrapped.parameters()) == list(net.parameters())
     assert list(wrapped.state_dict()) == [f"module.{k}" for k in net.state_dict()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.loop import predict_logits, train_one_epoch
+from engine.loop import micro_batch_sizes, predict_logits, train_one_epoch
 
 
 class Tiny(nn.Module):
@@ -44,11 +44,22 @@ def test_accumulated_micro_batches_take_the_same_step_as_the_whole_batch(mixup):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["train_acc"] == pytest.approx(b["train_acc"])
 
 
-def test_a_batch_too_small_to_split_is_not_cut_into_one_image_micro_batches():
+@pytest.mark.parametrize("batch, accum_steps, sizes", [
+    (3, 4, [3]),  # too small to split
+    (7, 4, [3, 2, 2]),  # torch.chunk would cut 3, 3, 1
+    (13, 4, [4, 3, 3, 3]),  # torch.chunk: 4, 4, 4, 1
+    (57, 8, [8, 7, 7, 7, 7, 7, 7, 7]),  # an epoch's last 57 images of batch 512 with 8 micro-batches
+    (512, 8, [64] * 8),
+])
+def test_no_micro_batch_has_one_image(batch, accum_steps, sizes):
+    """BatchNorm cannot normalise one image in training: the micro-batches differ by at most one image."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3))
-    out = _train(model, _batches(n_batches=1, batch=3), accum_steps=4)  # BatchNorm fails on one image
-    assert np.isfinite(out["loss"])
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    out = _train(model, _batches(n_batches=1, batch=batch), accum_steps=accum_steps)
+    assert seen == sizes and np.isfinite(out["loss"])
+    assert micro_batch_sizes(batch, accum_steps) == set(sizes)  # what a compiled model compiles for
 
 
 def test_bf16_autocast_on_the_cpu_trains_with_bf16_forward_and_fp32_weights():
