@@ -120,8 +120,8 @@ def parameter_groups(model: nn.Module, loss_fn: LongTailLoss) -> list[dict]:
 
 def wrap_for_training(model: nn.Module, t: TrainConfig, device: torch.device, d: Dist) -> nn.Module:
     """The module the loop calls: BatchNorm over the global batch (sync_bn), DistributedDataParallel
-    (gradients averaged over ranks), torch.compile (for this process's full micro-batch; an epoch's shorter
-    last batch runs uncompiled rather than compiling again); all share `model`'s parameters."""
+    (gradients averaged over ranks), torch.compile (for the micro-batches of this process's full batch; an
+    epoch's shorter last batch runs uncompiled rather than compiling again); all share `model`'s parameters."""
     if d.world > 1:
         if t.sync_bn:
             model = sync_batchnorm(model, device)
