@@ -56,13 +56,14 @@ def profile_train(b: TrainBench, device, steps, path: Path) -> None:
     for name, fn in (("real", lambda: b.real(steps, True)), ("pure", lambda: b.pure(steps))):
         with profile(activities=activities, experimental_config=all_threads_config()) as prof:
             wall, _ = timed(fn, device)
+        events = prof.events()
         # Device work: kernels and copies, not the spans of record_function ranges (user annotations), as
         # the profiler's own table totals them.
-        kernels = sum(e.self_device_time_total for e in prof.events()
+        kernels = sum(e.self_device_time_total for e in events
                       if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
-        ranges = {r: [e for e in prof.events() if e.name == r and e.device_type == DeviceType.CPU]
+        ranges = {r: [e for e in events if e.name == r and e.device_type == DeviceType.CPU]
                   for r in ("loader", "prefetch")}
-        (waits, wait_us), (launches, launch_us), (allocs, alloc_us) = (calls(prof.events(), names)
+        (waits, wait_us), (launches, launch_us), (allocs, alloc_us) = (calls(events, names)
                                                                       for names in (HOST_WAITS, LAUNCHES, ALLOCS))
         ms = lambda us: f"{us / 1000 / steps:.2f}"  # noqa: E731 (microseconds in the window -> ms per step)
         lines.append(f"{name}: {steps} steps; per step (ms): wall {1000 * wall / steps:.2f} under the profiler, "

@@ -135,7 +135,8 @@ def test_explicit_cpu_device_with_bf16_and_accumulation_trains_and_tests(fake_ci
 
 def test_a_compiled_model_trains_compiles_once_and_saves_the_plain_model_layout(fake_cifar10, tmp_path, run,
                                                                                tiny_stage1, monkeypatch):
-    # torch.compile wraps the model (keys "_orig_mod.*"); checkpoints must keep the plain layout.
+    # The compiled wrapper has its own keys ("module.*", torch.compile's "_orig_mod.*"); checkpoints keep the
+    # plain layout.
     log_dir = tmp_path / "compiled"
     # Batch 64 of the 240 training images: three full batches, compiled once, and a last one of 48, which
     # runs the plain module (engine/compiled.py) instead of compiling a second graph. torch logs each

@@ -17,4 +17,3 @@ def test_calls_count_and_time_only_the_named_runtime_calls():
     assert calls(events, ALLOCS) == (1, 900.0)
     assert calls(events, HOST_WAITS) == (1, 50.0)
     assert calls([], LAUNCHES) == (0, 0.0)
-
