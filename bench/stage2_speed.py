@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.cli import test  # noqa: E402
-from config.load import config_from_dict, load_config  # noqa: E402
+from config.load import load_config  # noqa: E402
+from config.saved import config_from_dict  # noqa: E402
 from stage2_classifier import main as stage2_main  # noqa: E402
 
 

@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from config.load import ConfigError, check_dataset_keys, check_names, check_resume, dump_config, load_config
+from config.load import ConfigError, check_dataset_keys, check_names, load_config
+from config.saved import check_resume, dump_config
 from config.schema import Config
 from data.build_files import DATASET_KINDS
 from data.cifar import DatasetFormatError, DatasetNotFoundError

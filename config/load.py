@@ -126,7 +126,8 @@ def _resolve(cfg: Any, key: str, source: str) -> tuple[Any, str, Any]:
     return node, leaf, tp
 
 
-def _set(cfg: Any, key: str, value: Any, source: str) -> None:
+def set_key(cfg: Any, key: str, value: Any, source: str) -> None:
+    """Set dotted `key` of `cfg` to a parsed `value`, type-checked; `source` names where it came from."""
     node, leaf, tp = _resolve(cfg, key, source)
     setattr(node, leaf, _coerce(key, value, tp, source))
 
@@ -145,11 +146,12 @@ def _set_override(cfg: Any, key: str, raw: str, source: str) -> None:
     setattr(node, leaf, _coerce(key, value, tp, source))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {dotted key: leaf value}."""
     flat = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
+            flat.update(flatten(v, f"{prefix}{k}."))
         else:
             flat[f"{prefix}{k}"] = v
     return flat
@@ -174,8 +176,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(tree).__name__}")
-        for key, value in _flatten(tree).items():
-            _set(cfg, key, value, f"in {path}")
+        for key, value in flatten(tree).items():
+            set_key(cfg, key, value, f"in {path}")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -195,8 +197,8 @@ def stage_of(key: str) -> str | None:
 
 def changed_keys(cfg: Config) -> dict[str, Any]:
     """{dotted key: value} of every key set away from its default."""
-    defaults = _flatten(config_to_dict(Config()))
-    return {k: v for k, v in _flatten(config_to_dict(cfg)).items() if v != defaults[k]}
+    defaults = flatten(config_to_dict(Config()))
+    return {k: v for k, v in flatten(config_to_dict(cfg)).items() if v != defaults[k]}
 
 
 def check_stage(cfg: Config, stage: str) -> None:
@@ -271,47 +273,3 @@ def config_to_dict(cfg: Config, stage: str | None = None) -> dict:
     return {section: ({k: v for k, v in value.items() if stage_of(f"{section}.{k}") in (None, stage)}
                       if isinstance(value, dict) else value)
             for section, value in tree.items() if stage_of(section) in (None, stage)}
-
-
-def _saved_flat(tree: dict) -> dict[str, Any]:
-    """A saved config's dotted keys, old names (RENAMED) read as their new ones."""
-    return {renamed(k) or k: v for k, v in _flatten(tree).items()}
-
-
-def config_from_dict(tree: dict) -> Config:
-    """Rebuild a Config from a checkpoint's or run directory's saved dict (same checks)."""
-    cfg = Config()
-    for key, value in _saved_flat(tree).items():
-        _set(cfg, key, value, "saved config")
-    check_choices(cfg)
-    return cfg
-
-
-def dump_config(cfg: Config, path: str | Path, stage: str | None = None) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg, stage), sort_keys=False))
-
-
-def config_diff(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (e.g. a checkpoint's and now).
-
-    A key that one side lacks (added to the schema after that run was saved, or a key the run's
-    stage does not read) differs only when the other side holds a value other than its default.
-    """
-    a, b = _saved_flat(saved), _flatten(current)
-    defaults = _flatten(config_to_dict(Config()))
-    return sorted(k for k in set(a) | set(b) if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
-
-
-def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> None:
-    """--resume continues a run only with the config it was started with. Where things lie may differ
-    (a moved or renamed run directory, another copy or spelling of the data folder): the run is the
-    directory's last.pt, and the data's class counts are checked against the checkpoint's. So may the
-    host's resources (threads, decoding processes, the collective timeout, how often last.pt is
-    written): a run moved to another machine continues, to float precision rather than bit for bit
-    when the thread count changes."""
-    where = ("data.root", "data.list_dir", "log_dir", "name", "train.num_threads", "data.workers",
-             "train.dist_timeout_s", "train.save_every_s")
-    diff = [k for k in config_diff(saved, config_to_dict(cfg, stage)) if k not in where]
-    if diff:
-        raise ConfigError(f"--resume with a config that differs from the run's at {', '.join(diff)}; "
-                          f"resume with the run's own config ({saved_at})")

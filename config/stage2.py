@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from config.load import changed_keys, check_names, config_from_dict
+from config.load import changed_keys, check_names
+from config.saved import config_from_dict
 from config.schema import Config, DataConfig, ModelConfig
 from data.build_files import FILE_DATASETS
 from models import MODELS

@@ -4,8 +4,8 @@ import typing
 
 import pytest
 
-from config.load import (ConfigError, check_resume, config_diff, config_from_dict, config_to_dict, load_config,
-                         renamed, stage_of)
+from config.load import ConfigError, config_to_dict, load_config, renamed, stage_of
+from config.saved import check_resume, config_diff, config_from_dict
 from config.schema import RENAMED, STAGE_KEYS, Config
 
 

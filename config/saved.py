@@ -1,0 +1,56 @@
+"""A run's saved config: written to its directory and checkpoints, read back, and compared with the
+config a --resume or a stage-2 run brings (old key names read as their new ones).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from config.load import ConfigError, check_choices, config_to_dict, flatten, renamed, set_key
+from config.schema import Config
+
+
+def _saved_flat(tree: dict) -> dict[str, Any]:
+    """A saved config's dotted keys, old names (RENAMED) read as their new ones."""
+    return {renamed(k) or k: v for k, v in flatten(tree).items()}
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from a checkpoint's or run directory's saved dict (same checks)."""
+    cfg = Config()
+    for key, value in _saved_flat(tree).items():
+        set_key(cfg, key, value, "saved config")
+    check_choices(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | Path, stage: str | None = None) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg, stage), sort_keys=False))
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (e.g. a checkpoint's and now).
+
+    A key that one side lacks (added to the schema after that run was saved, or a key the run's
+    stage does not read) differs only when the other side holds a value other than its default.
+    """
+    a, b = _saved_flat(saved), flatten(current)
+    defaults = flatten(config_to_dict(Config()))
+    return sorted(k for k in set(a) | set(b) if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
+
+
+def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> None:
+    """--resume continues a run only with the config it was started with. Where things lie may differ
+    (a moved or renamed run directory, another copy or spelling of the data folder): the run is the
+    directory's last.pt, and the data's class counts are checked against the checkpoint's. So may the
+    host's resources (threads, decoding processes, the collective timeout, how often last.pt is
+    written): a run moved to another machine continues, to float precision rather than bit for bit
+    when the thread count changes."""
+    where = ("data.root", "data.list_dir", "log_dir", "name", "train.num_threads", "data.workers",
+             "train.dist_timeout_s", "train.save_every_s")
+    diff = [k for k in config_diff(saved, config_to_dict(cfg, stage)) if k not in where]
+    if diff:
+        raise ConfigError(f"--resume with a config that differs from the run's at {', '.join(diff)}; "
+                          f"resume with the run's own config ({saved_at})")
