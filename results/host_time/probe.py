@@ -12,13 +12,11 @@ nothing else running.
 
     PYTHONPATH=. .venv/bin/python results/host_time/probe.py > results/host_time/host_time.txt
 """
-import collections
 import itertools
 import time
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.augment import BatchAugment
 from data.build import build_long_tail
@@ -26,19 +24,10 @@ from data.loader import BatchLoader
 from data.samplers import build_sampler
 from engine.loop import train_one_epoch
 from models import build_model
+from results.ops_per_step.probe import Count
 
 STEPS = 650  # 26 epochs of 25 steps
 ROUNDS = 3
-
-
-class Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:

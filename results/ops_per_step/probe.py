@@ -20,6 +20,9 @@ from models import build_model
 
 
 class Count(TorchDispatchMode):
+    """Counts every operator dispatched inside the `with` block, by name (`ops`, a Counter); also used by
+    results/host_time/probe.py."""
+
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
@@ -29,27 +32,32 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-data = build_long_tail("cifar10", "datasets", False, 100.0, "exp", 0, 0)
-batch = 512
-model = build_model("resnet32", 10).to(memory_format=torch.channels_last)
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-loader = BatchLoader(data.train_images, data.train_labels, batch, build_sampler("instance", data.train_labels, 10),
-                     BatchAugment(4, True, True, 16), data.mean, data.std, 0, True)
-n = len(loader)
-x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-y = torch.randint(0, 10, (batch,))
-train_one_epoch(model, loader.epoch(0), n, nn.CrossEntropyLoss(), opt, sched)  # first calls build cached tables
-with Count() as pure:
-    train_one_epoch(model, itertools.repeat((x, y), n), n, nn.CrossEntropyLoss(), opt, sched)
-with Count() as real:
-    train_one_epoch(model, loader.epoch(1), n, nn.CrossEntropyLoss(), opt, sched)
-with Count() as load:
-    for _ in loader.epoch(2):
-        pass
-per_step = {name: sum(c.ops.values()) / n for name, c in (("bare", pure), ("real", real), ("loader", load))}
-print(f"CIFAR-10-LT IF100, batch {batch}: {n} steps per epoch; operators per step: bare model {per_step['bare']:.1f}, "
-      f"real path {per_step['real']:.1f}, the loader alone {per_step['loader']:.1f}")
-print("reads of a device value (aten._local_scalar_dense) per epoch: bare", pure.ops["aten._local_scalar_dense"],
-      "real", real.ops["aten._local_scalar_dense"], "(on the CPU the loss is checked every step; every 50 on a GPU)")
-print("real - bare, most frequent:", (real.ops - pure.ops).most_common(12))
+def main() -> None:
+    data = build_long_tail("cifar10", "datasets", False, 100.0, "exp", 0, 0)
+    batch = 512
+    model = build_model("resnet32", 10).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loader = BatchLoader(data.train_images, data.train_labels, batch, build_sampler("instance", data.train_labels, 10),
+                         BatchAugment(4, True, True, 16), data.mean, data.std, 0, True)
+    n = len(loader)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    train_one_epoch(model, loader.epoch(0), n, nn.CrossEntropyLoss(), opt, sched)  # first calls build cached tables
+    with Count() as pure:
+        train_one_epoch(model, itertools.repeat((x, y), n), n, nn.CrossEntropyLoss(), opt, sched)
+    with Count() as real:
+        train_one_epoch(model, loader.epoch(1), n, nn.CrossEntropyLoss(), opt, sched)
+    with Count() as load:
+        for _ in loader.epoch(2):
+            pass
+    per_step = {name: sum(c.ops.values()) / n for name, c in (("bare", pure), ("real", real), ("loader", load))}
+    print(f"CIFAR-10-LT IF100, batch {batch}: {n} steps per epoch; operators per step: bare model {per_step['bare']:.1f}, "
+          f"real path {per_step['real']:.1f}, the loader alone {per_step['loader']:.1f}")
+    print("reads of a device value (aten._local_scalar_dense) per epoch: bare", pure.ops["aten._local_scalar_dense"],
+          "real", real.ops["aten._local_scalar_dense"], "(on the CPU the loss is checked every step; every 50 on a GPU)")
+    print("real - bare, most frequent:", (real.ops - pure.ops).most_common(12))
+
+
+if __name__ == "__main__":
+    main()
