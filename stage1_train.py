@@ -26,7 +26,7 @@ from config.schema import Config, TrainConfig
 from data.augment import BatchAugment
 from data.build import LongTailData
 from data.build_files import FileData, build_training_set
-from data.loader import MIXUP_STREAM, BatchLoader, steps_per_epoch
+from data.loader import MIXUP_STREAM, BatchLoader, epoch_steps
 from data.samplers import SAMPLERS, build_sampler
 from data.stream import StreamLoader
 from engine.compiled import CompiledForBatchSizes
@@ -55,7 +55,7 @@ def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTail
                               d.val_per_class, d.image_size)
     sampler_params = {}
     if d.sampler == "progressive":  # interpolates from instance to class-balanced over the whole run
-        epoch_len = steps_per_epoch(len(data.train_labels), t.batch_size)
+        epoch_len = epoch_steps(len(data.train_labels), t.batch_size, ranks.world)
         sampler_params["total_epochs"] = math.ceil(total_steps(epoch_len, t.epochs, t.iterations) / epoch_len)
     sampler = build_sampler(d.sampler, data.train_labels, len(data.class_counts), **sampler_params)
     if isinstance(data, FileData):

@@ -133,8 +133,8 @@ class SqrtSampler(_ClassProbabilitySampler):
 class ProgressiveSampler(_ClassProbabilitySampler):
     """Kang et al. 2020: p_c(t) = (1 - t/T) * n_c / N + (t/T) / C, t = epoch, T = total_epochs.
 
-    With empty classes the uniform term spreads over the non-empty classes only.
-    Epochs beyond T are rejected: the schedule is undefined there.
+    With empty classes the uniform term spreads over the non-empty classes only. An epoch past T
+    (a run resumed under more processes, whose epochs are shorter, runs more of them) is class-balanced.
     """
 
     def __init__(self, labels: torch.Tensor, num_classes: int, total_epochs: int) -> None:
@@ -144,11 +144,7 @@ class ProgressiveSampler(_ClassProbabilitySampler):
         self.total_epochs = total_epochs
 
     def class_probabilities(self, epoch: int) -> torch.Tensor:
-        if epoch > self.total_epochs:
-            raise ValueError(
-                f"epoch {epoch} is past total_epochs={self.total_epochs}; set total_epochs to the training length"
-            )
-        alpha = epoch / self.total_epochs
+        alpha = min(epoch / self.total_epochs, 1.0)
         counts = self.class_counts.to(torch.float64)
         present = (counts > 0).to(torch.float64)
         return (1.0 - alpha) * counts / counts.sum() + alpha * present / present.sum()

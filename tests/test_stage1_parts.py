@@ -1,9 +1,12 @@
 """Pieces of stage1_train.py's main, in-process."""
 import torch
 
+from config.load import load_config
+from engine.distributed import Dist
+from engine.run import Progress
 from models import build_model
 from models.losses import build_loss
-from stage1_train import parameter_groups
+from stage1_train import build_data, parameter_groups
 
 
 def test_a_bias_the_class_balanced_sigmoid_loss_sets_is_kept_out_of_weight_decay():
@@ -16,3 +19,20 @@ def test_a_bias_the_class_balanced_sigmoid_loss_sets_is_kept_out_of_weight_decay
     assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
     plain = parameter_groups(model, build_loss("ce", counts))
     assert len(plain) == 1 and len(plain[0]["params"]) == len(list(model.parameters()))
+
+
+def test_progressive_sampler_spans_the_epochs_a_run_under_several_processes_takes(fake_cifar10):
+    # Several processes keep only full global batches, so their epochs are shorter (240 images at
+    # batch 64: 3 steps, against 4 in one process) and 40 iterations take 14 epochs, not 10: the
+    # schedule's T must be 14, or its last epochs would run past T.
+    overrides = [f"data.root={fake_cifar10}", "data.imbalance_factor=10", "data.sampler=progressive",
+                 "train.batch_size=64", "train.iterations=40", "train.device=cpu"]
+    cfg = load_config(None, overrides, "stage1")
+    for world, epochs in ((1, 10), (2, 14)):
+        _, loader = build_data(cfg, torch.device("cpu"), Dist(rank=0, world=world))
+        assert Progress("top1").final_epoch(40, len(loader)) == epochs
+        balanced = loader._chunks.sampler.class_probabilities(epochs)
+        assert torch.allclose(balanced, torch.full((10,), 0.1, dtype=torch.float64))
+        assert not torch.allclose(loader._chunks.sampler.class_probabilities(epochs - 1), balanced)
+        for _ in loader.epoch(epochs - 1):
+            pass
