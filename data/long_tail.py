@@ -122,19 +122,18 @@ def second_draw(labels: torch.Tensor, counts: Sequence[int], exclude: torch.Tens
 
 
 def hold_out_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split indices into (remaining, held_out) with exactly ``per_class`` held out of each class.
+    """Split indices into (remaining, held_out) with exactly ``per_class`` held out of each class that
+    has images (a split list may skip a class number: it gives none).
 
-    Classes are 0..labels.max(); every one of them must have at least ``per_class`` images.
-    Both outputs are sorted int64 tensors.
+    Every class with images must have at least ``per_class``. Both outputs are sorted int64 tensors.
     """
     _check_labels(labels)
     if per_class < 0:
         raise ValueError(f"per_class must be >= 0, got {per_class}")
     if per_class == 0 or labels.numel() == 0:
         return torch.arange(labels.numel(), dtype=torch.int64), torch.empty(0, dtype=torch.int64)
-    num_classes = int(labels.max()) + 1
-    generator = torch.Generator().manual_seed(seed)
-    held_out, remaining = _draw_per_class(labels, [per_class] * num_classes, generator)
+    wanted = [per_class if n else 0 for n in torch.bincount(labels.long()).tolist()]
+    held_out, remaining = _draw_per_class(labels, wanted, torch.Generator().manual_seed(seed))
     return remaining, held_out
 
 

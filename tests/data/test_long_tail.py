@@ -133,6 +133,14 @@ def test_hold_out_zero_returns_everything_and_empty():
     assert held.numel() == 0 and held.dtype == torch.int64
 
 
+def test_hold_out_skips_a_class_number_without_images():
+    # A split list may skip a class number (class 1 here): nothing to hold out there.
+    labels = torch.tensor([0, 0, 0, 2, 2, 2])
+    remaining, held = hold_out_per_class(labels, 1, seed=0)
+    assert labels[held].tolist() == [0, 2]
+    assert torch.bincount(labels[remaining], minlength=3).tolist() == [2, 0, 2]
+
+
 def test_hold_out_more_than_available_names_class():
     with pytest.raises(ValueError, match=r"class 1: asked for 3 images but only 2"):
         hold_out_per_class(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2]), 3, seed=0)
