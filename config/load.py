@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from config.schema import CHOICES, DATASET_KEYS, RANGES, RENAMED, STAGE_KEYS, STAGE_SCRIPTS, Config
+from config.yaml12 import load_yaml
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_BOOL_WORDS = {"yes": True, "no": False, "on": True, "off": False}
+
+
 def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     """Return value as type tp, or raise a ConfigError naming key, value and type."""
     origin = typing.get_origin(tp)
@@ -84,6 +88,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     elif tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:  # YAML 1.1's words, as before config/yaml12.py
+            return _BOOL_WORDS[value.lower()]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -91,7 +97,7 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+        elif isinstance(value, str) and "_" not in value:  # `nan`, `inf` (named below); Python's float takes 1_0
             try:
                 number = float(value)
             except ValueError:
@@ -139,7 +145,7 @@ def _set_override(cfg: Any, key: str, raw: str, source: str) -> None:
         setattr(node, leaf, raw)
         return
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"config key {key!r} ({source}): {raw!r} is not a valid value "
                           f"({str(e).splitlines()[0]}); lists look like [10, 20]") from None
@@ -169,7 +175,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass --cfg with a YAML under config/")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = load_yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a YAML text file (not UTF-8): pass --cfg a YAML under config/") from None
         except yaml.YAMLError as e:  # PyYAML names the stream "<unicode string>": name the file
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -247,6 +255,11 @@ def check_ranges(cfg: Config) -> None:
         value = _value(cfg, key)
         if not (value > bound if op == ">" else value >= bound):
             raise ConfigError(f"{key}={value!r} is out of range: it must be {op} {bound:g}")
+    if cfg.train.seed >= 2**32:  # numpy's global seed, set from it, takes 32 bits
+        raise ConfigError(f"train.seed={cfg.train.seed} is out of range: it must be < 2**32 ({2**32})")
+    grid = cfg.stage2.tau_norm_grid
+    if not grid or min(grid) < 0:
+        raise ConfigError(f"stage2.tau_norm_grid={grid} must list at least one tau, each >= 0 (e.g. [0.5, 1.0])")
     if not cfg.name.strip() and not cfg.log_dir:
         raise ConfigError("name is empty: give the run a name (its directory is logs/<name>), or set log_dir")
     t = cfg.train
