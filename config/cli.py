@@ -58,9 +58,20 @@ def config_of(args: argparse.Namespace, stage: str) -> Config:
         return load_config(args.cfg, overrides, stage)
 
 
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options and overrides (in any order); an option no other one given reads is an error."""
+    parser = cli_parser(description)
+    args = parser.parse_intermixed_args(argv)
+    if args.ckpt and not args.test:
+        parser.error("--ckpt names the checkpoint that --test evaluates: add --test, or drop --ckpt")
+    if args.test and args.resume:
+        parser.error("--test evaluates a checkpoint and --resume trains on: give one of them")
+    return args
+
+
 def parse_cli(stage: str, description: str, argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
     """The config of a `stage` run (stage1 | stage2) and the parsed options; overrides and options mix freely."""
-    args = cli_parser(description).parse_intermixed_args(argv)
+    args = parse_args(description, argv)
     return config_of(args, stage), args
 
 
@@ -250,7 +261,7 @@ def nothing_left_of_a_refused_run(run_dir: Path) -> Iterator[None]:
 
 def run_cli(stage: str, description: str, main: Callable[..., dict]) -> None:
     """An entry script's command line: parse --cfg and overrides, then train (main) or --test."""
-    args = cli_parser(description).parse_intermixed_args()
+    args = parse_args(description)
 
     def command() -> None:
         if args.ckpt and "=" in args.ckpt and not Path(args.ckpt).exists():  # --ckpt swallowed an override

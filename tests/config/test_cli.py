@@ -19,9 +19,22 @@ from tests.conftest import REPO
 
 
 def test_options_may_come_before_between_and_after_overrides():
-    cfg, args = parse_cli("stage1", "", ["train.lr=0.2", "--test", "--ckpt", "x.pt", "train.epochs=30", "--resume"])
+    cfg, args = parse_cli("stage1", "", ["train.lr=0.2", "--test", "--ckpt", "x.pt", "train.epochs=30", "--debug"])
     assert (cfg.train.lr, cfg.train.epochs) == (0.2, 30)
-    assert args.test and args.resume and args.ckpt == "x.pt"
+    assert args.test and args.debug and args.ckpt == "x.pt"
+    assert parse_cli("stage1", "", ["train.lr=0.2", "--resume", "train.epochs=30"])[1].resume
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "x.pt", "train.epochs=3"], "--ckpt names the checkpoint that --test evaluates: add --test"),
+    (["--test", "--resume"], "--test evaluates a checkpoint and --resume trains on: give one of them"),
+])
+def test_an_option_nothing_else_given_reads_is_one_line_not_ignored(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_cli("stage1", "", argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
     cfg, _ = parse_cli("stage2", "", ["stage2.method=crt", "--pretrained", "r.pt", "name=run"])
     assert (cfg.model.pretrained, cfg.name, cfg.stage2.method) == ("r.pt", "run", "crt")
 
