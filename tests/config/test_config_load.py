@@ -187,12 +187,19 @@ def test_a_float_key_refuses_nan_and_infinity(item):
     ("train.epochs=0", ">= 1"), ("train.iterations=-1", ">= 0"), ("data.imbalance_factor=0.5", ">= 1"),
     ("eval.batch_size=0", ">= 1"), ("data.val_per_class=-1", ">= 0"), ("meta_sampler.gumbel_tau=0", "> 0"),
     ("train.accum_steps=0", ">= 1"), ("stage2.cache_views=-2", ">= 0"), ("data.workers=-1", ">= 0"),
+    ("train.seed=-1", ">= 0"), ("train.seed=4294967296", "< 2**32"),
 ])
 def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
     key, value = override.split("=")
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(f"{key}=") and value in str(err.value) and f"it must be {rule}" in str(err.value)
+
+
+@pytest.mark.parametrize("grid", ["[]", "[-1.0, 2]"])
+def test_a_tau_grid_without_a_tau_or_with_a_negative_one_is_refused(grid):
+    with pytest.raises(ConfigError, match=r"stage2.tau_norm_grid=.* must list at least one tau, each >= 0"):
+        load_config(None, [f"stage2.tau_norm_grid={grid}"])
 
 
 def test_an_empty_name_is_refused_unless_log_dir_names_the_run():
