@@ -65,6 +65,12 @@ def check_every_class_kept(counts: list[int], class_names: list[str], n_max: int
 def rule_counts(labels: torch.Tensor, class_names: list[str], imbalance_factor: float, profile: str) -> list[int]:
     """The reference rule's long-tailed counts of n_max = the smallest class's images (IF 1: every image)."""
     full_counts = class_counts(labels, len(class_names))
+    if 0 in full_counts:
+        raise DatasetFormatError(f"class {class_names[full_counts.index(0)]!r} has no training image: the long-tailed "
+                                 f"rule takes images of every class; check the training data (data.root)")
+    if imbalance_factor > 1 and len(class_names) < 2:
+        raise DatasetFormatError(f"data.imbalance_factor={imbalance_factor:g} needs at least 2 classes, the training "
+                                 f"data has {len(class_names)}: set data.imbalance_factor=1")
     n_max = min(full_counts)
     counts = (long_tail_counts(n_max, len(class_names), imbalance_factor, profile) if imbalance_factor > 1
               else full_counts)

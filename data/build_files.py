@@ -3,9 +3,9 @@ papers' split lists), from plain arguments; the file-backed counterpart of data/
 
 Folders: `root/train/<class>/*` is subset to a long tail like CIFAR when imbalance_factor > 1 (so a
 balanced folder such as CIFAR-10 as JPEGs becomes CIFAR-10-LT); the validation split is
-`root/val/<class>/*` when present, else val_per_class images per class held out of train/ before the
-subset is drawn (as data/build.py does). Split lists (ImageNet-LT, Places-LT, iNaturalist 2018) are
-long-tailed as published and are used as they are.
+`root/val/<class>/*` when present, else val_per_class images per class from the train/ images the
+long-tailed draw leaves out (as data/build.py does). Split lists (ImageNet-LT, Places-LT, iNaturalist
+2018) are long-tailed as published and are used as they are.
 """
 from __future__ import annotations
 

@@ -171,7 +171,9 @@ def _read_pickle(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
             content = pickle.load(handle, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as err:
+    except OSError:
+        raise
+    except Exception as err:  # damaged bytes make pickle raise nearly anything (OverflowError, KeyError, ...)
         raise _bad_file(path, f"it cannot be unpickled ({type(err).__name__}: {err})") from err
     if not isinstance(content, dict):
         raise _bad_file(path, f"it holds a {type(content).__name__}, expected a dict")
@@ -183,7 +185,7 @@ def _read_data_file(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray
     content = _read_pickle(path)
     for key in ("data", spec.label_key):
         if key not in content:
-            raise _bad_file(path, f"key {key!r} is missing (keys present: {sorted(content)})")
+            raise _bad_file(path, f"key {key!r} is missing (keys present: {sorted(map(str, content))})")
     data = content["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         kind = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
@@ -208,8 +210,11 @@ def _read_data_file(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray
 def _read_meta_file(path: Path, spec: CifarSpec) -> list[str]:
     content = _read_pickle(path)
     if spec.names_key not in content:
-        raise _bad_file(path, f"key {spec.names_key!r} is missing (keys present: {sorted(content)})")
-    names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in content[spec.names_key]]
+        raise _bad_file(path, f"key {spec.names_key!r} is missing (keys present: {sorted(map(str, content))})")
+    raw = content[spec.names_key]
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(n, (str, bytes)) for n in raw):
+        raise _bad_file(path, f"{spec.names_key!r} must be a list of class names, got {type(raw).__name__}")
+    names = [n.decode("latin1") if isinstance(n, bytes) else n for n in raw]
     if len(names) != spec.num_classes:
         raise _bad_file(path, f"{spec.names_key!r} has {len(names)} names, expected {spec.num_classes}")
     return names

@@ -90,3 +90,11 @@ def test_a_hold_out_or_imbalance_that_empties_a_class_is_one_error_naming_the_ke
                                                  r"class leaves class 'cow' with no training image: lower "
                                                  r"data.imbalance_factor$"):
         build_file_data("folder", root, "", 100.0, "exp", 0, 2, 16)
+
+
+def test_a_one_class_folder_takes_no_imbalance_factor_and_says_so(tmp_path):
+    root = write_image_folder(tmp_path / "f", {"train": {"ant": 6}, "test": {"ant": 2}})
+    assert build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16).class_counts == [6]
+    with pytest.raises(DatasetFormatError, match=r"data.imbalance_factor=10 needs at least 2 classes, the training "
+                                                 r"data has 1: set data.imbalance_factor=1$"):
+        build_file_data("folder", root, "", 10.0, "exp", 0, 0, 16)

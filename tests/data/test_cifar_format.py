@@ -178,6 +178,14 @@ def test_meta_with_wrong_number_of_names_is_rejected(tmp_path):
     assert str(meta) in str(err.value)
 
 
+@pytest.mark.parametrize("names", [None, "airplane", [1] * 10])
+def test_meta_whose_names_are_not_a_list_of_strings_is_rejected(tmp_path, names):
+    write_cifar10(tmp_path)
+    _dump(tmp_path / "cifar-10-batches-py" / "batches.meta", {"label_names": names}, "py2")
+    with pytest.raises(ValueError, match="'label_names' must be a list of class names"):
+        load_cifar("cifar10", tmp_path, "train")
+
+
 def test_cifar100_meta_without_fine_names_is_rejected(tmp_path):
     write_cifar100(tmp_path)
     _dump(tmp_path / "cifar-100-python" / "meta", {"coarse_label_names": ["a"] * 20}, "protocol4")
@@ -191,6 +199,7 @@ def test_cifar100_meta_without_fine_names_is_rejected(tmp_path):
         (b"not a pickle at all", "cannot be unpickled"),
         (b"", "cannot be unpickled"),
         (pickle.dumps([1, 2]), "holds a list"),
+        (b"\x80\x05\x96" + b"\xff" * 8, r"cannot be unpickled \(OverflowError"),  # a damaged length field
     ],
 )
 def test_unreadable_or_non_dict_file_is_rejected(tmp_path, payload, problem):
