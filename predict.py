@@ -6,16 +6,25 @@
 
 Prints one tab-separated line per image: path, predicted class name (its index when the checkpoint
 has no class names), softmax probability; an unreadable image gets an error line on stderr instead,
-and the exit status is then 2. Images are converted to RGB and resized (bilinear) to the training
-resolution, 32x32 for the CIFAR models. Checkpoints without a training config
-(`python -m models import` results) need --dataset for their normalisation.
+and the exit status is then 2. Images (JPEG, PNG, WebP or GIF: what torchvision decodes) are decoded
+and prepared as --test prepares the model's test images: decoded as in training (a 16-bit PNG scaled
+to 8 bits), then resized straight to 32x32 (bilinear) for the CIFAR models, or, for image-file models
+(data.dataset folder, imagenet_lt, places_lt, inat2018), shorter side to S * 256/224 and the centre
+S x S crop, S = the data.image_size they were trained at. The probability is the softmax of the logits
+times the scale the training loss applied to them: loss.scale for ldam (30 by default, meant for
+model.head=cosine), 1 for every other loss and for stage 2. A cosine-head model that records no
+training config (an import) has no such scale: its third column is the cosine score in [-1, 1], and a
+note on stderr says so. Checkpoints without a training config (`python -m models import` results)
+need --dataset for their normalisation.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,13 +32,18 @@ from PIL import Image
 
 from config.cli import USER_ERROR_STATUS, OneLineParser, run_program
 from config.schema import DataConfig
+from data.augment import normalize
 from data.build import NORMALIZATION
 from data.build_files import FILE_DATASETS
-from data.cifar import IMAGE_SHAPE
+from data.cifar import IMAGE_SHAPE, DatasetFormatError
+from data.image_files import decode_rgb, eval_transform
 from engine.device import DeviceError, resolve_device
-from engine.loop import predict_logits
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.export import export_meta, load_export, model_from_export, write_export
+from models.export import export_meta, load_export, model_from_export, path_error_message, write_export
+from models.losses import LOSSES
+
+# torchvision's decoders start some messages with their C++ source: "decode_jpeg, /path/decode_jpeg.cpp:171, ".
+_DECODER_SOURCE = re.compile(r"^\w+, \S+:\d+, ")
 
 
 def positive_int(text: str) -> int:
@@ -38,22 +52,58 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def read_images(paths: Sequence[str], size: int) -> tuple[list[str], list[torch.Tensor]]:
-    """The paths that read as images and their uint8 (3, size, size) RGB tensors; each other path
-    gets an error line on stderr."""
+def read_images(paths: Sequence[str]) -> tuple[list[str], list[torch.Tensor]]:
+    """The paths that read as images and their uint8 (3, H, W) RGB tensors, decoded as training and --test
+    decode them (data.image_files.decode_rgb; Pillow's convert("RGB") turned a 16-bit PNG nearly white);
+    each other path gets an error line on stderr."""
     read, images = [], []
     for path in paths:
         try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-        except (OSError, Image.DecompressionBombError) as e:
+            with open(path, "rb"):  # a missing or unreadable path gets the plain words of its OSError
+                pass
+            image = decode_rgb(Path(path))
+            # An animated GIF decodes to its frames (N, 3, H, W): classify the first, as Pillow read it.
+            images.append(image[0] if image.dim() == 4 else image)
+            read.append(path)
+        except OSError as e:
             print(f"error: cannot read {path} as an image ({e}); skipped", file=sys.stderr)
-            continue
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        read.append(path)
-        images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+        except DatasetFormatError as e:  # not a format torchvision decodes (JPEG, PNG, WebP, GIF), or damaged
+            cause = e.__cause__ or e
+            reason = _DECODER_SOURCE.sub("", str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
+            print(f"error: cannot read {path} as an image ({reason}); skipped", file=sys.stderr)
     return read, images
+
+
+def model_input(meta: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (3, H, W) -> the normalised float32 (3, S, S) the model takes, prepared as --test prepares its
+    test images (meta["resize"], models/export.py)."""
+    size = meta["image_size"]
+    if meta["resize"] == "shorter_side_crop":
+        return eval_transform(size)  # normalises by ImageNet's mean and std, those of every image-file dataset
+
+    def square(image: torch.Tensor) -> torch.Tensor:
+        if image.shape[1:] != (size, size):
+            # Pillow's bilinear resize, as predict.py has always resized for CIFAR models (--test needs none).
+            rgb = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((size, size), Image.Resampling.BILINEAR)
+            image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        return normalize(image, meta["mean"], meta["std"])
+    return square
+
+
+def training_logit_scale(ckpt: dict) -> float | None:
+    """The factor the training loss multiplied the logits by before its softmax, so that predict's
+    probabilities are the ones training fitted: loss.scale for ldam (its default, 30, when unset), else
+    1; stage 2's config has no loss (its linear head learns from plain logits). None for a cosine head
+    without a training config (an import): no scale is recorded, and 1 would squeeze the cosines'
+    softmax towards uniform (each of 10 classes about 0.1)."""
+    head = ckpt["model_args"].get("head", "linear")
+    if ckpt["config"] is None:
+        return None if head == "cosine" else 1.0  # foreign linear heads: trained on plain logits
+    loss = ckpt["config"].get("loss") or {}
+    if loss.get("scale") is not None:
+        return float(loss["scale"])
+    default = inspect.signature(LOSSES[loss["name"]]).parameters.get("scale") if loss.get("name") in LOSSES else None
+    return float(default.default) if default is not None else 1.0
 
 
 def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict]:
@@ -64,11 +114,51 @@ def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict
         raise SystemExit(f"error: {path} records no training dataset; pass --dataset "
                          f"({' | '.join(NORMALIZATION)}) to choose the normalisation it expects")
     mean, std = NORMALIZATION[dataset]
-    # CIFAR models take 32x32 images; image-file models the data.image_size they were trained at.
-    size = (ckpt["config"] or {}).get("data", {}).get("image_size", DataConfig().image_size) \
-        if dataset in FILE_DATASETS else IMAGE_SHAPE[1]
-    meta = export_meta(ckpt["model_args"], ckpt["class_names"], ckpt["class_counts"], mean, std, size)
+    # CIFAR models take 32x32 images; image-file models the data.image_size they were trained at, cropped
+    # as engine.evaluate crops their test images.
+    if dataset in FILE_DATASETS:
+        size = (ckpt["config"] or {}).get("data", {}).get("image_size", DataConfig().image_size)
+        resize = "shorter_side_crop"
+    else:
+        size, resize = IMAGE_SHAPE[1], "square"
+    meta = export_meta(ckpt["model_args"], ckpt["class_names"], ckpt["class_counts"], mean, std, size, resize,
+                       training_logit_scale(ckpt))
     return ckpt["model"], meta
+
+
+def export_to(folder: str, state: dict, meta: dict) -> None:
+    """write_export, its OSErrors one line each: a folder of the path that is a file, permissions, a full disk."""
+    try:
+        print(f"wrote {write_export(folder, state, meta)}")
+    except OSError as e:
+        if e.errno is None:  # write_export's refusal to overwrite an export, which says what to do
+            raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: cannot write the export: {path_error_message(e)}; give --export a new folder "
+                         f"in one you can write") from None
+
+
+def classify(model: torch.nn.Module, meta: dict, paths: Sequence[str], batch_size: int,
+             device: torch.device) -> int:
+    """Print the line of each image, reading and preparing batch_size images at a time (a folder of photos
+    never sits in memory whole); returns how many paths were no image."""
+    prepare, scale, names = model_input(meta), meta["logit_scale"], meta["class_names"]
+    if scale is None:
+        print("note: the model has a cosine head and records no logit scale (no training config): the third "
+              "column is the cosine of the image's features and the class's weights, in [-1, 1], not a "
+              "probability", file=sys.stderr)
+    model, skipped = model.to(device), 0
+    for start in range(0, len(paths), batch_size):
+        read, images = read_images(paths[start:start + batch_size])
+        skipped += min(batch_size, len(paths) - start) - len(read)
+        if not images:
+            continue
+        with torch.no_grad():
+            logits = model(torch.stack([prepare(image) for image in images]).to(device)).float().cpu()
+        scores = logits if scale is None else (scale * logits).softmax(dim=1)
+        confidence, predicted = scores.max(dim=1)
+        for path, c, p in zip(read, predicted.tolist(), confidence.tolist()):
+            print(f"{path}\t{names[c] if names else c}\t{p:.4f}")
+    return skipped
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -78,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--export", metavar="DIR", help="write the checkpoint as DIR/model.pt + DIR/model.json")
     parser.add_argument("--dataset", choices=sorted(NORMALIZATION),
                         help="normalisation of a checkpoint without a training config")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images read and classified at a time")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N | mps")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error too")
     args = parser.parse_intermixed_args(argv)  # options may come between the image paths
@@ -93,21 +183,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             state, meta = checkpoint_for_inference(args.model, args.dataset)
             if args.export:
-                print(f"wrote {write_export(args.export, state, meta)}")
+                export_to(args.export, state, meta)
             model = model_from_export(state, meta, args.model)
-    except (CheckpointError, FileNotFoundError, FileExistsError, DeviceError) as e:
+    except (CheckpointError, DeviceError) as e:
         raise SystemExit(f"error: {e}") from None
-    if not args.images:
-        return
-    paths, images = read_images(args.images, meta["image_size"])
-    if images:
-        probs = predict_logits(model.to(device), torch.stack(images), args.batch_size, meta["mean"],
-                               meta["std"]).softmax(dim=1)
-        confidence, predicted = probs.max(dim=1)
-        names = meta["class_names"]
-        for path, c, p in zip(paths, predicted.tolist(), confidence.tolist()):
-            print(f"{path}\t{names[c] if names else c}\t{p:.4f}")
-    if len(paths) < len(args.images):
+    except OSError as e:  # a model path that cannot be read
+        raise SystemExit(f"error: {path_error_message(e)}") from None
+    if args.images and classify(model, meta, args.images, args.batch_size, device):
         raise SystemExit(USER_ERROR_STATUS)  # the skipped images have their error lines
 
 

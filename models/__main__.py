@@ -19,6 +19,7 @@ from typing import Sequence
 
 from models.checkpoint import CheckpointError
 from models.download import DEFAULT_TIMEOUT, CACHE_ENV, DownloadError, cache_dir, cache_path
+from models.export import path_error_message
 from models.pretrained import import_checkpoint, resolve
 from models.release import RELEASED_DIR, write_release
 from models.registry import MODELS
@@ -74,6 +75,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 COMMANDS = {"list": list_registry, "fetch": fetch_source, "import": import_source, "release": release_run}
+# What to do about an OSError of each command: the files it writes are OUT or the download cache.
+WRITE_FIXES = {
+    "list": f"point ${CACHE_ENV} at a folder you can read",
+    "fetch": f"point ${CACHE_ENV} at a folder you can write",
+    "import": "give OUT a path in a folder you can write",
+    "release": "give OUT a path in a folder you can write",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -99,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         COMMANDS[args.command](args)
     except (DownloadError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)  # one line, and exit status 2 as for every user error
+        raise SystemExit(2) from None
+    except OSError as e:  # writing OUT or into the cache: a folder on the path is a file, permissions, a full disk
+        print(f"error: {path_error_message(e)}; {WRITE_FIXES[args.command]}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

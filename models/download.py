@@ -64,11 +64,15 @@ def fetch(url: str, sha256: str | None = None, cache: str | Path | None = None,
           timeout: float = DEFAULT_TIMEOUT) -> Path:
     """The cached file of `url`, downloaded first unless already cached (and matching `sha256`).
 
-    sha256=None accepts any content (the digest is logged so that it can be pinned).
+    sha256=None accepts any content (the digest is logged so that it can be pinned); a `sha256` that is
+    not 8 to 64 hex digits is a DownloadError before anything is downloaded.
     """
+    # A DownloadError, not a ValueError: the command lines print it as one line (the digest is the user's
+    # #sha256= pin, or a models/zoo.py entry).
+    if sha256 is not None and not SHA256_HEX.fullmatch(sha256.lower()):
+        raise DownloadError(f"SHA-256 {sha256!r} for {url} is not 8 to 64 hex digits: give the file's digest as "
+                            f"sha256sum prints it, or its first 8 or more hex digits")
     sha256 = sha256.lower() if sha256 is not None else None  # digests are printed in either case
-    if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
-        raise ValueError(f"sha256 must be 8 to 64 hex digits, got {sha256!r}")
     cache = Path(cache) if cache is not None else cache_dir()
     dest = cache_path(url, cache)
     if _cached(dest, sha256):  # dest only ever appears whole (os.replace): no lock needed to read it

@@ -3,11 +3,21 @@
     <dir>/model.pt    state dict of models.build_model(arch, num_classes, head), backbone + head (linear
                       but for a stage-1 cosine head); loads with torch.load(weights_only=True)
     <dir>/model.json  {"format", "arch", "head", "num_classes", "class_names", "class_counts",
-                       "mean", "std", "image_size"}: images are resized to image_size x image_size,
-                       scaled to [0, 1] and normalised per channel by mean / std
+                       "mean", "std", "image_size", "resize", "logit_scale"}: images are resized (below),
+                       scaled to [0, 1] and normalised per channel by mean / std; probabilities are the
+                       softmax of logit_scale * logits (null: no probability, the logits are scores)
+
+resize is how the model's evaluation (--test) prepared its images: "square" resizes straight to
+image_size x image_size (bilinear; the CIFAR models, 32), "shorter_side_crop" resizes the shorter side
+to round(image_size * 256 / 224) and takes the centre image_size x image_size crop (the image-file
+models: data.image_files.eval_transform). logit_scale is the factor the training loss multiplied the
+logits by before its softmax: LDAM's loss.scale (30 for its cosine head), else 1. Exports written before
+these two keys existed read as "square" (as they were resized then) and 1, or null for a cosine head,
+whose scale they did not record.
 """
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Sequence
@@ -21,19 +31,38 @@ from models.registry import build_model
 EXPORT_FORMAT = "lt-decoupled-export/1"  # bumped when model.json changes meaning
 WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
 META_KEYS = ("arch", "num_classes", "class_names", "mean", "std", "image_size")  # those inference reads
+RESIZES = ("square", "shorter_side_crop")  # model.json "resize" (module docstring)
 
 
 def export_meta(model_args: dict, class_names: Sequence[str] | None, class_counts: Sequence[int] | None,
-                mean: Sequence[float], std: Sequence[float], image_size: int) -> dict:
+                mean: Sequence[float], std: Sequence[float], image_size: int, resize: str = "square",
+                logit_scale: float | None = 1.0) -> dict:
     """The model.json dict; class names and counts may be None (imported checkpoints lack them)."""
     num_classes = model_args["num_classes"]
     if class_names is not None and len(class_names) != num_classes:
         raise CheckpointError(f"{len(class_names)} class names for a {num_classes}-class model")
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
     return {"format": EXPORT_FORMAT, "arch": model_args["name"], "head": model_args.get("head", "linear"),
             "num_classes": num_classes,
             "class_names": None if class_names is None else list(class_names),
             "class_counts": None if class_counts is None else list(class_counts),
-            "mean": list(mean), "std": list(std), "image_size": image_size}
+            "mean": list(mean), "std": list(std), "image_size": image_size, "resize": resize,
+            "logit_scale": logit_scale}
+
+
+# The errno words of the OSErrors of a path through a file, which name neither the file nor the cause.
+_PATH_THROUGH_A_FILE = {errno.EEXIST: "a file stands where a folder is needed",
+                        errno.ENOTDIR: "a folder on this path is a file"}
+
+
+def path_error_message(e: OSError) -> str:
+    """'<path>: <what failed>' of an OSError of writing a file (an export, a checkpoint, the download
+    cache), for a one-line error; an OSError without an errno is one of ours, whose message says it all."""
+    if e.errno is None:
+        return str(e)
+    what = _PATH_THROUGH_A_FILE.get(e.errno) or e.strerror or str(e)
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 def model_from_export(state: dict[str, torch.Tensor], meta: dict, what: str) -> nn.Module:
@@ -75,6 +104,12 @@ def load_export(out_dir: str | Path) -> tuple[nn.Module, dict]:
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{meta_path} is damaged (missing {', '.join(missing)}); {export_again}")
+    # Exports from before these keys: read as they were then (module docstring).
+    meta.setdefault("resize", "square")
+    meta.setdefault("logit_scale", 1.0 if meta.get("head", "linear") == "linear" else None)
+    if meta["resize"] not in RESIZES:
+        raise CheckpointError(f"{meta_path} is damaged (resize {meta['resize']!r} is none of "
+                              f"{', '.join(RESIZES)}); {export_again}")
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a torch file

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from models.checkpoint import FORMAT, CheckpointError, load_state_checked, save_checkpoint
-from models.download import DEFAULT_TIMEOUT, fetch
+from models.download import DEFAULT_TIMEOUT, SHA256_HEX, fetch
 from models.foreign import Converted, convert, read_checkpoint_file
 from models.registry import MODELS, build_model
 from models.release import released_file
@@ -46,7 +46,12 @@ def resolve(source: str, cache: str | Path | None = None,
         url, _, fragment = source.partition("#")
         if fragment and not fragment.startswith("sha256="):
             raise CheckpointError(f"{source}: the only URL fragment understood is #sha256=<hex digest of the file>")
-        return fetch(url, fragment.removeprefix("sha256=") or None, cache, timeout), None
+        pin = fragment.removeprefix("sha256=") if fragment else None
+        if pin is not None and not SHA256_HEX.fullmatch(pin.lower()):  # "#sha256=" alone too: a digest left out
+            raise CheckpointError(f"the pin #sha256={pin} of {url} is not a SHA-256 digest (8 to 64 hex digits); pin "
+                                  f"the file with #sha256=<its digest as sha256sum prints it, or the first 8 or more "
+                                  f"hex digits>, or leave the pin off to download it unchecked")
+        return fetch(url, pin, cache, timeout), None
     path = Path(source).expanduser()
     if not path.is_file():
         raise CheckpointError(f"pretrained source {source!r} is not a registry name ({', '.join(PRETRAINED)}), "

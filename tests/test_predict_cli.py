@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+import predict
 from config.load import config_to_dict
 from config.schema import Config
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize
+from data.image_files import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, eval_transform
 from models.checkpoint import save_checkpoint
 from models.export import export_meta, write_export
 from models.registry import build_model
@@ -76,7 +78,7 @@ def test_export_writes_plain_state_dict_and_json_that_predict_the_same(checkpoin
     assert meta == {"format": "lt-decoupled-export/1", "arch": "resnet32", "head": "linear", "num_classes": 10,
                     "class_names": NAMES,
                     "class_counts": [50, 40, 30, 25, 20, 15, 12, 10, 7, 5], "mean": list(CIFAR10_MEAN),
-                    "std": list(CIFAR10_STD), "image_size": 32}
+                    "std": list(CIFAR10_STD), "image_size": 32, "resize": "square", "logit_scale": 1.0}
     state = torch.load(out / "model.pt", weights_only=True)
     assert set(state) == set(model.state_dict())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -112,7 +114,8 @@ def test_unreadable_image_is_skipped_and_the_others_still_classified(checkpoint,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stdout.splitlines() == _expected_lines(model, image_files)
     assert proc.stderr.splitlines() == [
-        f"error: cannot read {notes} as an image (cannot identify image file '{notes}'); skipped"]
+        f"error: cannot read {notes} as an image (Unsupported image file. Only jpeg, png, webp and gif are currently "
+        f"supported. For avif and heic format, please rely on `decode_avif` and `decode_heic` directly.); skipped"]
 
 
 def test_batch_of_only_unreadable_images_prints_one_error_line_each_and_no_results(checkpoint, tmp_path, run):
@@ -167,3 +170,126 @@ def test_damaged_export_is_one_line_that_names_the_file_and_says_to_export_again
     assert line.endswith(f"); delete its model.pt and model.json and export again: "
                          f"python predict.py <checkpoint.pt> --export {out}")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("inside", ["file/out", "file"])
+def test_export_to_a_path_through_a_file_is_one_line_naming_it_and_the_fix(inside, checkpoint, tmp_path, run):
+    path, _ = checkpoint
+    (tmp_path / "file").write_text("a file, not a folder")
+    proc = run("predict.py", str(path), "--export", str(tmp_path / inside), check=False)
+    what = "a folder on this path is a file" if inside == "file/out" else "a file stands where a folder is needed"
+    assert _one_error_line(proc) == (f"error: cannot write the export: {tmp_path / inside}: {what}; give --export "
+                                     f"a new folder in one you can write")
+    assert (tmp_path / "file").read_text() == "a file, not a folder"
+
+
+def _classify(argv: list[str], capsys) -> tuple[str, str]:
+    """predict.py's stdout and stderr, run in this process (single-threaded, as the tests' other runs)."""
+    torch.set_num_threads(1)
+    predict.main([*argv, "--device", "cpu"])
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def _line(path, probs: torch.Tensor, names) -> str:
+    conf, pred = probs.max(dim=1)
+    return f"{path}\t{names[int(pred)] if names else int(pred)}\t{float(conf):.4f}\n"
+
+
+def test_16_bit_png_reads_as_evaluation_decodes_it_not_nearly_white(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    ramp = np.linspace(0, 65535, 32 * 32).astype(np.uint16).reshape(32, 32)  # 16-bit grayscale, mode I;16
+    png = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(png)
+    decoded = decode_rgb(png)
+    assert decoded.float().std() > 50  # a ramp, which Pillow's convert("RGB") turned nearly white
+    meta = predict.checkpoint_for_inference(str(path), None)[1]
+    paths, images = predict.read_images([str(png)])
+    assert paths == [str(png)] and torch.equal(images[0], decoded)
+    x = predict.model_input(meta)(decoded)
+    assert torch.equal(x, normalize(decoded, CIFAR10_MEAN, CIFAR10_STD))  # CIFAR models: 32x32 kept as it is
+    with torch.no_grad():
+        expected = _line(png, model(x[None]).softmax(dim=1), NAMES)
+    assert _classify([str(path), str(png)], capsys) == (expected, "")
+
+
+def test_animated_gif_is_classified_by_its_first_frame(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    frames = [Image.fromarray(np.full((32, 32, 3), 40 + 90 * i, dtype=np.uint8)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "first.png")
+    assert predict.read_images([str(tmp_path / "anim.gif")])[1][0].shape == (3, 32, 32)
+    out, err = _classify([str(path), str(tmp_path / "anim.gif"), str(tmp_path / "first.png")], capsys)
+    first, still = out.splitlines()
+    assert err == "" and first.split("\t")[1:] == still.split("\t")[1:]
+
+
+@pytest.fixture
+def folder_checkpoint(tmp_path):
+    """A stage-1-like checkpoint of an image-file model (data.dataset=folder, trained at 40x40) and its model."""
+    torch.manual_seed(0)
+    model = build_model("resnet10", 3).eval()
+    cfg = Config()
+    cfg.data.dataset, cfg.data.image_size = "folder", 40
+    path = tmp_path / "folder.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": {"name": "resnet10", "num_classes": 3,
+                                                                       "head": "linear"},
+                           "class_counts": [9, 4, 2], "class_names": ["ant", "bee", "cow"],
+                           "config": config_to_dict(cfg, "stage1")})
+    return path, model
+
+
+def test_image_file_model_input_is_the_evaluation_transform_of_a_non_square_image(folder_checkpoint, tmp_path,
+                                                                                 capsys):
+    path, model = folder_checkpoint
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(image)
+    meta = predict.checkpoint_for_inference(str(path), None)[1]
+    assert (meta["image_size"], meta["resize"], meta["mean"], meta["std"]) == (
+        40, "shorter_side_crop", list(IMAGENET_MEAN), list(IMAGENET_STD))
+    evaluated = eval_transform(40)(decode_rgb(image))  # what --test feeds the model: shorter side 46, centre 40x40
+    x = predict.model_input(meta)(decode_rgb(image))
+    assert x.shape == (3, 40, 40) and torch.equal(x, evaluated)
+    with torch.no_grad():
+        expected = _line(image, model(evaluated[None]).softmax(dim=1), ["ant", "bee", "cow"])
+    assert _classify([str(path), str(image)], capsys) == (expected, "")
+    predict.main([str(path), "--export", str(tmp_path / "exported")])  # the export preprocesses the same way
+    capsys.readouterr()
+    assert _classify([str(tmp_path / "exported"), str(image)], capsys) == (expected, "")
+
+
+@pytest.mark.parametrize("loss, scale, applied", [("ldam", None, 30.0), ("ldam", 10.0, 10.0), ("ce", None, 1.0)])
+def test_cosine_head_probabilities_use_the_logit_scale_the_training_loss_applied(loss, scale, applied, image_files,
+                                                                               tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model("resnet32", 10, head="cosine").eval()
+    cfg = Config()
+    cfg.loss.name, cfg.loss.scale, cfg.model.head = loss, scale, "cosine"
+    path = tmp_path / "ldam.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10,
+                                                                       "head": "cosine"},
+                           "class_counts": [50, 40, 30, 25, 20, 15, 12, 10, 7, 5], "class_names": NAMES,
+                           "config": config_to_dict(cfg, "stage1")})
+    x = normalize(torch.stack(predict.read_images([str(image_files[0])])[1]), CIFAR10_MEAN, CIFAR10_STD)
+    with torch.no_grad():
+        expected = _line(image_files[0], (applied * model(x)).softmax(dim=1), NAMES)
+    assert _classify([str(path), str(image_files[0])], capsys) == (expected, "")
+    predict.main([str(path), "--export", str(tmp_path / "exported")])
+    capsys.readouterr()
+    assert json.loads((tmp_path / "exported" / "model.json").read_text())["logit_scale"] == applied
+    assert _classify([str(tmp_path / "exported"), str(image_files[0])], capsys) == (expected, "")
+
+
+def test_cosine_head_without_a_recorded_scale_prints_its_cosine_labelled_as_a_score(image_files, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model("resnet32", 10, head="cosine").eval()
+    path = tmp_path / "imported.pt"  # as `python -m models import` writes: no training config
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10,
+                                                                       "head": "cosine"},
+                           "class_counts": None, "class_names": None, "config": None})
+    x = normalize(torch.stack(predict.read_images([str(image_files[0])])[1]), CIFAR10_MEAN, CIFAR10_STD)
+    with torch.no_grad():
+        expected = _line(image_files[0], model(x), None)
+    note = ("note: the model has a cosine head and records no logit scale (no training config): the third column "
+            "is the cosine of the image's features and the class's weights, in [-1, 1], not a probability\n")
+    assert _classify([str(path), str(image_files[0]), "--dataset", "cifar10"], capsys) == (expected, note)

@@ -133,9 +133,13 @@ def test_two_urls_with_the_same_file_name_get_different_cache_files(tmp_path):
     assert a != b and a.name.endswith("-final_model_checkpoint.pth")
 
 
-def test_malformed_sha256_is_rejected_before_any_download(tmp_path):
-    with pytest.raises(ValueError, match="8 to 64 hex digits"):
+def test_malformed_sha256_is_a_download_error_naming_the_digest_and_the_fix_before_any_download(tmp_path):
+    # DownloadError, which the command lines print as one line (a ValueError was a traceback there).
+    with pytest.raises(DownloadError) as err:
         fetch("http://127.0.0.1:9/x.pth", "XYZ", cache=tmp_path)
+    assert str(err.value) == ("SHA-256 'XYZ' for http://127.0.0.1:9/x.pth is not 8 to 64 hex digits: give the file's "
+                              "digest as sha256sum prints it, or its first 8 or more hex digits")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_upper_case_digest_pins_the_file_as_the_lower_case_one(serve, tmp_path):

@@ -1,13 +1,14 @@
 """Inference export: a plain state dict plus model.json, written atomically, loaded back to the same model."""
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
 import torch
 
 from models.checkpoint import CheckpointError
-from models.export import EXPORT_FORMAT, export_meta, load_export, write_export
+from models.export import EXPORT_FORMAT, export_meta, load_export, path_error_message, write_export
 from models.registry import build_model
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -26,7 +27,8 @@ def test_export_round_trips_to_the_same_logits_and_plain_files(model, tmp_path):
     assert json.loads((tmp_path / "out" / "model.json").read_text()) == {
         "format": EXPORT_FORMAT, "arch": "resnet32", "head": "linear", "num_classes": 3,
         "class_names": ["cat", "dog", "eel"],
-        "class_counts": [50, 10, 2], "mean": list(MEAN), "std": list(STD), "image_size": 32}
+        "class_counts": [50, 10, 2], "mean": list(MEAN), "std": list(STD), "image_size": 32, "resize": "square",
+        "logit_scale": 1.0}
     state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)  # a plain dict of tensors
     assert set(state) == set(model.state_dict())
     loaded, loaded_meta = load_export(tmp_path / "out")
@@ -85,3 +87,34 @@ def test_damaged_export_names_the_file_and_says_to_export_again(model, tmp_path,
     with pytest.raises(CheckpointError, match=message + r".*; delete its model.pt and model.json and export again: "
                                               r"python predict.py <checkpoint.pt> --export "):
         load_export(tmp_path / "out")
+
+
+@pytest.mark.parametrize("head, scale", [("linear", 1.0), ("cosine", None)])
+def test_export_from_before_resize_and_logit_scale_reads_as_it_was_then(head, scale, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet32", 3, head=head).eval()
+    meta = export_meta({"name": "resnet32", "num_classes": 3, "head": head}, None, None, MEAN, STD, 32)
+    write_export(tmp_path / "out", model.state_dict(), meta)
+    old = {k: v for k, v in meta.items() if k not in ("resize", "logit_scale")}
+    (tmp_path / "out" / "model.json").write_text(json.dumps(old))
+    # resized straight to 32x32 as those exports documented; softmax of plain logits, none for cosines
+    assert load_export(tmp_path / "out")[1] == {**old, "resize": "square", "logit_scale": scale}
+
+
+def test_export_with_an_unknown_resize_is_damaged_and_says_to_export_again(model, tmp_path):
+    meta = export_meta({"name": "resnet32", "num_classes": 3}, None, None, MEAN, STD, 32)
+    write_export(tmp_path / "out", model.state_dict(), {**meta, "resize": "stretch"})
+    with pytest.raises(CheckpointError, match=r"model.json is damaged \(resize 'stretch' is none of square, "
+                                              r"shorter_side_crop\); delete its model.pt and model.json"):
+        load_export(tmp_path / "out")
+
+
+@pytest.mark.parametrize("error, message", [
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/d/f/out"), "/d/f/out: a folder on this path is a file"),
+    (FileExistsError(errno.EEXIST, "File exists", "/d/f"), "/d/f: a file stands where a folder is needed"),
+    (PermissionError(errno.EACCES, "Permission denied", "/d/ro"), "/d/ro: Permission denied"),
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (FileExistsError("out already holds an export; give another --export folder"),
+     "out already holds an export; give another --export folder")])
+def test_path_error_message_names_the_path_and_what_is_in_the_way(error, message):
+    assert path_error_message(error) == message

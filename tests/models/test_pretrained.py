@@ -76,6 +76,18 @@ def test_url_pinned_by_sha256_fragment_is_checked(serve, balms_bytes, source, im
         load_pretrained(f"{srv.url}#md5=abc", arch="resnet32", cache=tmp_path)
 
 
+@pytest.mark.parametrize("pin", ["xyz", "abc", "", "0676ba61 "])
+def test_malformed_sha256_pin_is_a_checkpoint_error_naming_the_pin_and_the_fix(pin, tmp_path):
+    # Port 9 (discard) is never asked: the pin is refused before any download.
+    source = f"http://127.0.0.1:9/r.pt#sha256={pin}"
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(source, arch="resnet32", cache=tmp_path)
+    assert str(err.value) == (f"the pin #sha256={pin} of http://127.0.0.1:9/r.pt is not a SHA-256 digest (8 to 64 "
+                              f"hex digits); pin the file with #sha256=<its digest as sha256sum prints it, or the "
+                              f"first 8 or more hex digits>, or leave the pin off to download it unchecked")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_source_lists_the_registry_names(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_pretrained(str(tmp_path / "nothing.pth"))

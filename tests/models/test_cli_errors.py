@@ -1,0 +1,66 @@
+"""`python -m models` and the stages as a user runs them: a bad pin or an unwritable path is one line, exit 2."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.checkpoint import save_checkpoint
+from models.download import CACHE_ENV
+from models.registry import build_model
+
+pytestmark = pytest.mark.slow
+
+# Port 9 (discard): nothing is downloaded from it, as the pin is refused first.
+URL = "http://127.0.0.1:9/r.pt"
+PIN_FIX = (f"of {URL} is not a SHA-256 digest (8 to 64 hex digits); pin the file with #sha256=<its digest as "
+           f"sha256sum prints it, or the first 8 or more hex digits>, or leave the pin off to download it unchecked")
+
+
+def _one_error_line(proc) -> str:
+    """The one stderr line of a user error: exit status 2, no traceback."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_fetch_of_a_url_with_a_malformed_pin_is_one_line_naming_the_pin_and_the_fix(tmp_path, run, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    proc = run("-m", "models", "fetch", f"{URL}#sha256=abc", check=False)
+    assert _one_error_line(proc) == f"error: the pin #sha256=abc {PIN_FIX}"
+    assert proc.stdout == "" and not (tmp_path / "cache").exists()
+
+
+def test_fetch_of_a_path_with_a_pin_is_one_line(tmp_path, run, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    line = _one_error_line(run("-m", "models", "fetch", "x.pt#sha256=abc", check=False))
+    assert line.startswith("error: pretrained source 'x.pt#sha256=abc' is not a registry name (")
+
+
+def test_stage1_with_a_malformed_pin_is_one_line(fake_cifar10, tmp_path, run, tiny_stage1, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    proc = run("stage1_train.py", f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'run'}", *tiny_stage1,
+               "--pretrained", f"{URL}#sha256=xyz", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"error: model.pretrained={URL}#sha256=xyz: the pin #sha256=xyz {PIN_FIX}"
+
+
+@pytest.mark.parametrize("out, problem", [("file/x.pt", "file: a file stands where a folder is needed"),
+                                          ("file/sub/x.pt", "file/sub: a folder on this path is a file")])
+def test_import_to_a_path_through_a_file_is_one_line_naming_it_and_the_fix(out, problem, tmp_path, run):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ours.pt", {"model": build_model("resnet32", 10).state_dict(),
+                                           "model_args": {"name": "resnet32", "num_classes": 10},
+                                           "class_counts": None, "class_names": None, "config": None})
+    (tmp_path / "file").write_text("a file, not a folder")
+    proc = run("-m", "models", "import", str(tmp_path / "ours.pt"), str(tmp_path / out), check=False)
+    assert _one_error_line(proc) == f"error: {tmp_path}/{problem}; give OUT a path in a folder you can write"
+    assert (tmp_path / "file").read_text() == "a file, not a folder"
+
+
+def test_fetch_into_a_cache_under_a_file_is_one_line_naming_it_and_the_fix(tmp_path, run, monkeypatch):
+    (tmp_path / "file").write_text("a file, not a folder")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file" / "cache"))
+    proc = run("-m", "models", "fetch", f"{URL}#sha256=0676ba61", check=False)
+    assert _one_error_line(proc) == (f"error: {tmp_path}/file/cache: a folder on this path is a file; point "
+                                     f"${CACHE_ENV} at a folder you can write")
