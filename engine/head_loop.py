@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data.transfer import to_device, widest_float
-from engine.loop import finite_check_interval
+from engine.loop import finite_check_interval, last_step_lr
 from meta_sampler.learner import ClassSampler, balanced_batch
 from meta_sampler.meta_step import meta_step
 
@@ -73,7 +73,7 @@ def train_head_epoch(
     labels_here = to_device(labels, device)
     finite = torch.ones(2, dtype=torch.bool, device=device)  # loss, meta loss
     no_meta_loss = torch.zeros((), device=device)
-    seen, lr = int(carry[2]), optimizer.param_groups[0]["lr"]
+    seen, lr = int(carry[2]), last_step_lr(optimizer, scheduler)
     for step in tqdm(range(steps), desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]
         if meta is None:

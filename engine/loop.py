@@ -24,6 +24,16 @@ def finite_check_interval(device: torch.device) -> int:
     return 1 if device.type == "cpu" else FINITE_CHECK_EVERY
 
 
+def last_step_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """The lr of the last optimiser step taken, which an epoch reports. The optimiser holds the next step's
+    (the scheduler has stepped past it): an epoch resumed after a stop in its last step takes no step, and
+    must report the lr the uninterrupted epoch did. A LambdaLR (every run's schedule) gives it back; before
+    any step, or with another scheduler, the optimiser's lr."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and scheduler.last_epoch > 0:
+        return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch - 1)  # as LambdaLR computes it
+    return optimizer.param_groups[0]["lr"]
+
+
 def micro_batches(batch: int, accum_steps: int) -> int:
     """How many micro-batches a batch of `batch` images is split into (tensor_split: sizes differ by at most
     one): accum_steps, but none of fewer than two images, which BatchNorm cannot normalise in training."""
@@ -34,6 +44,18 @@ def micro_batch_sizes(batch: int, accum_steps: int) -> set[int]:
     """The sizes of the micro-batches of a batch of `batch` images (one size, or two a single image apart)."""
     parts = micro_batches(batch, accum_steps)
     return {batch // parts, -(-batch // parts)}
+
+
+def micro_batch_loss(loss_fn: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
+                     batch_labels: torch.Tensor) -> torch.Tensor:
+    """The part of the batch's loss (labels batch_labels) that a micro-batch (logits, labels) carries, so that
+    the parts add up to the batch's loss: the loss's own micro_batch_loss (models.losses_base.LongTailLoss; LDAM
+    with DRW divides by the batch's sum of weights), else (a mean over the images, e.g. nn.CrossEntropyLoss)
+    the micro-batch's loss times its share of the images."""
+    part = getattr(loss_fn, "micro_batch_loss", None)
+    if part is not None:
+        return part(logits, labels, batch_labels)
+    return loss_fn(logits, labels) * (len(labels) / len(batch_labels))
 
 
 def train_one_epoch(
@@ -58,9 +80,10 @@ def train_one_epoch(
     With mixup_alpha > 0 each batch is mixed with a permutation of itself by lam ~ Beta(a, a)
     and the loss is lam * L(y_a) + (1 - lam) * L(y_b), which composes with any loss.
     accum_steps > 1 splits each batch into that many micro-batches whose gradients add up to the
-    batch's (each micro-batch loss weighted by its share of the batch) before the one optimiser
-    step: the same update at a fraction of the activation memory, except that BatchNorm and
-    batch-dependent losses (arb) see each micro-batch alone. amp (off | bf16 | fp16) runs the
+    batch's (each micro-batch's loss is its part of the batch's, micro_batch_loss) before the one
+    optimiser step: the same update at a fraction of the activation memory, except that BatchNorm
+    sees each micro-batch alone, as does a loss that looks at the whole batch (arb's class counts)
+    unless its micro_batch_loss is given the whole batch's labels. amp (off | bf16 | fp16) runs the
     forward pass under autocast; the loss is computed in fp32; fp16 needs `scaler`.
     Returns the mean loss, the training accuracy (w.r.t. the mixed targets), the last lr and the
     number of steps taken; with several processes, over the images of all ranks; and this rank's raw
@@ -79,7 +102,7 @@ def train_one_epoch(
     total_loss = torch.full((), float(carry[0]), dtype=wide, device=device)
     total_correct = torch.full((), float(carry[1]), dtype=wide, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
-    total_seen, steps, lr = int(carry[2]), 0, optimizer.param_groups[0]["lr"]
+    total_seen, steps, lr = int(carry[2]), 0, last_step_lr(optimizer, scheduler)
     for step, (x, y) in enumerate(tqdm(batches, total=num_steps, desc=desc, leave=False, disable=None)):
         lr = optimizer.param_groups[0]["lr"]
         lam, y_b = 1.0, y
@@ -93,17 +116,17 @@ def train_one_epoch(
             with autocast(device, amp):
                 logits = model(xs)
             logits = logits.float()
-            loss = loss_fn(logits, ya)
+            loss = micro_batch_loss(loss_fn, logits, ya, y)  # its part of the batch's loss
             if mixup_alpha > 0:
-                loss = lam * loss + (1 - lam) * loss_fn(logits, yb)
+                loss = lam * loss + (1 - lam) * micro_batch_loss(loss_fn, logits, yb, y_b)
             finite &= torch.isfinite(loss)
             if (step + 1) % check_every == 0 and not finite:
                 raise FloatingPointError(f"{desc}, step {step + 1}: the loss became NaN or infinite (lr {lr:.4g}); "
                                          "nothing of this epoch was saved: lower train.lr or check the data")
-            scaler.scale(loss * (len(ya) / len(y))).backward()
+            scaler.scale(loss).backward()
             pred = logits.argmax(1)
             total_correct += lam * (pred == ya).sum() + (1 - lam) * (pred == yb).sum()
-            total_loss += loss.detach() * len(ya)
+            total_loss += loss.detach() * len(y)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -180,8 +203,15 @@ def predict_all_ranks(model: nn.Module, images: torch.Tensor | Dataset, batch_si
     """predict_logits of all the images; with several processes each rank predicts its shard and the
     logits are gathered in order, so every rank gets the single-process (N, C) logits."""
     shard = d.shard(len(images))
+    rows = shard.stop - shard.start
+    # A rank whose shard is empty (fewer images than processes) predicts the first image and keeps none of
+    # its logits: its (0, C) rows then have the others' width, which gather_rows needs (an empty 1-D tensor
+    # would make gloo abort on a size mismatch). The model alone knows C.
+    if rows == 0 and len(images):
+        shard = slice(0, 1)
     mine = images[shard] if isinstance(images, torch.Tensor) else Subset(images, range(shard.start, shard.stop))
-    return gather_rows(predict_logits(model, mine, batch_size, mean, std, channels_last, desc, amp, workers), d)
+    logits = predict_logits(model, mine, batch_size, mean, std, channels_last, desc, amp, workers)
+    return gather_rows(logits[:rows], d)
 
 
 def evaluate(model: nn.Module, images: torch.Tensor | Dataset, labels: torch.Tensor, train_counts: Sequence[int],

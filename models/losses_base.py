@@ -118,6 +118,13 @@ class LongTailLoss(nn.Module):
         """Initial value for the classifier bias, or None to keep the head's default init."""
         return None
 
+    def micro_batch_loss(self, logits: torch.Tensor, labels: torch.Tensor, batch_labels: torch.Tensor) -> torch.Tensor:
+        """The part of the loss of a whole batch (labels batch_labels) that its micro-batch (logits, labels)
+        carries: the parts of a batch's micro-batches add up to the batch's loss, so that gradient accumulation
+        (train.accum_steps) takes the batch's step. For a mean over the batch's images, the micro-batch's mean
+        times its share of the images; a loss that divides by something else overrides it (LDAM with DRW)."""
+        return self(logits, labels) * (len(labels) / len(batch_labels))
+
     def check_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Raise a ValueError if logits / labels do not have shapes (B, C) / (B,) for this loss."""
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:

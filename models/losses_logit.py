@@ -105,6 +105,10 @@ class ARBLoss(LongTailLoss):
         self.use_global_counts = use_global_counts
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.micro_batch_loss(logits, labels, labels)
+
+    def micro_batch_loss(self, logits: torch.Tensor, labels: torch.Tensor, batch_labels: torch.Tensor) -> torch.Tensor:
+        """LongTailLoss.micro_batch_loss: m are the counts of the whole batch (batch_labels), not the micro-batch's."""
         self.check_inputs(logits, labels)
         clamped = logits.clamp(-ARB_LOGIT_CLAMP, ARB_LOGIT_CLAMP)
         if self.use_global_counts:
@@ -112,8 +116,8 @@ class ARBLoss(LongTailLoss):
         else:
             # (C,) label counts of the batch; not bincount, whose output size depends on the labels (a GPU
             # waits for their maximum) and which the meta device (the tests' stand-in for a GPU) lacks.
-            counts = logits.new_zeros(self.num_classes).index_add_(0, labels, logits.new_ones(len(labels)))
+            counts = logits.new_zeros(self.num_classes).index_add_(0, batch_labels, logits.new_ones(len(batch_labels)))
         # log 0 = -inf removes absent classes; the true class is always present so each row
         # keeps a finite maximum and log-softmax (and its gradient) stays finite.
         shifted = clamped + torch.log(counts).to(logits.dtype)
-        return nn.functional.cross_entropy(shifted, labels)
+        return nn.functional.cross_entropy(shifted, labels) * (len(labels) / len(batch_labels))

@@ -167,6 +167,11 @@ class LDAMLoss(LongTailLoss):
         self.drw_active = self.drw_epoch is not None and epoch >= self.drw_epoch
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.micro_batch_loss(logits, labels, labels)
+
+    def micro_batch_loss(self, logits: torch.Tensor, labels: torch.Tensor, batch_labels: torch.Tensor) -> torch.Tensor:
+        """LongTailLoss.micro_batch_loss: with DRW on, the micro-batch's weighted sum over the whole batch's
+        sum of weights (its share of the images would not add up to the batch's weighted mean)."""
         self.check_inputs(logits, labels)
         true_class = nn.functional.one_hot(labels, self.num_classes).to(logits.dtype)  # (B, C)
         margin = self.margins.to(logits.dtype)[labels].unsqueeze(1)  # (B, 1)
@@ -175,6 +180,6 @@ class LDAMLoss(LongTailLoss):
         )
         if self.drw_active and self.drw_weights is not None:
             # F.cross_entropy(weight=w), as the LDAM code: the weighted mean divides by the batch's sum of weights.
-            weights = self.drw_weights.to(logits.dtype)[labels]
-            return (weights * per_sample).sum() / weights.sum()
-        return per_sample.mean()
+            weights = self.drw_weights.to(logits.dtype)
+            return (weights[labels] * per_sample).sum() / weights[batch_labels].sum()
+        return per_sample.mean() * (len(labels) / len(batch_labels))

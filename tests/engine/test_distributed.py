@@ -1,6 +1,7 @@
 """engine.distributed on two real gloo processes: sharding, gathering, BatchNorm over the global batch."""
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from engine.device import DeviceError
 from engine.distributed import (Dist, GlobalBatchNorm2d, gather_rows, init_distributed, sum_over_ranks,
                                   sync_batchnorm)
+from engine.loop import evaluate, predict_all_ranks
 from models import build_model
 
 
@@ -83,3 +85,52 @@ def test_several_processes_on_mps_are_refused_before_any_process_group(monkeypat
     with pytest.raises(DeviceError, match="several processes run on CUDA \\(nccl\\) or the CPU \\(gloo\\) only"):
         init_distributed("mps", 5.0)
     assert not dist.is_initialized()
+
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+class _Images(torch.utils.data.Dataset):
+    """An image-file dataset's items: (normalised image, label)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return (self.images[i].float() / 255 - MEAN[0]) / STD[0], 0
+
+
+def _one_image_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    return model, torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
+
+
+def _evaluate_worker(rank: int, port: int, out: str, files: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    d = Dist(rank, 2)
+    model, images = _one_image_setup()
+    split = _Images(images) if files else images
+    logits = predict_all_ranks(model, split, 8, MEAN, STD, d=d)
+    top1 = evaluate(model, split, torch.tensor([1]), [200, 50, 5], 8, MEAN, STD, d=d)["top1"]
+    torch.save({"logits": logits, "top1": top1}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("files", [False, True], ids=["uint8 images", "image files"])
+def test_two_ranks_evaluating_one_image_give_the_single_process_logits(tmp_path, files):
+    """Rank 1's shard of one image is empty: its (0, 3) logits have the width rank 0's have, so the
+    gather does not abort and both ranks get the single-process logits."""
+    model, images = _one_image_setup()
+    single = predict_all_ranks(model, _Images(images) if files else images, 8, MEAN, STD)
+    out = tmp_path / "rank"
+    mp.spawn(_evaluate_worker, args=(_free_port(), str(out), files), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}")
+        assert got["logits"].shape == (1, 3) and torch.equal(got["logits"], single)
+        assert got["top1"] == float(single.argmax(1) == 1)

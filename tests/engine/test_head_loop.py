@@ -135,6 +135,35 @@ def test_reported_lr_is_the_lr_of_the_last_step_taken():
     assert out["lr"] == pytest.approx(0.5 / 4)  # steps 0..3 use lr 0.5 / (s + 1)
 
 
+def test_an_epoch_stopped_in_its_last_step_reports_that_step_s_lr_when_resumed():
+    """A run stopped by a signal in an epoch's last step resumes with no step left of it (the optimiser and
+    scheduler loaded from last.pt): the epoch's metrics are the uninterrupted epoch's, lr included (the lr of
+    its last step, not the next step's)."""
+    feats, labels, head, opt, _ = _plain_setup()
+    start = copy_params(head)
+
+    def epoch(steps, batches, sched, **kwargs):
+        return train_head_epoch(head, opt, sched, nn.CrossEntropyLoss(), labels, lambda idx, gen: feats[idx], steps,
+                                30, torch.Generator(), index_batches=batches, **kwargs)
+
+    whole = epoch(4, _batches(300, 30, 0), torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1)))
+    with torch.no_grad():
+        for k, p in head.named_parameters():
+            p.copy_(start[k])
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    stops = iter([False, False, False, True])
+    stopped = epoch(4, _batches(300, 30, 0), sched, stop=lambda: next(stops))
+    saved = opt.state_dict(), sched.state_dict()
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)  # --resume: new ones, loaded from last.pt
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    opt.load_state_dict(saved[0])
+    sched.load_state_dict(saved[1])
+    resumed = epoch(0, [], sched, carry=stopped["sums"])
+    assert stopped["steps"] == 4 and resumed["steps"] == 0 and whole["lr"] == 0.5 / 4
+    assert {k: resumed[k] for k in ("loss", "train_acc", "lr")} == {k: whole[k] for k in ("loss", "train_acc", "lr")}
+
+
 @pytest.mark.parametrize("which", ["both", "neither"])
 def test_giving_both_or_neither_of_index_batches_and_meta_raises(which):
     feats, labels, head, opt, sched = _plain_setup()

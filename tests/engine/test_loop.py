@@ -44,6 +44,34 @@ def test_accumulated_micro_batches_take_the_same_step_as_the_whole_batch(mixup):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["train_acc"] == pytest.approx(b["train_acc"])
 
 
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+@pytest.mark.parametrize("loss, params", [("ldam", {"drw_epoch": 0}), ("arb", {}), ("reweight", {}),
+                                          ("class_balanced", {})])
+def test_accumulation_takes_the_whole_batch_s_step_with_a_weighted_loss(loss, params, mixup):
+    """LDAM with DRW divides the batch's weighted loss by the batch's sum of weights, not by its number of
+    images, and ARB shifts the logits by the batch's class counts: each micro-batch's loss carries its part
+    of the whole batch's loss, so the step, and the reported loss, are the whole batch's."""
+    from models.losses import build_loss
+
+    loss_fn = build_loss(loss, [500, 100, 20], **params)
+    loss_fn.set_epoch(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 2, 2, generator=g), torch.tensor([0] * 10 + [1] * 4 + [2] * 2)[torch.randperm(
+        16, generator=g)]) for _ in range(2)]
+    torch.manual_seed(0)
+    whole = Tiny()
+    split = copy.deepcopy(whole)
+    out = []
+    for model, accum in ((whole, 1), (split, 4)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        out.append(train_one_epoch(model, batches, 2, loss_fn, opt, sched, mixup_alpha=mixup,
+                                   mixup_rng=np.random.default_rng(1), accum_steps=accum))
+    for p, q in zip(whole.parameters(), split.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert out[0]["loss"] == pytest.approx(out[1]["loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("batch, accum_steps, sizes", [
     (3, 4, [3]),  # too small to split
     (7, 4, [3, 2, 2]),  # torch.chunk would cut 3, 3, 1
@@ -60,6 +88,30 @@ def test_no_micro_batch_has_one_image(batch, accum_steps, sizes):
     out = _train(model, _batches(n_batches=1, batch=batch), accum_steps=accum_steps)
     assert seen == sizes and np.isfinite(out["loss"])
     assert micro_batch_sizes(batch, accum_steps) == set(sizes)  # what a compiled model compiles for
+
+
+def test_an_epoch_stopped_in_its_last_step_reports_that_step_s_lr_when_resumed():
+    """A run stopped by a signal in an epoch's last step resumes with no step left of it (the optimiser and
+    scheduler loaded from last.pt): the epoch's metrics are the uninterrupted epoch's, lr included (the lr of
+    its last step, not the next step's)."""
+    def setup():
+        torch.manual_seed(0)
+        model = Tiny()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+
+    model, opt, sched = setup()
+    whole = train_one_epoch(model, _batches(), 3, nn.CrossEntropyLoss(), opt, sched)
+    model, opt, sched = setup()
+    stops = iter([False, False, True])
+    stopped = train_one_epoch(model, _batches(), 3, nn.CrossEntropyLoss(), opt, sched, stop=lambda: next(stops))
+    saved = opt.state_dict(), sched.state_dict()
+    model, opt, sched = setup()  # --resume: new ones, loaded from last.pt
+    opt.load_state_dict(saved[0])
+    sched.load_state_dict(saved[1])
+    resumed = train_one_epoch(model, [], 0, nn.CrossEntropyLoss(), opt, sched, carry=stopped["sums"])
+    assert stopped["steps"] == 3 and resumed["steps"] == 0 and whole["lr"] == 0.5 / 3
+    assert {k: resumed[k] for k in ("loss", "train_acc", "lr")} == {k: whole[k] for k in ("loss", "train_acc", "lr")}
 
 
 def test_bf16_autocast_on_the_cpu_trains_with_bf16_forward_and_fp32_weights():
