@@ -99,8 +99,13 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: b
 
 
 def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, data: LongTailData | FileData,
-                 payload: dict, ranks: Dist) -> dict:
+                 payload: dict, ranks: Dist, ckpt: dict | None) -> dict:
     """tau_norm: no training; tau searched on the validation split (stage2.tau_norm_tau without one)."""
+    if ckpt is not None:  # last.pt is written once, at the end: as a finished stage-1 run, nothing is left to do
+        restore(ckpt, {}, run_dir, data.class_counts, 1)  # (the training set must still be the run's)
+        logger.info("tau_norm: the run is finished (tau = %g); nothing left to do", ckpt["tau"])
+        finish_run(runlog, ranks)
+        return {}
     stage1_head, tau = model.head, cfg.stage2.tau_norm_tau
     has_val = len(data.val_labels) > 0
     if has_val:
@@ -152,6 +157,15 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
                         bn_train=cfg.stage2.live_bn == "train")
 
 
+def drop_feature_caches(run_dir: Path, ranks: Dist) -> None:
+    """A new run computes its own cached views: those a start that died before its first last.pt left in the
+    run directory (maybe of another backbone, number of views or seed) are removed, never trained on. (Rank 0
+    removes them before it asks whether every rank has them: every rank then computes, as disk_views needs.)"""
+    if ranks.is_main:
+        for name in CACHE_NAMES.values():
+            (run_dir / f"features_{name}.npy").unlink(missing_ok=True)
+
+
 def new_head(cfg: Config, method: Method, stage1_head: nn.Module) -> nn.Module:
     """The head stage 2 trains, on the stage-1 head's device."""
     if method.head == "lws":
@@ -194,6 +208,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     augment_note = check_data(cfg, s1)
     t, d = cfg.train, cfg.data
     run_dir, ckpt = start_run(cfg, STAGE, resume, ranks)
+    if ckpt is None:
+        drop_feature_caches(run_dir, ranks)
 
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size)
@@ -204,7 +220,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint or cfg.model.pretrained}
     if method.kind == "posthoc":
-        return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
+        return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks, ckpt)
 
     # ---- features, head, loss, batches (a data sampler, or the BALMS meta-sampler), optimiser
     features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM, ranks, run_dir)

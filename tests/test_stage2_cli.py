@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
+
+from tests.conftest import write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +47,19 @@ def test_stage1_then_stage2_method_then_test_table(fake_cifar10, stage1_run, tmp
             assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=1e-5)
             log = (log_dir / "train.log").read_text()  # meta_sampler.meta_split=val, the default
             assert "balms: class-balanced meta batches of 16 from the val split (20 images)" in log
+
+
+def test_resuming_a_finished_tau_norm_run_does_nothing_more_as_a_finished_stage1_run(fake_cifar10, stage1_run,
+                                                                                       tmp_path, run):
+    """tau_norm writes last.pt once, when it ends: --resume finds the run finished and leaves the metric log (the
+    search's line per tau, then the epoch's) and the checkpoints as they were."""
+    log_dir = tmp_path / "tau_norm"
+    run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=tau_norm"))
+    metrics, last = (log_dir / "metrics.jsonl").read_text(), (log_dir / "last.pt").stat().st_mtime_ns
+    assert len(metrics.splitlines()) == 22  # stage2.tau_norm_grid's 21 values, then epoch 1
+    proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=tau_norm", "--resume"))
+    assert (log_dir / "metrics.jsonl").read_text() == metrics and (log_dir / "last.pt").stat().st_mtime_ns == last
+    assert "tau_norm: the run is finished" in proc.stderr
 
 
 @pytest.mark.parametrize("split, images", [("train", 238), ("resampled", 238)])  # val: the balms test above
@@ -197,3 +213,38 @@ def test_a_head_that_diverges_ends_in_one_line_and_saves_no_nan_weights(fake_cif
         if (log_dir / name).exists():
             state = torch.load(log_dir / name, weights_only=True)["model"]
             assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+FOLDER = ("data.image_size=16", "data.workers=0", "train.batch_size=8", "train.num_threads=1", "eval.batch_size=16",
+          "model.channels_last=false", "train.warmup=0")
+
+
+def test_a_fresh_start_never_trains_on_the_feature_cache_a_dead_start_left(tmp_path, run):
+    """Image files keep the cached views on disk in the run directory (features_train.npy). A start that
+    died before its first last.pt leaves them there; a new start in that directory, with another stage-1
+    backbone and another number of views, computes its own, and --resume reuses the run's."""
+    root = write_image_folder(tmp_path / "data", {"train": dict.fromkeys(("ant", "bee", "cow"), 12),
+                                                  "test": dict.fromkeys(("ant", "bee", "cow"), 2)})
+    for name, seed in (("s1a", 0), ("s1b", 1)):
+        run("stage1_train.py", "data.dataset=folder", f"data.root={root}", "data.imbalance_factor=4", *FOLDER,
+            "train.iterations=2", f"train.seed={seed}", f"log_dir={tmp_path / name}")
+
+    def stage2(s1: str, views: int, log_dir, *extra):
+        run("stage2_classifier.py", f"data.root={root}", f"stage1.checkpoint={tmp_path / s1 / 'last.pt'}", *FOLDER,
+            "stage2.method=crt", f"stage2.cache_views={views}", "train.iterations=4", f"log_dir={log_dir}", *extra)
+
+    s2, clean = tmp_path / "s2", tmp_path / "clean"
+    stage2("s1a", 2, s2)
+    for name in ("last.pt", "best.pt"):  # as a start killed before its first checkpoint leaves the directory
+        (s2 / name).unlink(missing_ok=True)
+    assert np.load(s2 / "features_train.npy").shape == (2, 21, 64)
+    stage2("s1b", 1, s2)
+    stage2("s1b", 1, clean)
+    cache = np.load(s2 / "features_train.npy")
+    assert cache.shape == (1, 21, 64) and np.array_equal(cache, np.load(clean / "features_train.npy"))
+    heads = [torch.load(d / "last.pt", weights_only=True)["head"] for d in (s2, clean)]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+    written = (s2 / "features_train.npy").stat().st_mtime_ns
+    stage2("s1b", 1, s2, "--resume")
+    assert (s2 / "features_train.npy").stat().st_mtime_ns == written
