@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from config.cli import open_log, run_cli, start_processes, start_run
 from config.load import config_to_dict
 from config.schema import Config
-from config.stage2 import Method, check_data, check_method, keeps_stage1_head, with_stage1_training_set
+from config.stage2 import Method, check_data, check_method, head_choice, keeps_stage1_head, with_stage1_training_set
 from data.augment import BatchAugment
 from data.build import LongTailData, build_meta_resample
 from data.build_files import FileData, build_training_set
@@ -66,10 +66,11 @@ def stage1_run(cfg: Config, ranks: Dist) -> dict | None:
     return from_rank0(read, ranks)
 
 
-def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: bool,
+def build_backbone(cfg: Config, s1: dict | None, counts: list[int], method: Method,
                    device: torch.device) -> tuple[nn.Module, dict]:
     """The frozen backbone with its stage-1 head, and the model_args of stage 2's checkpoints: a
     stage-1 run of this tool, or pretrained / imported weights (no training set to match)."""
+    keep_head = keeps_stage1_head(cfg, method)
     if s1 is not None and s1.get("config"):
         if counts != s1["class_counts"]:
             raise SystemExit(f"error: the training set differs from stage 1's ({counts} vs {s1['class_counts']}): "
@@ -89,9 +90,9 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], keep_head: b
             raise SystemExit(f"error: {source}: {e}") from None
         model_args = {"name": cfg.model.name, "num_classes": len(counts)}
     if keep_head and not isinstance(model.head, nn.Linear):
-        raise SystemExit(f"stage2.method={cfg.stage2.method} (stage2.init_head={cfg.stage2.init_head}) starts from "
-                         f"the stage-1 classifier, which is a {head_name(model.head)} head, not linear: use "
-                         f"balanced_softmax, crt or balms with stage2.init_head=reinit, which train a new linear head")
+        raise SystemExit(f"error: {head_choice(cfg, method)} starts from the stage-1 classifier, which is a "
+                         f"{head_name(model.head)} head, not linear: use balanced_softmax, crt or balms with "
+                         f"stage2.init_head=reinit, which train a new linear head")
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.requires_grad_(False)
@@ -213,7 +214,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size)
-    model, model_args = build_backbone(cfg, s1, data.class_counts, keeps_stage1_head(cfg, method), device)
+    model, model_args = build_backbone(cfg, s1, data.class_counts, method, device)
     runlog = open_log(cfg, STAGE, run_dir, ranks)
     if augment_note:
         logger.warning(augment_note)

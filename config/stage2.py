@@ -55,9 +55,9 @@ def check_method(cfg: Config) -> Method:
         raise SystemExit("config error: set stage1.checkpoint or model.pretrained, not both: they name the same "
                          "backbone")
     if cfg.model.reset_head and keeps_stage1_head(cfg, method):
-        raise SystemExit(f"config error: model.reset_head=true drops the head that stage2.method={cfg.stage2.method} "
-                         f"(stage2.init_head={cfg.stage2.init_head}) starts from; balanced_softmax, crt and "
-                         f"balms with init_head=reinit train a new head for any number of classes")
+        raise SystemExit(f"config error: model.reset_head=true drops the head that {head_choice(cfg, method)} "
+                         f"starts from; balanced_softmax, crt and balms with init_head=reinit train a new head for "
+                         f"any number of classes")
     return method
 
 
@@ -85,6 +85,12 @@ def check_data(cfg: Config, s1: dict | None) -> str:
 
 def keeps_stage1_head(cfg: Config, method: Method) -> bool:
     return method.head != "new" or cfg.stage2.init_head == "stage1"
+
+
+def head_choice(cfg: Config, method: Method) -> str:
+    """The keys that choose a stage-2 run's starting head, as an error names them (init_head only where read)."""
+    init = f" (stage2.init_head={cfg.stage2.init_head})" if method.head == "new" else ""
+    return f"stage2.method={cfg.stage2.method}{init}"
 
 
 def with_stage1_training_set(cfg: Config, s1: dict) -> Config:

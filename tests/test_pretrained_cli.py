@@ -179,7 +179,9 @@ def test_stage2_on_torchvision_weights_trains_a_new_head(fake_cifar10, tmp_path,
 
 @pytest.mark.parametrize("extra, message", [
     (("stage2.method=tau_norm", "model.reset_head=true"),
-     "model.reset_head=true drops the head that stage2.method=tau_norm (stage2.init_head=reinit) starts from"),
+     "model.reset_head=true drops the head that stage2.method=tau_norm starts from"),  # tau_norm reads no init_head
+    (("stage2.method=crt", "stage2.init_head=stage1", "model.reset_head=true"),
+     "model.reset_head=true drops the head that stage2.method=crt (stage2.init_head=stage1) starts from"),
     (("stage1.checkpoint=a.pt",), "set stage1.checkpoint or model.pretrained, not both"),
 ])
 def test_stage2_refuses_contradictory_backbone_settings(fake_cifar10, tmp_path, run, extra, message):

@@ -192,6 +192,8 @@ def test_ldam_cosine_stage1_then_stage2_trains_and_deploys_a_linear_head(fake_ci
         proc = run(*_stage2(fake_cifar10, s1, tmp_path / method, f"stage2.method={method}"), check=False)
         assert proc.returncode != 0 and "cosine head, not linear" in proc.stderr
         assert "Traceback" not in proc.stderr and "stage2.init_head=reinit" in proc.stderr
+        # one line, prefixed as every error; the method reads no stage2.init_head, so it is not named as a cause
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: stage2.method={method} starts from the stage-1")
 
 
 def test_stage2_balms_on_an_explicit_cpu_device_with_bf16_features(fake_cifar10, stage1_run, tmp_path, run):
