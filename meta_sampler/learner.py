@@ -5,8 +5,12 @@ class c with probability proportional to a learned weight w_c = sigmoid(theta_c)
 c receives a share n_c * w_c / sum_k n_k * w_k of every batch. BALMS materialises this as a
 Gumbel-softmax over all N images (an (B, N) matrix); here the same distribution is
 factored into "draw a class" (an (B, C) Gumbel-softmax, differentiable in theta) followed
-by "draw a uniform image of that class" (an O(B) lookup), which is exact because all images
-of a class share one weight.
+by "draw a uniform image of that class" (an O(B) lookup). The draws have exactly BALMS's
+distribution, because all images of a class share one weight; the straight-through gradient
+to theta does not: it is the soft class-level entry (logits log n_c + log w_c over C classes)
+where BALMS takes the soft image-level one (log w over N images). Both are biased estimators;
+on small problems their mean meta-gradients agree in sign and roughly in size, and their effect
+on accuracy has not been compared.
 
 The per-sample weight returned with each drawn class has value exactly 1 and carries the
 straight-through gradient to theta; the caller multiplies per-sample losses by it inside
