@@ -89,6 +89,17 @@ def gather_rows(local: torch.Tensor, d: Dist) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(local.device)
 
 
+def gather_equal(local: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every rank's equal-sized share (n, ...), concatenated in rank order, on every rank; unlike gather_rows,
+    nothing is read back, so a training step may call it without waiting for the device."""
+    if d.world == 1:
+        return local
+    via = _collective_device()
+    whole = torch.empty((d.world * len(local), *local.shape[1:]), dtype=local.dtype, device=via)
+    dist.all_gather_into_tensor(whole, local.to(via).contiguous())
+    return whole.to(local.device)
+
+
 def check_same_on_ranks(modules: dict[str, nn.Module], d: Dist) -> None:
     """Stop with an error naming the rank whose tensors differ from rank 0's (modules meant to stay
     identical, e.g. stage 2's head and meta-sampler, which every rank trains the same way)."""

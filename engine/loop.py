@@ -12,7 +12,7 @@ from tqdm import tqdm
 from data.augment import normalize
 from data.transfer import to_device, widest_float
 from engine.device import autocast, grad_scaler
-from engine.distributed import Dist, gather_rows, sum_over_ranks
+from engine.distributed import Dist, gather_equal, gather_rows, sum_over_ranks
 from engine.metrics import confusion_matrix, summarize
 
 FINITE_CHECK_EVERY = 50  # steps between NaN/inf loss checks on an accelerator (each one waits for it)
@@ -82,8 +82,9 @@ def train_one_epoch(
     accum_steps > 1 splits each batch into that many micro-batches whose gradients add up to the
     batch's (each micro-batch's loss is its part of the batch's, micro_batch_loss) before the one
     optimiser step: the same update at a fraction of the activation memory, except that BatchNorm
-    sees each micro-batch alone, as does a loss that looks at the whole batch (arb's class counts)
-    unless its micro_batch_loss is given the whole batch's labels. amp (off | bf16 | fp16) runs the
+    sees each micro-batch alone. A loss that looks at the whole batch (LDAM's DRW weight sum, arb's
+    class counts: loss_fn.batch_dependent) gets its labels, under torchrun every rank's, so that the
+    step is the one-process batch's there too. amp (off | bf16 | fp16) runs the
     forward pass under autocast; the loss is computed in fp32; fp16 needs `scaler`.
     Returns the mean loss, the training accuracy (w.r.t. the mixed targets), the last lr and the
     number of steps taken; with several processes, over the images of all ranks; and this rank's raw
@@ -111,14 +112,19 @@ def train_one_epoch(
             perm = to_device(torch.from_numpy(mixup_rng.permutation(len(y))), y.device)
             x, y_b = lam * x + (1 - lam) * x[perm], y[perm]
         optimizer.zero_grad(set_to_none=True)
+        # A loss that looks at the whole batch gets every rank's labels (the same multiset for the mixed
+        # targets), and each rank's part, times the ranks that DDP's gradient mean divides by, adds up to the
+        # one-process batch's loss.
+        whole = gather_equal(y, d) if d.world > 1 and getattr(loss_fn, "batch_dependent", False) else None
+        batch_y, batch_yb, ranks = (y, y_b, 1) if whole is None else (whole, whole, d.world)
         parts = micro_batches(len(y), accum_steps)
         for xs, ya, yb in zip(x.tensor_split(parts), y.tensor_split(parts), y_b.tensor_split(parts)):
             with autocast(device, amp):
                 logits = model(xs)
             logits = logits.float()
-            loss = micro_batch_loss(loss_fn, logits, ya, y)  # its part of the batch's loss
+            loss = micro_batch_loss(loss_fn, logits, ya, batch_y) * ranks  # its part of the batch's loss
             if mixup_alpha > 0:
-                loss = lam * loss + (1 - lam) * micro_batch_loss(loss_fn, logits, yb, y_b)
+                loss = lam * loss + (1 - lam) * micro_batch_loss(loss_fn, logits, yb, batch_yb) * ranks
             finite &= torch.isfinite(loss)
             if (step + 1) % check_every == 0 and not finite:
                 raise FloatingPointError(f"{desc}, step {step + 1}: the loss became NaN or infinite (lr {lr:.4g}); "

@@ -118,6 +118,12 @@ class LongTailLoss(nn.Module):
         """Initial value for the classifier bias, or None to keep the head's default init."""
         return None
 
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether an image's loss depends on the other labels of its batch (LDAM's DRW weight sum, arb's class
+        counts): under torchrun every rank then needs the whole global batch's labels for micro_batch_loss."""
+        return False
+
     def micro_batch_loss(self, logits: torch.Tensor, labels: torch.Tensor, batch_labels: torch.Tensor) -> torch.Tensor:
         """The part of the loss of a whole batch (labels batch_labels) that its micro-batch (logits, labels)
         carries: the parts of a batch's micro-batches add up to the batch's loss, so that gradient accumulation

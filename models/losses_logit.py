@@ -104,6 +104,10 @@ class ARBLoss(LongTailLoss):
         super().__init__(class_counts, require_positive=use_global_counts)
         self.use_global_counts = use_global_counts
 
+    @property
+    def batch_dependent(self) -> bool:
+        return not self.use_global_counts
+
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.micro_batch_loss(logits, labels, labels)
 

@@ -166,6 +166,10 @@ class LDAMLoss(LongTailLoss):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.drw_active = self.drw_epoch is not None and epoch >= self.drw_epoch
 
+    @property
+    def batch_dependent(self) -> bool:
+        return self.drw_active and self.drw_weights is not None
+
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.micro_batch_loss(logits, labels, labels)
 

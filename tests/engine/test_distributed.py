@@ -12,7 +12,7 @@ from torch import nn
 from engine.device import DeviceError
 from engine.distributed import (Dist, GlobalBatchNorm2d, gather_rows, init_distributed, sum_over_ranks,
                                   sync_batchnorm)
-from engine.loop import evaluate, predict_all_ranks
+from engine.loop import evaluate, predict_all_ranks, train_one_epoch
 from models import build_model
 
 
@@ -134,3 +134,50 @@ def test_two_ranks_evaluating_one_image_give_the_single_process_logits(tmp_path,
         got = torch.load(f"{out}.{rank}")
         assert got["logits"].shape == (1, 3) and torch.equal(got["logits"], single)
         assert got["top1"] == float(single.argmax(1) == 1)
+
+
+def _weighted_setup(loss_name: str, params: dict):
+    """A model without BatchNorm, a batch-dependent loss and two global batches of 16 (10/4/2 images a class)."""
+    from models.losses import build_loss
+
+    loss_fn = build_loss(loss_name, [500, 100, 20], **params)
+    loss_fn.set_epoch(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 12, generator=g),
+                torch.tensor([0] * 10 + [1] * 4 + [2] * 2)[torch.randperm(16, generator=g)]) for _ in range(2)]
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)), loss_fn, batches
+
+
+def _train_weighted(model, loss_fn, batches, d: Dist) -> dict:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return train_one_epoch(model, batches, len(batches), loss_fn, opt, sched, d=d)
+
+
+def _weighted_worker(rank: int, port: int, out: str, loss_name: str, params: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    d = Dist(rank, 2)
+    model, loss_fn, batches = _weighted_setup(loss_name, params)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    shares = [(x[d.shard(16)], y[d.shard(16)]) for x, y in batches]  # as the loaders share a global batch
+    metrics = _train_weighted(ddp, loss_fn, shares, d)
+    torch.save({"weights": [p.detach() for p in model.parameters()], "loss": metrics["loss"]}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss_name, params", [("ldam", {"drw_epoch": 0}), ("arb", {})])
+def test_two_ranks_take_the_one_process_step_of_a_loss_that_looks_at_the_whole_batch(tmp_path, loss_name, params):
+    """LDAM with DRW divides by the batch's sum of weights and arb shifts by the batch's class counts: each
+    rank's half alone would give another loss, and DDP's mean of the two another step, than one process."""
+    model, loss_fn, batches = _weighted_setup(loss_name, params)
+    single = _train_weighted(model, loss_fn, batches, Dist())
+    out = tmp_path / "rank"
+    mp.spawn(_weighted_worker, args=(_free_port(), str(out), loss_name, params), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}")
+        for p, q in zip(model.parameters(), got["weights"]):
+            torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-6)
+        assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
