@@ -33,7 +33,8 @@ from engine.compiled import CompiledForBatchSizes
 from engine.device import grad_scaler
 from engine.distributed import Dist, broadcast_module, sync_batchnorm
 from engine.loop import evaluate, micro_batch_sizes, train_one_epoch
-from engine.run import Progress, StopRequest, end_epoch, finish_run, restore, stop_run
+from engine.run import Progress, end_epoch, finish_run, finished_run, restore
+from engine.stopping import StopRequest, stop_run
 from engine.schedule import sgd_with_schedule, total_steps
 from models import MODELS, build_model, load_pretrained
 from models.checkpoint import CheckpointError
@@ -146,6 +147,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     t = cfg.train
     d, device = start_processes(cfg)
     run_dir, ckpt = start_run(cfg, STAGE, resume, d)
+    if finished_run(ckpt, run_dir, d):
+        return {}
     if t.batch_size % d.world:
         raise SystemExit(f"config error: train.batch_size={t.batch_size} (the global batch) must split evenly "
                          f"over the {d.world} processes")
@@ -196,7 +199,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
                         data.std, cfg.model.channels_last, amp=t.amp, d=d, workers=cfg.data.workers)
                if len(data.val_labels) else None)
         end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs, t.save_every_s)
-    finish_run(runlog, d)
+    finish_run(runlog, d, stop)
     return record
 
 

@@ -35,7 +35,8 @@ from engine.distributed import Dist, check_same_on_ranks, from_rank0
 from engine.features import CachedFeatures, LiveFeatures, compute_views, disk_views
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
-from engine.run import Progress, StopRequest, end_epoch, finish_run, restore, stop_run
+from engine.run import Progress, end_epoch, finish_run, finished_run, restore
+from engine.stopping import StopRequest, stop_run
 from engine.runlog import RunLog
 from engine.schedule import sgd_with_schedule
 from engine.tau_norm import tau_search
@@ -100,13 +101,8 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], method: Meth
 
 
 def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, data: LongTailData | FileData,
-                 payload: dict, ranks: Dist, ckpt: dict | None) -> dict:
+                 payload: dict, ranks: Dist) -> dict:
     """tau_norm: no training; tau searched on the validation split (stage2.tau_norm_tau without one)."""
-    if ckpt is not None:  # last.pt is written once, at the end: as a finished stage-1 run, nothing is left to do
-        restore(ckpt, {}, run_dir, data.class_counts, 1)  # (the training set must still be the run's)
-        logger.info("tau_norm: the run is finished (tau = %g); nothing left to do", ckpt["tau"])
-        finish_run(runlog, ranks)
-        return {}
     stage1_head, tau = model.head, cfg.stage2.tau_norm_tau
     has_val = len(data.val_labels) > 0
     if has_val:
@@ -209,6 +205,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     augment_note = check_data(cfg, s1)
     t, d = cfg.train, cfg.data
     run_dir, ckpt = start_run(cfg, STAGE, resume, ranks)
+    if finished_run(ckpt, run_dir, ranks):
+        return {}
     if ckpt is None:
         drop_feature_caches(run_dir, ranks)
 
@@ -221,7 +219,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint or cfg.model.pretrained}
     if method.kind == "posthoc":
-        return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks, ckpt)
+        return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
 
     # ---- features, head, loss, batches (a data sampler, or the BALMS meta-sampler), optimiser
     features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM, ranks, run_dir)
@@ -273,7 +271,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         check_same_on_ranks({k: v for k, v in states.items() if isinstance(v, nn.Module)}, ranks)
         val = validate(cfg, model, data, ranks) if len(data.val_labels) else None
         end_epoch(run_dir, runlog, progress, record, val, {**payload, **state}, num_epochs, t.save_every_s)
-    finish_run(runlog, ranks)
+    finish_run(runlog, ranks, stop)
     return record
 
 

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import nn
 
 from engine.distributed import Dist, shutdown
 from engine.runlog import RunLog
+from engine.stopping import StopRequest
 from models.checkpoint import (CheckpointError, load_checkpoint, load_state_checked, save_checkpoint,
                                write_atomic)
 
@@ -215,7 +215,7 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
     # The metric line first: a run killed before last.pt has a line of an epoch the checkpoint lacks,
     # which resume drops (trim_metrics_log, from start_run) and logs again; the other order would lose the line.
     runlog.log(progress.step, record)
-    state = {**payload, **progress.as_checkpoint()}
+    state = {**payload, **progress.as_checkpoint(), "finished": progress.epoch >= num_epochs}
     if is_best:
         save_checkpoint(run_dir / "best.pt", state)
     saves = progress.epoch >= num_epochs or time.monotonic() - progress.saved_at >= save_every_s
@@ -227,50 +227,28 @@ def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: 
                 " (last.pt written)" if saves else "")
 
 
-class StopRequest:
-    """SIGINT / SIGTERM ask the training loop to stop after its current step (it saves last.pt and
-    exits, see stop_run); a second SIGINT stops at once. Calling it says whether a signal came."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def install(self) -> "StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: now, without saving
-            logger.warning("SIGINT again: stopped at once; last.pt is the last checkpoint written (--resume "
-                           "continues from it)")
-            raise SystemExit(128 + signum)
-        self.signum = signum
-        logger.warning("%s: stopping after this step and saving last.pt (Ctrl-C again to stop at once)",
-                       signal.Signals(signum).name)
-
-    def __call__(self) -> bool:  # train_one_epoch's `stop`
-        return self.signum is not None
-
-
-def stop_run(run_dir: Path, runlog: RunLog | None, progress: Progress, payload: dict, signum: int) -> None:
-    """Save last.pt mid-epoch (progress.step counts the steps taken), say how to resume, and exit
-    with 128 + the signal's number, as a shell reports a process a signal ended."""
-    if runlog is not None:
-        save_checkpoint(run_dir / "last.pt", {**payload, **progress.as_checkpoint()})
-        runlog.close()
-    name = signal.Signals(signum).name
-    logger.warning("stopped by %s at step %d (epoch %d); last.pt saved: the same command with --resume continues",
-                   name, progress.step, progress.epoch + 1)
-    raise SystemExit(128 + signum)
-
-
-def finish_run(runlog: RunLog | None, d: Dist) -> None:
-    """Close the metric log and give up the run directory's claim (rank 0), and leave the process group
-    (several processes)."""
+def finish_run(runlog: RunLog | None, d: Dist, stop: StopRequest | None = None) -> None:
+    """Close the metric log and give up the run directory's claim (rank 0), give the signals back (stop),
+    and leave the process group (several processes)."""
     if runlog is not None:
         runlog.close()
         release_run_dir(runlog.run_dir)
+    if stop is not None:
+        stop.uninstall()
     shutdown(d)
+
+
+def finished_run(ckpt: dict | None, run_dir: Path, d: Dist) -> bool:
+    """Whether --resume found a run's end (end_epoch marks its last.pt; a tau_norm checkpoint, which records
+    its tau, is written only at its end): then it says so, gives up the run directory and nothing is trained
+    or rewritten."""
+    if ckpt is None or not ckpt.get("finished", "tau" in ckpt):
+        return False
+    logger.info("%s: the run is finished (epoch %d); nothing left to do", run_dir, ckpt["epoch"])
+    if d.is_main:
+        release_run_dir(run_dir)
+    shutdown(d)
+    return True
 
 
 def trim_metrics_log(run_dir: Path, last_epoch: int) -> None:
@@ -279,9 +257,10 @@ def trim_metrics_log(run_dir: Path, last_epoch: int) -> None:
     it, and lose lines. The file is replaced whole, so a kill while trimming leaves the old log."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if _epoch_of(line) <= last_epoch]
-        text = "".join(line + "\n" for line in keep)
-        write_atomic(path, lambda f: f.write(text.encode()))
+        old = path.read_text()
+        text = "".join(line + "\n" for line in old.splitlines() if _epoch_of(line) <= last_epoch)
+        if text != old:
+            write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _epoch_of(line: str) -> float:

@@ -5,22 +5,22 @@ import runpy
 import signal
 import sys
 
-import engine.run
+import engine.stopping
 
 
 def main() -> None:
     at, script, *args = sys.argv[1:]
     calls = 0
-    check = engine.run.StopRequest.__call__
+    check = engine.stopping.StopRequest.__call__
 
-    def stop(self: engine.run.StopRequest) -> bool:
+    def stop(self: engine.stopping.StopRequest) -> bool:
         nonlocal calls
         calls += 1
         if calls == int(at):
             self._handle(signal.SIGTERM, None)  # what the handler StopRequest installs does with the signal
         return check(self)
 
-    engine.run.StopRequest.__call__ = stop
+    engine.stopping.StopRequest.__call__ = stop
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 

@@ -75,6 +75,26 @@ def test_options_and_overrides_mix_in_any_order(fake_cifar10, tmp_path, run, tin
     assert "top-1" in proc.stdout and (log_dir / "test_metrics.json").is_file()
 
 
+def test_resuming_a_finished_run_says_so_and_writes_nothing(fake_cifar10, tmp_path, run, tiny_stage1):
+    """The last epoch's last.pt is marked finished: --resume (here with a thread count and a checkpoint interval
+    it accepts as another machine's) trains nothing and rewrites nothing, config.yaml and TensorBoard included (train.log records it)."""
+    log_dir = tmp_path / "run"
+
+    def files() -> dict:
+        return {p.relative_to(log_dir): (p.stat().st_mtime_ns, p.read_bytes()) for p in log_dir.rglob("*")
+                if p.is_file() and p.name != "train.log"}  # which records the resume
+
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "data.val_per_class=2"))
+    assert torch.load(log_dir / "last.pt", weights_only=True)["finished"] is True
+    before = files()
+    proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "data.val_per_class=2", "train.num_threads=2",
+                      "train.save_every_s=30", "--resume"))
+    assert files() == before
+    assert "the run is finished (epoch 3); nothing left to do" in proc.stderr
+    last_line = (log_dir / "train.log").read_text().splitlines()[-1]
+    assert last_line.endswith("the run is finished (epoch 3); nothing left to do")
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(fake_cifar10, tmp_path, run, kill_run, tiny_stage1):
     args = (*tiny_stage1, "train.epochs=6", "train.mixup_alpha=0.2", "data.autoaugment=true", "data.cutout=8")
     full = tmp_path / "full"

@@ -1,4 +1,6 @@
 """Pieces of stage1_train.py's main, in-process."""
+import signal
+
 import torch
 
 from config.load import load_config
@@ -6,7 +8,7 @@ from engine.distributed import Dist
 from engine.run import Progress
 from models import build_model
 from models.losses import build_loss
-from stage1_train import build_data, parameter_groups
+from stage1_train import build_data, main, parameter_groups
 
 
 def test_a_bias_the_class_balanced_sigmoid_loss_sets_is_kept_out_of_weight_decay():
@@ -36,3 +38,13 @@ def test_progressive_sampler_spans_the_epochs_a_run_under_several_processes_take
         assert not torch.allclose(loader._chunks.sampler.class_probabilities(epochs - 1), balanced)
         for _ in loader.epoch(epochs - 1):
             pass
+
+
+def test_a_run_in_process_gives_the_signals_back_when_it_ends(fake_cifar10, tmp_path, tiny_stage1):
+    # bench/sweep.py runs several stage-1 mains in one process: a Ctrl-C between two of them must stop it.
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cfg = load_config(None, [f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'run'}", *tiny_stage1,
+                             "train.epochs=2"], "stage1")
+    main(cfg)
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert {sig: signal.getsignal(sig) for sig in before} == before

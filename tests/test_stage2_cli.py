@@ -49,17 +49,22 @@ def test_stage1_then_stage2_method_then_test_table(fake_cifar10, stage1_run, tmp
             assert "balms: class-balanced meta batches of 16 from the val split (20 images)" in log
 
 
-def test_resuming_a_finished_tau_norm_run_does_nothing_more_as_a_finished_stage1_run(fake_cifar10, stage1_run,
-                                                                                       tmp_path, run):
-    """tau_norm writes last.pt once, when it ends: --resume finds the run finished and leaves the metric log (the
-    search's line per tau, then the epoch's) and the checkpoints as they were."""
-    log_dir = tmp_path / "tau_norm"
-    run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=tau_norm"))
-    metrics, last = (log_dir / "metrics.jsonl").read_text(), (log_dir / "last.pt").stat().st_mtime_ns
-    assert len(metrics.splitlines()) == 22  # stage2.tau_norm_grid's 21 values, then epoch 1
-    proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=tau_norm", "--resume"))
-    assert (log_dir / "metrics.jsonl").read_text() == metrics and (log_dir / "last.pt").stat().st_mtime_ns == last
-    assert "tau_norm: the run is finished" in proc.stderr
+@pytest.mark.parametrize("method", ["tau_norm", "balanced_softmax"])
+def test_resuming_a_finished_run_says_so_and_writes_nothing(fake_cifar10, stage1_run, tmp_path, run, method):
+    """--resume of a finished run (tau_norm writes last.pt once, at its end; a trained head's last.pt of its last
+    epoch is marked finished) trains and searches nothing, and leaves every file of the run directory as it was
+    (the metric log, config.yaml, TensorBoard's events, the checkpoints), but for train.log's line about it."""
+    log_dir = tmp_path / method
+
+    def files() -> dict:
+        return {p.relative_to(log_dir): (p.stat().st_mtime_ns, p.read_bytes()) for p in log_dir.rglob("*")
+                if p.is_file() and p.name != "train.log"}  # which records the resume
+
+    run(*_stage2(fake_cifar10, stage1_run, log_dir, f"stage2.method={method}"))
+    before = files()
+    proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, f"stage2.method={method}", "--resume"))
+    assert files() == before
+    assert "the run is finished (epoch" in proc.stderr and "nothing left to do" in proc.stderr
 
 
 @pytest.mark.parametrize("split, images", [("train", 238), ("resampled", 238)])  # val: the balms test above

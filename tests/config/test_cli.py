@@ -204,7 +204,7 @@ SECOND_CTRL_C_WHILE_EXITING = """
 import atexit, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from config.cli import run_program
-from engine.run import StopRequest
+from engine.stopping import StopRequest
 
 def second_ctrl_c():
     os.kill(os.getpid(), signal.SIGINT)

@@ -12,6 +12,7 @@ from torch import nn
 from engine.distributed import Dist
 from engine.run import (Progress, RunDirError, claim_run_dir, end_epoch, finish_run, release_run_dir, restore,
                         resume_checkpoint)
+from engine.stopping import StopRequest
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError, save_checkpoint
 from tests.conftest import REPO
@@ -200,3 +201,13 @@ def test_a_killed_run_s_forked_children_do_not_keep_its_run_directory_claimed(tm
     finally:
         release_run_dir(run_dir)
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_stop_request_gives_the_signals_back_to_the_handlers_it_found():
+    # A sweep runs several runs in one process: between them a Ctrl-C must reach Python's own handler,
+    # not a finished run's, which would only set a flag nothing reads any more.
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopRequest().install()
+    assert signal.getsignal(signal.SIGINT) == stop._handle and signal.getsignal(signal.SIGTERM) == stop._handle
+    stop.uninstall()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
