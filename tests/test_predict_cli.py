@@ -22,13 +22,51 @@ pytestmark = pytest.mark.slow
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    """A stage-2-like checkpoint of this tool (random ResNet-32, CIFAR-10 config) and its model."""
+# The fixture model's class of each colour: it classifies an image by the colour of these it is closest to.
+COLOURS = [(100, 150, 220), (200, 40, 40), (220, 200, 40), (130, 130, 130), (140, 90, 40), (220, 220, 220),
+           (40, 180, 40), (40, 40, 40), (40, 40, 200), (200, 40, 200)]
+TEMPERATURE = 0.5  # logits -0.5 * squared distance: probabilities well inside (0, 1), which any change of input moves
+
+
+def _normalised(image: torch.Tensor) -> torch.Tensor:
+    """(x / 255 - mean) / std of a uint8 (..., 3, H, W) image with CIFAR-10's statistics, written out here."""
+    mean, std = torch.tensor(CIFAR10_MEAN)[:, None, None], torch.tensor(CIFAR10_STD)[:, None, None]
+    return (image.float() / 255 - mean) / std
+
+
+def _colour_features(rgb) -> torch.Tensor:
+    """(relu(x), relu(-x)) of the normalised channels x of a solid image of colour rgb: the fixture's features."""
+    x = _normalised(torch.tensor(rgb, dtype=torch.uint8)[:, None, None]).flatten()
+    return torch.cat([x.clamp(min=0), (-x).clamp(min=0)])
+
+
+def _colour_resnet32() -> torch.nn.Module:
+    """A ResNet-32 whose logits are a known function of the image: its stem copies the normalised channels x
+    (and -x) through a ReLU, every residual branch is zeroed (bn2 weight 0), so the option-A shortcuts carry
+    relu(x), relu(-x) to feature channels 24..29 (padded by 8, then 16 channels), averaged over the pixels
+    (4i, 4j); the head's logit of class c is -TEMPERATURE * ||f - p_c||^2 + TEMPERATURE * ||f||^2, p_c the
+    features of COLOURS[c]. A nearly solid image of COLOURS[c] is class c, with probability below 1."""
     torch.manual_seed(0)
     model = build_model("resnet32", 10).eval()
+    prototypes = torch.stack([_colour_features(rgb) for rgb in COLOURS])  # (10, 6)
     with torch.no_grad():
-        model.head.bias.copy_(torch.linspace(-2, 2, 10))  # confident, distinct predictions
+        model.conv1.weight.zero_()
+        for k in range(3):
+            model.conv1.weight[k, k, 1, 1], model.conv1.weight[3 + k, k, 1, 1] = 1.0, -1.0
+        for stage in (model.layer1, model.layer2, model.layer3):
+            for block in stage:
+                block.bn2.weight.zero_()
+                block.bn2.bias.zero_()
+        model.head.weight.zero_()
+        model.head.weight[:, 24:30] = 2 * TEMPERATURE * prototypes
+        model.head.bias.copy_(-TEMPERATURE * prototypes.pow(2).sum(dim=1))
+    return model
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A stage-2-like checkpoint of this tool (CIFAR-10 config) of _colour_resnet32, and the model."""
+    model = _colour_resnet32()
     path = tmp_path / "best.pt"
     save_checkpoint(path, {"model": model.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10},
                            "class_counts": [50, 40, 30, 25, 20, 15, 12, 10, 7, 5], "class_names": NAMES,
@@ -36,19 +74,31 @@ def checkpoint(tmp_path):
     return path, model
 
 
+def _noisy(rgb, w: int, h: int, rng) -> np.ndarray:
+    """An (h, w, 3) uint8 image of colour rgb with noise of standard deviation 8."""
+    return np.clip(np.array(rgb) + rng.normal(0, 8, (h, w, 3)), 0, 255).round().astype(np.uint8)
+
+
+# The classes image_files' colours (red, blue, green) are made to be: a different class each, and swapping the
+# red and blue channels swaps the first two.
+IMAGE_CLASSES = ["automobile", "ship", "frog"]
+
+
 @pytest.fixture
 def image_files(tmp_path) -> list:
-    """Two 32x32 PNGs and a 48x20 JPEG (resized to 32x32 by predict)."""
+    """Two 32x32 PNGs, red and blue, and a green 48x20 JPEG (resized to 32x32 by predict)."""
     rng = np.random.default_rng(0)
     paths = []
-    for name, (w, h) in (("a.png", (32, 32)), ("b.png", (32, 32)), ("c.jpg", (48, 20))):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    for name, (w, h), rgb in (("a.png", (32, 32), COLOURS[1]), ("b.png", (32, 32), COLOURS[8]),
+                              ("c.jpg", (48, 20), COLOURS[6])):
+        Image.fromarray(_noisy(rgb, w, h, rng)).save(tmp_path / name)
         paths.append(tmp_path / name)
     return paths
 
 
 def _expected_lines(model, paths) -> list[str]:
-    """What predict must print: the same decoding, resize and normalisation, done here in-process."""
+    """What predict must print: the images decoded by Pillow, resized and normalised here in-process, through
+    the model; their classes are checked against IMAGE_CLASSES by the callers."""
     images = []
     for p in paths:
         img = Image.open(p).convert("RGB")
@@ -56,15 +106,29 @@ def _expected_lines(model, paths) -> list[str]:
             img = img.resize((32, 32), Image.Resampling.BILINEAR)
         images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
     with torch.no_grad():
-        probs = model(normalize(torch.stack(images), CIFAR10_MEAN, CIFAR10_STD)).softmax(dim=1)
+        probs = model(_normalised(torch.stack(images))).softmax(dim=1)
     conf, pred = probs.max(dim=1)
     return [f"{p}\t{NAMES[c]}\t{q:.4f}" for p, c, q in zip(paths, pred.tolist(), conf.tolist())]
+
+
+def test_the_fixture_model_classifies_each_colour_by_its_nearest_prototype_with_a_probability_below_one():
+    """The fixture model computes the function its docstring says: a solid image of COLOURS[c] has the
+    logits -TEMPERATURE * ||f - p_j||^2 (up to a constant), f = p_c."""
+    model = _colour_resnet32()
+    solid = torch.stack([torch.tensor(rgb, dtype=torch.uint8)[:, None, None].expand(3, 32, 32) for rgb in COLOURS])
+    prototypes = torch.stack([_colour_features(rgb) for rgb in COLOURS])
+    expected = (-TEMPERATURE * torch.cdist(prototypes, prototypes).pow(2)).softmax(dim=1)
+    with torch.no_grad():
+        probs = model(_normalised(solid)).softmax(dim=1)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-4)  # BatchNorm's eps scales x by 1 - 5e-6
+    assert probs.argmax(dim=1).tolist() == list(range(10)) and probs.max() < 0.99
 
 
 def test_predict_prints_class_and_probability_per_image(checkpoint, image_files, run):
     path, model = checkpoint
     proc = run("predict.py", str(path), *map(str, image_files))
     assert proc.stdout.splitlines() == _expected_lines(model, image_files)
+    assert [line.split("\t")[1] for line in proc.stdout.splitlines()] == IMAGE_CLASSES
     assert run("predict.py", str(path), "--device", "cpu", *map(str, image_files)).stdout == proc.stdout
     bad = run("predict.py", str(path), "--device", "tpu", *map(str, image_files), check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: train.device='tpu' is not one of")
@@ -84,6 +148,7 @@ def test_export_writes_plain_state_dict_and_json_that_predict_the_same(checkpoin
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     proc = run("predict.py", str(out), *map(str, image_files))
     assert proc.stdout.splitlines() == _expected_lines(model, image_files)
+    assert [line.split("\t")[1] for line in proc.stdout.splitlines()] == IMAGE_CLASSES
 
 
 def test_imported_checkpoint_without_config_needs_the_dataset(checkpoint, image_files, tmp_path, run):
@@ -92,9 +157,11 @@ def test_imported_checkpoint_without_config_needs_the_dataset(checkpoint, image_
     save_checkpoint(path, {"model": model.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10},
                            "class_counts": None, "class_names": None, "config": None})
     proc = run("predict.py", str(path), str(image_files[0]), check=False)
-    assert proc.returncode == 2 and "records no training dataset; pass --dataset (cifar10 | cifar100 | folder | imagenet_lt | places_lt | inat2018)" in proc.stderr
+    assert proc.returncode == 2 and ("records no training dataset; pass --dataset (cifar10 | cifar100 | folder | "
+                                     "imagenet_lt | places_lt | inat2018)") in proc.stderr
     proc = run("predict.py", str(path), str(image_files[0]), "--dataset", "cifar10")
     expected = _expected_lines(model, image_files[:1])[0].split("\t")
+    assert expected[1] == IMAGE_CLASSES[0]
     assert proc.stdout.split("\t") == [expected[0], str(NAMES.index(expected[1])), expected[2] + "\n"]
 
 
@@ -113,6 +180,7 @@ def test_unreadable_image_is_skipped_and_the_others_still_classified(checkpoint,
     proc = run("predict.py", str(path), str(image_files[0]), str(notes), *map(str, image_files[1:]), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stdout.splitlines() == _expected_lines(model, image_files)
+    assert [line.split("\t")[1] for line in proc.stdout.splitlines()] == IMAGE_CLASSES
     assert proc.stderr.splitlines() == [
         f"error: cannot read {notes} as an image (Unsupported image file. Only jpeg, png, webp and gif are currently "
         f"supported. For avif and heic format, please rely on `decode_avif` and `decode_heic` directly.); skipped"]
@@ -207,7 +275,7 @@ def test_16_bit_png_reads_as_evaluation_decodes_it_not_nearly_white(checkpoint, 
     paths, images = predict.read_images([str(png)])
     assert paths == [str(png)] and torch.equal(images[0], decoded)
     x = predict.model_input(meta)(decoded)
-    assert torch.equal(x, normalize(decoded, CIFAR10_MEAN, CIFAR10_STD))  # CIFAR models: 32x32 kept as it is
+    assert torch.equal(x, _normalised(decoded))  # CIFAR models: 32x32 kept as it is
     with torch.no_grad():
         expected = _line(png, model(x[None]).softmax(dim=1), NAMES)
     assert _classify([str(path), str(png)], capsys) == (expected, "")
@@ -215,13 +283,20 @@ def test_16_bit_png_reads_as_evaluation_decodes_it_not_nearly_white(checkpoint, 
 
 def test_animated_gif_is_classified_by_its_first_frame(checkpoint, tmp_path, capsys):
     path, model = checkpoint
-    frames = [Image.fromarray(np.full((32, 32, 3), 40 + 90 * i, dtype=np.uint8)) for i in range(3)]
+    greys = (40, 130, 220)  # the fixture model's horse, cat and dog: each frame a different line
+    frames = [Image.fromarray(np.full((32, 32, 3), grey, dtype=np.uint8)) for grey in greys]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    frames[0].save(tmp_path / "first.png")
+    stills = [tmp_path / f"frame{i}.png" for i in range(3)]
+    for frame, still in zip(frames, stills):
+        frame.save(still)
     assert predict.read_images([str(tmp_path / "anim.gif")])[1][0].shape == (3, 32, 32)
-    out, err = _classify([str(path), str(tmp_path / "anim.gif"), str(tmp_path / "first.png")], capsys)
-    first, still = out.splitlines()
-    assert err == "" and first.split("\t")[1:] == still.split("\t")[1:]
+    out, err = _classify([str(path), str(tmp_path / "anim.gif"), *map(str, stills)], capsys)
+    with torch.no_grad():
+        solid = torch.tensor(greys, dtype=torch.uint8)[:, None, None, None].expand(3, 3, 32, 32)
+        probs = model(_normalised(solid)).softmax(dim=1)
+    expected = [_line(p, q[None], NAMES) for p, q in zip([tmp_path / "anim.gif", *stills], probs[[0, 0, 1, 2]])]
+    assert err == "" and out.splitlines(keepends=True) == expected
+    assert [line.split("\t")[1] for line in expected] == ["horse", "horse", "cat", "dog"]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Which stage reads which key, renamed keys, and the config a stage saves."""
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -22,13 +23,25 @@ def test_every_stage_key_entry_names_a_real_key_or_section():
         assert not leaf or leaf in {f.name for f in dataclasses.fields(sections[section])}, entry
 
 
+def _schema_field(key: str) -> bool:
+    """Whether a dotted key (a section or a section's key) names a field of Config."""
+    node = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = typing.get_type_hints(node)[part]
+    return True
+
+
 def test_every_new_name_exists_and_no_old_name_does():
-    cfg = Config()
+    assert _schema_field("meta_sampler") and _schema_field("loss.logit_adjust_tau") and not _schema_field("loss.x")
     for old, new in RENAMED.items():
-        node = cfg
-        for part in new.split("."):
-            node = getattr(node, part)  # raises AttributeError for a misspelt new name
+        assert _schema_field(new), new  # a misspelt new name fails here
+        assert not _schema_field(old), old  # an old name still in the schema would shadow its rename
         assert renamed(old) == new
+        message = f"config key '{old}' (override '{old}=1') was renamed: use {new}"
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            load_config(None, [f"{old}=1"])
     assert renamed("sampler.lr") == "meta_sampler.lr" and renamed("train.lr") is None
 
 

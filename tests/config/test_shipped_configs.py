@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from config.load import check_dataset_keys, load_config
+from config.load import check_dataset_keys, config_to_dict, flatten, load_config
 from config.schema import STAGE_SCRIPTS
 from data.build_files import DATASET_KINDS
 from data.samplers import SAMPLERS
@@ -28,7 +28,8 @@ def test_there_are_configs_for_each_method_on_both_datasets_and_profiles():
 def test_config_loads_for_the_stage_of_its_first_line_which_is_its_own_run_command(path):
     rel = path.relative_to(ROOT).as_posix()
     first = path.read_text().splitlines()[0]
-    stage = {f"# python {script} --cfg {rel}": stage for stage, script in STAGE_SCRIPTS.items()}.get(first.split("  ")[0])
+    commands = {f"# python {script} --cfg {rel}": stage for stage, script in STAGE_SCRIPTS.items()}
+    stage = commands.get(first.split("  ")[0])
     assert stage is not None, first
     cfg = load_config(path, stage=stage)  # no key the other stage alone reads
     if stage == "stage1":  # (stage 2 reads data.dataset from its stage-1 checkpoint first)
@@ -39,15 +40,37 @@ def test_config_loads_for_the_stage_of_its_first_line_which_is_its_own_run_comma
     build_loss(cfg.loss.name, [50, 20, 5], **params)
 
 
+def _flat(path: Path) -> dict:
+    return flatten(config_to_dict(load_config(path)))
+
+
+# What a method config may change of its folder's ce.yaml: the method's own keys (and the run's name).
+METHOD_KEYS = ("loss.", "data.sampler", "model.head", "train.mixup_alpha", "eval.logit_adjust_tau")
+# ARB's own code decays once, by 0.1 at epoch 160; the others follow LDAM-DRW (x0.01 at 160 and 180).
+ARB_DECAY = {"train.milestones": [160.0], "train.gamma": 0.1}
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*/methods_if100_*/*.yaml")),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_method_configs_differ_from_each_other_only_in_method_and_dataset_keys(path):
-    cfg = load_config(path)
-    assert cfg.data.imbalance_factor == 100 and cfg.data.profile == path.parent.name.rsplit("_", 1)[1]
-    # ARB's own code decays once, by 0.1 at epoch 160; the others follow LDAM-DRW (x0.01 at 160 and 180).
-    decay = ([160.0], 0.1) if cfg.loss.name == "arb" else ([160.0, 180.0], 0.01)
-    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.schedule, cfg.train.milestones,
-            cfg.train.gamma, cfg.train.weight_decay) == (200, 128, 0.1, "step", *decay, 2e-4)
+    """Each method config is its folder's ce.yaml with method keys changed (ARB also its decay), and each folder's
+    ce.yaml is CIFAR-10-LT exp's with only the dataset keys changed: every other key is the same everywhere."""
+    cfg, ce = _flat(path), _flat(path.parent / "ce.yaml")
+    changed = {k for k in cfg if cfg[k] != ce[k]}
+    allowed = {k for k in changed if k.startswith(METHOD_KEYS) or k == "name"}
+    if cfg["loss.name"] == "arb":
+        assert {k: cfg[k] for k in ARB_DECAY} == ARB_DECAY
+        allowed |= set(ARB_DECAY)
+    assert changed - allowed == set()
+    assert cfg["name"] == f"{path.parent.parent.name}_if100_{path.parent.name.rsplit('_', 1)[1]}_{path.stem}"
+    base = _flat(ROOT / "config" / "cifar10_lt" / "methods_if100_exp" / "ce.yaml")
+    dataset = {"name", "data.dataset", "data.profile"}
+    assert {k for k in ce if ce[k] != base[k]} <= dataset
+    assert (ce["data.dataset"], ce["data.profile"]) == ({"cifar10_lt": "cifar10", "cifar100_lt": "cifar100"}[
+        path.parent.parent.name], path.parent.name.rsplit("_", 1)[1])
+    assert (base["data.imbalance_factor"], base["train.epochs"], base["train.batch_size"], base["train.lr"],
+            base["train.warmup"], base["train.schedule"], base["train.milestones"], base["train.gamma"],
+            base["train.weight_decay"]) == (100, 200, 128, 0.1, 5, "step", [160.0, 180.0], 0.01, 2e-4)
 
 
 @pytest.mark.parametrize("name", ["cifar10_lt/stage1_softmax.yaml", "cifar10_lt/stage1_mixup.yaml",

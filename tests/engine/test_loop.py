@@ -137,17 +137,63 @@ def test_a_nan_loss_on_the_cpu_stops_the_epoch_before_its_optimiser_step():
         assert torch.equal(value, before[name])
 
 
+def _fixed_epoch(model, batches, loss_fn, **kwargs):
+    """train_one_epoch at lr 0 (plain SGD): the model the metrics are taken with is `model` throughout."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    return train_one_epoch(model, batches, len(batches), loss_fn, opt,
+                           torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), **kwargs)
+
+
 def test_the_epoch_metrics_are_the_image_weighted_means_of_the_steps():
+    """Batches of 6 and 2 images: the epoch's loss and accuracy are sums over its 8 images divided by 8, not the
+    mean of the two steps' means (which differ here)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    batches = _batches(n_batches=1, batch=6)
+    batches = [_batches(n_batches=1, batch=6, seed=1)[0], _batches(n_batches=1, batch=2, seed=2)[0]]
     with torch.no_grad():
-        expected_loss = sum(nn.functional.cross_entropy(model(x), y, reduction="sum") for x, y in batches[:1])
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    out = train_one_epoch(model, batches[:1], 1, nn.CrossEntropyLoss(), opt,
-                          torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
-    assert out["loss"] == pytest.approx(float(expected_loss) / 6, rel=1e-6)
-    assert isinstance(out["loss"], float) and isinstance(out["train_acc"], float)
+        losses = [nn.functional.cross_entropy(model(x), y, reduction="none").tolist() for x, y in batches]
+        correct = [(model(x).argmax(1) == y).tolist() for x, y in batches]
+    assert [sum(c) for c in correct] == [2, 0]  # accuracy 2 / 8 by images, (2/6 + 0/2) / 2 by steps
+    step_means = [sum(v) / len(v) for v in losses]
+    expected_loss = sum(losses[0] + losses[1]) / 8
+    assert abs(expected_loss - sum(step_means) / 2) > 0.01  # far beyond the tolerance below
+    out = _fixed_epoch(model, batches, nn.CrossEntropyLoss())
+    assert out["loss"] == pytest.approx(expected_loss, rel=1e-6) and out["train_acc"] == 2 / 8
+    assert isinstance(out["loss"], float) and isinstance(out["train_acc"], float) and out["steps"] == 2
+
+
+def _balanced_softmax_formula(logits, y, counts):
+    """Balanced softmax written out: the mean cross-entropy of logits + log(n_c)."""
+    return nn.functional.cross_entropy(logits + torch.tensor(counts, dtype=torch.float32).log(), y)
+
+
+@pytest.mark.parametrize("loss", ["ce", "balanced_softmax"])
+def test_mixup_loss_is_lam_times_the_loss_of_y_plus_1_minus_lam_times_that_of_the_permuted_y(loss):
+    """Each batch: lam ~ Beta(a, a), then a permutation, drawn in that order from mixup_rng; the images are
+    lam * x + (1 - lam) * x[perm], the loss lam * L(y) + (1 - lam) * L(y[perm]) and the accuracy counts
+    lam * [pred = y] + (1 - lam) * [pred = y[perm]]; all redrawn and computed here from an identical generator."""
+    from models.losses import build_loss
+
+    counts = [50, 10, 3]
+    loss_fn, formula = ((nn.CrossEntropyLoss(), nn.functional.cross_entropy) if loss == "ce" else
+                        (build_loss(loss, counts), lambda z, y: _balanced_softmax_formula(z, y, counts)))
+    torch.manual_seed(0)
+    model = Tiny()
+    batches = [_batches(n_batches=1, batch=8, seed=1)[0], _batches(n_batches=1, batch=4, seed=2)[0]]
+    rng, loss_sum, correct_sum, lams = np.random.default_rng(7), 0.0, 0.0, []
+    for x, y in batches:
+        lam = float(rng.beta(0.4, 0.4))
+        perm = torch.from_numpy(rng.permutation(len(y)))
+        with torch.no_grad():
+            logits = model(lam * x + (1 - lam) * x[perm])
+        loss_sum += len(y) * float(lam * formula(logits, y) + (1 - lam) * formula(logits, y[perm]))
+        pred = logits.argmax(1)
+        correct_sum += lam * float((pred == y).sum()) + (1 - lam) * float((pred == y[perm]).sum())
+        lams.append(lam)
+    assert all(abs(lam - 0.5) > 0.1 for lam in lams)  # swapping lam and 1 - lam would change the loss
+    out = _fixed_epoch(model, batches, loss_fn, mixup_alpha=0.4, mixup_rng=np.random.default_rng(7))
+    assert out["loss"] == pytest.approx(loss_sum / 12, rel=1e-6)
+    assert out["train_acc"] == pytest.approx(correct_sum / 12, rel=1e-6)  # lam * count: float32
 
 
 @pytest.mark.parametrize("sampler, loss, mixup_alpha, accum_steps", [

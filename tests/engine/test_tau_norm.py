@@ -64,10 +64,11 @@ def test_tau_search_takes_the_first_of_equal_scores():
     assert tau == 0.0
 
 
-def test_tau_search_ranks_a_metric_with_no_classes_below_any_score():
-    # no medium-shot class: every record has None, so the first grid value is chosen
-    tau, _ = tau_search(_stage1_head(), VAL_FEATS, VAL_LABELS, COUNTS, GRID, "medium")
-    assert tau == 0.0
+def test_tau_search_by_a_metric_with_no_classes_takes_the_first_tau_without_failing():
+    # No medium-shot class: every record's val_medium is None (whether a group has classes depends on the counts
+    # and labels, never on tau, so no grid mixes None and scores), and the first grid value is chosen.
+    tau, records = tau_search(_stage1_head(), VAL_FEATS, VAL_LABELS, COUNTS, GRID, "medium")
+    assert tau == 0.0 and [r["val_medium"] for r in records] == [None, None, None]
 
 
 def test_tau_search_leaves_the_stage1_head_unchanged():

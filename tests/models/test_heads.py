@@ -166,11 +166,19 @@ def test_cosine_linear_gives_the_cosines_of_features_and_class_vectors():
 def test_cosine_linear_ignores_feature_and_weight_norms_and_has_no_bias():
     torch.manual_seed(0)
     head = CosineLinear(8, 5)
-    x = torch.randn(4, 8)
-    assert torch.allclose(head(x), head(7.5 * x), atol=1e-6)
     assert [name for name, _ in head.named_parameters()] == ["weight"] and head.weight.shape == (5, 8)
     assert torch.allclose(head.weight.norm(dim=1), torch.ones(5), atol=1e-6)  # unit class vectors at init
-    assert head(x).abs().max() <= 1.0 + 1e-6
+    x = torch.randn(4, 8)
+    out = head(x)
+    expected = (x / x.norm(dim=1, keepdim=True)) @ head.weight.detach().T  # cos(x, w_c) of unit w_c, written out
+    assert torch.allclose(out, expected, atol=1e-6) and out.abs().max() <= 1.0 + 1e-6
+    assert torch.allclose(head(7.5 * x), out, atol=1e-6)
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    assert torch.allclose(head(x), out, atol=1e-6)
+    with torch.no_grad():
+        head.weight.mul_(torch.tensor([1.0, 0.5, 2.0, 10.0, 0.2])[:, None])  # a different norm for each class
+    assert torch.allclose(head(x), out, atol=1e-6) and torch.allclose(head(0.1 * x), out, atol=1e-6)
 
 
 def test_build_head_by_name_and_unknown_name_lists_the_valid_ones():

@@ -275,16 +275,18 @@ def test_reweight_weights_inverse_and_inverse_sqrt_frequency():
 
 
 def test_reweight_loss_is_weighted_ce_over_batch_size():
-    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], dtype=torch.float64)
-    labels = torch.tensor([1, 0])
-    expected = (1.6 * math.log(2.0) + 0.4 * math.log(4.0 / 3.0)) / 2
+    # p_y = 1/2, 3/4, 1/4; weights 1.6 + 0.4 + 0.4 = 2.4: dividing by their sum instead of 3 gives 5/4 of this.
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, math.log(3.0)]], dtype=torch.float64)
+    labels = torch.tensor([1, 0, 0])
+    expected = (1.6 * math.log(2.0) + 0.4 * math.log(4.0 / 3.0) + 0.4 * math.log(4.0)) / 3
     assert _value(build_loss("reweight", [100, 25]).double(), logits, labels) == pytest.approx(expected, rel=1e-6)
 
 
 # --- mixup, registry, errors ----------------------------------------------------------------
 
 
-def test_mixup_composition_with_permuted_labels():
+def test_lam_weighted_balanced_softmax_of_two_label_sets_is_the_lam_weighted_formula():
+    # The loss side of mixup; train_one_epoch's mixing: tests/engine/test_loop.py::test_mixup_loss_is_lam_...
     y_a, y_b, lam = np.array(LABELS), np.array([2, 0, 0, 1]), 0.3
     shifted = np.array(LOGITS) + np.log(np.array(COUNTS, dtype=np.float64))
     expected = lam * _np_ce_per_sample(shifted, y_a).mean() + (1 - lam) * _np_ce_per_sample(shifted, y_b).mean()
