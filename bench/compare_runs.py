@@ -13,9 +13,31 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config.cli import OneLineParser, run_program  # noqa: E402
+
 
 def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
+
+
+GROUPS = ("top1", "many", "medium", "few")
+
+
+def read_metrics(path: Path, keys: tuple[str, ...] = GROUPS) -> dict:
+    """A run's test_metrics.json (written by --test), holding `keys`; a file that cannot be read, is not JSON
+    or lacks a key ends the program with one line (SystemExit)."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: cannot read {path}: {getattr(e, 'strerror', None) or e}; check the file and its permissions")
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {path} is not valid JSON ({e.msg}, column {e.colno}); rerun --test for that run to "
+                 f"rewrite it (a killed write leaves a partial file)")
+    if not isinstance(m, dict) or any(k not in m for k in keys):
+        sys.exit(f"error: {path} lacks some of {', '.join(keys)}; rerun --test for that run to rewrite it")
+    return m
 
 
 def table(runs: list[Path]) -> str:
@@ -23,8 +45,8 @@ def table(runs: list[Path]) -> str:
     for run in runs:
         path = run / "test_metrics.json"
         if not path.is_file():
-            sys.exit(f"{path} does not exist: run the script with --test for that run first")
-        results.append((run.name, json.loads(path.read_text())))
+            sys.exit(f"error: {path} does not exist: run the script with --test for that run first")
+        results.append((run.name, read_metrics(path, (*GROUPS, "per_class", "train_class_counts"))))
     first = results[0][1]
     names = first.get("class_names") or [str(c) for c in range(len(first["per_class"]))]
     head = [f"{name} ({n})" for name, n in zip(names, first["train_class_counts"])]
@@ -32,16 +54,17 @@ def table(runs: list[Path]) -> str:
              "|---" * (5 + len(head)) + "|"]
     for name, m in results:
         if m["train_class_counts"] != first["train_class_counts"]:
-            sys.exit(f"{name} was trained on other class counts than {results[0][0]}: not comparable")
-        cells = [pct(m[k]) for k in ("top1", "many", "medium", "few")] + [pct(a) for a in m["per_class"]]
+            sys.exit(f"error: {name} was trained on other class counts than {results[0][0]}: not comparable")
+        cells = [pct(m[k]) for k in GROUPS] + [pct(a) for a in m["per_class"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run directories holding test_metrics.json")
-    print(table(p.parse_args().runs))
+    runs = p.parse_args().runs
+    run_program(lambda: print(table(runs)))  # a missing or damaged test_metrics.json: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from config.cli import OneLineParser, run_program, user_errors  # noqa: E402
 from data.augment import BatchAugment  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.build_files import build_file_data  # noqa: E402
@@ -42,12 +43,22 @@ def rate(loader, batches: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", required=True, help="folder with train/<class>/*.jpg (CIFAR-10 as JPEG files)")
-    p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"), help="folder with cifar-10-batches-py/")
+    p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"),
+                   help="folder with cifar-10-batches-py/")
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--batches", type=int, default=40, help="timed batches of 128 per loader")
     args = p.parse_args()
+
+    def command() -> None:
+        with user_errors():  # no CIFAR-10 under --root, no images under --folder, an unreadable image: one line
+            measure(args)
+
+    run_program(command)
+
+
+def measure(args: argparse.Namespace) -> None:
     cpu = torch.device("cpu")
     memory = build_long_tail("cifar10", args.root, False, 100.0, "exp", 0, 0)
     files = build_file_data("folder", args.folder, "", 100.0, "exp", 0, 0, 32)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.cli import test  # noqa: E402
+from config.cli import OneLineParser, run_program, test, user_errors  # noqa: E402
 from config.load import load_config  # noqa: E402
 from config.saved import config_from_dict  # noqa: E402
 from stage2_classifier import main as stage2_main  # noqa: E402
@@ -46,16 +46,21 @@ def run(stage1: str, method: str, views: int, iterations: int, seed: int, out: P
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage1", required=True, help="stage-1 checkpoint (its data config is reused)")
-    p.add_argument("--iterations", type=int, default=1000, help="stage-2 iterations at batch 512 (the BALMS schedule: 2000)")
+    p.add_argument("--iterations", type=int, default=1000,
+                   help="stage-2 iterations at batch 512 (the BALMS schedule: 2000)")
     p.add_argument("--views", type=int, default=config_from_dict({}).stage2.cache_views, help="cached views")
     p.add_argument("--methods", nargs="+", default=["balanced_softmax", "balms"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed of each pair of runs")
     p.add_argument("overrides", nargs="*", help="more key=value overrides for both runs")
     args = p.parse_args()
+    run_program(lambda: compare(args))
+
+
+def compare(args: argparse.Namespace) -> None:
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, user_errors():  # a missing checkpoint, a bad override: one line
         for method in args.methods:
             for seed in args.seeds:
                 naive_s, naive_top1 = run(args.stage1, method, 0, args.iterations, seed, Path(tmp), args.overrides)

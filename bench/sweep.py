@@ -30,12 +30,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare_runs import pct  # noqa: E402
-from bench.methods_table import VAL_PER_CLASS, method_configs, parse_with_overrides, short_schedule  # noqa: E402
+from bench.methods_table import (VAL_PER_CLASS, method_config, method_configs, parse_with_overrides,  # noqa: E402
+                                 train_and_test)
 from bench.report_figures import MARKERS, legend_below, log_axis, save  # noqa: E402
-from config.cli import OneLineParser, nothing_left_of_a_refused_run, run_program, test, user_errors  # noqa: E402
-from config.load import load_config  # noqa: E402
+from config.cli import OneLineParser, run_program, user_errors  # noqa: E402
 from config.schema import Config  # noqa: E402
-from stage1_train import main as stage1_main  # noqa: E402
 
 GROUPS = ("top1", "many", "medium", "few")
 LINESTYLES = ("-", "--", ":", "-.")  # one per profile
@@ -54,23 +53,10 @@ def plan(args: argparse.Namespace) -> list[tuple[dict, Config]]:
                     name = f"{dataset}_{shape}_if{factor:g}_{method}"
                     point = [f"data.dataset={dataset}", f"data.profile={shape}", f"data.imbalance_factor={factor!r}",
                              f"name={name}", f"log_dir={args.out / name}"]
-                    path = paths[method]
-                    schedule = short_schedule(path, args.iterations, args.out, args.overrides + point)
-                    cfg = load_config(path, schedule + args.overrides + point, stage="stage1")
+                    cfg = method_config(paths[method], args.iterations, args.out, args.overrides + point)
                     runs.append(({"dataset": dataset, "profile": profile, "imbalance_factor": factor,
                                   "method": method}, cfg))
     return runs
-
-
-def train_and_test(cfg: Config) -> dict:
-    """The run's test metrics: read when its directory has them, else trained (resuming a killed run) and tested."""
-    run_dir = Path(cfg.run_dir)
-    path = run_dir / "test_metrics.json"
-    if not path.is_file():
-        with nothing_left_of_a_refused_run(run_dir), user_errors():  # as the entry scripts: no stray folder
-            stage1_main(cfg, resume=True)
-            test(cfg, run_dir / "best.pt")
-    return json.loads(path.read_text())
 
 
 def table(records: list[dict], caption: str) -> str:

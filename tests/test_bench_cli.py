@@ -95,3 +95,33 @@ def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "error: no config nope in config/cifar10_lt/methods_if100_exp; choose from arb, balanced_softmax" in lines[0]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("bench/methods_table.py", ["--methods", "ce", "data.imbalance_factor=0.5"],
+     "config error: data.imbalance_factor=0.5 is out of range: it must be >= 1"),
+    # no data either: a run that started anyway would stop at once
+    ("bench/methods_table.py", ["--methods", "ce", "--iterations", "-3", "data.root={tmp}/none"],
+     "methods_table.py: error: --iterations must be at least 1; see --help"),
+    ("bench/methods_table.py", ["--iterations", "0", "--methods", "ce", "data.root={tmp}/none"],
+     "methods_table.py: error: --iterations must be at least 1; see --help"),
+    ("bench/methods_table.py", ["--methods", "ce", "data.root={tmp}/none"], "error: CIFAR-10 not found: looked in"),
+    ("bench/methods_table.py", ["--methods", "ldam_drw", "data.root={tmp}/none"], "error: CIFAR-10 not found"),
+    ("bench/compare_runs.py", ["{tmp}/truncated"], "error: {tmp}/truncated/test_metrics.json is not valid JSON"),
+    ("bench/stage2_speed.py", ["--stage1", "{tmp}/none.pt"], "error: no checkpoint at {tmp}/none.pt"),
+    ("bench/loader_speed.py", ["--folder", "{tmp}/none", "--root", "{data}"],
+     "error: training images not found: {tmp}/none/train is not a folder"),
+], ids=["imbalance-factor", "negative-iterations", "zero-iterations", "no-data", "no-data-ldam", "truncated-json",
+        "no-checkpoint", "no-folder"])
+def test_a_bench_driver_refuses_bad_input_in_one_line_with_status_2_and_leaves_no_run_directory(
+        run, tmp_path, script, args, message):
+    data = write_fake_cifar10(tmp_path / "data", train_per_class=100, test_per_class=1) if "{data}" in str(args) else ""
+    (tmp_path / "truncated").mkdir()
+    (tmp_path / "truncated" / "test_metrics.json").write_text('{"top1": 0.5, "many": 0.')  # a killed write
+    args = [a.format(tmp=tmp_path, data=data) for a in args]
+    out = tmp_path / "out"
+    proc = run(script, *args, *(["--out", str(out)] if "methods_table" in script else []), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(message.format(tmp=tmp_path)), lines[0]
+    assert not out.exists()  # methods_table: no stray run directory (nor its parents) of the refused run
