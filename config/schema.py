@@ -174,7 +174,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 RANGES: dict[str, tuple[str, float]] = {
     "data.imbalance_factor": (">=", 1), "data.subset_seed": (">=", 0), "data.val_per_class": (">=", 0),
     "data.crop_padding": (">=", 0), "data.cutout": (">=", 0), "data.image_size": (">=", 1), "data.workers": (">=", 0),
-    "train.seed": (">=", 0), "train.epochs": (">=", 1), "train.iterations": (">=", 0), "train.batch_size": (">=", 2),  # BatchNorm: 2 images
+    "train.seed": (">=", 0), "train.epochs": (">=", 1), "train.iterations": (">=", 0),
+    "train.batch_size": (">=", 2),  # BatchNorm: 2 images
     "train.lr": (">=", 0), "train.momentum": (">=", 0), "train.weight_decay": (">=", 0), "train.warmup": (">=", 0),
     "train.warmup_start": (">=", 0),
     "train.gamma": (">", 0), "train.mixup_alpha": (">=", 0), "train.num_threads": (">=", 0),

@@ -8,6 +8,7 @@ a boolean key), and a repeated key is an error naming its line.
 """
 from __future__ import annotations
 
+import collections.abc
 import re
 
 import yaml
@@ -30,6 +31,8 @@ class StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):  # SafeLoader's own error names it
+                break
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice; keep one",
                                                         key_node.start_mark)

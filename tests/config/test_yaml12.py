@@ -48,3 +48,8 @@ def test_a_file_that_is_not_utf8_text_is_one_config_error(tmp_path):
     path.write_bytes(b"\x80\x02}q\x00(X\x05\x00\x00\x00model")
     with pytest.raises(ConfigError, match="last.pt is not a YAML text file"):
         load_config(path)
+
+
+def test_a_mapping_key_yaml_cannot_hash_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp.yaml is not valid YAML at line 1, column 3: found unhashable key"):
+        _load_file(tmp_path, "? [train, lr]\n: 0.3\n")
