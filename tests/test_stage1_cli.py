@@ -77,7 +77,8 @@ def test_options_and_overrides_mix_in_any_order(fake_cifar10, tmp_path, run, tin
 
 def test_resuming_a_finished_run_says_so_and_writes_nothing(fake_cifar10, tmp_path, run, tiny_stage1):
     """The last epoch's last.pt is marked finished: --resume (here with a thread count and a checkpoint interval
-    it accepts as another machine's) trains nothing and rewrites nothing, config.yaml and TensorBoard included (train.log records it)."""
+    it accepts as another machine's) trains nothing and rewrites nothing, config.yaml and TensorBoard included
+    (train.log records it)."""
     log_dir = tmp_path / "run"
 
     def files() -> dict:

@@ -52,10 +52,11 @@ def main() -> None:
         for _ in loader.epoch(2):
             pass
     per_step = {name: sum(c.ops.values()) / n for name, c in (("bare", pure), ("real", real), ("loader", load))}
-    print(f"CIFAR-10-LT IF100, batch {batch}: {n} steps per epoch; operators per step: bare model {per_step['bare']:.1f}, "
-          f"real path {per_step['real']:.1f}, the loader alone {per_step['loader']:.1f}")
-    print("reads of a device value (aten._local_scalar_dense) per epoch: bare", pure.ops["aten._local_scalar_dense"],
-          "real", real.ops["aten._local_scalar_dense"], "(on the CPU the loss is checked every step; every 50 on a GPU)")
+    print(f"CIFAR-10-LT IF100, batch {batch}: {n} steps per epoch; operators per step: "
+          f"bare model {per_step['bare']:.1f}, real path {per_step['real']:.1f}, the loader alone {per_step['loader']:.1f}")
+    reads = "aten._local_scalar_dense"
+    print(f"reads of a device value ({reads}) per epoch: bare", pure.ops[reads], "real", real.ops[reads],
+          "(on the CPU the loss is checked every step; every 50 on a GPU)")
     print("real - bare, most frequent:", (real.ops - pure.ops).most_common(12))
 
 
