@@ -167,7 +167,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     epoch_len = len(loader)
     progress = (restore(ckpt, states, run_dir, data.class_counts, epoch_len) if ckpt is not None
                 else Progress(t.select_metric))
-    runlog = open_log(cfg, STAGE, run_dir, d)
+    runlog = open_log(cfg, STAGE, run_dir, d, ckpt)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
                "class_names": data.class_names}
 

@@ -213,7 +213,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size)
     model, model_args = build_backbone(cfg, s1, data.class_counts, method, device)
-    runlog = open_log(cfg, STAGE, run_dir, ranks)
+    runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)
     if augment_note:
         logger.warning(augment_note)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,

@@ -150,13 +150,14 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
     return run_dir, ckpt
 
 
-def open_log(cfg: Config, stage: str, run_dir: Path, ranks: Dist) -> RunLog | None:
-    """Rank 0 writes the resolved config.yaml (the keys `stage` reads) and opens the metric log;
-    the other ranks write nothing (None)."""
+def open_log(cfg: Config, stage: str, run_dir: Path, ranks: Dist, ckpt: dict | None = None) -> RunLog | None:
+    """Rank 0 writes the resolved config.yaml (the keys `stage` reads) and opens the metric log, which
+    for a resumed run (ckpt) hides the TensorBoard events logged after its checkpoint; the other ranks
+    write nothing (None)."""
     if not ranks.is_main:
         return None
     dump_config(cfg, run_dir / "config.yaml", stage)
-    return RunLog(run_dir)
+    return RunLog(run_dir, purge_step=ckpt["step"] + 1 if ckpt is not None and "step" in ckpt else None)
 
 
 def report_path(run_dir: Path, ckpt_path: Path) -> Path:

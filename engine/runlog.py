@@ -11,10 +11,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, purge_step: int | None = None) -> None:
+        """purge_step (a resumed run: its checkpoint's step + 1): TensorBoard hides the events a killed run
+        wrote from that step on, the epochs the resumed run logs again (as metrics.jsonl drops their lines)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         """Append `record` (plus step) to metrics.jsonl; numeric scalars go to TensorBoard too.

@@ -20,3 +20,23 @@ def test_nan_and_infinite_numbers_are_logged_as_null_so_every_line_stays_valid_j
     lines = [_strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == [{"step": 3, "loss": None, "train_acc": 0.5, "sample_probs": [0.25, None], "epoch": 1},
                      {"step": 6, "loss": 1.25, "epoch": 2}]
+
+
+def _scalars(run_dir, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_a_resumed_log_hides_the_tensorboard_events_logged_after_its_checkpoint(tmp_path):
+    # A run killed after logging epochs at steps 10, 20 and 30 whose last.pt is of step 20 logs step 30 again.
+    killed = RunLog(tmp_path)
+    for step, loss in ((10, 3.0), (20, 2.0), (30, 1.0)):
+        killed.log(step, {"loss": loss})
+    killed.close()
+    resumed = RunLog(tmp_path, purge_step=21)
+    resumed.log(30, {"loss": 1.5})
+    resumed.close()
+    assert _scalars(tmp_path, "loss") == [(10, 3.0), (20, 2.0), (30, 1.5)]
