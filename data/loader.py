@@ -55,6 +55,16 @@ def epoch_steps(num_samples: int, batch_size: int, world: int = 1) -> int:
     return max(1, num_samples // batch_size) if world > 1 else steps_per_epoch(num_samples, batch_size)
 
 
+def rank_share(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous share of a global batch, the same size on every rank (DDP's gradient mean
+    weights the ranks alike): a batch that does not split evenly, the only one of a training set smaller
+    than the batch, leaves its last images out."""
+    if world == 1:
+        return batch
+    per_rank = len(batch) // world
+    return batch[rank * per_rank:(rank + 1) * per_rank]
+
+
 def check_batch_size(batch_size: int, world: int) -> None:
     """At least 2 images per process in each batch: BatchNorm in training mode cannot normalise one."""
     if batch_size < 2 * world:
@@ -170,5 +180,4 @@ class _ChunkMaker:
 
     def _share(self, order: torch.Tensor, step: int) -> torch.Tensor:
         """The dataset indices this rank trains on at `step`: its contiguous share of the global batch."""
-        idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-        return idx.tensor_split(self.world)[self.rank] if self.world > 1 else idx
+        return rank_share(order[step * self.batch_size : (step + 1) * self.batch_size], self.rank, self.world)

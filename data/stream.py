@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.loader import check_batch_size, epoch_generator, epoch_steps
+from data.loader import check_batch_size, epoch_generator, epoch_steps, rank_share
 
 _SEED_BOUND = 2**62  # per-sample seeds are drawn in [0, 2^62)
 
@@ -42,8 +42,7 @@ class EpochBatches:
         for step in range(len(self)):
             span = slice(step * self.batch_size, (step + 1) * self.batch_size)
             idx, sd = order[span], seeds[span]
-            if self.world > 1:
-                idx, sd = idx.tensor_split(self.world)[self.rank], sd.tensor_split(self.world)[self.rank]
+            idx, sd = rank_share(idx, self.rank, self.world), rank_share(sd, self.rank, self.world)
             yield list(zip(idx.tolist(), sd.tolist()))
 
 

@@ -135,3 +135,15 @@ def test_channels_last_flag_gives_channels_last_batches():
 def test_batch_size_below_two_is_rejected(batch_size):
     with pytest.raises(ValueError, match="at least 2"):
         _loader(8, batch_size)
+
+
+def test_a_training_set_smaller_than_the_batch_gives_every_rank_an_equal_share():
+    # 5 images, batch 8, 2 ranks: one step of 2 + 2 images (the fifth left out), not 3 + 2 (DDP's mean of the
+    # two ranks' mean losses would weight an image of the smaller share more).
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 4, 4).contiguous()
+    labels = torch.arange(5) % C
+    shares = [[_indices(x) for x, _ in BatchLoader(images, labels, 8, build_sampler("instance", labels, C), None,
+                                                   IDENTITY_MEAN, IDENTITY_STD, 0, rank=r, world=2).epoch(0)]
+              for r in range(2)]
+    (a,), (b,) = shares
+    assert len(a) == len(b) == 2 and not set(a) & set(b)

@@ -24,6 +24,17 @@ def test_the_ranks_shares_are_disjoint_and_make_up_the_single_process_batches():
         assert a + b == whole[step] and len(a) == len(b) == 4  # (index, seed) pairs, seeds included
 
 
+def test_a_training_set_smaller_than_the_batch_gives_every_rank_an_equal_share():
+    # 5 images, batch 8, 2 ranks: one step of 2 + 2 images (the fifth left out), not 3 + 2, which DDP's
+    # gradient mean would weight unequally per image.
+    sampler = build_sampler("instance", _labels(5, 2), 2)
+    ranks = [EpochBatches(sampler, 8, seed=1, rank=r, world=2) for r in range(2)]
+    for b in ranks:
+        b.set_epoch(0)
+    (a,), (b,) = [list(r) for r in ranks]
+    assert len(a) == len(b) == 2 and not {i for i, _ in a} & {i for i, _ in b}
+
+
 def test_an_epoch_is_the_same_every_time_and_differs_from_the_next():
     batches = EpochBatches(build_sampler("instance", _labels(), 4), 8, seed=0)
     batches.set_epoch(2)
