@@ -30,6 +30,7 @@ from data.augment import BatchAugment
 from data.build import LongTailData, build_meta_resample
 from data.build_files import FileData, build_training_set
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
+from data.long_tail import shot_groups
 from data.samplers import build_sampler
 from engine.distributed import Dist, check_same_on_ranks, from_rank0
 from engine.features import CachedFeatures, LiveFeatures, compute_views, disk_views
@@ -105,6 +106,10 @@ def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, 
     """tau_norm: no training; tau searched on the validation split (stage2.tau_norm_tau without one)."""
     stage1_head, tau = model.head, cfg.stage2.tau_norm_tau
     has_val = len(data.val_labels) > 0
+    metric = cfg.train.select_metric
+    if has_val and metric != "top1" and not shot_groups(data.class_counts)[metric]:  # every tau would tie
+        raise SystemExit(f"config error: train.select_metric={metric} chooses tau by a shot group without classes "
+                         f"in this training set: set train.select_metric=top1 or a group with classes")
     if has_val:
         val_feats = compute_views(model, data.val_images, None, 1, data.mean, data.std, cfg.train.seed, VIEW_STREAM,
                                   cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks,
@@ -139,9 +144,10 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
     device = next(model.parameters()).device
     if views > 0:
-        def compute() -> torch.Tensor:
+        def compute() -> torch.Tensor:  # image files: float16 on the host, a view at a time, for disk_views
             return compute_views(model, images, augment, views, data.mean, data.std, cfg.train.seed, stream,
-                                 cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks, d.workers)
+                                 cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks, d.workers,
+                                 host_half=isinstance(data, FileData))
         if isinstance(data, FileData):
             path = run_dir / f"features_{CACHE_NAMES[stream]}.npy"
             return CachedFeatures(disk_views(path, compute, ranks.is_main, ranks), device)

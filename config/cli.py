@@ -179,7 +179,8 @@ def test(cfg: Config, ckpt_path: Path | None) -> dict:
                                                device, cfg.model.channels_last, cfg.eval.logit_adjust_tau,
                                                cfg.train.amp, ranks, cfg.data.list_dir, cfg.data.workers)
     if ranks.is_main:
-        write_test_report(metrics, class_names, report_path(run_dir, Path(ckpt_path)), ckpt_path)
+        write_test_report(metrics, class_names, report_path(run_dir, Path(ckpt_path)), ckpt_path,
+                          cfg.eval.logit_adjust_tau)
     shutdown(ranks)
     return metrics
 

@@ -79,8 +79,13 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     return metrics_from_logits(logits, labels, counts), class_names
 
 
-def write_test_report(metrics: dict, class_names: Sequence[str], out_path: Path, ckpt_path: Path) -> None:
-    """Print the many/medium/few table and write test_metrics.json."""
-    out = {"checkpoint": str(ckpt_path), "class_names": list(class_names), **metrics}
+def write_test_report(metrics: dict, class_names: Sequence[str], out_path: Path, ckpt_path: Path,
+                      logit_adjust_tau: float = 0.0) -> None:
+    """Print the many/medium/few table and write test_metrics.json, which records the post-hoc logit
+    adjustment the logits had (eval.logit_adjust_tau; 0: none)."""
+    out = {"checkpoint": str(ckpt_path), "logit_adjust_tau": logit_adjust_tau, "class_names": list(class_names),
+           **metrics}
     out_path.write_text(json.dumps(out, indent=1))
-    print(f"test split, checkpoint {ckpt_path}:\n{format_table(metrics, class_names)}\nwritten to {out_path}")
+    adjusted = f", logits adjusted post hoc by tau = {logit_adjust_tau:g}" if logit_adjust_tau else ""
+    print(f"test split, checkpoint {ckpt_path}{adjusted}:\n{format_table(metrics, class_names)}\n"
+          f"written to {out_path}")

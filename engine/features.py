@@ -38,10 +38,13 @@ def _view_chunk(images: torch.Tensor, augment: Augment | None, mean: Sequence[fl
 @torch.no_grad()
 def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Augment | None, num_views: int,
                   mean: Sequence[float], std: Sequence[float], seed: int, stream: int, batch_size: int,
-                  channels_last: bool = False, amp: str = "off", d: Dist = Dist(), workers: int = 0) -> torch.Tensor:
+                  channels_last: bool = False, amp: str = "off", d: Dist = Dist(), workers: int = 0,
+                  host_half: bool = False) -> torch.Tensor:
     """(K, N, D) fp32 features of K views of uint8 images (N, 3, H, W) or of an image-file Dataset
     (indexed by (index, seed), its own transform augmenting), BatchNorm in eval mode, on the model's
-    device (a batch at a time; forward passes under autocast `amp`).
+    device (a batch at a time; forward passes under autocast `amp`). host_half: float16 on the host
+    instead, each view moved there as soon as it is computed, so the device holds one view at a time
+    (disk_views; iNaturalist's 437,513 images at D = 2048 take 3.6 GB a view in fp32).
 
     Uint8 images: chunk j (images j*batch_size ...) of view k is augmented with epoch_generator(seed,
     k * chunks + j, stream) (data.loader's *_STREAM constants). Image files: sample i of view k gets
@@ -73,15 +76,17 @@ def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Aug
             batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
             loader = DataLoader(images, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
             local = features(tqdm((x for x, _ in loader), total=len(batches), desc=desc, leave=False, disable=None))
-        views.append(gather_rows(local, d))
+        view = gather_rows(local, d)
+        views.append(view.to("cpu", torch.float16) if host_half else view)
     return torch.stack(views)
 
 
 def disk_views(path: Path, compute: Callable[[], torch.Tensor], writes: bool, d: Dist = Dist()) -> torch.Tensor:
     """(K, N, D) float16 views memory-mapped from the .npy file `path`, for training sets whose features
-    do not fit on the device: computed by `compute` and written once (atomically, by the rank that
-    `writes`), read back without recomputing when the run resumes. Every rank computes when any
-    rank lacks the file, since computing takes collectives."""
+    do not fit on the device: computed by `compute` (compute_views with host_half, so that the device
+    holds one view at a time) and written once (atomically, by the rank that `writes`), read back
+    without recomputing when the run resumes. Every rank computes when any rank lacks the file, since
+    computing takes collectives."""
     if sum_over_ranks([0.0 if path.exists() else 1.0], d)[0]:
         views = compute().to("cpu", torch.float16).numpy()
         if not writes:

@@ -135,9 +135,13 @@ def test_posthoc_logit_adjustment_changes_test_predictions_toward_the_tail(fake_
     log_dir = tmp_path / "run"
     run(*_args(fake_cifar10, log_dir, *tiny_stage1))
     run(*_args(fake_cifar10, log_dir, *tiny_stage1, "--test"))
-    plain = json.loads((log_dir / "test_metrics.json").read_text())["confusion_matrix"]
-    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "eval.logit_adjust_tau=2.0", "--test"))
-    adjusted = json.loads((log_dir / "test_metrics.json").read_text())["confusion_matrix"]
+    plain = json.loads((log_dir / "test_metrics.json").read_text())
+    proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "eval.logit_adjust_tau=2.0", "--test"))
+    adjusted = json.loads((log_dir / "test_metrics.json").read_text())
+    # the report says which logits it scored
+    assert (plain["logit_adjust_tau"], adjusted["logit_adjust_tau"]) == (0.0, 2.0)
+    assert "logits adjusted post hoc by tau = 2" in proc.stdout
+    plain, adjusted = plain["confusion_matrix"], adjusted["confusion_matrix"]
     # Subtracting tau * log prior favours rare classes: the tail (last 5 classes) gets more predictions.
     tail_predictions = lambda cm: sum(row[c] for row in cm for c in range(5, 10))
     assert tail_predictions(adjusted) > tail_predictions(plain)

@@ -255,3 +255,13 @@ def test_a_fresh_start_never_trains_on_the_feature_cache_a_dead_start_left(tmp_p
     written = (s2 / "features_train.npy").stat().st_mtime_ns
     stage2("s1b", 1, s2, "--resume")
     assert (s2 / "features_train.npy").stat().st_mtime_ns == written
+
+
+def test_tau_norm_refuses_to_choose_tau_by_a_shot_group_without_classes(fake_cifar10, stage1_run, tmp_path, run):
+    # The fake CIFAR-10-LT keeps at most 58 images a class: no many-shot class (> 100), so every tau would tie.
+    proc = run(*_stage2(fake_cifar10, stage1_run, tmp_path / "t", "stage2.method=tau_norm",
+                        "train.select_metric=many"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "config error: train.select_metric=many chooses tau by a shot group without classes in this training set: "
+        "set train.select_metric=top1 or a group with classes")

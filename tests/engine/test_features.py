@@ -201,6 +201,25 @@ def test_live_features_with_eval_batchnorm_keep_stage1_statistics_and_match_a_ca
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_host_half_views_are_the_device_views_in_float16_moved_one_view_at_a_time(model, images):
+    # For disk_views: the device never holds more than one view in fp32.
+    moved = []
+    original = torch.Tensor.to
+
+    def record(t, *args, **kwargs):
+        out = original(t, *args, **kwargs)
+        if out.dtype == torch.float16:
+            moved.append(tuple(t.shape))
+        return out
+
+    expected = compute_views(model, images, BatchAugment(4, True, False, 0), 3, MEAN, STD, 0, 0, 8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", record)
+        half = compute_views(model, images, BatchAugment(4, True, False, 0), 3, MEAN, STD, 0, 0, 8, host_half=True)
+    assert half.dtype == torch.float16 and half.device.type == "cpu" and torch.equal(half, expected.half())
+    assert moved == [tuple(expected.shape[1:])] * 3
+
+
 def test_disk_views_are_computed_once_as_float16_and_memory_mapped_back(tmp_path):
     from engine.features import disk_views
 
