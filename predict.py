@@ -79,7 +79,7 @@ def model_input(meta: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     test images (meta["resize"], models/export.py)."""
     size = meta["image_size"]
     if meta["resize"] == "shorter_side_crop":
-        return eval_transform(size)  # normalises by ImageNet's mean and std, those of every image-file dataset
+        return eval_transform(size, meta["mean"], meta["std"])  # the statistics of the model's dataset
 
     def square(image: torch.Tensor) -> torch.Tensor:
         if image.shape[1:] != (size, size):

@@ -17,7 +17,7 @@ import torch
 
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from data.cifar import DatasetFormatError, get_spec, load_cifar
-from data.image_files import IMAGENET_MEAN, IMAGENET_STD, LIST_DATASETS
+from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, LIST_DATASETS
 from data.long_tail import class_counts, long_tail_counts, long_tail_split, second_draw
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": (tuple(CIFAR10_MEAN), tuple(CIFAR10_STD)),
     "cifar100": (tuple(CIFAR100_MEAN), tuple(CIFAR100_STD)),
     **{name: (IMAGENET_MEAN, IMAGENET_STD) for name in ("folder", *LIST_DATASETS)},
+    "inat2018": (INAT_MEAN, INAT_STD),
 }
 
 

@@ -96,8 +96,10 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
     logger.info("%s at %s: %d training images, %d validation, %d classes, counts %d ... %d", dataset, root,
                 len(train.paths), len(val.paths) if val else 0, len(counts), max(counts), min(counts))
     return FileData(
-        train_images=ImageFileDataset(train, train_transform(image_size)), train_labels=train.labels,
-        val_images=ImageFileDataset(val, eval_transform(image_size)) if val else None,
+        train_images=ImageFileDataset(train, train_transform(image_size, *NORMALIZATION[dataset],
+                                                             color_jitter=dataset != "inat2018")),
+        train_labels=train.labels,
+        val_images=ImageFileDataset(val, eval_transform(image_size, *NORMALIZATION[dataset])) if val else None,
         val_labels=val.labels if val else torch.empty(0, dtype=torch.int64),
         class_names=train.class_names, class_counts=counts, mean=NORMALIZATION[dataset][0],
         std=NORMALIZATION[dataset][1],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# iNaturalist 2018's own statistics, and no colour jitter in its training pipeline, as the Decoupling code's
+# data/dataloader.py (RGB_statistics, get_data_transform) has them.
+INAT_MEAN: tuple[float, float, float] = (0.466, 0.471, 0.380)
+INAT_STD: tuple[float, float, float] = (0.195, 0.194, 0.192)
 
 # Suffixes (compared lower-cased) of the formats torchvision.io.decode_image reads; it cannot
 # read BMP, so .bmp files are left out rather than failing at decode time mid-epoch.
@@ -228,20 +232,24 @@ def _check_size(image_size: int) -> None:
         raise ValueError(f"image_size must be a positive int (pixels), got {image_size!r}; e.g. 224")
 
 
-def train_transform(image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 (3, H, W) -> float32 (3, S, S): the Decoupling / BALMS ImageNet-LT training pipeline."""
+def train_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                    color_jitter: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (3, H, W) -> float32 (3, S, S): the Decoupling / BALMS ImageNet-LT training pipeline (its
+    iNaturalist one: color_jitter=False and INAT_MEAN / INAT_STD)."""
     _check_size(image_size)
     from torchvision.transforms import v2
+    jitter = [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)] if color_jitter else []
     return v2.Compose([
         v2.RandomResizedCrop(image_size, antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0),
+        *jitter,
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(list(mean), list(std)),
     ])
 
 
-def eval_transform(image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (3, H, W) -> float32 (3, S, S): shorter side to S * 256/224 (256 for 224), centre crop S."""
     _check_size(image_size)
     from torchvision.transforms import v2
@@ -249,7 +257,7 @@ def eval_transform(image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
         v2.Resize(round(image_size * 256 / 224), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(list(mean), list(std)),
     ])
 
 

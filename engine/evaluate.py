@@ -45,7 +45,7 @@ def test_split(ckpt: dict, dataset: str, root: str | Path, list_dir: str | Path,
     if dataset in FILE_DATASETS:
         names = ckpt["class_names"]
         split = read_test_split(dataset, root, list_dir, names)
-        transform = eval_transform(ckpt["config"]["data"]["image_size"])
+        transform = eval_transform(ckpt["config"]["data"]["image_size"], *NORMALIZATION[dataset])
         return ImageFileDataset(split, transform), split.labels, names, *NORMALIZATION[dataset]
     split = load_cifar(dataset, root, "test", download=download)
     return (split.images, split.labels, split.class_names, *NORMALIZATION[dataset])

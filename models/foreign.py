@@ -7,7 +7,8 @@ key names: DataParallel's `module.` prefix is dropped and the classifier's `fc.*
 - balms: BALMS / Decoupling (classifier-balancing) code, final_model_checkpoint.pth
   {"epoch", "best_epoch", "best_acc", "centroids", "state_dict_best": {"feat_model", "classifier"}}
   or latest_model_checkpoint.pth {"epoch", "state_dict": {"feat_model", "classifier"}}; the best
-  weights are taken when both are present.
+  weights are taken when both are present; an LWS classifier's per-class "scales" (Decoupling's
+  TauNormClassifier, fc(x) * scales) are folded into the head.
 - mislas: MiSLAS / ARB-loss code, {"state_dict_model", "state_dict_classifier"} and, after MiSLAS
   stage 2, "state_dict_lws_model" whose per-class scales are folded into the head.
 - state_dict: a flat state dict, torchvision's (classifier "fc") or our export (classifier "head").
@@ -94,9 +95,18 @@ def _is_balms(ckpt: dict) -> bool:
     return _balms_parts(ckpt) is not None
 
 
+def _fold_scales(state: dict, scales: torch.Tensor) -> None:
+    """LWS's per-class scales folded into the plain head: logits_c = s_c * (w_c . x + b_c)."""
+    state["head.weight"] = state["head.weight"] * scales[:, None]
+    state["head.bias"] = state["head.bias"] * scales
+
+
 def _from_balms(ckpt: dict) -> Converted:
     parts = _balms_parts(ckpt)
-    return Converted("balms", _backbone_and_classifier(parts["feat_model"], parts.get("classifier")), None, None, None)
+    state = _backbone_and_classifier(parts["feat_model"], parts.get("classifier"))
+    if "head.scales" in state and "head.weight" in state:  # Decoupling's LWS (TauNormClassifier): fc(x) * scales
+        _fold_scales(state, state.pop("head.scales").reshape(-1))
+    return Converted("balms", state, None, None, None)
 
 
 def _is_mislas(ckpt: dict) -> bool:
@@ -107,9 +117,7 @@ def _from_mislas(ckpt: dict) -> Converted:
     state = _backbone_and_classifier(ckpt["state_dict_model"], ckpt.get("state_dict_classifier"))
     lws = _strip_module(ckpt.get("state_dict_lws_model") or {})
     if "learned_norm" in lws and "head.weight" in state:
-        scales = lws["learned_norm"].reshape(-1)  # (1, C) -> (C,): logits_c = s_c * (w_c . x + b_c)
-        state["head.weight"] = state["head.weight"] * scales[:, None]
-        state["head.bias"] = state["head.bias"] * scales
+        _fold_scales(state, lws["learned_norm"].reshape(-1))  # (1, C) -> (C,)
     return Converted("mislas", state, None, None, None)
 
 

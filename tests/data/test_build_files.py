@@ -6,7 +6,7 @@ import torch
 
 from data.build_files import DATASET_KINDS, FILE_DATASETS, build_file_data, read_test_split
 from data.cifar import DatasetFormatError
-from data.image_files import IMAGENET_MEAN, LIST_DATASETS
+from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, LIST_DATASETS
 from data.long_tail import long_tail_counts
 from tests.conftest import write_image_folder, write_image_lists
 
@@ -73,6 +73,25 @@ def test_lists_read_from_list_dir_and_inat_holds_validation_out_of_train(tmp_pat
     data = build_file_data("inat2018", root, lists, 1.0, "exp", 0, 1, 16)
     assert data.class_counts[:2] == [2, 2] and data.val_labels.tolist() == [0, 1]
     assert build_file_data("inat2018", root, lists, 1.0, "exp", 0, 0, 16).val_images is None
+
+
+@pytest.mark.parametrize("dataset, lists, jitter, stats", [
+    ("inat2018", {"iNaturalist18_train.txt": [0, 1], "iNaturalist18_val.txt": [0, 1]}, False, (INAT_MEAN, INAT_STD)),
+    ("imagenet_lt", {"ImageNet_LT_train.txt": [0, 1], "ImageNet_LT_val.txt": [0, 1], "ImageNet_LT_test.txt": [0, 1]},
+     True, (IMAGENET_MEAN, IMAGENET_STD)),
+])
+def test_inaturalist_trains_without_colour_jitter_on_its_own_statistics_as_the_decoupling_code(
+        tmp_path, dataset, lists, jitter, stats):
+    from torchvision.transforms import v2
+
+    root = write_image_lists(tmp_path / dataset, lists)
+    data = build_file_data(dataset, root, "", 1.0, "exp", 0, 0, 16)
+    train = data.train_images.transform.transforms
+    assert any(isinstance(t, v2.ColorJitter) for t in train) is jitter
+    assert (data.mean, data.std) == stats
+    for transform in (train, data.val_images.transform.transforms if data.val_images else ()):
+        normalize = [t for t in transform if isinstance(t, v2.Normalize)]
+        assert all((n.mean, n.std) == (list(stats[0]), list(stats[1])) for n in normalize)
 
 
 def test_a_folder_without_test_images_is_one_error_at_test_time(tmp_path):

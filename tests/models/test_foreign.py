@@ -93,6 +93,16 @@ def test_mislas_stage2_scales_are_folded_into_the_head(source, images, tmp_path)
     torch.testing.assert_close(_logits(model, images), scales * _logits(source, images), rtol=1e-5, atol=1e-5)
 
 
+def test_decoupling_lws_release_folds_its_scales_into_the_head(source, images, tmp_path):
+    # Decoupling's LWS releases (TauNormClassifier: fc frozen, fc(x) * scales) save the scales in the classifier.
+    feat, classifier = _parallel_parts(source)
+    scales = torch.linspace(0.5, 2.0, 10)
+    path = tmp_path / "final_model_checkpoint.pth"
+    torch.save({"state_dict_best": {"feat_model": feat, "classifier": {**classifier, "module.scales": scales}}}, path)
+    model = load_pretrained(str(path), arch="resnet32", num_classes=10)
+    torch.testing.assert_close(_logits(model, images), scales * _logits(source, images), rtol=1e-5, atol=1e-5)
+
+
 def test_torchvision_state_dict_imports_to_identical_logits(images, tmp_path):
     torch.manual_seed(0)
     reference = torchvision.models.resnet18(weights=None).eval()  # ImageNet layout: 1000-class fc
