@@ -52,8 +52,9 @@ def main() -> None:
         for _ in loader.epoch(2):
             pass
     per_step = {name: sum(c.ops.values()) / n for name, c in (("bare", pure), ("real", real), ("loader", load))}
+    bare, real_path, loader_only = per_step["bare"], per_step["real"], per_step["loader"]
     print(f"CIFAR-10-LT IF100, batch {batch}: {n} steps per epoch; operators per step: "
-          f"bare model {per_step['bare']:.1f}, real path {per_step['real']:.1f}, the loader alone {per_step['loader']:.1f}")
+          f"bare model {bare:.1f}, real path {real_path:.1f}, the loader alone {loader_only:.1f}")
     reads = "aten._local_scalar_dense"
     print(f"reads of a device value ({reads}) per epoch: bare", pure.ops[reads], "real", real.ops[reads],
           "(on the CPU the loss is checked every step; every 50 on a GPU)")
