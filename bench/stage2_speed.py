@@ -55,6 +55,10 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed of each pair of runs")
     p.add_argument("overrides", nargs="*", help="more key=value overrides for both runs")
     args = p.parse_args()
+    if args.iterations < 1:  # 0 would mean the config's epochs
+        p.error("--iterations must be at least 1")
+    if args.views < 1:  # 0 would compare the backbone on every batch with itself
+        p.error("--views must be at least 1")
     run_program(lambda: compare(args))
 
 
