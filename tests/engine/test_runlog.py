@@ -1,6 +1,7 @@
 """The metric log: every line is strict JSON, whatever the numbers."""
 import json
 import math
+import time
 
 from engine.runlog import RunLog
 
@@ -36,6 +37,10 @@ def test_a_resumed_log_hides_the_tensorboard_events_logged_after_its_checkpoint(
     for step, loss in ((10, 3.0), (20, 2.0), (30, 1.0)):
         killed.log(step, {"loss": loss})
     killed.close()
+    # TensorBoard reads a directory's event files in name order, and a name starts with the writer's start
+    # time in whole seconds: a resume comes later (here, in the same second, the files' order would depend on
+    # a process-wide counter, compared as text).
+    time.sleep(1.1)
     resumed = RunLog(tmp_path, purge_step=21)
     resumed.log(30, {"loss": 1.5})
     resumed.close()
