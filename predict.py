@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,14 +35,11 @@ from data.augment import normalize
 from data.build import NORMALIZATION
 from data.build_files import FILE_DATASETS
 from data.cifar import IMAGE_SHAPE, DatasetFormatError
-from data.image_files import decode_rgb, eval_transform
+from data.image_files import decode_rgb, decoder_reason, eval_transform
 from engine.device import DeviceError, resolve_device
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.export import export_meta, load_export, model_from_export, path_error_message, write_export
 from models.losses import LOSSES
-
-# torchvision's decoders start some messages with their C++ source: "decode_jpeg, /path/decode_jpeg.cpp:171, ".
-_DECODER_SOURCE = re.compile(r"^\w+, \S+:\d+, ")
 
 
 def positive_int(text: str) -> int:
@@ -68,9 +64,8 @@ def read_images(paths: Sequence[str]) -> tuple[list[str], list[torch.Tensor]]:
         except OSError as e:
             print(f"error: cannot read {path} as an image ({e}); skipped", file=sys.stderr)
         except DatasetFormatError as e:  # not a format torchvision decodes (JPEG, PNG, WebP, GIF), or damaged
-            cause = e.__cause__ or e
-            reason = _DECODER_SOURCE.sub("", str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
-            print(f"error: cannot read {path} as an image ({reason}); skipped", file=sys.stderr)
+            print(f"error: cannot read {path} as an image ({decoder_reason(e.__cause__ or e)}); skipped",
+                  file=sys.stderr)
     return read, images
 
 

@@ -25,16 +25,25 @@ def pct(v: float | None) -> str:
 GROUPS = ("top1", "many", "medium", "few")
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: cannot read {path}: {getattr(e, 'strerror', None) or e}; check the file and its permissions")
+
+
+def parse_json(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {where} is not valid JSON ({e.msg}, column {e.colno}); rewrite it by rerunning that step "
+                 f"(a killed write leaves a partial line: delete it)")
+
+
 def read_metrics(path: Path, keys: tuple[str, ...] = GROUPS) -> dict:
     """A run's test_metrics.json (written by --test), holding `keys`; a file that cannot be read, is not JSON
     or lacks a key ends the program with one line (SystemExit)."""
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        sys.exit(f"error: cannot read {path}: {getattr(e, 'strerror', None) or e}; check the file and its permissions")
-    except json.JSONDecodeError as e:
-        sys.exit(f"error: {path} is not valid JSON ({e.msg}, column {e.colno}); rerun --test for that run to "
-                 f"rewrite it (a killed write leaves a partial file)")
+    m = parse_json(read_text(path), str(path))
     if not isinstance(m, dict) or any(k not in m for k in keys):
         sys.exit(f"error: {path} lacks some of {', '.join(keys)}; rerun --test for that run to rewrite it")
     return m

@@ -11,7 +11,6 @@ class counts and names.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,26 +18,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.compare_runs import pct  # noqa: E402
+from bench.compare_runs import parse_json, pct, read_metrics, read_text  # noqa: E402
 from bench.report_figures import Run, plot_confusion, plot_curves, plot_per_class, plot_sampling  # noqa: E402
 from config.cli import OneLineParser  # noqa: E402
 
 TEST_KEYS = ("top1", "many", "medium", "few", "per_class", "train_class_counts", "confusion_matrix", "class_names")
-
-
-def parse_json(text: str, where: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        sys.exit(f"error: {where} is not valid JSON ({e.msg}, column {e.colno}); rewrite it by rerunning that step "
-                 f"(a killed write leaves a partial line: delete it)")
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        sys.exit(f"error: cannot read {path}: {getattr(e, 'strerror', None) or e}; check the file and its permissions")
 
 
 def read_epochs(path: Path) -> list[dict]:
@@ -52,9 +36,7 @@ def read_epochs(path: Path) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-def check_test(path: Path, m: object, epochs: list[dict]) -> None:
-    if not isinstance(m, dict) or any(k not in m for k in TEST_KEYS):
-        sys.exit(f"error: {path} lacks some of {', '.join(TEST_KEYS)}; rerun --test for that run to rewrite it")
+def check_test(path: Path, m: dict, epochs: list[dict]) -> None:
     sizes = {len(m[k]) for k in ("per_class", "train_class_counts", "confusion_matrix", "class_names")}
     sizes |= {len(e["sample_probs"]) for e in epochs if e.get("sample_probs")}
     if len(sizes) != 1:
@@ -84,7 +66,7 @@ def load_run(path: Path) -> Run:
         sys.exit(f"error: {path} has no test_metrics.json; run `python {script} --cfg {path}/config.yaml "
                  f"log_dir={path} --test` first")
     epochs = read_epochs(path / "metrics.jsonl")
-    test = parse_json(read_text(path / "test_metrics.json"), str(path / "test_metrics.json"))
+    test = read_metrics(path / "test_metrics.json", TEST_KEYS)
     check_test(path / "test_metrics.json", test, epochs)
     method = f"stage 2: {cfg['stage2'].get('method')}" if stage2 else f"stage 1: {cfg.get('loss', {}).get('name')}"
     imbalance = (cfg.get("data") or {}).get("imbalance_factor")

@@ -208,6 +208,11 @@ def read_folder_split(root: Path, split: str, class_names: list[str] | None = No
     return ImageList(paths=paths, labels=torch.tensor(labels, dtype=torch.int64), class_names=list(names))
 
 
+def decoder_reason(err: Exception) -> str:
+    """The first line of a decoder's error, without the C++ source torchvision starts some with."""
+    return _TORCHVISION_PREFIX.sub("", str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
 def decode_rgb(path: Path) -> torch.Tensor:
     """Decode the image file ``path`` to uint8 (3, H, W) RGB (grayscale and alpha images included)."""
     # torchvision is imported where it is used: its import takes about 1 s (it loads torch._dynamo),
@@ -218,8 +223,8 @@ def decode_rgb(path: Path) -> torch.Tensor:
     except (RuntimeError, ValueError) as err:
         if not Path(path).exists():
             raise DatasetNotFoundError(f"image {path} does not exist; restore it or re-read the split.") from err
-        reason = _TORCHVISION_PREFIX.sub("", str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise DatasetFormatError(f"cannot decode image {path}: {reason}; re-download or remove it.") from err
+        raise DatasetFormatError(f"cannot decode image {path}: {decoder_reason(err)}; re-download or remove "
+                                 f"it.") from err
     # 16-bit PNGs decode to uint16: scale them to uint8 so every image takes the same path.
     if image.dtype != torch.uint8:
         from torchvision.transforms import v2

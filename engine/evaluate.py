@@ -42,13 +42,14 @@ def test_split(ckpt: dict, dataset: str, root: str | Path, list_dir: str | Path,
                download: bool) -> tuple[torch.Tensor | Dataset, torch.Tensor, list[str], tuple, tuple]:
     """(images, labels, class names, mean, std) of a checkpoint's test split: CIFAR's uint8 images, or
     an image-file Dataset with the evaluation transform at the checkpoint's data.image_size."""
+    mean, std = NORMALIZATION[dataset]
     if dataset in FILE_DATASETS:
         names = ckpt["class_names"]
         split = read_test_split(dataset, root, list_dir, names)
-        transform = eval_transform(ckpt["config"]["data"]["image_size"], *NORMALIZATION[dataset])
-        return ImageFileDataset(split, transform), split.labels, names, *NORMALIZATION[dataset]
+        transform = eval_transform(ckpt["config"]["data"]["image_size"], mean, std)
+        return ImageFileDataset(split, transform), split.labels, names, mean, std
     split = load_cifar(dataset, root, "test", download=download)
-    return (split.images, split.labels, split.class_names, *NORMALIZATION[dataset])
+    return split.images, split.labels, split.class_names, mean, std
 
 
 def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool, batch_size: int,
