@@ -40,7 +40,7 @@ from models import MODELS, build_model, load_pretrained
 from models.checkpoint import CheckpointError
 from models.download import DownloadError
 from models.heads import HEADS, head_name
-from models.losses import LOSSES, LongTailLoss, build_loss
+from models.losses import LOSSES, EmptyClassError, LongTailLoss, build_loss
 
 STAGE = "stage1"
 logger = logging.getLogger("stage1")
@@ -96,6 +96,9 @@ def build_criterion(cfg: Config, class_counts: list[int], model: nn.Module, fres
     params = {k: v for k, v in vars(cfg.loss).items() if k != "name" and v is not None}
     try:
         loss_fn = build_loss(cfg.loss.name, class_counts, **params)
+    except EmptyClassError as e:
+        raise SystemExit(f"config error: loss.name={cfg.loss.name}: {e}: train on data with every class, or use "
+                         f"loss.name=ce or focal") from None
     except ValueError as e:  # a parameter the loss does not take, or out of its range
         raise SystemExit(f"config error: loss.name={cfg.loss.name}: {e}") from None
     bias = loss_fn.init_bias()

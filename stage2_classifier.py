@@ -46,7 +46,7 @@ from models import build_model, load_pretrained
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked
 from models.download import DownloadError
 from models.heads import ScaledLinear, deployable_state, head_name, load_backbone_state, tau_normalized
-from models.losses import build_loss
+from models.losses import EmptyClassError, build_loss
 from models.pretrained import HeadMismatchError, training_run
 
 STAGE = "stage2"
@@ -202,6 +202,16 @@ def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, 
                         ms.meta_batch_size, ms.gumbel_tau)
 
 
+def method_loss(cfg: Config, method: Method, class_counts: list[int]) -> nn.Module:
+    """The method's loss (per image for BALMS's meta step); a training split it cannot take, e.g. a class
+    with no image under Balanced Softmax's log counts, is one config error."""
+    try:
+        return build_loss(method.loss, class_counts, **({"reduction": "none"} if method.kind == "meta" else {}))
+    except EmptyClassError as e:
+        raise SystemExit(f"config error: stage2.method={cfg.stage2.method} ({method.loss} loss): {e}: train stage 1 "
+                         f"on data with every class, or use stage2.method=crt") from None
+
+
 def main(cfg: Config, resume: bool = False) -> dict:
     method = check_method(cfg)
     ranks, device = start_processes(cfg)
@@ -219,6 +229,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size)
     model, model_args = build_backbone(cfg, s1, data.class_counts, method, device)
+    loss_fn = method_loss(cfg, method, data.class_counts).to(device) if method.loss else None  # refused before the run
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)
     if augment_note:
         logger.warning(augment_note)
@@ -233,10 +244,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     meta = sampler = None
     if method.kind == "meta":
         meta = meta_sampling(cfg, model, data, features, ranks, run_dir)
-        loss_fn = build_loss(method.loss, data.class_counts, reduction="none").to(device)
     else:
         sampler = build_sampler(method.sampler, data.train_labels, len(data.class_counts))
-        loss_fn = build_loss(method.loss, data.class_counts).to(device)
     epoch_len = steps_per_epoch(len(data.train_labels) if meta else sampler.num_samples, t.batch_size)
     optimizer, scheduler, steps_total = sgd_with_schedule(
         head.parameters(), epoch_len, t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs, t.iterations,

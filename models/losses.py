@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from models.losses_base import LongTailLoss
+from models.losses_base import EmptyClassError, LongTailLoss
 from models.losses_logit import ARBLoss, BalancedSoftmaxLoss, CrossEntropyLoss, LogitAdjustLoss, posthoc_logit_adjust
 from models.losses_weighted import ClassBalancedLoss, FocalLoss, LDAMLoss, ReweightLoss
 
-__all__ = ["LOSSES", "LongTailLoss", "build_loss", "posthoc_logit_adjust"]
+__all__ = ["LOSSES", "EmptyClassError", "LongTailLoss", "build_loss", "posthoc_logit_adjust"]
 
 logger = logging.getLogger(__name__)
 

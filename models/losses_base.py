@@ -22,6 +22,10 @@ from torch import nn
 REDUCTIONS = ("mean", "none")
 
 
+class EmptyClassError(ValueError):
+    """A loss over log or inverse class counts given a class with no training image."""
+
+
 def counts_tensor(class_counts: Sequence[int] | torch.Tensor, require_positive: bool) -> torch.Tensor:
     """Validate per-class training counts and return them as a float64 (C,) tensor.
 
@@ -38,10 +42,9 @@ def counts_tensor(class_counts: Sequence[int] | torch.Tensor, require_positive: 
         raise ValueError(f"class_counts must be >= 0, got {counts.tolist()}")
     if require_positive and bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(
-            f"this loss uses log or inverse class counts, so every class needs at least one training "
-            f"image; classes {empty} have 0. Drop those classes or use 'ce' / 'focal'"
-        )
+        shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        raise EmptyClassError(f"this loss uses log or inverse class counts, so every class needs a training image; "
+                              f"classes with none: {shown} ({len(empty)} of {counts.numel()})")
     return counts
 
 

@@ -57,6 +57,19 @@ def test_split_lists_train_stage1_and_crt_and_test(tmp_path, run):
                                                    "Places_LT_val.txt": [0, 1, 2], "Places_LT_test.txt": [0, 1, 2, 2]})
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     run("stage1_train.py", "data.dataset=places_lt", f"data.root={root}", *FAST, "train.iterations=3", f"log_dir={s1}")
+    # 362 of Places-LT's 365 classes have no image in this list: Balanced Softmax's log counts cannot take
+    # them, refused in one line before any feature is computed, and the refused run leaves no directory.
+    proc = run("stage2_classifier.py", f"stage1.checkpoint={s1 / 'last.pt'}", f"data.root={root}", *FAST[1:],
+               "stage2.method=balanced_softmax", "stage2.cache_views=1", f"log_dir={tmp_path / 'bs'}", check=False)
+    assert _error_line(proc) == (
+        "config error: stage2.method=balanced_softmax (balanced_softmax loss): this loss uses log or inverse class "
+        "counts, so every class needs a training image; classes with none: 3, 4, 5, 6, 7, ... (362 of 365): train "
+        "stage 1 on data with every class, or use stage2.method=crt")
+    assert not (tmp_path / "bs").exists()
+    proc = run("stage1_train.py", "data.dataset=places_lt", f"data.root={root}", *FAST, "loss.name=balanced_softmax",
+               f"log_dir={tmp_path / 'bs1'}", check=False)
+    assert _error_line(proc).endswith("classes with none: 3, 4, 5, 6, 7, ... (362 of 365): train on data with every "
+                                      "class, or use loss.name=ce or focal")
     run("stage2_classifier.py", f"stage1.checkpoint={s1 / 'last.pt'}", f"data.root={root}", *FAST[1:],
         "stage2.method=crt", "stage2.cache_views=1", "train.iterations=2", f"log_dir={s2}")
     run("stage2_classifier.py", f"log_dir={s2}", f"data.root={root}", "data.workers=1", "--test")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.losses import LOSSES, build_loss, posthoc_logit_adjust
-from models.losses_base import effective_number_weights
+from models.losses_base import EmptyClassError, effective_number_weights
 
 LOGITS = [[2.0, -1.0, 0.5], [0.3, 0.8, -0.4], [-1.2, 0.1, 1.7], [0.0, 0.0, 0.0]]
 LABELS = [0, 2, 1, 1]
@@ -321,8 +321,10 @@ def test_unknown_param_names_param_and_valid_ones():
 
 
 def test_zero_class_count_rejected_for_log_count_losses():
-    with pytest.raises(ValueError, match=r"classes \[1\] have 0"):
+    with pytest.raises(EmptyClassError, match=r"classes with none: 1 \(1 of 3\)$"):
         build_loss("balanced_softmax", [10, 0, 3])
+    with pytest.raises(EmptyClassError, match=r"classes with none: 1, 2, 3, 4, 5, \.\.\. \(7 of 8\)$"):
+        build_loss("ldam", [10] + [0] * 7)
 
 
 def test_logits_with_wrong_class_dimension_rejected():
