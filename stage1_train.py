@@ -144,6 +144,17 @@ def mixup_generator(seed: int, epoch: int, alpha: float, skip: int, batch_size: 
     return rng
 
 
+def check_global_batch(batch_size: int, world: int) -> None:
+    """train.batch_size is the global batch: each of the torchrun processes takes an equal share of at least
+    2 images (BatchNorm in training mode cannot normalise one)."""
+    if batch_size % world or batch_size < 2 * world:
+        below = batch_size // world * world
+        sizes = " or ".join(str(b) for b in (below, below + world) if b >= 2 * world)
+        raise SystemExit(f"config error: train.batch_size={batch_size} (the global batch) must split evenly over "
+                         f"the {world} processes, at least 2 images each: use train.batch_size={sizes}, or "
+                         f"another number of processes")
+
+
 def main(cfg: Config, resume: bool = False) -> dict:
     check_names({"model.name": (cfg.model.name, MODELS), "model.head": (cfg.model.head, HEADS),
                  "loss.name": (cfg.loss.name, LOSSES), "data.sampler": (cfg.data.sampler, SAMPLERS)})
@@ -152,9 +163,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     run_dir, ckpt = start_run(cfg, STAGE, resume, d)
     if finished_run(ckpt, run_dir, d):
         return {}
-    if t.batch_size % d.world:
-        raise SystemExit(f"config error: train.batch_size={t.batch_size} (the global batch) must split evenly "
-                         f"over the {d.world} processes")
+    check_global_batch(t.batch_size, d.world)
 
     data, loader = build_data(cfg, device, d)
     model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,18 @@ def test_two_processes_reproduce_one_process_with_the_same_global_batch(fake_cif
     assert ta["confusion_matrix"] == tb["confusion_matrix"] and sum(map(sum, tb["confusion_matrix"])) == 100
     assert len(list((two / "tb").iterdir())) == 1
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_batch_of_fewer_than_two_images_per_process_is_one_line_on_each_rank_and_leaves_no_run(fake_cifar10,
+                                                                                                  tmp_path):
+    cmd = torchrun(f"data.root={fake_cifar10}", *DETERMINISTIC, "train.batch_size=2", f"log_dir={tmp_path / 'run'}")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    line = ("config error: train.batch_size=2 (the global batch) must split evenly over the 2 processes, at least 2 "
+            "images each: use train.batch_size=4, or another number of processes")
+    # torchrun adds its own summary of the failed ranks; no rank shows a traceback through this repository's code
+    ours = re.compile(rf'File "{re.escape(str(REPO))}/(?!\.venv/)')
+    assert proc.returncode != 0 and proc.stderr.count(line) == 2 and not ours.search(proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_under_torchrun_prefetch_trains_what_two_processes_train_without_it(fake_cifar10, tmp_path):

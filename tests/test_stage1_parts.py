@@ -1,6 +1,7 @@
 """Pieces of stage1_train.py's main, in-process."""
 import signal
 
+import pytest
 import torch
 
 from config.load import load_config
@@ -8,7 +9,7 @@ from engine.distributed import Dist
 from engine.run import Progress
 from models import build_model
 from models.losses import build_loss
-from stage1_train import build_data, main, parameter_groups
+from stage1_train import build_data, check_global_batch, main, parameter_groups
 
 
 def test_a_bias_the_class_balanced_sigmoid_loss_sets_is_kept_out_of_weight_decay():
@@ -48,3 +49,11 @@ def test_a_run_in_process_gives_the_signals_back_when_it_ends(fake_cifar10, tmp_
     main(cfg)
     assert (tmp_path / "run" / "last.pt").is_file()
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.parametrize("batch, world, sizes", [(15, 2, "14 or 16"), (6, 4, "8"), (30, 8, "24 or 32")])
+def test_a_global_batch_the_processes_cannot_share_names_the_batches_they_can(batch, world, sizes):
+    check_global_batch(2 * world, world)
+    with pytest.raises(SystemExit, match=rf"train.batch_size={batch} \(the global batch\) must split evenly over the "
+                                         rf"{world} processes, at least 2 images each: use train.batch_size={sizes}, "):
+        check_global_batch(batch, world)
