@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.compare_runs import parse_json, pct, read_metrics, read_text  # noqa: E402
 from bench.report_figures import Run, plot_confusion, plot_curves, plot_per_class, plot_sampling  # noqa: E402
 from config.cli import OneLineParser  # noqa: E402
+from engine.metrics import DENSE_CONFUSION_MAX  # noqa: E402
 
 TEST_KEYS = ("top1", "many", "medium", "few", "per_class", "train_class_counts", "confusion_matrix", "class_names")
 
@@ -37,7 +38,9 @@ def read_epochs(path: Path) -> list[dict]:
 
 
 def check_test(path: Path, m: dict, epochs: list[dict]) -> None:
-    sizes = {len(m[k]) for k in ("per_class", "train_class_counts", "confusion_matrix", "class_names")}
+    cm = m["confusion_matrix"]  # nested lists, or above DENSE_CONFUSION_MAX classes its nonzero cells
+    sizes = {len(m[k]) for k in ("per_class", "train_class_counts", "class_names")}
+    sizes.add(cm["num_classes"] if isinstance(cm, dict) else len(cm))
     sizes |= {len(e["sample_probs"]) for e in epochs if e.get("sample_probs")}
     if len(sizes) != 1:
         sys.exit(f"error: {path} and its metrics.jsonl disagree on the number of classes; rerun --test for that run")
@@ -90,6 +93,10 @@ def confusion_section(runs: list[Run], out: Path) -> list[str]:
     best = best_index(runs)
     md = ["## Confusion matrices", ""]
     for role, i in [("baseline", 0)] + ([("best", best)] if best else []):
+        if len(runs[i].counts) > DENSE_CONFUSION_MAX:  # a pixel per cell would still be unreadable
+            md += [f"The {role} run `{runs[i].name}` has {len(runs[i].counts)} classes: no confusion matrix figure "
+                   f"above {DENSE_CONFUSION_MAX} (test_metrics.json holds its nonzero cells).", ""]
+            continue
         plot_confusion(runs[i], f"{role} run", out / f"confusion_{role}.png")
         md += [f"![confusion matrix of the {role} run](confusion_{role}.png)", "",
                f"Row-normalised test confusion matrix of the {role} run `{runs[i].name}`: row = true class (with its "

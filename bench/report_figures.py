@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from bench.compare_runs import pct  # noqa: E402
+from engine.metrics import dense_confusion  # noqa: E402
 
 NAMED_AXES = 20  # a figure names the classes on its axes up to this many classes
 ANNOTATED = 12  # a confusion matrix prints each cell's % up to this many classes (the cells get too small)
@@ -78,7 +79,7 @@ def plot_per_class(runs: list[Run], path: Path) -> None:
 
 
 def plot_confusion(run: Run, role: str, path: Path) -> None:
-    cm = np.array(run.test["confusion_matrix"], dtype=float)
+    cm = dense_confusion(run.test["confusion_matrix"]).numpy().astype(float)
     totals = cm.sum(axis=1, keepdims=True)
     share = 100 * np.divide(cm, totals, out=np.full_like(cm, np.nan), where=totals > 0)  # % of each true class
     c = len(cm)

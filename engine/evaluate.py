@@ -77,7 +77,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
                                workers)
     if logit_adjust_tau:
         logits = posthoc_logit_adjust(logits, counts, logit_adjust_tau)
-    return metrics_from_logits(logits, labels, counts), class_names
+    return metrics_from_logits(logits, labels, counts, confusion=True), class_names
 
 
 def write_test_report(metrics: dict, class_names: Sequence[str], out_path: Path, ckpt_path: Path,

@@ -13,7 +13,7 @@ from data.augment import normalize
 from data.transfer import to_device, widest_float
 from engine.device import autocast, grad_scaler
 from engine.distributed import Dist, gather_equal, gather_rows, sum_over_ranks
-from engine.metrics import confusion_matrix, summarize
+from engine.metrics import summarize
 
 FINITE_CHECK_EVERY = 50  # steps between NaN/inf loss checks on an accelerator (each one waits for it)
 
@@ -198,9 +198,10 @@ def forward_each(fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[t
     return out
 
 
-def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int]) -> dict:
-    """top1 / many / medium / few / per_class / confusion_matrix of argmax predictions."""
-    return summarize(confusion_matrix(logits.argmax(1), labels, len(train_counts)), train_counts)
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int],
+                        confusion: bool = False) -> dict:
+    """top1 / many / medium / few / per_class (and with `confusion`, confusion_matrix) of argmax predictions."""
+    return summarize(logits.argmax(1), labels, train_counts, confusion)
 
 
 def predict_all_ranks(model: nn.Module, images: torch.Tensor | Dataset, batch_size: int, mean: Sequence[float],

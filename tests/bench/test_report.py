@@ -143,6 +143,23 @@ def test_a_best_baseline_gets_one_confusion_matrix_and_no_sampler_figure_without
 
 
 @pytest.mark.slow
+def test_a_run_of_more_classes_than_a_dense_confusion_matrix_is_reported_without_its_figure(tmp_path):
+    c = 1001  # above engine.metrics.DENSE_CONFUSION_MAX: test_metrics.json holds the nonzero cells
+    counts = [300] * 500 + [10] * 501
+    test = {"top1": 0.4, "many": 0.6, "medium": None, "few": 0.4, "per_class": [0.6] * 500 + [0.4] * 501,
+            "train_class_counts": counts, "confusion_matrix": {"num_classes": c, "cells": [[0, 0, 6], [0, 1, 4]]}}
+    big = write_run(tmp_path / "big", test, {"data": {"dataset": "inat2018"}, "loss": {"name": "ce"}})
+    report_json = json.loads((big / "test_metrics.json").read_text())
+    (big / "test_metrics.json").write_text(json.dumps({**report_json, "class_names": [str(k) for k in range(c)]}))
+    out = tmp_path / "report"
+    proc = report(big, stage1_ce(tmp_path / "ce"), "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(linked_figures(out)) == ["confusion_best.png", "curves.png", "per_class.png"]
+    text = (out / "report.md").read_text()
+    assert "The baseline run `big` has 1001 classes: no confusion matrix figure above 1000" in text
+
+
+@pytest.mark.slow
 def test_a_run_without_test_metrics_is_one_line_naming_the_test_command_and_no_traceback(tmp_path):
     good, untested = stage1_ce(tmp_path / "ce"), stage1_ce(tmp_path / "untested")
     (untested / "test_metrics.json").unlink()
