@@ -239,6 +239,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
         return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
 
     # ---- features, head, loss, batches (a data sampler, or the BALMS meta-sampler), optimiser
+    if ckpt is not None:  # the run's own backbone (and BN statistics), whatever stage1.checkpoint holds by now
+        load_backbone_state(model, ckpt["model"], f"model in {run_dir / 'last.pt'}")
     features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM, ranks, run_dir)
     model.head = head = new_head(cfg, method, copy.deepcopy(model.head))
     meta = sampler = None
@@ -255,7 +257,6 @@ def main(cfg: Config, resume: bool = False) -> dict:
         states.update(meta_sampler=meta.sampler, meta_sampler_optimizer=meta.optimizer)
     progress = Progress(t.select_metric)
     if ckpt is not None:
-        load_backbone_state(model, ckpt["model"], f"model in {run_dir / 'last.pt'}")  # BN statistics may move
         progress = restore(ckpt, states, run_dir, data.class_counts, epoch_len)
 
     # ---- train the head: one epoch, validate, checkpoint, log

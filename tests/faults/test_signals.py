@@ -1,8 +1,10 @@
 """SIGTERM and SIGINT: the step in progress ends, last.pt is saved mid-epoch, the run says how to
 resume and exits 128 + the signal; --resume then reaches the uninterrupted result. A second Ctrl-C
 stops at once. (Stage 1's single signal: tests/test_stage1_cli.py.)"""
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -63,3 +65,26 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback_and_keeps_a_loadable_
     assert "Traceback" not in proc.stderr and "stopped at once" in proc.stderr
     assert torch.load(stopped / "last.pt", weights_only=True)["step"] > 0
     assert not [p.name for p in stopped.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_resumed_cached_stage2_run_makes_its_features_with_its_own_backbone_not_a_changed_stage1_file(
+        fake_cifar10, backbone, tmp_path):
+    """The in-memory feature cache is made again on --resume: from the backbone in the run's last.pt, so a
+    stage-1 checkpoint overwritten in between (stage 1 resumed, another run copied there) changes nothing."""
+    s1 = tmp_path / "s1.pt"
+    shutil.copy(backbone, s1)
+
+    def stage2(run_dir):
+        return [sys.executable, "stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={run_dir}",
+                f"stage1.checkpoint={s1}", "stage2.method=crt", "stage2.cache_views=1", "train.iterations=400",
+                "train.batch_size=32", "train.warmup=0", "train.num_threads=1", "eval.batch_size=64"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run_to_end(stage2(full))
+    proc = _signal_after_first_checkpoint(stage2(stopped), stopped, [signal.SIGTERM])
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    ckpt = torch.load(s1, weights_only=True)
+    ckpt["model"] = {k: v * 1.1 if v.is_floating_point() and "running" not in k else v
+                     for k, v in ckpt["model"].items()}  # another backbone, as a resumed stage 1 leaves
+    torch.save(ckpt, s1)
+    run_to_end([*stage2(stopped), "--resume"])
+    assert differences(full, stopped) == []
