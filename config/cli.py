@@ -171,9 +171,10 @@ def report_path(run_dir: Path, ckpt_path: Path) -> Path:
 
 def test(cfg: Config, ckpt_path: Path | None) -> dict:
     """--test: the table of a checkpoint (default: the run's best.pt, else last.pt) on its test split,
-    written to <run_dir>/test_metrics.json (report_path)."""
+    written to <run_dir>/test_metrics.json (report_path); the run's train.log is left as its training
+    wrote it (a refused --test, a missing --ckpt say, adds nothing to it)."""
     ranks, device = start_processes(cfg)
-    run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)
+    run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main, log_file=False)
     ckpt_path = ckpt_path or from_rank0(lambda: default_checkpoint(run_dir), ranks)  # the run's own: rank 0 has it
     metrics, class_names = evaluate_checkpoint(ckpt_path, cfg.data.root, cfg.data.download, cfg.eval.batch_size,
                                                device, cfg.model.channels_last, cfg.eval.logit_adjust_tau,

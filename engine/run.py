@@ -31,11 +31,11 @@ class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (e.g. it holds a run and --resume was not given)."""
 
 
-def setup_run(run_dir: str | Path, seed: int, num_threads: int, writes: bool = True) -> Path:
+def setup_run(run_dir: str | Path, seed: int, num_threads: int, writes: bool = True, log_file: bool = True) -> Path:
     """Create the run directory, log to stderr and <run_dir>/train.log, seed every RNG.
 
     writes=False (the ranks other than 0 of a multi-process run): no directory, no file, and only
-    warnings and errors on stderr.
+    warnings and errors on stderr. log_file=False (--test): stderr only, the run's train.log untouched.
     """
     run_dir = Path(run_dir)
     if writes:
@@ -45,7 +45,9 @@ def setup_run(run_dir: str | Path, seed: int, num_threads: int, writes: bool = T
     for h in list(root.handlers):
         root.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stderr)] + ([logging.FileHandler(run_dir / "train.log")] if writes else [])
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if writes and log_file:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)

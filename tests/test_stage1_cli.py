@@ -70,9 +70,14 @@ def test_options_and_overrides_mix_in_any_order(fake_cifar10, tmp_path, run, tin
     log_dir = tmp_path / "run"
     run("stage1_train.py", f"data.root={fake_cifar10}", *tiny_stage1, "train.epochs=1", "train.warmup=0", "--resume",
         f"log_dir={log_dir}")
+    log = (log_dir / "train.log").read_text()
+    proc = run("stage1_train.py", f"data.root={fake_cifar10}", "--test", "--ckpt", str(log_dir / "nope.pt"),
+               f"log_dir={log_dir}", check=False)
+    assert proc.returncode == 2 and f"no checkpoint at {log_dir / 'nope.pt'}" in proc.stderr
     proc = run("stage1_train.py", f"data.root={fake_cifar10}", "--test", "--ckpt", str(log_dir / "last.pt"),
                f"log_dir={log_dir}", "eval.batch_size=64")
     assert "top-1" in proc.stdout and (log_dir / "test_metrics.json").is_file()
+    assert (log_dir / "train.log").read_text() == log  # --test, refused or not, leaves the training's log as it was
 
 
 def test_resuming_a_finished_run_says_so_and_writes_nothing(fake_cifar10, tmp_path, run, tiny_stage1):
