@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from config.cli import open_log, run_cli, start_processes, start_run
+from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run
 from config.load import check_names, config_to_dict
 from config.schema import Config, TrainConfig
 from data.augment import BatchAugment
@@ -166,6 +166,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     check_global_batch(t.batch_size, d.world)
 
     data, loader = build_data(cfg, device, d)
+    check_select_metric(t.select_metric, data.class_counts, len(data.val_labels) > 0)
     model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device)
     loss_fn = build_criterion(cfg, data.class_counts, model, fresh_head).to(device)
     train_model = wrap_for_training(model, t, device, d)  # checkpoints save `model`

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from config.cli import open_log, run_cli, start_processes, start_run
+from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run
 from config.load import config_to_dict
 from config.schema import Config
 from config.stage2 import Method, check_data, check_method, head_choice, keeps_stage1_head, with_stage1_training_set
@@ -30,7 +30,6 @@ from data.augment import BatchAugment
 from data.build import LongTailData, build_meta_resample
 from data.build_files import FileData, build_training_set
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
-from data.long_tail import shot_groups
 from data.samplers import build_sampler
 from engine.distributed import Dist, check_same_on_ranks, from_rank0
 from engine.features import CachedFeatures, LiveFeatures, compute_views, disk_views
@@ -106,10 +105,6 @@ def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, 
     """tau_norm: no training; tau searched on the validation split (stage2.tau_norm_tau without one)."""
     stage1_head, tau = model.head, cfg.stage2.tau_norm_tau
     has_val = len(data.val_labels) > 0
-    metric = cfg.train.select_metric
-    if has_val and metric != "top1" and not shot_groups(data.class_counts)[metric]:  # every tau would tie
-        raise SystemExit(f"config error: train.select_metric={metric} chooses tau by a shot group without classes "
-                         f"in this training set: set train.select_metric=top1 or a group with classes")
     if has_val:
         val_feats = compute_views(model, data.val_images, None, 1, data.mean, data.std, cfg.train.seed, VIEW_STREAM,
                                   cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks,
@@ -230,6 +225,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
                               d.val_per_class, d.image_size)
     model, model_args = build_backbone(cfg, s1, data.class_counts, method, device)
     loss_fn = method_loss(cfg, method, data.class_counts).to(device) if method.loss else None  # refused before the run
+    check_select_metric(t.select_metric, data.class_counts, len(data.val_labels) > 0,
+                        "tau" if method.kind == "posthoc" else "best.pt")
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)
     if augment_note:
         logger.warning(augment_note)

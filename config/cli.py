@@ -22,6 +22,7 @@ from config.saved import check_resume, dump_config
 from config.schema import Config
 from data.build_files import DATASET_KINDS
 from data.cifar import DatasetFormatError, DatasetNotFoundError
+from data.long_tail import shot_groups
 from engine.device import DeviceError, check_amp, set_cuda_flags
 from engine.distributed import Dist, from_rank0, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
@@ -158,6 +159,20 @@ def open_log(cfg: Config, stage: str, run_dir: Path, ranks: Dist, ckpt: dict | N
         return None
     dump_config(cfg, run_dir / "config.yaml", stage)
     return RunLog(run_dir, purge_step=ckpt["step"] + 1 if ckpt is not None and "step" in ckpt else None)
+
+
+def check_select_metric(metric: str, class_counts: list[int], has_val: bool, chooses: str = "best.pt") -> None:
+    """train.select_metric other than top1 must name a shot group with classes in this training set, and
+    there must be a validation split to measure it on: else no epoch (or tau) would ever be chosen."""
+    if metric == "top1":
+        return
+    if not has_val:
+        raise SystemExit(f"config error: train.select_metric={metric} chooses {chooses} on the validation split, and "
+                         f"this run has none: set data.val_per_class (or give a val split), or leave "
+                         f"train.select_metric out")
+    if not shot_groups(class_counts)[metric]:
+        raise SystemExit(f"config error: train.select_metric={metric} chooses {chooses} by a shot group without "
+                         f"classes in this training set: set train.select_metric=top1 or a group with classes")
 
 
 def report_path(run_dir: Path, ckpt_path: Path) -> Path:

@@ -66,6 +66,16 @@ def test_test_takes_the_dataset_from_the_checkpoint_not_the_config(fake_cifar10,
     assert metrics["class_names"][0] == "airplane" and len(metrics["per_class"]) == 10
 
 
+def test_a_select_metric_naming_a_group_without_classes_is_refused_before_the_run(fake_cifar10, tmp_path, run,
+                                                                                   tiny_stage1):
+    # The fake CIFAR-10-LT keeps at most 58 images a class: no many-shot class, so best.pt would never be written.
+    proc = run(*_args(fake_cifar10, tmp_path / "run", *tiny_stage1, "data.val_per_class=2", "train.select_metric=many"),
+               check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "config error: train.select_metric=many chooses best.pt by a shot group without classes")
+    assert not (tmp_path / "run").exists()
+
+
 def test_options_and_overrides_mix_in_any_order(fake_cifar10, tmp_path, run, tiny_stage1):
     log_dir = tmp_path / "run"
     run("stage1_train.py", f"data.root={fake_cifar10}", *tiny_stage1, "train.epochs=1", "train.warmup=0", "--resume",

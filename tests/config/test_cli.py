@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import config.cli
-from config.cli import parse_cli, start_run, user_errors
+from config.cli import check_select_metric, parse_cli, start_run, user_errors
 from config.load import ConfigError, config_to_dict
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.distributed import Dist
@@ -263,3 +263,22 @@ def test_the_entry_scripts_start_without_importing_torchvision():
              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout == "[]\n"
+
+
+@pytest.mark.parametrize("metric, counts, has_val, error", [
+    ("top1", [50, 5], False, None),
+    ("few", [50, 5], True, None),
+    ("many", [101, 5], True, None),
+    ("many", [100, 5], True, "chooses best.pt by a shot group without classes in this training set: set "
+                              "train.select_metric=top1 or a group with classes"),
+    ("few", [200, 30], True, "chooses best.pt by a shot group without classes"),
+    ("medium", [100, 20], False, "chooses best.pt on the validation split, and this run has none: set "
+                                 "data.val_per_class (or give a val split), or leave train.select_metric out"),
+])
+def test_a_select_metric_that_could_never_choose_an_epoch_is_a_config_error(metric, counts, has_val, error):
+    if error is None:
+        check_select_metric(metric, counts, has_val)
+        return
+    with pytest.raises(SystemExit) as e:
+        check_select_metric(metric, counts, has_val)
+    assert str(e.value.code).startswith(f"config error: train.select_metric={metric} ") and error in str(e.value.code)
