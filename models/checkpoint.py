@@ -87,8 +87,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or pickled objects we do not load
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); was it written by this tool?") from e
+        # torch's own message is not passed on: for a text file it advises weights_only=False, which runs code
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}); is it complete, and a "
+                              f".pt file this tool wrote (a run's best.pt or last.pt)?") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this tool (expected format {FORMAT!r})")
     return ckpt

@@ -121,6 +121,15 @@ def test_non_dict_and_wrong_format_files_are_rejected(tmp_path):
         load_checkpoint(other_version)
 
 
+def test_a_file_that_is_no_torch_file_is_named_without_torchs_advice_to_unpickle_it(tmp_path):
+    text = tmp_path / "README.md"
+    text.write_text("# not a checkpoint\n")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(text)
+    assert str(err.value) == (f"{text} cannot be read as a checkpoint (UnpicklingError); is it complete, and a .pt "
+                              f"file this tool wrote (a run's best.pt or last.pt)?")
+
+
 def test_missing_checkpoint_raises_file_not_found_with_the_path(tmp_path):
     path = tmp_path / "run" / "best.pt"
     with pytest.raises(FileNotFoundError) as err:
