@@ -105,13 +105,15 @@ def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], wha
         for k in sorted(set(own) & set(state))
         if tuple(state[k].shape) != tuple(own[k].shape)
     ]
+    def first(items: list[str], sep: str) -> str:  # a whole ResNet's keys would make a line of kilobytes
+        return f"({len(items)}): " + sep.join(items[:5]) + (f"{sep}..." if len(items) > 5 else "")
     problems = []
     if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
+        problems.append(f"missing keys {first(missing, ', ')}")
     if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        problems.append(f"unexpected keys {first(unexpected, ', ')}")
     if misshapen:
-        problems.append(f"shape mismatches: {'; '.join(misshapen)}")
+        problems.append(f"shape mismatches {first(misshapen, '; ')}")
     if problems:
         raise CheckpointError(f"{what} does not fit the model: " + " | ".join(problems))
     module.load_state_dict(state)

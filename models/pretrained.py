@@ -121,6 +121,13 @@ def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bo
     try:
         load_state_checked(model, state, what)
     except CheckpointError as e:
+        def shapes(s: dict) -> dict:
+            return {k: tuple(v.shape) for k, v in s.items() if not k.startswith("head.")}
+        if shapes(state) != shapes(model.state_dict()):  # the backbone itself does not fit
+            if recorded is None:  # the architecture was the caller's guess: foreign weights record none
+                raise CheckpointError(f"{e}; if these weights are not a {arch}'s, pass the architecture they are "
+                                      f"(arch= / model.name=, one of {', '.join(MODELS)})") from None
+            raise
         if reset_head or (head is not None and tuple(head.shape) == tuple(model.head.weight.shape)):
             raise
         raise HeadMismatchError(str(e), num_classes) from None

@@ -77,8 +77,8 @@ def test_load_state_checked_names_missing_unexpected_and_misshapen_keys():
         load_state_checked(model, state, "stage-1 backbone")
     msg = str(err.value)
     assert "stage-1 backbone" in msg
-    assert "missing keys: 2.bias" in msg
-    assert "unexpected keys: extra.weight" in msg
+    assert "missing keys (1): 2.bias" in msg
+    assert "unexpected keys (1): extra.weight" in msg
     assert "0.weight: checkpoint (5, 3) vs model (4, 3)" in msg
     # Nothing was loaded into the model.
     for k, v in model.state_dict().items():

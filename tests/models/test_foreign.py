@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -10,8 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from models import load_pretrained
+from models import MODELS, load_pretrained
 from models.checkpoint import CheckpointError, save_checkpoint
+from models.pretrained import HeadMismatchError
 from models.registry import build_model
 
 
@@ -151,7 +153,8 @@ def test_missing_and_unexpected_keys_are_listed_by_name(source, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_pretrained(str(path), arch="resnet32")
     assert f"{path} (balms layout) does not fit the model" in str(err.value)
-    assert "missing keys: layer3.4.bn2.running_var | unexpected keys: extra.weight" in str(err.value)
+    assert "missing keys (1): layer3.4.bn2.running_var | unexpected keys (1): extra.weight; if these weights are " \
+           "not a resnet32's, pass the architecture they are (arch= / model.name=" in str(err.value)
 
 
 def test_head_for_another_number_of_classes_names_both_shapes_and_the_fix(source, tmp_path):
@@ -161,9 +164,22 @@ def test_head_for_another_number_of_classes_names_both_shapes_and_the_fix(source
     with pytest.raises(CheckpointError) as err:
         load_pretrained(str(path), arch="resnet32", num_classes=100)
     msg = str(err.value)
-    assert ("shape mismatches: head.bias: checkpoint (10,) vs model (100,); "
+    assert ("shape mismatches (2): head.bias: checkpoint (10,) vs model (100,); "
             "head.weight: checkpoint (10, 64) vs model (100, 64)") in msg
     assert "reset_head=True (model.reset_head=true) starts a new one" in msg
+
+
+def test_weights_of_another_architecture_are_one_short_line_asking_for_theirs_not_a_new_head(source, tmp_path):
+    feat, classifier = _parallel_parts(source)
+    path = tmp_path / "final_model_checkpoint.pth"
+    torch.save({"state_dict_best": {"feat_model": feat, "classifier": classifier}}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(str(path), arch="resnet18")  # a ResNet-32's 10-class head, 64 features wide
+    msg = str(err.value)
+    assert not isinstance(err.value, HeadMismatchError) and "reset_head" not in msg
+    assert re.search(r"missing keys \(\d+\): [^|]*, \.\.\. \| unexpected keys \(\d+\): ", msg) and len(msg) < 1000
+    assert msg.endswith("if these weights are not a resnet18's, pass the architecture they are (arch= / model.name=, "
+                        f"one of {', '.join(MODELS)})")
 
 
 def test_foreign_checkpoint_without_an_architecture_asks_for_one(source, tmp_path):
