@@ -1,7 +1,8 @@
 """Print images/s of each augmentation op on a 512-image CIFAR-sized uint8 batch, and the host's
 work per call and per image of the whole training augmentation.
 
-Run from the repository root: python3 -m bench.augment_speed
+    python bench/augment_speed.py        (or python -m bench.augment_speed; takes no options)
+
 Measured at torch's default thread count and at 1 thread: these ops are small, so
 intra-op threading overhead (and any other process competing for the 2 cores) shows.
 
@@ -13,12 +14,18 @@ bound) and a part per image (draws and Python work that grow with the batch), wh
 amortises.
 """
 
+import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from data.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment, normalize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config.cli import OneLineParser  # noqa: E402
+from data.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment, normalize  # noqa: E402
 
 BATCH = 512
 SIZE = 32
@@ -79,6 +86,7 @@ def host_work() -> None:
 
 
 def main() -> None:
+    OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     default_threads = torch.get_num_threads()
     report(default_threads)
     if default_threads != 1:

@@ -24,19 +24,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.methods_table import parse_with_overrides  # noqa: E402
 from config.cli import OneLineParser, run_program, test, user_errors  # noqa: E402
 from config.load import load_config  # noqa: E402
+from config.stage2 import check_method  # noqa: E402
 from config.saved import config_from_dict  # noqa: E402
 from stage2_classifier import main as stage2_main  # noqa: E402
 
 
-def run(stage1: str, method: str, views: int, iterations: int, seed: int, out: Path,
-        extra: list[str]) -> tuple[float, float]:
+def stage2_config(stage1: str, method: str, views: int, iterations: int, seed: int, out: Path, extra: list[str]):
     # The training set and the model come from the stage-1 checkpoint.
     overrides = [f"stage1.checkpoint={stage1}", f"stage2.method={method}", f"stage2.cache_views={views}",
                  f"train.iterations={iterations}", "train.batch_size=512", "train.lr=0.05", "train.warmup=0",
                  f"train.seed={seed}", f"log_dir={out / f'{method}_views{views}_seed{seed}'}", *extra]
     cfg = load_config(None, overrides, stage="stage2")
+    check_method(cfg)  # the method's name and the keys it reads
+    return cfg
+
+
+def run(cfg) -> tuple[float, float]:
     start = time.perf_counter()
     stage2_main(cfg)
     seconds = time.perf_counter() - start
@@ -53,8 +59,9 @@ def main() -> None:
     p.add_argument("--views", type=int, default=config_from_dict({}).stage2.cache_views, help="cached views")
     p.add_argument("--methods", nargs="+", default=["balanced_softmax", "balms"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed of each pair of runs")
-    p.add_argument("overrides", nargs="*", help="more key=value overrides for both runs")
-    args = p.parse_args()
+    p.usage = f"{p.format_usage().removeprefix('usage: ').strip()} [key=value ...]"
+    p.epilog = "key=value words, anywhere on the line, are overrides for every run"
+    args = parse_with_overrides(p, sys.argv[1:])
     if args.iterations < 1:  # 0 would mean the config's epochs
         p.error("--iterations must be at least 1")
     if args.views < 1:  # 0 would compare the backbone on every batch with itself
@@ -62,24 +69,29 @@ def main() -> None:
     run_program(lambda: compare(args))
 
 
+def row(method: str, seed: str, ns: float, cs: float, nt: float, ct: float) -> str:
+    return (f"{method:<18} {seed:>4} {ns:>9.1f} {cs:>9.1f} {ns / cs:>6.1f}x {100 * nt:>10.2f}% {100 * ct:>11.2f}% "
+            f"{100 * abs(nt - ct):>6.2f}")
+
+
 def compare(args: argparse.Namespace) -> None:
-    rows = []
     with tempfile.TemporaryDirectory() as tmp, user_errors():  # a missing checkpoint, a bad override: one line
+        # Every run's config first: a bad method name or override is refused before any run takes minutes.
+        cfgs = {(method, seed, views): stage2_config(args.stage1, method, views, args.iterations, seed, Path(tmp),
+                                                     args.overrides)
+                for method in args.methods for seed in args.seeds for views in (0, args.views)}
+        print(f"stage 2, {args.iterations} iterations at batch 512, cached = {args.views} views\n"
+              f"{'method':<18} {'seed':>4} {'naive s':>9} {'cached s':>9} {'ratio':>7} {'naive top1':>11} "
+              f"{'cached top1':>12} {'gap':>6}", flush=True)
         for method in args.methods:
-            for seed in args.seeds:
-                naive_s, naive_top1 = run(args.stage1, method, 0, args.iterations, seed, Path(tmp), args.overrides)
-                cached_s, cached_top1 = run(args.stage1, method, args.views, args.iterations, seed, Path(tmp),
-                                            args.overrides)
-                rows.append((method, f"{seed}", naive_s, cached_s, naive_top1, cached_top1))
+            mine = []
+            for seed in args.seeds:  # each row as soon as its two runs end
+                mine.append((*run(cfgs[method, seed, 0]), *run(cfgs[method, seed, args.views])))
+                naive_s, naive_top1, cached_s, cached_top1 = mine[-1]
+                print(row(method, f"{seed}", naive_s, cached_s, naive_top1, cached_top1), flush=True)
             if len(args.seeds) > 1:
-                mine = [r for r in rows if r[0] == method]
-                rows.append((method, "mean", *(sum(r[i] for r in mine) / len(mine) for i in range(2, 6))))
-    print(f"\nstage 2, {args.iterations} iterations at batch 512, cached = {args.views} views")
-    print(f"{'method':<18} {'seed':>4} {'naive s':>9} {'cached s':>9} {'ratio':>7} {'naive top1':>11} "
-          f"{'cached top1':>12} {'gap':>6}")
-    for method, seed, ns, cs, nt, ct in rows:
-        print(f"{method:<18} {seed:>4} {ns:>9.1f} {cs:>9.1f} {ns / cs:>6.1f}x {100 * nt:>10.2f}% {100 * ct:>11.2f}% "
-              f"{100 * abs(nt - ct):>6.2f}")
+                ns, nt, cs, ct = (sum(r[i] for r in mine) / len(mine) for i in range(4))
+                print(row(method, "mean", ns, cs, nt, ct), flush=True)
 
 
 if __name__ == "__main__":

@@ -113,10 +113,17 @@ def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training
      "stage2_speed.py: error: --iterations must be at least 1; see --help"),
     ("bench/stage2_speed.py", ["--stage1", "{tmp}/none.pt", "--views", "0"],
      "stage2_speed.py: error: --views must be at least 1; see --help"),
+    # every run's method and overrides are checked before the first run; key=value words after --methods
+    # are overrides, not method names
+    ("bench/stage2_speed.py", ["--stage1", "{tmp}/none.pt", "--methods", "crt", "bogus", "train.num_threads=1"],
+     "config error: stage2.method='bogus' is not one of balanced_softmax, balms, crt, lws, tau_norm"),
+    ("bench/stage2_speed.py", ["--stage1", "{tmp}/none.pt", "--methods", "crt", "train.lr=-1"],
+     "config error: train.lr=-1"),
     ("bench/loader_speed.py", ["--folder", "{tmp}/none", "--root", "{data}"],
      "error: training images not found: {tmp}/none/train is not a folder"),
 ], ids=["imbalance-factor", "negative-iterations", "zero-iterations", "no-data", "no-data-ldam", "truncated-json",
-        "no-checkpoint", "stage2-zero-iterations", "stage2-zero-views", "no-folder"])
+        "no-checkpoint", "stage2-zero-iterations", "stage2-zero-views", "stage2-bad-method", "stage2-override",
+        "no-folder"])
 def test_a_bench_driver_refuses_bad_input_in_one_line_with_status_2_and_leaves_no_run_directory(
         run, tmp_path, script, args, message):
     data = write_fake_cifar10(tmp_path / "data", train_per_class=100, test_per_class=1) if "{data}" in str(args) else ""
@@ -129,3 +136,13 @@ def test_a_bench_driver_refuses_bad_input_in_one_line_with_status_2_and_leaves_n
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(message.format(tmp=tmp_path)), lines[0]
     assert not out.exists()  # methods_table: no stray run directory (nor its parents) of the refused run
+
+
+@pytest.mark.parametrize("script", ["augment_speed", "compare_runs", "loader_speed", "methods_table", "report",
+                                    "stage2_speed", "sweep", "throughput"])
+def test_every_bench_driver_answers_help_as_a_script_and_refuses_an_unknown_option(run, script):
+    proc = run(f"bench/{script}.py", "--help")
+    assert proc.stdout.startswith("usage: ") and script in proc.stdout.splitlines()[0] and not proc.stderr
+    proc = run(f"bench/{script}.py", "--no-such-option", check=False)  # or the options it requires, named first
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].endswith("; see --help"), proc.stderr
