@@ -73,6 +73,9 @@ def build_network(cfg: Config, num_classes: int, device: torch.device) -> tuple[
     """(model, its model_args, whether its head is new): a random init, or model.pretrained to
     fine-tune (its own head, or a new one with model.reset_head)."""
     m = cfg.model
+    if m.reset_head and not m.pretrained:
+        raise SystemExit("config error: model.reset_head=true replaces the head of pretrained weights, and no "
+                         "model.pretrained (--pretrained) is given: every head is new then; remove it")
     model_args = {"name": m.name, "num_classes": num_classes, "head": m.head}
     if m.pretrained:
         try:

@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run
 from config.load import config_to_dict
 from config.schema import Config
-from config.stage2 import Method, check_data, check_method, head_choice, keeps_stage1_head, with_stage1_training_set
+from config.stage2 import (Method, check_data, check_method, check_tau_norm_keys, head_choice, keeps_stage1_head,
+                           with_stage1_training_set)
 from data.augment import BatchAugment
 from data.build import LongTailData, build_meta_resample
 from data.build_files import FileData, build_training_set
@@ -227,6 +228,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     loss_fn = method_loss(cfg, method, data.class_counts).to(device) if method.loss else None  # refused before the run
     check_select_metric(t.select_metric, data.class_counts, len(data.val_labels) > 0,
                         "tau" if method.kind == "posthoc" else "best.pt")
+    if method.kind == "posthoc":
+        check_tau_norm_keys(cfg, len(data.val_labels) > 0)
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)
     if augment_note:
         logger.warning(augment_note)

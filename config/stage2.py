@@ -33,6 +33,11 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "stage2.init_head": ("balanced_softmax", "crt", "balms"),  # lws and tau_norm start from the stage-1 head
     "stage2.tau_norm_tau": ("tau_norm",),
     "stage2.tau_norm_grid": ("tau_norm",),
+    # tau_norm trains nothing: the schedule and the training views are the trained methods' alone
+    **dict.fromkeys(("train.epochs", "train.iterations", "train.batch_size", "train.lr", "train.momentum",
+                     "train.nesterov", "train.weight_decay", "train.schedule", "train.warmup", "train.warmup_start",
+                     "train.milestones", "train.gamma", "train.save_every_s", "stage2.cache_views", "stage2.live_bn"),
+                    ("balanced_softmax", "crt", "balms", "lws")),
 }
 # Stage-1 keys that fix which images form the training set: read from the stage-1 checkpoint.
 SUBSET_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "val_per_class", "image_size")
@@ -59,6 +64,20 @@ def check_method(cfg: Config) -> Method:
                          f"starts from; balanced_softmax, crt and balms with init_head=reinit train a new head for "
                          f"any number of classes")
     return method
+
+
+def check_tau_norm_keys(cfg: Config, has_val: bool) -> None:
+    """tau_norm searches tau over stage2.tau_norm_grid on a validation split, and takes stage2.tau_norm_tau
+    without one: the other key would go unread."""
+    changed = changed_keys(cfg)
+    if has_val and "stage2.tau_norm_tau" in changed:
+        raise SystemExit("config error: stage2.tau_norm_tau is tau_norm's tau without a validation split; this run "
+                         "has one and searches tau over stage2.tau_norm_grid on it: remove stage2.tau_norm_tau, or "
+                         "search one value (stage2.tau_norm_grid=[0.3])")
+    if not has_val and "stage2.tau_norm_grid" in changed:
+        raise SystemExit("config error: stage2.tau_norm_grid is searched on the validation split, and this run has "
+                         "none: tau is stage2.tau_norm_tau; remove the grid, or hold out images in stage 1 "
+                         "(data.val_per_class)")
 
 
 def check_data(cfg: Config, s1: dict | None) -> str:

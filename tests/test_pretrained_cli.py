@@ -158,8 +158,8 @@ def test_stage2_accepts_an_imported_checkpoint_as_stage1_checkpoint(fake_cifar10
     imported = tmp_path / "imported.pt"
     run("-m", "models", "import", str(tmp_path / "final_model_checkpoint.pth"), str(imported), "--arch", "resnet32")
     log_dir = tmp_path / "s2"
-    run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", *TINY_STAGE2,
-        "stage2.method=tau_norm", f"stage1.checkpoint={imported}")
+    run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", *TINY_STAGE2[:2],
+        "train.num_threads=1", "eval.batch_size=64", "stage2.method=tau_norm", f"stage1.checkpoint={imported}")
     saved = _weights(log_dir / "last.pt")
     assert saved["class_counts"] == COUNTS
     assert torch.equal(saved["model"]["conv1.weight"], state["conv1.weight"])

@@ -15,12 +15,14 @@ pytestmark = pytest.mark.slow
 # No data.* keys: stage 2 reads the training set (IF 10, 2 validation images per class) from stage 1.
 TINY_STAGE2 = ("train.iterations=12", "train.batch_size=32", "train.warmup=0", "train.num_threads=1",
                "stage2.cache_views=2", "eval.batch_size=64")
+POSTHOC = ("train.num_threads=1", "eval.batch_size=64")
 
 
 def _stage2(root, stage1_dir, log_dir, *extra):
     balms = ("meta_sampler.meta_batch_size=16",) if "stage2.method=balms" in extra else ()
+    tiny = POSTHOC if "stage2.method=tau_norm" in extra else TINY_STAGE2  # tau_norm reads no schedule
     return ["stage2_classifier.py", f"data.root={root}", f"log_dir={log_dir}",
-            f"stage1.checkpoint={stage1_dir / 'last.pt'}", *TINY_STAGE2, *balms, *extra]
+            f"stage1.checkpoint={stage1_dir / 'last.pt'}", *tiny, *balms, *extra]
 
 
 @pytest.mark.parametrize("method", ["balanced_softmax", "crt", "balms", "lws", "tau_norm"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from config.load import config_to_dict, load_config
-from config.stage2 import check_data
+from config.stage2 import check_data, check_method, check_tau_norm_keys
 
 
 def _stage1(**data) -> dict:
@@ -40,3 +40,23 @@ def test_resampled_meta_set_is_refused_for_image_files():
     with pytest.raises(SystemExit, match="meta_split=resample draws a second long-tailed set from CIFAR's"):
         check_data(cfg, None)
     assert check_data(_stage2("stage2.method=balms", "meta_sampler.meta_split=resample"), None) == ""
+
+
+@pytest.mark.parametrize("key", ["train.lr=0.5", "train.iterations=100", "train.epochs=30", "stage2.cache_views=1",
+                                 "train.batch_size=64", "stage2.live_bn=eval"])
+def test_tau_norm_trains_nothing_so_a_schedule_or_view_key_set_for_it_is_an_error(key):
+    with pytest.raises(SystemExit, match=rf"config error: {key.split('=')[0]} is read by stage2.method="
+                                         rf"balanced_softmax \| crt \| balms \| lws only, not by tau_norm: remove it"):
+        check_method(_stage2("stage2.method=tau_norm", key))
+    check_method(_stage2("stage2.method=crt", key))  # a trained method reads it
+
+
+def test_tau_norm_refuses_the_tau_key_it_would_not_read():
+    check_tau_norm_keys(_stage2("stage2.method=tau_norm", "stage2.tau_norm_grid=[0.5,1.0]"), has_val=True)
+    check_tau_norm_keys(_stage2("stage2.method=tau_norm", "stage2.tau_norm_tau=0.3"), has_val=False)
+    with pytest.raises(SystemExit, match=r"stage2.tau_norm_tau is tau_norm's tau without a validation split; this "
+                                         r"run has one"):
+        check_tau_norm_keys(_stage2("stage2.method=tau_norm", "stage2.tau_norm_tau=0.3"), has_val=True)
+    with pytest.raises(SystemExit, match=r"stage2.tau_norm_grid is searched on the validation split, and this run "
+                                         r"has none: tau is stage2.tau_norm_tau"):
+        check_tau_norm_keys(_stage2("stage2.method=tau_norm", "stage2.tau_norm_grid=[0.5,1.5]"), has_val=False)

@@ -49,6 +49,9 @@ CASES = {
     "warmup_as_long_as_the_run": (S1, ["train.epochs=3", "train.warmup=3"],
                                   "train.warmup=3 (epochs) is not shorter than the run (train.epochs=3)"),
     "empty_name": (S1, ["name="], "config error: name is empty"),
+    "reset_head_without_pretrained": (S1, ["model.reset_head=true"], "config error: model.reset_head=true replaces "
+                                      "the head of pretrained weights, and no model.pretrained (--pretrained) is "
+                                      "given"),
     "unknown_dataset": (S1, ["data.dataset=cifar1000"], "data.dataset='cifar1000' is not one of cifar10, cifar100"),
     "unknown_model": (S1, ["model.name=resnet33"], "model.name='resnet33' is not one of resnet10, resnet101, "
                                                    "resnet152, resnet18, resnet32, resnet34, resnet50"),
