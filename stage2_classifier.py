@@ -64,7 +64,8 @@ def stage1_run(cfg: Config, ranks: Dist) -> dict | None:
         try:
             return training_run(cfg.model.pretrained)
         except (CheckpointError, DownloadError) as e:
-            raise SystemExit(f"error: {cfg.model.pretrained}: {e}") from None
+            named = cfg.model.pretrained in str(e)  # most errors name their source already
+            raise SystemExit(f"error: {e}" if named else f"error: {cfg.model.pretrained}: {e}") from None
     return from_rank0(read, ranks)
 
 

@@ -100,8 +100,8 @@ def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bo
         raise CheckpointError(f"{what}: the registry entry says {entry.format!r}; the entry in models/zoo.py is wrong")
     recorded = ckpt.model_args["name"] if ckpt.model_args else (entry.arch if entry else None)
     if arch is None and recorded is None:
-        raise CheckpointError(f"{what} does not record its architecture: pass arch= (model.name=), "
-                              f"one of {', '.join(MODELS)}")
+        raise CheckpointError(f"{what} does not record its architecture: pass model.name= (--arch of `python -m "
+                              f"models import`), one of {', '.join(MODELS)}")
     if arch is not None and recorded is not None and arch != recorded:
         raise CheckpointError(f"{what} holds a {recorded}, not a {arch}: use arch={recorded!r} (model.name={recorded})")
     arch = arch or recorded
@@ -126,7 +126,8 @@ def _load(source: str, arch: str | None, num_classes: int | None, reset_head: bo
         if shapes(state) != shapes(model.state_dict()):  # the backbone itself does not fit
             if recorded is None:  # the architecture was the caller's guess: foreign weights record none
                 raise CheckpointError(f"{e}; if these weights are not a {arch}'s, pass the architecture they are "
-                                      f"(arch= / model.name=, one of {', '.join(MODELS)})") from None
+                                      f"(model.name=, or --arch of `python -m models import`; one of "
+                                      f"{', '.join(MODELS)})") from None
             raise
         if reset_head or (head is not None and tuple(head.shape) == tuple(model.head.weight.shape)):
             raise

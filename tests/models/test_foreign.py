@@ -154,7 +154,7 @@ def test_missing_and_unexpected_keys_are_listed_by_name(source, tmp_path):
         load_pretrained(str(path), arch="resnet32")
     assert f"{path} (balms layout) does not fit the model" in str(err.value)
     assert "missing keys (1): layer3.4.bn2.running_var | unexpected keys (1): extra.weight; if these weights are " \
-           "not a resnet32's, pass the architecture they are (arch= / model.name=" in str(err.value)
+           "not a resnet32's, pass the architecture they are (model.name=, or --arch" in str(err.value)
 
 
 def test_head_for_another_number_of_classes_names_both_shapes_and_the_fix(source, tmp_path):
@@ -178,14 +178,15 @@ def test_weights_of_another_architecture_are_one_short_line_asking_for_theirs_no
     msg = str(err.value)
     assert not isinstance(err.value, HeadMismatchError) and "reset_head" not in msg
     assert re.search(r"missing keys \(\d+\): [^|]*, \.\.\. \| unexpected keys \(\d+\): ", msg) and len(msg) < 1000
-    assert msg.endswith("if these weights are not a resnet18's, pass the architecture they are (arch= / model.name=, "
-                        f"one of {', '.join(MODELS)})")
+    assert msg.endswith("if these weights are not a resnet18's, pass the architecture they are (model.name=, or "
+                        f"--arch of `python -m models import`; one of {', '.join(MODELS)})")
 
 
 def test_foreign_checkpoint_without_an_architecture_asks_for_one(source, tmp_path):
     path = tmp_path / "plain.pt"
     torch.save(source.state_dict(), path)
-    with pytest.raises(CheckpointError, match="does not record its architecture: pass arch= .model.name=., one of"):
+    with pytest.raises(CheckpointError, match="does not record its architecture: pass model.name= .--arch of "
+                                              "`python -m models import`., one of"):
         load_pretrained(str(path))
 
 
