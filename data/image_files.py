@@ -104,7 +104,7 @@ def read_list_split(dataset: str, split: str, list_dir: Path, root: Path, check_
     if not list_file.is_file():
         raise DatasetNotFoundError(
             f"{spec.display_name} {split} list not found: {list_file}; {_LIST_SOURCE}. "
-            f"Put {spec.files[split]} in {list_dir} or point list_dir at the folder that holds it."
+            f"Put {spec.files[split]} in {list_dir} or point data.list_dir at the folder that holds it."
         )
 
     paths: list[Path] = []
@@ -123,7 +123,7 @@ def read_list_split(dataset: str, split: str, list_dir: Path, root: Path, check_
             path = root / path
             if check_files and not path.is_file():
                 raise DatasetNotFoundError(
-                    f"{list_file}:{line_no}: image {path} does not exist; point root at the folder "
+                    f"{list_file}:{line_no}: image {path} does not exist; point data.root at the folder "
                     f"the list's paths are relative to (now {root}) or restore the missing file."
                 )
             paths.append(path)
@@ -166,7 +166,7 @@ def read_folder_split(root: Path, split: str, class_names: list[str] | None = No
     if not split_dir.is_dir():
         if split == "train":
             raise DatasetNotFoundError(
-                f"training images not found: {split_dir} is not a folder; point root at a folder that "
+                f"training images not found: {split_dir} is not a folder; point data.root at a folder that "
                 f"holds train/<class>/<image> (and optionally val/ and test/ laid out the same way)."
             )
         return None
