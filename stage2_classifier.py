@@ -149,9 +149,6 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
             path = run_dir / f"features_{CACHE_NAMES[stream]}.npy"
             return CachedFeatures(disk_views(path, compute, ranks.is_main, ranks), device)
         return CachedFeatures(compute())
-    if isinstance(data, FileData):
-        raise SystemExit(f"stage2.cache_views=0 runs the backbone on in-memory images; data.dataset={d.dataset} "
-                         f"streams image files: set stage2.cache_views to 1 or more")
     images = images.to(next(model.parameters()).device)
     return LiveFeatures(model, images, augment, data.mean, data.std, cfg.model.channels_last,
                         bn_train=cfg.stage2.live_bn == "train")

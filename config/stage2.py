@@ -89,6 +89,9 @@ def check_data(cfg: Config, s1: dict | None) -> str:
         raise SystemExit(f"config error: meta_sampler.meta_split=resample draws a second long-tailed set from "
                          f"CIFAR's training split; data.dataset={cfg.data.dataset} has no images beyond its "
                          f"training set: use meta_split=val (with data.val_per_class) or train")
+    if cfg.stage2.cache_views == 0 and cfg.data.dataset in FILE_DATASETS:
+        raise SystemExit(f"config error: stage2.cache_views=0 runs the backbone on in-memory images; "
+                         f"data.dataset={cfg.data.dataset} streams image files: set stage2.cache_views to 1 or more")
     if s1 is None or not s1.get("config") or METHODS[cfg.stage2.method].kind == "posthoc":  # tau_norm: no views
         return ""
     saved = config_from_dict(s1["config"]).data

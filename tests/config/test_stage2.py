@@ -60,3 +60,10 @@ def test_tau_norm_refuses_the_tau_key_it_would_not_read():
     with pytest.raises(SystemExit, match=r"stage2.tau_norm_grid is searched on the validation split, and this run "
                                          r"has none: tau is stage2.tau_norm_tau"):
         check_tau_norm_keys(_stage2("stage2.method=tau_norm", "stage2.tau_norm_grid=[0.5,1.5]"), has_val=False)
+
+
+def test_the_backbone_on_every_batch_is_refused_for_image_files_before_the_run():
+    with pytest.raises(SystemExit, match=r"^config error: stage2.cache_views=0 runs the backbone on in-memory images; "
+                                         r"data.dataset=folder streams image files: set stage2.cache_views to 1"):
+        check_data(_stage2("stage2.cache_views=0", "data.dataset=folder"), None)
+    assert check_data(_stage2("stage2.cache_views=0"), None) == ""  # CIFAR in memory
