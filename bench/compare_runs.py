@@ -53,6 +53,8 @@ def table(runs: list[Path]) -> str:
     results = []
     for run in runs:
         path = run / "test_metrics.json"
+        if not run.is_dir():
+            sys.exit(f"error: {run} is not a directory; pass run directories (logs/<run>) that --test has been run on")
         if not path.is_file():
             sys.exit(f"error: {path} does not exist: run the script with --test for that run first")
         results.append((run.name, read_metrics(path, (*GROUPS, "per_class", "train_class_counts"))))
@@ -63,7 +65,8 @@ def table(runs: list[Path]) -> str:
              "|---" * (5 + len(head)) + "|"]
     for name, m in results:
         if m["train_class_counts"] != first["train_class_counts"]:
-            sys.exit(f"error: {name} was trained on other class counts than {results[0][0]}: not comparable")
+            sys.exit(f"error: {name} was trained on other class counts than {results[0][0]}: not comparable class "
+                     f"by class; bench/report.py puts runs of other datasets side by side")
         cells = [pct(m[k]) for k in GROUPS] + [pct(a) for a in m["per_class"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -108,6 +108,7 @@ def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training
     ("bench/methods_table.py", ["--methods", "ce", "data.root={tmp}/none"], "error: CIFAR-10 not found: looked in"),
     ("bench/methods_table.py", ["--methods", "ldam_drw", "data.root={tmp}/none"], "error: CIFAR-10 not found"),
     ("bench/compare_runs.py", ["{tmp}/truncated"], "error: {tmp}/truncated/test_metrics.json is not valid JSON"),
+    ("bench/compare_runs.py", ["{tmp}/none"], "error: {tmp}/none is not a directory; pass run directories"),
     ("bench/stage2_speed.py", ["--stage1", "{tmp}/none.pt"], "error: no checkpoint at {tmp}/none.pt"),
     ("bench/stage2_speed.py", ["--stage1", "{tmp}/none.pt", "--iterations", "0"],
      "stage2_speed.py: error: --iterations must be at least 1; see --help"),
@@ -122,8 +123,8 @@ def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training
     ("bench/loader_speed.py", ["--folder", "{tmp}/none", "--root", "{data}"],
      "error: training images not found: {tmp}/none/train is not a folder"),
 ], ids=["imbalance-factor", "negative-iterations", "zero-iterations", "no-data", "no-data-ldam", "truncated-json",
-        "no-checkpoint", "stage2-zero-iterations", "stage2-zero-views", "stage2-bad-method", "stage2-override",
-        "no-folder"])
+        "no-run-directory", "no-checkpoint", "stage2-zero-iterations", "stage2-zero-views", "stage2-bad-method",
+        "stage2-override", "no-folder"])
 def test_a_bench_driver_refuses_bad_input_in_one_line_with_status_2_and_leaves_no_run_directory(
         run, tmp_path, script, args, message):
     data = write_fake_cifar10(tmp_path / "data", train_per_class=100, test_per_class=1) if "{data}" in str(args) else ""
