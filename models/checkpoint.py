@@ -81,6 +81,10 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        found = " or ".join(str(path / n) for n in ("best.pt", "last.pt") if (path / n).is_file())
+        raise CheckpointNotFoundError(f"{path} is a directory, not a checkpoint: give a .pt file in it"
+                                      + (f", {found}" if found else ""))
     if not path.is_file():
         raise CheckpointNotFoundError(f"no checkpoint at {path}: train first, or give the path of a .pt file "
                                       f"of a run directory")

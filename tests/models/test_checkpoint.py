@@ -198,3 +198,14 @@ def test_stale_temporary_files_of_atomic_writes_are_removed_and_nothing_else(tmp
     remove_stale_temp_files(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.draft.tmp", ".notes.tmp", "last.pt",
                                                           "metrics.jsonl"]
+
+
+def test_a_run_directory_given_as_a_checkpoint_names_the_checkpoints_in_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"^{run} is a directory, not a checkpoint: give a .pt file in it$"):
+        load_checkpoint(run)
+    save_checkpoint(run / "last.pt", {"epoch": 1})
+    with pytest.raises(FileNotFoundError, match=rf"^{run} is a directory, not a checkpoint: give a .pt file in it, "
+                                                rf"{run}/last.pt$"):
+        load_checkpoint(run)
