@@ -38,7 +38,8 @@ from data.cifar import IMAGE_SHAPE, DatasetFormatError
 from data.image_files import decode_rgb, decoder_reason, eval_transform
 from engine.device import DeviceError, resolve_device
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.export import export_meta, load_export, model_from_export, path_error_message, write_export
+from models.export import (META_FILE, WEIGHTS_FILE, export_meta, load_export, model_from_export, path_error_message,
+                           write_export)
 from models.losses import LOSSES
 
 
@@ -124,7 +125,8 @@ def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict
 def export_to(folder: str, state: dict, meta: dict) -> None:
     """write_export, its OSErrors one line each: a folder of the path that is a file, permissions, a full disk."""
     try:
-        print(f"wrote {write_export(folder, state, meta)}")
+        out = write_export(folder, state, meta)
+        print(f"wrote {out / WEIGHTS_FILE} and {out / META_FILE}; classify with: python predict.py {out} IMAGE ...")
     except OSError as e:
         if e.errno is None:  # write_export's refusal to overwrite an export, which says what to do
             raise SystemExit(f"error: {e}") from None

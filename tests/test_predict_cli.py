@@ -137,7 +137,8 @@ def test_predict_prints_class_and_probability_per_image(checkpoint, image_files,
 def test_export_writes_plain_state_dict_and_json_that_predict_the_same(checkpoint, image_files, tmp_path, run):
     path, model = checkpoint
     out = tmp_path / "exported"
-    assert run("predict.py", str(path), "--export", str(out)).stdout.strip() == f"wrote {out}"
+    assert run("predict.py", str(path), "--export", str(out)).stdout.strip() == (
+        f"wrote {out}/model.pt and {out}/model.json; classify with: python predict.py {out} IMAGE ...")
     meta = json.loads((out / "model.json").read_text())
     assert meta == {"format": "lt-decoupled-export/1", "arch": "resnet32", "head": "linear", "num_classes": 10,
                     "class_names": NAMES,
