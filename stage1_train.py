@@ -59,6 +59,8 @@ def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTail
         epoch_len = epoch_steps(len(data.train_labels), t.batch_size, ranks.world)
         sampler_params["total_epochs"] = math.ceil(total_steps(epoch_len, t.epochs, t.iterations) / epoch_len)
     sampler = build_sampler(d.sampler, data.train_labels, len(data.class_counts), **sampler_params)
+    if sampler.num_samples != len(data.train_labels):  # over- and under-sampling: the epoch's length is the draw's
+        logger.info("data.sampler=%s draws %d images an epoch", d.sampler, sampler.num_samples)
     if isinstance(data, FileData):
         return data, StreamLoader(data.train_images, t.batch_size, sampler, t.seed, d.workers, device,
                                   cfg.model.channels_last, ranks.rank, ranks.world)

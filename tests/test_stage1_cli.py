@@ -146,6 +146,14 @@ def test_end_to_end_loss_with_parameters_and_progressive_sampler_train(fake_cifa
     assert saved["loss"]["drw_epoch"] == 1 and saved["data"]["sampler"] == "progressive"
 
 
+def test_an_undersampled_epoch_is_logged_with_the_images_it_draws(fake_cifar10, tmp_path, run, tiny_stage1):
+    # exp IF 10 over 60 images a class: 240 training images, the smallest class 6, so 10 x 6 drawn an epoch
+    log_dir = tmp_path / "under"
+    run(*_args(fake_cifar10, log_dir, *tiny_stage1, "data.sampler=undersample", "train.epochs=2", "train.warmup=0"))
+    log = (log_dir / "train.log").read_text()
+    assert "data.sampler=undersample draws 60 images an epoch" in log and "240 training images, 2 steps/epoch" in log
+
+
 def test_posthoc_logit_adjustment_changes_test_predictions_toward_the_tail(fake_cifar10, tmp_path, run, tiny_stage1):
     log_dir = tmp_path / "run"
     run(*_args(fake_cifar10, log_dir, *tiny_stage1))
