@@ -6,7 +6,7 @@ Image i has every pixel equal to i, and with mean 0 and std 1/255 normalisation 
 import pytest
 import torch
 
-from data.loader import AUGMENT_CHUNK, BatchLoader, epoch_generator
+from data.loader import AUGMENT_CHUNK, SHARD_AUGMENT_STREAM, BatchLoader, epoch_generator
 from data.samplers import build_sampler
 
 C = 3  # classes; image i has label i % C
@@ -147,3 +147,37 @@ def test_a_training_set_smaller_than_the_batch_gives_every_rank_an_equal_share()
               for r in range(2)]
     (a,), (b,) = shares
     assert len(a) == len(b) == 2 and not set(a) & set(b)
+
+
+def _rank_loader(n: int, batch_size: int, rank: int, world: int, seed: int = 0, augment=None) -> BatchLoader:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    labels = torch.arange(n) % C
+    return BatchLoader(images, labels, batch_size, build_sampler("instance", labels, C), augment, IDENTITY_MEAN,
+                       IDENTITY_STD, seed, rank=rank, world=world)
+
+
+def test_with_several_ranks_an_epoch_has_only_full_global_batches():
+    # 20 images, global batch 8, 2 ranks: 2 steps of 4 + 4 images; the last 4 images would be a 2 + 2 step,
+    # which DDP's mean of the ranks' means would weight like a full one.
+    shares = []
+    for rank in range(2):
+        loader = _rank_loader(20, 8, rank, 2)
+        assert len(loader) == 2
+        shares.append([_indices(x) for x, _ in loader.epoch(0)])
+    assert [[len(b) for b in s] for s in shares] == [[4, 4], [4, 4]]
+    seen = [i for s in shares for b in s for i in b]
+    assert len(set(seen)) == 16  # the ranks' shares are disjoint
+
+
+def test_each_rank_augments_its_share_with_its_own_stream():
+    draws = {}
+    for rank in range(2):
+        def record(images, gen, rank=rank):
+            draws.setdefault(rank, []).append(torch.rand(4, generator=gen))
+            return images
+
+        list(_rank_loader(16, 8, rank, 2, seed=3, augment=record).epoch(1))
+    # Same seed and epoch, different ranks: independent draws, each from stream SHARD_AUGMENT_STREAM + rank.
+    assert not torch.equal(draws[0][0], draws[1][0])
+    for rank in range(2):
+        assert torch.equal(draws[rank][0], torch.rand(4, generator=epoch_generator(3, 1, SHARD_AUGMENT_STREAM + rank)))

@@ -159,6 +159,23 @@ def test_class_balanced_with_empty_class_is_uniform_over_the_rest():
     _assert_within_5_sigma(torch.bincount(labels[idx], minlength=3), [0.5, 0.0, 0.5])
 
 
+def test_progressive_uniform_term_spreads_over_the_non_empty_classes_only():
+    # counts [30, 0, 10]: instance term [3/4, 0, 1/4], uniform term [1/2, 0, 1/2]; all exact in binary.
+    sampler = build_sampler("progressive", _labels([30, 0, 10]), 3, total_epochs=4)
+    assert sampler.class_probabilities(4).tolist() == [0.5, 0.0, 0.5]
+    assert sampler.class_probabilities(2).tolist() == [0.625, 0.0, 0.375]
+
+
+@pytest.mark.parametrize("name, per_class", [("oversample", [30, 0, 30]), ("undersample", [10, 0, 10])])
+def test_re_sampling_with_an_empty_class_sizes_the_epoch_by_the_non_empty_classes(name, per_class):
+    # n_max = 30 and n_min = 10 are taken over the classes that have images, and the empty one adds none.
+    labels = _labels([30, 0, 10])
+    sampler = build_sampler(name, labels, 3)
+    idx = sampler.indices(0, _gen())
+    assert sampler.num_samples == idx.numel() == sum(per_class)
+    assert torch.bincount(labels[idx], minlength=3).tolist() == per_class
+
+
 def test_no_images_at_all_is_an_error():
     with pytest.raises(ValueError, match="labels is empty"):
         build_sampler("class_balanced", torch.zeros(0, dtype=torch.int64), 3)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import engine.head_loop
 from engine.head_loop import MetaSampling, train_head_epoch
 from meta_sampler.learner import ClassSampler
 from models.heads import CosineLinear, ScaledLinear
@@ -223,6 +224,31 @@ def test_meta_sampling_returns_finite_meta_loss_and_updates_theta_and_head():
     assert sched.last_epoch == 5
     assert not torch.equal(sampler.theta.detach(), theta_before)
     assert any(not torch.equal(p, head_before[k]) for k, p in head.named_parameters())
+
+
+def test_the_epoch_meta_loss_is_the_image_weighted_mean_of_the_steps_meta_losses(monkeypatch):
+    recorded = []
+
+    def recording_meta_step(*args, **kwargs):
+        out = real_meta_step(*args, **kwargs)
+        recorded.append(out["meta_loss"].item())
+        return out
+
+    real_meta_step = engine.head_loop.meta_step
+    monkeypatch.setattr(engine.head_loop, "meta_step", recording_meta_step)
+    torch.manual_seed(0)
+    feats, labels = _blobs(per_class=(60, 20, 10))
+    head = nn.Linear(2, 3)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    sampler = ClassSampler(labels, 3)
+    features = lambda idx, gen: feats[idx]  # noqa: E731
+    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, features, 6, 1.0)
+    loss_fn = build_loss("balanced_softmax", [60, 20, 10], reduction="none")
+    out = train_head_epoch(head, opt, _constant_lr(opt), loss_fn, labels, features, 3, 8,
+                           torch.Generator().manual_seed(2), meta=meta)
+    # Every BALMS step has batch_size images, so the image-weighted mean is the mean over the 3 steps.
+    assert len(recorded) == 3 and len(set(recorded)) == 3
+    assert out["meta_loss"] == pytest.approx(sum(recorded) / 3, rel=1e-6)
 
 
 # ---------------------------------------------------------------- training accuracy: before the step

@@ -45,7 +45,7 @@ def test_accumulated_micro_batches_take_the_same_step_as_the_whole_batch(mixup):
 
 
 @pytest.mark.parametrize("mixup", [0.0, 0.4])
-@pytest.mark.parametrize("loss, params", [("ldam", {"drw_epoch": 0}), ("arb", {}), ("reweight", {}),
+@pytest.mark.parametrize("loss, params", [("ldam", {"drw_epoch": 0}), ("ldam", {}), ("arb", {}), ("reweight", {}),
                                           ("class_balanced", {})])
 def test_accumulation_takes_the_whole_batch_s_step_with_a_weighted_loss(loss, params, mixup):
     """LDAM with DRW divides the batch's weighted loss by the batch's sum of weights, not by its number of
@@ -124,6 +124,40 @@ def test_bf16_autocast_on_the_cpu_trains_with_bf16_forward_and_fp32_weights():
     assert seen == [torch.bfloat16] * 3 and np.isfinite(out["loss"])
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_loss_scaler_changes_no_step_and_grows_its_scale_after_each_finite_one():
+    """scaler.step unscales the gradients (by a power of two: exactly) before the optimiser's step, and
+    scaler.update doubles the scale after every finite step with growth_interval 1: 2**10 -> 2**13 in 3 steps."""
+    torch.manual_seed(0)
+    plain = Tiny()
+    scaled = copy.deepcopy(plain)
+    _train(plain, _batches())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    _train(scaled, _batches(), scaler=scaler)
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    assert scaler.get_scale() == 2.0**13
+
+
+def test_under_bf16_autocast_the_loss_gets_float32_logits():
+    # The loss (log-softmax, its sums) runs in fp32 whatever precision the forward pass ran in.
+    class RecordingCE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def forward(self, logits, labels):
+            self.dtypes.append(logits.dtype)
+            return nn.functional.cross_entropy(logits, labels)
+
+    torch.manual_seed(0)
+    model = Tiny()
+    loss_fn = RecordingCE()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, _batches(), 3, loss_fn, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                    amp="bf16")
+    assert loss_fn.dtypes == [torch.float32] * 3
 
 
 def test_a_nan_loss_on_the_cpu_stops_the_epoch_before_its_optimiser_step():

@@ -92,6 +92,29 @@ def test_theta_gets_gradient_through_weights() -> None:
     assert bool((sampler.theta.grad != 0).any())
 
 
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_weight_gradient_is_that_of_the_gumbel_perturbed_soft_entry_at_temperature_tau(tau: float) -> None:
+    counts, theta = [100, 10, 1], torch.tensor([-1.0, 0.5, 2.0])
+    sampler = ClassSampler(_labels(counts), 3)
+    with torch.no_grad():
+        sampler.theta.copy_(theta)
+    classes, weights = sampler.sample_classes(16, torch.Generator().manual_seed(8), tau=tau)
+    weights.sum().backward()
+
+    # The same noise again: one (B, C) block of uniforms from the generator, g = -log(-log u).
+    u = torch.rand((16, 3), generator=torch.Generator().manual_seed(8))
+    gumbel = -torch.log(-torch.log(u))
+    leaf = theta.clone().requires_grad_()
+    perturbed = torch.tensor(counts, dtype=torch.float32).log() + torch.log(torch.sigmoid(leaf)) + gumbel
+    drawn = perturbed.detach().argmax(1)
+    soft = torch.softmax(perturbed / tau, dim=1).gather(1, drawn.unsqueeze(1)).sum()
+    (expected,) = torch.autograd.grad(soft, leaf)
+    assert torch.equal(classes, drawn)
+    # Straight-through: the value is exactly 1, the gradient that of the soft entry.
+    assert torch.equal(weights.detach(), torch.ones(16))
+    torch.testing.assert_close(sampler.theta.grad, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_weight_gradient_raises_drawn_class_and_lowers_others() -> None:
     sampler = ClassSampler(_labels([100, 10, 1]), 3)
     classes, weights = sampler.sample_classes(1, torch.Generator().manual_seed(3))

@@ -11,6 +11,7 @@ from torch import nn
 
 from meta_sampler.learner import ClassSampler, balanced_batch
 from meta_sampler.meta_step import lookahead, meta_step
+from models.losses import build_loss
 
 D, C, B, M = 5, 3, 8, 6
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
@@ -161,6 +162,34 @@ def test_theta_gradient_equals_independent_meta_gradient_and_real_step_adds_none
         sampler.theta.detach(), theta_before - sampler_lr * expected_grad, rtol=1e-9, atol=1e-12
     )
     assert out["meta_loss"].item() == pytest.approx(outer.item(), abs=1e-9) and not out["meta_loss"].requires_grad
+
+
+def test_the_meta_loss_is_plain_cross_entropy_whatever_the_inner_loss() -> None:
+    # Inner loss balanced softmax, CE(z + log n, y): its log n shift would change the meta loss if reused there.
+    inner_counts = [50.0, 10.0, 1.0]
+    inner = build_loss("balanced_softmax", inner_counts, reduction="none")
+    sampler, _ = _double_sampler([12, 5, 2])
+    head = _head()
+    opt = torch.optim.SGD(head.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    sampler_opt = torch.optim.SGD(sampler.parameters(), lr=0.5)
+    labels, sample_w = sampler.sample_classes(B, torch.Generator().manual_seed(13), tau=0.5)
+    feats, _ = _batch(14)
+    meta_feats, meta_labels = _batch(15, M)
+
+    # Look-ahead head by hand: one first SGD step (buffer = g + wd * p) on the weighted balanced-softmax loss.
+    log_n = torch.tensor(inner_counts, dtype=torch.float64).log()
+    weight, bias = head.weight.detach(), head.bias.detach()
+    w_req, b_req = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    inner_loss = (_ce_none(feats @ w_req.T + b_req + log_n, labels) * sample_w).mean()
+    gw, gb = torch.autograd.grad(inner_loss, (w_req, b_req), create_graph=True)
+    fast_w, fast_b = weight - LR * (gw + WD * weight), bias - LR * (gb + WD * bias)
+    outer = F.cross_entropy(meta_feats @ fast_w.T + fast_b, meta_labels)  # no log n shift on the meta batch
+    (expected_grad,) = torch.autograd.grad(outer, sampler.theta, retain_graph=True)
+
+    out = meta_step(head, opt, sampler, sampler_opt, feats, labels, sample_w, meta_feats, meta_labels, inner)
+    assert bool((expected_grad != 0).any())
+    assert out["meta_loss"].item() == pytest.approx(outer.item(), rel=0, abs=1e-6)
+    torch.testing.assert_close(sampler.theta.grad, expected_grad, rtol=1e-6, atol=1e-9)
 
 
 def test_real_head_step_equals_plain_sgd_step() -> None:
