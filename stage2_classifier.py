@@ -196,14 +196,22 @@ def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, 
                         ms.meta_batch_size, ms.gumbel_tau)
 
 
-def method_loss(cfg: Config, method: Method, class_counts: list[int]) -> nn.Module:
-    """The method's loss (per image for BALMS's meta step); a training split it cannot take, e.g. a class
-    with no image under Balanced Softmax's log counts, is one config error."""
+def method_loss(cfg: Config, method: Method, data: LongTailData | FileData, device: torch.device) -> nn.Module | None:
+    """The method's loss (per image for BALMS's meta step; None for tau_norm), once the training set is known
+    to suit the config: a class with no image under Balanced Softmax's log counts, a selection metric with
+    nothing to choose by, or a tau_norm key that would go unread, is one config error before the run."""
+    has_val = len(data.val_labels) > 0
+    check_select_metric(cfg.train.select_metric, data.class_counts, has_val,
+                        "tau" if method.kind == "posthoc" else "best.pt")
+    if method.kind == "posthoc":
+        check_tau_norm_keys(cfg, has_val)
+        return None
     try:
-        return build_loss(method.loss, class_counts, **({"reduction": "none"} if method.kind == "meta" else {}))
+        loss = build_loss(method.loss, data.class_counts, **({"reduction": "none"} if method.kind == "meta" else {}))
     except EmptyClassError as e:
         raise SystemExit(f"config error: stage2.method={cfg.stage2.method} ({method.loss} loss): {e}: train stage 1 "
                          f"on data with every class, or use stage2.method=crt") from None
+    return loss.to(device)
 
 
 def main(cfg: Config, resume: bool = False) -> dict:
@@ -223,11 +231,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size)
     model, model_args = build_backbone(cfg, s1, data.class_counts, method, device)
-    loss_fn = method_loss(cfg, method, data.class_counts).to(device) if method.loss else None  # refused before the run
-    check_select_metric(t.select_metric, data.class_counts, len(data.val_labels) > 0,
-                        "tau" if method.kind == "posthoc" else "best.pt")
-    if method.kind == "posthoc":
-        check_tau_norm_keys(cfg, len(data.val_labels) > 0)
+    loss_fn = method_loss(cfg, method, data, device)
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)
     if augment_note:
         logger.warning(augment_note)
