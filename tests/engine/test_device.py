@@ -1,4 +1,6 @@
 """engine.device: which device a name means here, and mixed precision."""
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -42,6 +44,18 @@ def test_mps_resolves_where_apple_silicon_has_it_and_says_to_use_the_cpu_elsewhe
 def test_an_unknown_device_name_lists_the_forms_that_exist(name):
     with pytest.raises(DeviceError, match="is not one of auto, cpu, cuda, cuda:N, mps"):
         resolve_device(name)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, warned", [(False, False, True), (True, False, False),
+                                                     (False, True, False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_runs_with_a_warning(monkeypatch, caplog, avx512_bf16, amx, warned):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    with caplog.at_level(logging.WARNING, logger="engine.device"):
+        check_amp(torch.device("cpu"), "bf16")
+        check_amp(torch.device("cpu"), "off")
+    assert ("train.amp=bf16 on a CPU without bf16 instructions" in caplog.text) == warned
+    assert len(caplog.records) == warned
 
 
 def test_fp16_needs_cuda_and_bf16_runs_on_the_cpu():
