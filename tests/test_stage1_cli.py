@@ -174,11 +174,12 @@ def test_posthoc_logit_adjustment_changes_test_predictions_toward_the_tail(fake_
 
 def test_explicit_cpu_device_with_bf16_and_accumulation_trains_and_tests(fake_cifar10, tmp_path, run, tiny_stage1):
     log_dir = tmp_path / "run"
+    # two epochs: on a CPU without bf16 instructions PyTorch emulates bf16, 9x slower than fp32
     proc = run(*_args(fake_cifar10, log_dir, *tiny_stage1, "data.val_per_class=2", "train.device=cpu",
-                      "train.amp=bf16", "train.accum_steps=2"))
+                      "train.amp=bf16", "train.accum_steps=2", "train.epochs=2", "train.warmup=0"))
     assert "on cpu (amp bf16)" in proc.stderr
     lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 3 and all(math.isfinite(l["loss"]) for l in lines)
+    assert len(lines) == 2 and all(math.isfinite(l["loss"]) for l in lines)
     run(*_args(fake_cifar10, log_dir, "train.device=cpu", "train.amp=bf16", "--test"))
     assert sum(map(sum, json.loads((log_dir / "test_metrics.json").read_text())["confusion_matrix"])) == 100
 
