@@ -49,7 +49,7 @@ from data.augment import normalize  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.cifar import load_cifar  # noqa: E402
 from data.loader import AUGMENT_CHUNK  # noqa: E402
-from engine.device import autocast, check_amp, resolve_device, set_cuda_flags  # noqa: E402
+from engine.device import autocast, check_amp, cpu_has_bf16, resolve_device, set_cuda_flags  # noqa: E402
 from engine.loop import predict_logits  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -105,7 +105,9 @@ def main() -> None:
                    help="timed training steps per measurement, rounded up to whole epochs")
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps before each measurement")
     p.add_argument("--eval-images", type=at_least(1), default=2048, help="test images per evaluation pass")
-    p.add_argument("--amp", nargs="+", choices=["off", "bf16", "fp16"], help="precisions (default: all the device has)")
+    p.add_argument("--amp", nargs="+", choices=["off", "bf16", "fp16"],
+                   help="precisions (default: all the device computes in hardware; a CPU's bf16 needs AVX512-BF16 "
+                        "or AMX)")
     p.add_argument("--augment-chunk", nargs="+", type=at_least(1), default=[AUGMENT_CHUNK],
                    help=f"images per augmentation call, rounded down to whole batches (default {AUGMENT_CHUNK}; "
                         "the batch size or less: batch by batch)")
@@ -133,7 +135,8 @@ def main() -> None:
 
 def measure(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    amps = args.amp or ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    native_bf16 = device.type != "cpu" or cpu_has_bf16()  # emulated bf16 is several times slower than fp32
+    amps = args.amp or ["off"] + (["bf16"] if native_bf16 else []) + (["fp16"] if device.type == "cuda" else [])
     for amp in amps:  # before any row: a precision the device lacks is refused at once
         check_amp(device, amp)
     set_cuda_flags(device, args.tf32 == "on", args.cudnn_benchmark == "on")
