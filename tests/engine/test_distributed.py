@@ -23,8 +23,9 @@ def _free_port() -> int:
 
 
 def _batch():
+    """8 images of 16 x 16 (ResNet-32 pools whatever size it is given; float64 convolutions are slow)."""
     g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    return torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
 
 
 def _resnet32_float64() -> nn.Module:
