@@ -145,6 +145,12 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
     return torch.bincount(labels.long(), minlength=num_classes).tolist()
 
 
+def few_classes(classes: Sequence[int], shown: int = 5) -> str:
+    """The first `shown` class indices of a list, and "..." past them: a message about the 995 empty
+    classes of a split list stays one readable line."""
+    return ", ".join(map(str, classes[:shown])) + (", ..." if len(classes) > shown else "")
+
+
 def shot_groups(train_counts: Sequence[int], many_above: int = 100, few_below: int = 20) -> dict[str, list[int]]:
     """Class indices split by training count: many (> many_above), few (< few_below), medium (the rest)."""
     if few_below > many_above:

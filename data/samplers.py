@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from data.long_tail import few_classes
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,9 +61,8 @@ class EpochSampler(abc.ABC):
     def _warn_empty_classes(self) -> None:
         empty = torch.nonzero(self.class_counts == 0).flatten().tolist()
         if empty:
-            shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
             logger.warning("%s: classes %s (%d of %d) have no images and will never be sampled",
-                           type(self).__name__, shown, len(empty), self.class_counts.numel())
+                           type(self).__name__, few_classes(empty), len(empty), self.class_counts.numel())
 
     def _within_class_draw(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """For each class in ``classes`` (B,), a uniformly drawn dataset index of that class (B,)."""

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from data.long_tail import few_classes
+
 REDUCTIONS = ("mean", "none")
 
 
@@ -42,9 +44,8 @@ def counts_tensor(class_counts: Sequence[int] | torch.Tensor, require_positive: 
         raise ValueError(f"class_counts must be >= 0, got {counts.tolist()}")
     if require_positive and bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
-        shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
         raise EmptyClassError(f"this loss uses log or inverse class counts, so every class needs a training image; "
-                              f"classes with none: {shown} ({len(empty)} of {counts.numel()})")
+                              f"classes with none: {few_classes(empty)} ({len(empty)} of {counts.numel()})")
     return counts
 
 
