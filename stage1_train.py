@@ -71,15 +71,17 @@ def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTail
     return data, loader
 
 
-def build_network(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, dict, bool]:
+def build_network(cfg: Config, num_classes: int, device: torch.device,
+                  resuming: bool = False) -> tuple[nn.Module, dict, bool]:
     """(model, its model_args, whether its head is new): a random init, or model.pretrained to
-    fine-tune (its own head, or a new one with model.reset_head)."""
+    fine-tune (its own head, or a new one with model.reset_head). A resumed run's weights all come
+    from its last.pt: the pretrained file is not read again (a cleared cache, a node offline)."""
     m = cfg.model
     if m.reset_head and not m.pretrained:
         raise SystemExit("config error: model.reset_head=true replaces the head of pretrained weights, and no "
                          "model.pretrained (--pretrained) is given: every head is new then; remove it")
     model_args = {"name": m.name, "num_classes": num_classes, "head": m.head}
-    if m.pretrained:
+    if m.pretrained and not resuming:
         try:
             model = load_pretrained(m.pretrained, arch=m.name, num_classes=num_classes, reset_head=m.reset_head,
                                     head=m.head)
@@ -172,7 +174,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     data, loader = build_data(cfg, device, d)
     check_select_metric(t.select_metric, data.class_counts, len(data.val_labels) > 0)
-    model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device)
+    model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device, resuming=ckpt is not None)
     loss_fn = build_criterion(cfg, data.class_counts, model, fresh_head).to(device)
     train_model = wrap_for_training(model, t, device, d)  # checkpoints save `model`
     optimizer, scheduler, steps_total = sgd_with_schedule(

@@ -4,13 +4,13 @@
     python stage2_classifier.py --cfg config/cifar10_lt/stage2_balms.yaml --test
     python stage2_classifier.py --cfg config/cifar10_lt/demo_stage2_crt.yaml model.pretrained=NAME|URL|PATH
 
-Methods (stage2.method): balanced_softmax, crt, balms (Balanced Softmax + meta-learned class
-sampler), lws (learnable weight scaling), tau_norm (post-hoc, tau searched on the validation
-split). The head trains on cached features of stage2.cache_views augmented views of the training
-set; cache_views=0 runs the backbone on every batch, as the BALMS code does. The training set
-(data.dataset, imbalance_factor, profile, subset_seed, val_per_class) and model.name are read from
-the stage-1 checkpoint. Writes the same run directory as stage 1; the saved model is backbone +
-plain linear head, so --test and any consumer of stage-1 checkpoints read it unchanged.
+Methods (stage2.method): balanced_softmax, crt, balms (Balanced Softmax + meta-learned class sampler), lws
+(learnable weight scaling), tau_norm (post-hoc, tau searched on the validation split). The head trains on
+cached features of stage2.cache_views augmented views of the training set; cache_views=0 runs the backbone on
+every batch, as the BALMS code does. The training set (data.dataset, imbalance_factor, profile, subset_seed,
+val_per_class) and model.name are read from the stage-1 checkpoint (by --resume, from the run's last.pt).
+Writes a run directory as stage 1 does; the saved model is backbone + plain linear head, so --test and any
+consumer of stage-1 checkpoints read it unchanged.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run
 from config.load import config_to_dict
+from config.saved import check_stage_of_run
 from config.schema import Config
 from config.stage2 import (Method, check_data, check_method, check_tau_norm_keys, head_choice, keeps_stage1_head,
                            with_stage1_training_set)
@@ -54,11 +55,17 @@ CACHE_NAMES = {VIEW_STREAM: "train", META_VIEW_STREAM: "meta"}  # features_<name
 logger = logging.getLogger("stage2")
 
 
-def stage1_run(cfg: Config, ranks: Dist) -> dict | None:
-    """The stage-1 run's checkpoint: stage1.checkpoint, or model.pretrained when it names a stage-1 run
-    of this tool (a release: its training set is read from it the same way); None for other weights.
-    Rank 0 reads it and sends it to the others: only its machine may hold the stage-1 run directory."""
+def stage1_run(cfg: Config, ranks: Dist, resume: bool) -> dict | None:
+    """The stage-1 run's checkpoint: stage1.checkpoint, or model.pretrained naming a stage-1 run of this tool
+    (a release); None for other weights. --resume: what the run took from it, read from the run's last.pt (its
+    backbone too, by main), so the stage-1 file may be gone. Rank 0 reads, sending it to the others: only its
+    machine may hold the stage-1 run directory."""
     def read() -> dict | None:
+        last = Path(cfg.run_dir) / "last.pt"
+        if resume and last.is_file():
+            ckpt = load_checkpoint(last, mmap=True)
+            check_stage_of_run(ckpt["config"], STAGE, last.parent)
+            return {k: ckpt[k] for k in ("config", "model_args", "class_counts")}
         if cfg.stage1.checkpoint:
             return load_checkpoint(cfg.stage1.checkpoint)
         try:
@@ -78,9 +85,9 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], method: Meth
         if counts != s1["class_counts"]:
             raise SystemExit(f"error: the training set differs from stage 1's ({counts} vs {s1['class_counts']}): "
                              f"is data.root the same copy of the dataset?")
-        model = build_model(**s1["model_args"])
-        load_state_checked(model, s1["model"], f"model in {cfg.stage1.checkpoint or cfg.model.pretrained}")
-        model_args = s1["model_args"]
+        model, model_args = build_model(**s1["model_args"]), s1["model_args"]
+        if "model" in s1:  # (not when resuming: main loads the run's own backbone)
+            load_state_checked(model, s1["model"], f"model in {cfg.stage1.checkpoint or cfg.model.pretrained}")
     else:
         source = cfg.stage1.checkpoint or cfg.model.pretrained
         try:
@@ -105,8 +112,7 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], method: Meth
 def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, data: LongTailData | FileData,
                  payload: dict, ranks: Dist) -> dict:
     """tau_norm: no training; tau searched on the validation split (stage2.tau_norm_tau without one)."""
-    stage1_head, tau = model.head, cfg.stage2.tau_norm_tau
-    has_val = len(data.val_labels) > 0
+    stage1_head, tau, has_val = model.head, cfg.stage2.tau_norm_tau, len(data.val_labels) > 0
     if has_val:
         val_feats = compute_views(model, data.val_images, None, 1, data.mean, data.std, cfg.train.seed, VIEW_STREAM,
                                   cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks,
@@ -116,8 +122,7 @@ def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, 
         for i, r in enumerate(records if runlog is not None else []):
             runlog.log(i, r)
     model.head = tau_normalized(stage1_head, tau)
-    logger.info("tau_norm: tau = %g (%s)", tau,
-                "searched on the validation split" if has_val else "stage2.tau_norm_tau")
+    logger.info("tau_norm: tau = %g (%s)", tau, "searched on the validation set" if has_val else "stage2.tau_norm_tau")
     record = {"tau": tau}
     val = validate(cfg, model, data, ranks) if has_val else None
     progress = Progress(cfg.train.select_metric, epoch=1)
@@ -133,10 +138,9 @@ def validate(cfg: Config, model: nn.Module, data: LongTailData | FileData, ranks
 
 def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset, data: LongTailData | FileData,
                    stream: int, ranks: Dist, run_dir: Path) -> Features:
-    """Features of `images` by index, on the backbone's device: stage2.cache_views views computed once
-    (each rank its share, every rank then all of them; for image files, float16 on disk in the run
-    directory, reused on resume), or the backbone per batch (the images then wait on that device;
-    with several processes every rank runs the whole batch)."""
+    """Features of `images` by index, on the backbone's device: stage2.cache_views views computed once (each rank
+    its share, every rank then all of them; for image files, float16 on disk in the run directory, reused on
+    resume), or the backbone per batch (the images then wait on that device; every rank runs the whole batch)."""
     d, views = cfg.data, cfg.stage2.cache_views
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
     device = next(model.parameters()).device
@@ -149,8 +153,7 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
             path = run_dir / f"features_{CACHE_NAMES[stream]}.npy"
             return CachedFeatures(disk_views(path, compute, ranks.is_main, ranks), device)
         return CachedFeatures(compute())
-    images = images.to(next(model.parameters()).device)
-    return LiveFeatures(model, images, augment, data.mean, data.std, cfg.model.channels_last,
+    return LiveFeatures(model, images.to(device), augment, data.mean, data.std, cfg.model.channels_last,
                         bn_train=cfg.stage2.live_bn == "train")
 
 
@@ -217,7 +220,7 @@ def method_loss(cfg: Config, method: Method, data: LongTailData | FileData, devi
 def main(cfg: Config, resume: bool = False) -> dict:
     method = check_method(cfg)
     ranks, device = start_processes(cfg)
-    s1 = stage1_run(cfg, ranks)
+    s1 = stage1_run(cfg, ranks, resume)
     if s1 is not None and s1.get("config"):
         cfg = with_stage1_training_set(cfg, s1)
     augment_note = check_data(cfg, s1)

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from config.load import ConfigError, check_choices, config_to_dict, flatten, renamed, set_key
-from config.schema import Config
+from config.schema import STAGE_SCRIPTS, Config
 
 
 def _saved_flat(tree: dict) -> dict[str, Any]:
@@ -41,6 +41,17 @@ def config_diff(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
 
 
+def check_stage_of_run(saved: dict, stage: str, run_dir: str | Path) -> None:
+    """A run directory holds the run of one stage (a saved config holds the sections its stage reads:
+    stage 2's has "stage2"): --resume of the other stage there is refused as such, not as a config
+    that differs at many keys."""
+    saved_stage = "stage2" if "stage2" in saved else "stage1"
+    if saved_stage != stage:
+        raise ConfigError(f"--resume: {run_dir} holds a {saved_stage} run ({STAGE_SCRIPTS[saved_stage]}), not a "
+                          f"{stage} one: each stage writes its own run directory; give the {stage} run its own "
+                          f"name=... (or log_dir=...)")
+
+
 def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> None:
     """--resume continues a run only with the config it was started with. Where things lie may differ
     (a moved or renamed run directory, another copy or spelling of the data folder): the run is the
@@ -50,6 +61,7 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
     when the thread count changes."""
     where = ("data.root", "data.list_dir", "log_dir", "name", "train.num_threads", "data.workers",
              "train.dist_timeout_s", "train.save_every_s")
+    check_stage_of_run(saved, stage, Path(saved_at).parent)
     diff = [k for k in config_diff(saved, config_to_dict(cfg, stage)) if k not in where]
     if diff:
         raise ConfigError(f"--resume with a config that differs from the run's at {', '.join(diff)}; "

@@ -79,7 +79,9 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
     write_atomic(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at `path`, its tensors on the CPU; mmap=True reads a tensor's bytes only when it is
+    used (for a caller that wants the small entries of a large file)."""
     path = Path(path)
     if path.is_dir():
         found = " or ".join(str(path / n) for n in ("best.pt", "last.pt") if (path / n).is_file())
@@ -89,7 +91,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointNotFoundError(f"no checkpoint at {path}: train first, or give the path of a .pt file "
                                       f"of a run directory")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated file, not a torch file, or pickled objects we do not load
         # torch's own message is not passed on: for a text file it advises weights_only=False, which runs code
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}); is it complete, and a "

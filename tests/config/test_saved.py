@@ -2,7 +2,7 @@
 import pytest
 
 from config.load import ConfigError, config_to_dict, load_config
-from config.saved import config_diff, config_from_dict, dump_config
+from config.saved import check_resume, config_diff, config_from_dict, dump_config
 from config.schema import Config
 
 
@@ -46,3 +46,14 @@ def test_config_diff_ignores_a_key_added_since_the_run_while_it_holds_its_defaul
     del saved["stage2"]["live_bn"]
     assert config_diff(saved, config_to_dict(Config())) == []
     assert config_diff(saved, config_to_dict(load_config(None, ["stage2.live_bn=eval"]))) == ["stage2.live_bn"]
+
+
+@pytest.mark.parametrize("saved_stage, resumed_as", [("stage1", "stage2"), ("stage2", "stage1")])
+def test_resuming_a_run_directory_of_the_other_stage_is_refused_as_such(saved_stage, resumed_as):
+    saved = config_to_dict(Config(), saved_stage)
+    with pytest.raises(ConfigError) as e:
+        check_resume(saved, Config(), resumed_as, "logs/x/config.yaml")
+    script = {"stage1": "stage1_train.py", "stage2": "stage2_classifier.py"}[saved_stage]
+    assert str(e.value).startswith(f"--resume: logs/x holds a {saved_stage} run ({script}), not a {resumed_as} "
+                                   f"one: each stage writes its own run directory")
+    check_resume(saved, Config(), saved_stage, "logs/x/config.yaml")  # its own stage: the same config resumes

@@ -67,10 +67,13 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback_and_keeps_a_loadable_
     assert not [p.name for p in stopped.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_resumed_cached_stage2_run_makes_its_features_with_its_own_backbone_not_a_changed_stage1_file(
-        fake_cifar10, backbone, tmp_path):
-    """The in-memory feature cache is made again on --resume: from the backbone in the run's last.pt, so a
-    stage-1 checkpoint overwritten in between (stage 1 resumed, another run copied there) changes nothing."""
+@pytest.mark.parametrize("meanwhile", ["overwritten", "deleted"])
+def test_a_resumed_cached_stage2_run_reads_its_own_last_pt_not_a_changed_or_missing_stage1_file(
+        fake_cifar10, backbone, tmp_path, meanwhile):
+    """--resume takes the backbone (and the features cached in memory, made again from it), the training set
+    and the architecture from the run's last.pt: a stage-1 checkpoint overwritten in between (stage 1
+    resumed, another run copied there) changes nothing, and one deleted (a cleaned-up scratch disk) is not
+    needed."""
     s1 = tmp_path / "s1.pt"
     shutil.copy(backbone, s1)
 
@@ -82,9 +85,28 @@ def test_a_resumed_cached_stage2_run_makes_its_features_with_its_own_backbone_no
     run_to_end(stage2(full))
     proc = _signal_after_first_checkpoint(stage2(stopped), stopped, [signal.SIGTERM])
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    ckpt = torch.load(s1, weights_only=True)
-    ckpt["model"] = {k: v * 1.1 if v.is_floating_point() and "running" not in k else v
-                     for k, v in ckpt["model"].items()}  # another backbone, as a resumed stage 1 leaves
-    torch.save(ckpt, s1)
+    if meanwhile == "deleted":
+        s1.unlink()
+    else:
+        ckpt = torch.load(s1, weights_only=True)
+        ckpt["model"] = {k: v * 1.1 if v.is_floating_point() and "running" not in k else v
+                         for k, v in ckpt["model"].items()}  # another backbone, as a resumed stage 1 leaves
+        torch.save(ckpt, s1)
     run_to_end([*stage2(stopped), "--resume"])
+    assert differences(full, stopped) == []
+
+
+def test_a_resumed_fine_tuning_run_needs_not_its_pretrained_file_again(fake_cifar10, backbone, tmp_path):
+    """Stage 1 from model.pretrained (a path, a release in a download cache): every weight of a resumed run
+    comes from its last.pt, so the pretrained file deleted in between (a cache cleared, a requeued job on a
+    node without it or without internet) is not read, and the run ends where an uninterrupted one does."""
+    weights = tmp_path / "pretrained.pt"
+    shutil.copy(backbone, weights)
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run_to_end([*command(1, fake_cifar10, full), f"model.pretrained={weights}"])
+    proc = _signal_after_first_checkpoint([*command(1, fake_cifar10, stopped), f"model.pretrained={weights}"],
+                                          stopped, [signal.SIGTERM])
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    weights.unlink()
+    run_to_end([*command(1, fake_cifar10, stopped), f"model.pretrained={weights}", "--resume"])
     assert differences(full, stopped) == []
