@@ -71,8 +71,7 @@ def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTail
     return data, loader
 
 
-def build_network(cfg: Config, num_classes: int, device: torch.device,
-                  resuming: bool = False) -> tuple[nn.Module, dict, bool]:
+def build_network(cfg: Config, num_classes: int, device: torch.device, resuming: bool) -> tuple[nn.Module, dict, bool]:
     """(model, its model_args, whether its head is new): a random init, or model.pretrained to
     fine-tune (its own head, or a new one with model.reset_head). A resumed run's weights all come
     from its last.pt: the pretrained file is not read again (a cleared cache, a node offline)."""
