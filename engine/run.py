@@ -182,10 +182,28 @@ def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: li
         else:
             obj.load_state_dict(ckpt[name])
     logger.info("resumed from %s at epoch %d, step %d", run_dir / "last.pt", ckpt["epoch"], ckpt["step"])
-    best = ckpt["best"]
+    best = _best_saved(run_dir, ckpt["best"])
     legacy = ckpt["step"] - ckpt["epoch"] * epoch_len if "epoch_sums" in ckpt else 0
     return Progress(best["metric"], ckpt["epoch"], ckpt["step"], best["value"], best["epoch"],
                     ckpt.get("epoch_step", legacy))
+
+
+def _best_saved(run_dir: Path, best: dict) -> dict:
+    """The best score so far: last.pt's record, or best.pt's where that is higher. best.pt is written before
+    last.pt, and under train.save_every_s last.pt may wait several epochs, so a run killed in between has a
+    best.pt of an epoch last.pt does not know; from last.pt's record alone, a resumed run would overwrite that
+    best.pt with any weaker epoch that beats last.pt's record."""
+    path = run_dir / "best.pt"
+    if not path.is_file():
+        return best
+    saved = load_checkpoint(path, mmap=True).get("best", {})
+    if saved.get("metric") != best["metric"] or saved.get("value") is None:
+        return best
+    if best["value"] is None or saved["value"] > best["value"]:
+        logger.info("%s holds epoch %d (%s %.4g), after last.pt: a resumed epoch must beat it to replace it",
+                    path, saved["epoch"], saved["metric"], saved["value"])
+        return saved
+    return best
 
 
 def end_epoch(run_dir: Path, runlog: RunLog | None, progress: Progress, record: dict, val: dict | None,

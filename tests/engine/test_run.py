@@ -99,6 +99,30 @@ def test_restore_loads_every_state_and_returns_the_progress_leaving_the_log_to_t
     assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_a_resumed_run_keeps_a_best_pt_written_after_its_last_pt_until_an_epoch_beats_it(tmp_path, monkeypatch):
+    clock = [60.0]  # time.monotonic() as end_epoch sees it: 60 s after the start, then no more time passes
+    monkeypatch.setattr("engine.run.time.monotonic", lambda: clock[0])
+    runlog, progress = RunLog(tmp_path), Progress("top1", saved_at=0.0)
+    for epoch, top1 in enumerate([0.3, 0.5, 0.8], start=1):  # last.pt at epoch 1 only, best.pt at each
+        progress.epoch, progress.step = epoch, 10 * epoch
+        end_epoch(tmp_path, runlog, progress, {}, _val(top1), {"model": nn.Linear(3, 2).state_dict(),
+                                                                "class_counts": [5, 2], "payload": epoch},
+                  5, save_every_s=60.0)
+    runlog.close()  # killed here: last.pt is epoch 1's (best 0.3), best.pt epoch 3's (0.8)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["best"]["value"] == 0.3
+    progress = restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], epoch_len=10)
+    assert (progress.epoch, progress.best_value, progress.best_epoch) == (1, 0.8, 3)
+    runlog = RunLog(tmp_path)
+    # the resumed epoch 2 (0.6) beats last.pt's 0.3, not best.pt's 0.8; the resumed epoch 3 (0.85) beats both
+    for epoch, top1, best_payload in [(2, 0.6, 3), (3, 0.85, 13)]:
+        progress.epoch = epoch
+        end_epoch(tmp_path, runlog, progress, {}, _val(top1), {"payload": 10 + epoch}, 5, save_every_s=60.0)
+        assert torch.load(tmp_path / "best.pt", weights_only=True)["payload"] == best_payload
+    runlog.close()
+    assert progress.as_checkpoint()["best"] == {"metric": "top1", "value": 0.85, "epoch": 3}
+
+
 @pytest.mark.parametrize("saved, epoch_len, expected", [
     ({"epoch_step": 3}, 10, 3),  # a run stopped 3 steps into its epoch
     ({"epoch_step": 0}, 7, 0),  # an epoch's end, whatever the epoch length now
