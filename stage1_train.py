@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run
-from config.load import check_names, config_to_dict
+from config.load import check_loss_keys, check_names, config_to_dict
 from config.schema import Config, TrainConfig
 from data.augment import BatchAugment
 from data.build import LongTailData
@@ -40,7 +40,7 @@ from models import MODELS, build_model, load_pretrained
 from models.checkpoint import CheckpointError
 from models.download import DownloadError
 from models.heads import HEADS, head_name
-from models.losses import LOSSES, EmptyClassError, LongTailLoss, build_loss
+from models.losses import LOSSES, EmptyClassError, LongTailLoss, build_loss, loss_params
 
 STAGE = "stage1"
 logger = logging.getLogger("stage1")
@@ -164,6 +164,7 @@ def check_global_batch(batch_size: int, world: int) -> None:
 def main(cfg: Config, resume: bool = False) -> dict:
     check_names({"model.name": (cfg.model.name, MODELS), "model.head": (cfg.model.head, HEADS),
                  "loss.name": (cfg.loss.name, LOSSES), "data.sampler": (cfg.data.sampler, SAMPLERS)})
+    check_loss_keys(cfg, {name: loss_params(name) for name in LOSSES})
     t = cfg.train
     d, device = start_processes(cfg)
     run_dir, ckpt = start_run(cfg, STAGE, resume, d)

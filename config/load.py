@@ -226,6 +226,18 @@ def check_dataset_keys(cfg: Config, kind: str) -> None:
                               f"data.dataset={cfg.data.dataset} ({kind}) does not use it: remove it")
 
 
+def check_loss_keys(cfg: Config, takes: dict[str, list[str]]) -> None:
+    """No loss.* parameter is set that loss.name does not take; takes: {loss name: its parameters}."""
+    for key, value in changed_keys(cfg).items():
+        param = key.removeprefix("loss.")
+        if param == key or param == "name" or param in takes[cfg.loss.name]:
+            continue
+        readers = [n for n, params in takes.items() if param in params]
+        reads = [f"loss.{p}" for p in takes[cfg.loss.name] if hasattr(cfg.loss, p)]
+        raise ConfigError(f"{key}={value!r} is read by loss.name={' or '.join(readers)} only; loss.name="
+                          f"{cfg.loss.name} does not use it (it reads {', '.join(reads) or 'no loss.* key'}): remove it")
+
+
 def check_names(names: dict[str, tuple[str, typing.Collection[str]]]) -> None:
     """Each key that picks from a registry, {key: (value, registry)}, names an entry of it.
 

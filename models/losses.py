@@ -36,6 +36,11 @@ LOSSES: dict[str, type[LongTailLoss]] = {
 }
 
 
+def loss_params(name: str) -> list[str]:
+    """The parameters loss `name` takes besides the class counts (its __init__'s, in order)."""
+    return [p for p in inspect.signature(LOSSES[name].__init__).parameters if p not in ("self", "class_counts")]
+
+
 def build_loss(name: str, class_counts: Sequence[int] | torch.Tensor, **params: Any) -> LongTailLoss:
     """Build the loss registered as ``name`` for the given training-set class counts.
 
@@ -43,9 +48,7 @@ def build_loss(name: str, class_counts: Sequence[int] | torch.Tensor, **params: 
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {sorted(LOSSES)}")
-    cls = LOSSES[name]
-    signature = inspect.signature(cls.__init__)
-    valid = [p for p in signature.parameters if p not in ("self", "class_counts")]
+    cls, valid = LOSSES[name], loss_params(name)
     for param in params:
         if param not in valid:
             raise ValueError(f"unknown param {param!r} for loss {name!r}; valid params: {valid}")

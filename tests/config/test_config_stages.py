@@ -5,9 +5,10 @@ import typing
 
 import pytest
 
-from config.load import ConfigError, config_to_dict, load_config, renamed, stage_of
+from config.load import ConfigError, check_loss_keys, config_to_dict, load_config, renamed, stage_of
 from config.saved import check_resume, config_diff, config_from_dict
-from config.schema import RENAMED, STAGE_KEYS, Config
+from config.schema import RENAMED, STAGE_KEYS, Config, LossConfig
+from models.losses import LOSSES, loss_params
 
 
 def _sections() -> dict[str, type]:
@@ -86,6 +87,37 @@ def test_a_key_of_the_other_stage_at_its_default_is_no_error_and_shared_keys_are
         load_config(None, ["meta_sampler.lr=0.01", "loss.name=ce", "train.lr=0.3", "data.imbalance_factor=10",
                            "eval.logit_adjust_tau=1"], stage=stage)
     assert stage_of("train.lr") is None and stage_of("loss.beta") == "stage1" and stage_of("stage2.method") == "stage2"
+
+
+LOSS_TAKES = {name: loss_params(name) for name in LOSSES}
+
+
+def test_every_loss_key_is_a_parameter_of_some_loss_and_every_parameter_but_reduction_a_loss_key():
+    keys = {f.name for f in dataclasses.fields(LossConfig)} - {"name"}
+    params = {p for takes in LOSS_TAKES.values() for p in takes} - {"reduction"}  # reduction: set by the code
+    assert keys == params
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.gamma=2"], "loss.gamma=2.0 is read by loss.name=class_balanced or focal only; loss.name=ce does not "
+                       "use it (it reads loss.label_smoothing): remove it"),
+    (["loss.name=balanced_softmax", "loss.label_smoothing=0.1"],
+     "loss.label_smoothing=0.1 is read by loss.name=ce only; loss.name=balanced_softmax does not use it (it reads "
+     "no loss.* key): remove it"),
+    (["loss.name=focal", "loss.gamma=2", "loss.beta=0.99"],
+     "loss.beta=0.99 is read by loss.name=class_balanced only; loss.name=focal does not use it (it reads "
+     "loss.gamma, loss.form): remove it")])
+def test_a_loss_key_the_chosen_loss_does_not_take_names_the_losses_that_do(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        check_loss_keys(load_config(None, overrides, stage="stage1"), LOSS_TAKES)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("overrides", [[], ["loss.name=focal", "loss.gamma=2", "loss.form=sigmoid"],
+                                       ["loss.name=class_balanced", "loss.variant=focal", "loss.gamma=0.5"],
+                                       ["loss.name=ldam", "loss.drw_epoch=160"], ["train.lr=0.2"]])
+def test_loss_keys_the_chosen_loss_takes_pass(overrides):
+    check_loss_keys(load_config(None, overrides, stage="stage1"), LOSS_TAKES)
 
 
 def test_a_stage_saves_only_the_keys_it_reads_and_they_rebuild_the_same_config():

@@ -70,8 +70,10 @@ CASES = {
                                                         "only"),
     "key_of_another_dataset_kind": (S1, ["data.image_size=64"], "data.image_size=64 is read for folder and list "
                                                                 "datasets only"),
-    "loss_parameter_not_taken": (S1, ["loss.name=ce", "loss.gamma=2.0"], "config error: loss.name=ce: unknown "
-                                                                         "param 'gamma'"),
+    # before the data loads (there is none at data.root)
+    "loss_parameter_not_taken": (S1, ["loss.name=ce", "loss.gamma=2.0", "data.root={bad}/no_data"],
+                                 "config error: loss.gamma=2.0 is read by loss.name=class_balanced or focal only; "
+                                 "loss.name=ce does not use it (it reads loss.label_smoothing): remove it"),
     "no_cuda_here": (S1, ["train.device=cuda"], "train.device=cuda: no CUDA device is visible here"),
     "fp16_on_the_cpu": (S1, ["train.device=cpu", "train.amp=fp16"], "train.amp=fp16 needs a CUDA device"),
     "unknown_option": (S1, ["--bogus"], "stage1_train.py: error: unrecognized arguments: --bogus"),
