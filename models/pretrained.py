@@ -32,6 +32,11 @@ class HeadMismatchError(CheckpointError):
         super().__init__(f"{problem}. Its classifier does not fit a {num_classes}-class head: reset_head=True "
                          f"(model.reset_head=true) starts a new one")
         self.problem = problem  # the keys and shapes that do not fit
+        self.num_classes = num_classes
+
+    def __reduce__(self) -> tuple:
+        """Pickled with its own two arguments (an error sent from one rank to the others is pickled)."""
+        return type(self), (self.problem, self.num_classes)
 
 
 def resolve(source: str, cache: str | Path | None = None,

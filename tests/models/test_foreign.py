@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import pickle
 import re
 
 import numpy as np
@@ -167,6 +168,9 @@ def test_head_for_another_number_of_classes_names_both_shapes_and_the_fix(source
     assert ("shape mismatches (2): head.bias: checkpoint (10,) vs model (100,); "
             "head.weight: checkpoint (10, 64) vs model (100, 64)") in msg
     assert "reset_head=True (model.reset_head=true) starts a new one" in msg
+    # an error sent between ranks is pickled: it comes back whole
+    again = pickle.loads(pickle.dumps(err.value))
+    assert type(again) is HeadMismatchError and str(again) == msg and again.problem == err.value.problem
 
 
 def test_weights_of_another_architecture_are_one_short_line_asking_for_theirs_not_a_new_head(source, tmp_path):
