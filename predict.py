@@ -105,7 +105,11 @@ def training_logit_scale(ckpt: dict) -> float | None:
 def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict]:
     """(state dict, export meta) of a checkpoint of this tool; dataset=None takes its training config's."""
     ckpt = load_checkpoint(path)
-    dataset = dataset or (ckpt["config"] or {}).get("data", {}).get("dataset")
+    recorded = (ckpt["config"] or {}).get("data", {}).get("dataset")
+    if dataset is not None and recorded is not None and dataset != recorded:
+        raise SystemExit(f"error: {path} was trained on {recorded}, not {dataset}: its normalisation and image size "
+                         f"are {recorded}'s; leave --dataset out (it is for checkpoints that record no dataset)")
+    dataset = dataset or recorded
     if dataset is None:
         raise SystemExit(f"error: {path} records no training dataset; pass --dataset "
                          f"({' | '.join(NORMALIZATION)}) to choose the normalisation it expects")

@@ -166,6 +166,17 @@ def test_imported_checkpoint_without_config_needs_the_dataset(checkpoint, image_
     assert proc.stdout.split("\t") == [expected[0], str(NAMES.index(expected[1])), expected[2] + "\n"]
 
 
+def test_dataset_other_than_the_checkpoint_s_own_is_one_line_not_a_silent_other_normalisation(checkpoint,
+                                                                                                 image_files, run):
+    path, model = checkpoint
+    same = run("predict.py", str(path), str(image_files[0]), "--dataset", "cifar10")  # its own: no harm
+    assert same.stdout.splitlines() == _expected_lines(model, image_files[:1])
+    proc = run("predict.py", str(path), str(image_files[0]), "--dataset", "cifar100", check=False)
+    assert _one_error_line(proc) == (f"error: {path} was trained on cifar10, not cifar100: its normalisation and "
+                                     "image size are cifar10's; leave --dataset out (it is for checkpoints that "
+                                     "record no dataset)")
+
+
 def _one_error_line(proc) -> str:
     """The one stderr line of a user error: exit status 2, no traceback, nothing on stdout."""
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
