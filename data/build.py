@@ -22,8 +22,9 @@ from data.long_tail import class_counts, long_tail_counts, long_tail_split, seco
 
 logger = logging.getLogger(__name__)
 
-# Per-channel mean / std of the training images, as the papers' code normalises.
-# Image files (folders, split lists) use ImageNet's, as the papers' ImageNet-LT code.
+# Per-channel mean / std of the training images: CIFAR-10's as the papers' code; CIFAR-100's own (their
+# code uses CIFAR-10's for both); image files (folders, split lists) ImageNet's, as the papers' ImageNet-LT
+# code, and iNaturalist its own, as the Decoupling code.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": (tuple(CIFAR10_MEAN), tuple(CIFAR10_STD)),
     "cifar100": (tuple(CIFAR100_MEAN), tuple(CIFAR100_STD)),
