@@ -32,7 +32,7 @@ from PIL import Image
 from config.cli import USER_ERROR_STATUS, OneLineParser, run_program
 from config.schema import DataConfig
 from data.augment import normalize
-from data.build import NORMALIZATION
+from data.build import NORMALIZATION, recorded_normalization
 from data.build_files import FILE_DATASETS
 from data.cifar import IMAGE_SHAPE, DatasetFormatError
 from data.image_files import decode_rgb, decoder_reason, eval_transform
@@ -113,7 +113,7 @@ def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict
     if dataset is None:
         raise SystemExit(f"error: {path} records no training dataset; pass --dataset "
                          f"({' | '.join(NORMALIZATION)}) to choose the normalisation it expects")
-    mean, std = NORMALIZATION[dataset]
+    mean, std = recorded_normalization(ckpt, dataset)
     # CIFAR models take 32x32 images; image-file models the data.image_size they were trained at, cropped
     # as engine.evaluate crops their test images.
     if dataset in FILE_DATASETS:

@@ -24,8 +24,8 @@ from config.cli import check_select_metric, open_log, run_cli, start_processes, 
 from config.load import check_loss_keys, check_names, config_to_dict
 from config.schema import Config, TrainConfig
 from data.augment import BatchAugment
-from data.build import LongTailData
-from data.build_files import FileData, build_training_set
+from data.build import LongTailData, recorded_normalization
+from data.build_files import FileData, build_training_set, data_record
 from data.loader import MIXUP_STREAM, BatchLoader, epoch_steps
 from data.samplers import SAMPLERS, build_sampler
 from data.stream import StreamLoader
@@ -47,13 +47,15 @@ logger = logging.getLogger("stage1")
 Loader = BatchLoader | StreamLoader
 
 
-def build_data(cfg: Config, device: torch.device, ranks: Dist) -> tuple[LongTailData | FileData, Loader]:
+def build_data(cfg: Config, device: torch.device, ranks: Dist,
+               ckpt: dict | None = None) -> tuple[LongTailData | FileData, Loader]:
     """The long-tailed training set (with its validation split) and its loader, each rank taking its
     share of every global batch. CIFAR: uint8 images and labels sit on `device`, where batches are
-    gathered, augmented and normalised; image files: decoded and augmented in data.workers processes."""
+    gathered, augmented and normalised; image files: decoded and augmented in data.workers processes.
+    A resumed run (ckpt, its last.pt) keeps the normalisation it started with."""
     d, t = cfg.data, cfg.train
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
-                              d.val_per_class, d.image_size)
+                              d.val_per_class, d.image_size, recorded_normalization(ckpt, d.dataset) if ckpt else None)
     sampler_params = {}
     if d.sampler == "progressive":  # interpolates from instance to class-balanced over the whole run
         epoch_len = epoch_steps(len(data.train_labels), t.batch_size, ranks.world)
@@ -172,7 +174,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         return {}
     check_global_batch(t.batch_size, d.world)
 
-    data, loader = build_data(cfg, device, d)
+    data, loader = build_data(cfg, device, d, ckpt)
     check_select_metric(t.select_metric, data.class_counts, len(data.val_labels) > 0)
     model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device, resuming=ckpt is not None)
     loss_fn = build_criterion(cfg, data.class_counts, model, fresh_head).to(device)
@@ -188,8 +190,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     progress = (restore(ckpt, states, run_dir, data.class_counts, epoch_len) if ckpt is not None
                 else Progress(t.select_metric))
     runlog = open_log(cfg, STAGE, run_dir, d, ckpt)
-    payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
-               "class_names": data.class_names}
+    payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, **data_record(data)}
 
     # ---- train: one epoch, validate, checkpoint (atomically), log
     num_epochs = progress.final_epoch(steps_total, epoch_len)

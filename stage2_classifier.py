@@ -29,8 +29,8 @@ from config.schema import Config
 from config.stage2 import (Method, check_data, check_method, check_tau_norm_keys, head_choice, keeps_stage1_head,
                            with_stage1_training_set)
 from data.augment import BatchAugment
-from data.build import LongTailData, build_meta_resample
-from data.build_files import FileData, build_training_set
+from data.build import LongTailData, build_meta_resample, recorded_normalization
+from data.build_files import FileData, build_training_set, data_record
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
 from engine.distributed import Dist, check_same_on_ranks, from_rank0
@@ -65,7 +65,7 @@ def stage1_run(cfg: Config, ranks: Dist, resume: bool) -> dict | None:
         if resume and last.is_file():
             ckpt = load_checkpoint(last, mmap=True)
             check_stage_of_run(ckpt["config"], STAGE, last.parent)
-            return {k: ckpt[k] for k in ("config", "model_args", "class_counts")}
+            return {k: ckpt[k] for k in ("config", "model_args", "class_counts", "normalization") if k in ckpt}
         if cfg.stage1.checkpoint:
             return load_checkpoint(cfg.stage1.checkpoint)
         try:
@@ -232,14 +232,14 @@ def main(cfg: Config, resume: bool = False) -> dict:
         drop_feature_caches(run_dir, ranks)
 
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
-                              d.val_per_class, d.image_size)
+                              d.val_per_class, d.image_size, recorded_normalization(s1, d.dataset) if s1 else None)
     model, model_args = build_backbone(cfg, s1, data.class_counts, method, device)
     loss_fn = method_loss(cfg, method, data, device)
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)
     if augment_note:
         logger.warning(augment_note)
-    payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, "class_counts": data.class_counts,
-               "class_names": data.class_names, "stage1_checkpoint": cfg.stage1.checkpoint or cfg.model.pretrained}
+    payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, **data_record(data),
+               "stage1_checkpoint": cfg.stage1.checkpoint or cfg.model.pretrained}
     if method.kind == "posthoc":
         return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
 

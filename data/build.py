@@ -89,13 +89,22 @@ def long_tail_subset(labels: torch.Tensor, class_names: list[str], imbalance_fac
     return long_tail_split(labels, counts, val_per_class, subset_seed)
 
 
+def recorded_normalization(ckpt: dict, dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a checkpoint's model was trained with: its record, or, for a checkpoint written before they
+    recorded it (2026-12-06), NORMALIZATION's entry for its dataset (inat2018's was ImageNet's before 2026-11-28)."""
+    record = ckpt.get("normalization")
+    return (tuple(record["mean"]), tuple(record["std"])) if record else NORMALIZATION[dataset]
+
+
 def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_factor: float,
-                    profile: str, subset_seed: int, val_per_class: int) -> LongTailData:
+                    profile: str, subset_seed: int, val_per_class: int,
+                    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> LongTailData:
+    """The CIFAR long-tailed set; normalization: (mean, std) other than the dataset's (a checkpoint's record)."""
     spec = get_spec(dataset)
     full = load_cifar(dataset, root, "train", download=download)
     keep, val = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed, val_per_class)
     counts = class_counts(full.labels[keep], spec.num_classes)
-    mean, std = NORMALIZATION[dataset]
+    mean, std = normalization or NORMALIZATION[dataset]
     logger.info("%s-LT %s IF %g: %d training images, %d validation, counts %s",
                 spec.display_name, profile, imbalance_factor, len(keep), len(val), counts)
     return LongTailData(

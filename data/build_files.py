@@ -84,32 +84,44 @@ def read_test_split(dataset: str, root: str | Path, list_dir: str | Path, class_
 
 
 def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbalance_factor: float, profile: str,
-                    subset_seed: int, val_per_class: int, image_size: int) -> FileData:
+                    subset_seed: int, val_per_class: int, image_size: int,
+                    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> FileData:
     """The splits of `dataset` (a FILE_DATASETS name): lists are read from list_dir (empty: root), image
-    paths are relative to root; images decode when a loader asks for them."""
+    paths are relative to root; images decode when a loader asks for them, normalised with (mean, std)
+    `normalization` (default: the dataset's)."""
     root = Path(root)
     if dataset == "folder":
         train, val = _folder_splits(root, imbalance_factor, profile, subset_seed, val_per_class)
     else:
         train, val = _list_splits(dataset, root, Path(list_dir or root), subset_seed, val_per_class)
     counts = class_counts(train.labels, len(train.class_names))
+    mean, std = normalization or NORMALIZATION[dataset]
     logger.info("%s at %s: %d training images, %d validation, %d classes, counts %d ... %d", dataset, root,
                 len(train.paths), len(val.paths) if val else 0, len(counts), max(counts), min(counts))
     return FileData(
-        train_images=ImageFileDataset(train, train_transform(image_size, *NORMALIZATION[dataset],
+        train_images=ImageFileDataset(train, train_transform(image_size, mean, std,
                                                              color_jitter=dataset != "inat2018")),
         train_labels=train.labels,
-        val_images=ImageFileDataset(val, eval_transform(image_size, *NORMALIZATION[dataset])) if val else None,
+        val_images=ImageFileDataset(val, eval_transform(image_size, mean, std)) if val else None,
         val_labels=val.labels if val else torch.empty(0, dtype=torch.int64),
-        class_names=train.class_names, class_counts=counts, mean=NORMALIZATION[dataset][0],
-        std=NORMALIZATION[dataset][1],
+        class_names=train.class_names, class_counts=counts, mean=mean, std=std,
     )
 
 
 def build_training_set(dataset: str, root: str | Path, list_dir: str | Path, download: bool, imbalance_factor: float,
-                       profile: str, subset_seed: int, val_per_class: int, image_size: int) -> LongTailData | FileData:
-    """The training and validation splits of any data.dataset: CIFAR in memory (data/build.py), or image files."""
+                       profile: str, subset_seed: int, val_per_class: int, image_size: int,
+                       normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> LongTailData | FileData:
+    """The training and validation splits of any data.dataset: CIFAR in memory (data/build.py), or image files;
+    normalization: the (mean, std) a checkpoint being continued records (None: the dataset's)."""
     if dataset in FILE_DATASETS:
         return build_file_data(dataset, root, list_dir, imbalance_factor, profile, subset_seed, val_per_class,
-                               image_size)
-    return build_long_tail(dataset, root, download, imbalance_factor, profile, subset_seed, val_per_class)
+                               image_size, normalization)
+    return build_long_tail(dataset, root, download, imbalance_factor, profile, subset_seed, val_per_class,
+                           normalization)
+
+
+def data_record(data: LongTailData | FileData) -> dict:
+    """What a checkpoint records of its training set: class counts and names, and the (mean, std) its images were
+    normalised with (read back by data.build.recorded_normalization)."""
+    return {"class_counts": data.class_counts, "class_names": data.class_names,
+            "normalization": {"mean": list(data.mean), "std": list(data.std)}}

@@ -14,7 +14,7 @@ import torch
 
 from torch.utils.data import Dataset
 
-from data.build import NORMALIZATION
+from data.build import recorded_normalization
 from data.build_files import DATASET_KINDS, FILE_DATASETS, read_test_split
 from data.cifar import load_cifar
 from data.image_files import ImageFileDataset, eval_transform
@@ -42,7 +42,7 @@ def test_split(ckpt: dict, dataset: str, root: str | Path, list_dir: str | Path,
                download: bool) -> tuple[torch.Tensor | Dataset, torch.Tensor, list[str], tuple, tuple]:
     """(images, labels, class names, mean, std) of a checkpoint's test split: CIFAR's uint8 images, or
     an image-file Dataset with the evaluation transform at the checkpoint's data.image_size."""
-    mean, std = NORMALIZATION[dataset]
+    mean, std = recorded_normalization(ckpt, dataset)
     if dataset in FILE_DATASETS:
         names = ckpt["class_names"]
         split = read_test_split(dataset, root, list_dir, names)

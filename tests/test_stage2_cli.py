@@ -8,6 +8,11 @@ import pytest
 import torch
 import yaml
 
+from data.augment import CIFAR10_MEAN, CIFAR10_STD
+from data.cifar import load_cifar
+from engine.loop import metrics_from_logits, predict_logits
+from models import build_model
+from models.checkpoint import save_checkpoint
 from tests.conftest import write_image_folder
 
 pytestmark = pytest.mark.slow
@@ -121,6 +126,30 @@ def test_stage2_reads_the_training_set_from_the_stage1_checkpoint(fake_cifar10, 
     # The stage-2 run directory records only what stage 2 reads.
     assert "loss" not in saved and "sampler" not in saved["data"] and "head" not in saved["model"]
     assert "mixup_alpha" not in saved["train"] and saved["meta_sampler"]["gumbel_tau"] == 1.0
+
+
+def test_stage2_and_test_normalise_as_the_checkpoint_records_not_by_this_version_s_table(fake_cifar10, stage1_run,
+                                                                                        tmp_path, run):
+    """A checkpoint records the (mean, std) its images were normalised with; stage 2 computes the backbone's
+    features with stage 1's, and --test scores with the checkpoint's, whatever NORMALIZATION says by then."""
+    s1 = torch.load(stage1_run / "last.pt", weights_only=True)
+    assert s1["normalization"] == {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+    other = {"mean": [0.5, 0.4, 0.3], "std": [0.3, 0.2, 0.25]}  # as if the table had changed since stage 1
+    (tmp_path / "s1").mkdir()
+    save_checkpoint(tmp_path / "s1" / "last.pt", {**{k: v for k, v in s1.items() if k != "format"},
+                                                  "normalization": other})
+    log_dir = tmp_path / "s2"
+    run(*_stage2(fake_cifar10, tmp_path / "s1", log_dir, "stage2.method=tau_norm"))
+    s2 = torch.load(log_dir / "last.pt", weights_only=True)
+    assert s2["normalization"] == other
+    run("stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", "--test")
+    tested = json.loads((log_dir / "test_metrics.json").read_text())
+    model = build_model(**s2["model_args"])
+    model.load_state_dict(s2["model"])
+    test = load_cifar("cifar10", fake_cifar10, "test")
+    expected = metrics_from_logits(predict_logits(model, test.images, 64, other["mean"], other["std"]), test.labels,
+                                   s2["class_counts"])
+    assert tested["per_class"] == expected["per_class"] and tested["top1"] == expected["top1"]
 
 
 def test_refused_resume_leaves_the_run_config_as_it_was(fake_cifar10, stage1_run, tmp_path, run):

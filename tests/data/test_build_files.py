@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
-from data.build_files import DATASET_KINDS, FILE_DATASETS, build_file_data, read_test_split
+from data.augment import CIFAR10_MEAN, CIFAR10_STD
+from data.build import recorded_normalization
+from data.build_files import DATASET_KINDS, FILE_DATASETS, build_file_data, data_record, read_test_split
 from data.cifar import DatasetFormatError
 from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, LIST_DATASETS
 from data.long_tail import long_tail_counts
@@ -82,8 +85,6 @@ def test_lists_read_from_list_dir_and_inat_holds_validation_out_of_train(tmp_pat
 ])
 def test_inaturalist_trains_without_colour_jitter_on_its_own_statistics_as_the_decoupling_code(
         tmp_path, dataset, lists, jitter, stats):
-    from torchvision.transforms import v2
-
     root = write_image_lists(tmp_path / dataset, lists)
     data = build_file_data(dataset, root, "", 1.0, "exp", 0, 0, 16)
     train = data.train_images.transform.transforms
@@ -92,6 +93,21 @@ def test_inaturalist_trains_without_colour_jitter_on_its_own_statistics_as_the_d
     for transform in (train, data.val_images.transform.transforms if data.val_images else ()):
         normalize = [t for t in transform if isinstance(t, v2.Normalize)]
         assert all((n.mean, n.std) == (list(stats[0]), list(stats[1])) for n in normalize)
+
+
+def test_a_recorded_normalisation_normalises_every_split_and_is_what_the_checkpoint_record_reads_back(tmp_path):
+    root = write_image_lists(tmp_path / "inat", {"iNaturalist18_train.txt": [0, 0, 1, 1, 1],
+                                                 "iNaturalist18_val.txt": [0, 1]})
+    other = ((0.5, 0.4, 0.3), (0.3, 0.2, 0.25))
+    data = build_file_data("inat2018", root, "", 1.0, "exp", 0, 1, 16, normalization=other)
+    assert (data.mean, data.std) == other
+    for transform in (data.train_images.transform.transforms, data.val_images.transform.transforms):
+        assert [(n.mean, n.std) for n in transform if isinstance(n, v2.Normalize)] == [tuple(map(list, other))]
+    record = data_record(data)
+    assert record["normalization"] == {"mean": [0.5, 0.4, 0.3], "std": [0.3, 0.2, 0.25]}
+    assert recorded_normalization(record, "inat2018") == other
+    assert recorded_normalization({}, "inat2018") == (INAT_MEAN, INAT_STD)  # a checkpoint from before the record
+    assert recorded_normalization({}, "cifar10") == (tuple(CIFAR10_MEAN), tuple(CIFAR10_STD))
 
 
 def test_a_folder_without_test_images_is_one_error_at_test_time(tmp_path):
