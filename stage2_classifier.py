@@ -154,7 +154,7 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
             return CachedFeatures(disk_views(path, compute, ranks.is_main, ranks), device)
         return CachedFeatures(compute())
     return LiveFeatures(model, images.to(device), augment, data.mean, data.std, cfg.model.channels_last,
-                        bn_train=cfg.stage2.live_bn == "train")
+                        bn_train=cfg.stage2.live_bn == "train", amp=cfg.train.amp)
 
 
 def drop_feature_caches(run_dir: Path, ranks: Dist) -> None:

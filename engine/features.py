@@ -118,13 +118,14 @@ class LiveFeatures:
 
     The backbone's weights stay frozen. With bn_train (the BALMS code) it runs in train mode, so
     BatchNorm uses batch statistics and updates its running averages; without, it keeps the
-    stage-1 statistics (eval mode), as compute_views does.
+    stage-1 statistics (eval mode), as compute_views does. Its forward pass runs under autocast
+    with amp (off | bf16 | fp16), as compute_views's; the features come back in fp32.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, augment: Augment, mean: Sequence[float],
-                 std: Sequence[float], channels_last: bool = False, bn_train: bool = True) -> None:
+                 std: Sequence[float], channels_last: bool = False, bn_train: bool = True, amp: str = "off") -> None:
         self.model, self.images, self.augment = model, images, augment
-        self.mean, self.std, self.channels_last, self.bn_train = mean, std, channels_last, bn_train
+        self.mean, self.std, self.channels_last, self.bn_train, self.amp = mean, std, channels_last, bn_train, amp
 
     @torch.no_grad()
     def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -132,6 +133,4 @@ class LiveFeatures:
         images = self.images[to_device(indices, self.images.device)].to(next(self.model.parameters()).device,
                                                                          non_blocking=True)
         x = normalize(self.augment(images, generator), self.mean, self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.model.forward_features(x).float()
+        return forward_each(self.model.forward_features, (x,), x.device, self.channels_last, self.amp)[0]  # (B, D)

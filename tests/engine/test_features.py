@@ -201,6 +201,18 @@ def test_live_features_with_eval_batchnorm_keep_stage1_statistics_and_match_a_ca
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_live_features_run_the_backbone_under_autocast_with_amp_and_return_fp32(model, images):
+    idx = torch.tensor([4, 1, 3])
+    out = LiveFeatures(model, images, BatchAugment(4, True), MEAN, STD, bn_train=False, amp="bf16")(
+        idx, torch.Generator().manual_seed(2))
+    x = BatchAugment(4, True)(images[idx], torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.eval().forward_features(_normalize_by_hand(x)).float()
+    fp32 = compute_views(model, x, None, 1, MEAN, STD, 0, 0, 8)[0]
+    assert out.dtype == torch.float32 and torch.equal(out, expected) and not torch.equal(out, fp32)
+    assert (out - fp32).norm() < 0.05 * fp32.norm()  # bf16's rounding, not another computation
+
+
 def test_host_half_views_are_the_device_views_in_float16_moved_one_view_at_a_time(model, images):
     # For disk_views: the device never holds more than one view in fp32.
     moved = []
