@@ -36,7 +36,8 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     # tau_norm trains nothing: the schedule and the training views are the trained methods' alone
     **dict.fromkeys(("train.epochs", "train.iterations", "train.batch_size", "train.lr", "train.momentum",
                      "train.nesterov", "train.weight_decay", "train.schedule", "train.warmup", "train.warmup_start",
-                     "train.milestones", "train.gamma", "train.save_every_s", "stage2.cache_views", "stage2.live_bn"),
+                     "train.milestones", "train.gamma", "train.save_every_s", "stage2.cache_views", "stage2.live_bn",
+                     "data.crop_padding", "data.flip", "data.autoaugment", "data.cutout"),
                     ("balanced_softmax", "crt", "balms", "lws")),
 }
 # Stage-1 keys that fix which images form the training set: read from the stage-1 checkpoint.
@@ -53,6 +54,10 @@ def check_method(cfg: Config) -> Method:
         if cfg.stage2.method not in readers:
             raise SystemExit(f"config error: {key} is read by stage2.method={' | '.join(readers)} only, not by "
                              f"{cfg.stage2.method}: remove it")
+    if cfg.stage2.cache_views and "stage2.live_bn" in changed_keys(cfg):
+        raise SystemExit(f"config error: stage2.live_bn is read with stage2.cache_views=0 only (the backbone on every "
+                         f"batch); the {cfg.stage2.cache_views} cached views are computed in eval mode: remove it, "
+                         f"or set stage2.cache_views=0")
     if not cfg.stage1.checkpoint and not cfg.model.pretrained:
         raise SystemExit("config error: stage 2 needs a backbone: stage1.checkpoint=logs/<stage-1 run>/last.pt, "
                          "or model.pretrained=NAME|URL|PATH (`python -m models list` shows the names)")

@@ -43,12 +43,20 @@ def test_resampled_meta_set_is_refused_for_image_files():
 
 
 @pytest.mark.parametrize("key", ["train.lr=0.5", "train.iterations=100", "train.epochs=30", "stage2.cache_views=1",
-                                 "train.batch_size=64", "stage2.live_bn=eval"])
-def test_tau_norm_trains_nothing_so_a_schedule_or_view_key_set_for_it_is_an_error(key):
+                                 "train.batch_size=64", "stage2.live_bn=eval", "data.cutout=8", "data.autoaugment=true",
+                                 "data.flip=false", "data.crop_padding=2"])
+def test_tau_norm_trains_nothing_so_a_schedule_view_or_augmentation_key_set_for_it_is_an_error(key):
     with pytest.raises(SystemExit, match=rf"config error: {key.split('=')[0]} is read by stage2.method="
                                          rf"balanced_softmax \| crt \| balms \| lws only, not by tau_norm: remove it"):
         check_method(_stage2("stage2.method=tau_norm", key))
-    check_method(_stage2("stage2.method=crt", key))  # a trained method reads it
+    check_method(_stage2("stage2.method=crt", "stage2.cache_views=0", key))  # a trained method reads it
+
+
+def test_live_batchnorm_is_refused_with_cached_views_which_never_read_it():
+    with pytest.raises(SystemExit, match=r"^config error: stage2.live_bn is read with stage2.cache_views=0 only \(the "
+                                         r"backbone on every batch\); the 2 cached views are computed in eval mode"):
+        check_method(_stage2("stage2.method=balms", "stage2.cache_views=2", "stage2.live_bn=eval"))
+    check_method(_stage2("stage2.method=balms", "stage2.cache_views=0", "stage2.live_bn=eval"))
 
 
 def test_tau_norm_refuses_the_tau_key_it_would_not_read():
