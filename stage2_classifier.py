@@ -196,7 +196,7 @@ def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, 
     logger.info("balms: class-balanced meta batches of %d from the %s split (%d images)", ms.meta_batch_size,
                 split, len(labels))
     return MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=ms.lr), labels, meta_features,
-                        ms.meta_batch_size, ms.gumbel_tau)
+                        ms.meta_batch_size, ms.gumbel_tau, ms.relax)
 
 
 def method_loss(cfg: Config, method: Method, data: LongTailData | FileData, device: torch.device) -> nn.Module | None:

@@ -13,8 +13,12 @@ from config.schema import STAGE_SCRIPTS, Config
 
 
 def _saved_flat(tree: dict) -> dict[str, Any]:
-    """A saved config's dotted keys, old names (RENAMED) read as their new ones."""
-    return {renamed(k) or k: v for k, v in flatten(tree).items()}
+    """A saved config's dotted keys, old names (RENAMED) read as their new ones. A BALMS run saved before
+    meta_sampler.relax (2026-12-06) drew with the class relaxation: its config reads so, not as the default."""
+    flat = {renamed(k) or k: v for k, v in flatten(tree).items()}
+    if flat.get("stage2.method") == "balms":
+        flat.setdefault("meta_sampler.relax", "class")
+    return flat
 
 
 def config_from_dict(tree: dict) -> Config:
@@ -62,7 +66,11 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
     where = ("data.root", "data.list_dir", "log_dir", "name", "train.num_threads", "data.workers",
              "train.dist_timeout_s", "train.save_every_s")
     check_stage_of_run(saved, stage, Path(saved_at).parent)
-    diff = [k for k in config_diff(saved, config_to_dict(cfg, stage)) if k not in where]
+    current = config_to_dict(cfg, stage)
+    diff = [k for k in config_diff(saved, current) if k not in where]
     if diff:
-        raise ConfigError(f"--resume with a config that differs from the run's at {', '.join(diff)}; "
+        defaults, run, now = flatten(config_to_dict(Config())), _saved_flat(saved), flatten(current)
+        values = ", ".join(f"{k} (the run's {run.get(k, defaults.get(k))}, now {now.get(k, defaults.get(k))})"
+                           for k in diff)
+        raise ConfigError(f"--resume with a config that differs from the run's at {values}; "
                           f"resume with the run's own config ({saved_at})")

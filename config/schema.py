@@ -145,7 +145,11 @@ class MetaSamplerConfig:
     init_pow: float = 0.0  # sampler init: w ~ 1/pi^p; 0 = instance-balanced, 1 = class-balanced
     lr: float = 0.01  # Adam learning rate of the per-class sampler logits
     meta_batch_size: int = 512  # class-balanced meta batch for the outer loss
-    gumbel_tau: float = 1.0  # Gumbel-softmax temperature of the class draws
+    gumbel_tau: float = 1.0  # Gumbel-softmax temperature of the draws
+    # The Gumbel-softmax the straight-through meta-gradient comes from: image (BALMS's, over the N images;
+    # O(B x N) noise per step, drawn in chunks) | class (over the C classes, then a uniform image of the drawn
+    # class: O(B x C), cheaper for large N, but another gradient: bench/meta_gradient.py)
+    relax: str = "image"
     # Where class-balanced meta batches come from: val (the held-out split, when data.val_per_class > 0;
     # else train) | train (the long-tailed training set itself) | resample (CIFAR: a second long-tailed
     # draw of the training split, seed data.subset_seed + 1, no validation image: the BALMS code's meta set)
@@ -167,6 +171,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "stage2.init_head": ("reinit", "stage1"),
     "stage2.live_bn": ("train", "eval"),
     "meta_sampler.meta_split": ("val", "train", "resample"),
+    "meta_sampler.relax": ("image", "class"),
 }
 
 # Lower bounds of the numeric keys, (">" or ">=", bound): checked when the config loads, before

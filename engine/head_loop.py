@@ -30,7 +30,8 @@ class MetaSampling:
     meta_labels: torch.Tensor  # (M,) labels of the split meta batches come from
     meta_features: Features  # features of that split by index
     meta_batch_size: int
-    gumbel_tau: float  # Gumbel-softmax temperature of the class draws
+    gumbel_tau: float  # Gumbel-softmax temperature of the draws
+    relax: str = "image"  # meta_sampler.learner.RELAXATIONS: over the images (BALMS's) or over the classes
 
 
 def train_head_epoch(
@@ -89,8 +90,7 @@ def train_head_epoch(
             optimizer.step()
             step_loss, meta_loss = loss.detach(), no_meta_loss
         else:
-            classes, weights = meta.sampler.sample_classes(batch_size, generator, meta.gumbel_tau)
-            idx = meta.sampler.draw_images(classes, generator)
+            idx, weights = meta.sampler.draw(batch_size, generator, meta.gumbel_tau, meta.relax)
             x = features(idx, generator)
             y = labels_here[to_device(idx, device)]
             with torch.no_grad():  # before meta_step changes the head, as the plain path's logits

@@ -2,15 +2,19 @@
 
 The meta-sampler of Balanced Meta-Softmax (Ren et al., NeurIPS 2020) draws an image of
 class c with probability proportional to a learned weight w_c = sigmoid(theta_c), so class
-c receives a share n_c * w_c / sum_k n_k * w_k of every batch. BALMS materialises this as a
-Gumbel-softmax over all N images (an (B, N) matrix); here the same distribution is
-factored into "draw a class" (an (B, C) Gumbel-softmax, differentiable in theta) followed
-by "draw a uniform image of that class" (an O(B) lookup). The draws have exactly BALMS's
-distribution, because all images of a class share one weight; the straight-through gradient
-to theta does not: it is the soft class-level entry (logits log n_c + log w_c over C classes)
-where BALMS takes the soft image-level one (log w over N images). Both are biased estimators;
-on small problems their mean meta-gradients agree in sign and roughly in size, and their effect
-on accuracy has not been compared.
+c receives a share n_c * w_c / sum_k n_k * w_k of every batch. Two relaxations give the
+straight-through gradient to theta, with draws of that same distribution:
+
+- ``image`` (BALMS's own): a hard Gumbel-softmax over all N images with logits log w_{y_i}; the
+  drawn image's weight carries the gradient of its soft entry. BALMS materialises the (B, N) soft
+  matrix for autograd; here the noise is drawn in row chunks and reduced to the drawn image, its
+  noise and each class's log-sum of exp(noise / tau) (B, C), from which that entry is an exact
+  function of theta alone (``sample_images``): BALMS's gradient, O(B * C) for autograd.
+- ``class``: "draw a class" (a (B, C) Gumbel-softmax, logits log n_c + log w_c) then "draw a uniform
+  image of it" (``sample_classes``, ``draw_images``): O(B * C) noise, and the gradient of the soft
+  class entry. Not BALMS's: its self term is scaled by the class's soft mass where BALMS's is scaled
+  by the image's, and on small problems the two mean meta-gradients differ in sign for tail classes
+  (bench/meta_gradient.py).
 
 The per-sample weight returned with each drawn class has value exactly 1 and carries the
 straight-through gradient to theta; the caller multiplies per-sample losses by it inside
@@ -31,6 +35,8 @@ from torch import Tensor, nn
 from data.transfer import to_device, widest_float
 
 logger = logging.getLogger(__name__)
+
+RELAXATIONS = ("image", "class")  # the Gumbel-softmax the meta-gradient comes from (ClassSampler.draw)
 
 
 def _validate_labels(labels: Tensor, num_classes: int) -> None:
@@ -115,6 +121,7 @@ class ClassSampler(nn.Module):
         # Image indices grouped by class; class c occupies [offsets[c], offsets[c] + n_c).
         self.register_buffer("sorted_indices", torch.argsort(labels, stable=True), persistent=False)
         self.register_buffer("offsets", torch.cumsum(counts, 0) - counts, persistent=False)
+        self.register_buffer("labels", labels.clone(), persistent=False)  # (N,) for the image relaxation
         empty = int((counts == 0).sum())
         if empty:
             logger.warning("%d of %d classes have no images and will never be sampled.", empty, num_classes)
@@ -180,3 +187,50 @@ class ClassSampler(nn.Module):
                       classes.device)
         within = torch.minimum((u * n).long(), n - 1)
         return self.sorted_indices[self.offsets[classes] + within]
+
+    def sample_images(self, batch_size: int, generator: torch.Generator, tau: float = 1.0,
+                      chunk: int = 1 << 22) -> tuple[Tensor, Tensor]:
+        """Draw batch_size images by BALMS's hard straight-through Gumbel-softmax over the N images, logits
+        log sigmoid(theta_{y_i}). Returns (image indices (B,) int64, weights (B,) float): each weight is 1 in
+        value and carries the gradient of the drawn image's soft entry s = softmax((l + g) / tau) at it, where
+        l (N,) are the logits and g (B, N) the Gumbel noise. With c the drawn image's class and g* its noise,
+        log s = (l_c + g*) / tau - logsumexp_k(l_k / tau + log E_k), E_k = sum over the images j of class k
+        of exp(g_j / tau): only E (B, C) and g* (B,) are kept, as constants. The noise is drawn on the CPU
+        from the run's generator (the same draws on any device), at most `chunk` values at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if not tau > 0:
+            raise ValueError(f"tau must be a positive temperature, got {tau}.")
+        logits = F.logsigmoid(self.theta)  # (C,)
+        per_image = logits.detach()[self.labels]  # (N,)
+        rows = max(1, chunk // max(1, self.labels.numel()))
+        drawn, noise, log_e = [], [], []
+        for start in range(0, batch_size, rows):
+            b = min(rows, batch_size - start)
+            uniform = to_device(torch.rand((b, self.labels.numel()), generator=generator, dtype=logits.dtype),
+                                logits.device)
+            g = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(logits.dtype).tiny)))  # (b, N)
+            idx = (per_image + g).argmax(dim=1)  # (b,)
+            scaled = g / tau
+            top = scaled.max(dim=1, keepdim=True).values  # (b, 1): keeps exp() finite
+            sums = torch.zeros((b, self.num_classes), dtype=logits.dtype, device=logits.device)
+            sums.index_add_(1, self.labels, (scaled - top).exp())
+            drawn.append(idx)
+            noise.append(g.gather(1, idx.unsqueeze(1)).squeeze(1))
+            log_e.append(sums.log() + top)  # (b, C); -inf for a class with no images
+        idx, g_star, log_e = torch.cat(drawn), torch.cat(noise), torch.cat(log_e)
+        classes = self.labels[idx]
+        log_soft = (logits[classes] + g_star) / tau - torch.logsumexp(logits / tau + log_e, dim=1)  # (B,)
+        soft = log_soft.exp()
+        return idx, 1.0 + (soft - soft.detach())
+
+    def draw(self, batch_size: int, generator: torch.Generator, tau: float, relax: str) -> tuple[Tensor, Tensor]:
+        """(image indices (B,), straight-through weights (B,)) of one batch under relaxation `relax`
+        (RELAXATIONS: image, BALMS's; class, the class-level one)."""
+        if relax == "image":
+            return self.sample_images(batch_size, generator, tau)
+        if relax != "class":
+            raise ValueError(f"relax must be one of {', '.join(RELAXATIONS)}, got {relax!r}")
+        classes, weights = self.sample_classes(batch_size, generator, tau)
+        return self.draw_images(classes, generator), weights
+

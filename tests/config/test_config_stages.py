@@ -133,8 +133,25 @@ def test_a_stage_saves_only_the_keys_it_reads_and_they_rebuild_the_same_config()
 def test_resume_check_names_the_differing_keys_and_the_run_config():
     saved = config_to_dict(load_config(None, ["train.lr=0.3"]), "stage1")
     check_resume(saved, load_config(None, ["train.lr=0.3"]), "stage1", "logs/x/config.yaml")
-    with pytest.raises(ConfigError, match=r"differs from the run's at train.epochs, train.lr; .*logs/x/config.yaml"):
+    with pytest.raises(ConfigError) as e:
         check_resume(saved, load_config(None, ["train.epochs=30"]), "stage1", "logs/x/config.yaml")
+    assert str(e.value) == ("--resume with a config that differs from the run's at train.epochs (the run's 200, now "
+                            "30), train.lr (the run's 0.3, now 0.1); resume with the run's own config "
+                            "(logs/x/config.yaml)")
+
+
+def test_a_balms_run_saved_before_the_relaxation_key_reads_as_the_class_relaxation_it_drew_with():
+    new = config_to_dict(load_config(None, ["stage2.method=balms"], stage="stage2"), "stage2")
+    assert new["meta_sampler"]["relax"] == "image"  # the default: BALMS's own
+    old = {**new, "meta_sampler": {k: v for k, v in new["meta_sampler"].items() if k != "relax"}}
+    assert config_from_dict(old).meta_sampler.relax == "class"
+    check_resume(old, load_config(None, ["stage2.method=balms", "meta_sampler.relax=class"], stage="stage2"), "stage2",
+                 "x.yaml")
+    with pytest.raises(ConfigError, match=r"at meta_sampler.relax \(the run's class, now image\);"):
+        check_resume(old, load_config(None, ["stage2.method=balms"], stage="stage2"), "stage2", "x.yaml")
+    crt = config_to_dict(load_config(None, ["stage2.method=crt"], stage="stage2"), "stage2")
+    crt["meta_sampler"].pop("relax")  # another method's run: nothing to read differently
+    check_resume(crt, load_config(None, ["stage2.method=crt"], stage="stage2"), "stage2", "x.yaml")
 
 
 def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
@@ -151,7 +168,7 @@ def test_resume_accepts_another_place_of_the_data_or_the_run_directory_but_no_ot
         check_resume(saved, load_config(None, [f"data.root={root}", "train.lr=0.3"]), "stage1", "x.yaml")
     check_resume(saved, load_config(None, ["log_dir=/moved/run", "train.lr=0.3", "data.root=/data/cifar"]), "stage1",
                  "x.yaml")
-    with pytest.raises(ConfigError, match=r"differs from the run's at train.lr;"):
+    with pytest.raises(ConfigError, match=r"differs from the run's at train.lr \(the run's 0.3, now 0.2\);"):
         check_resume(saved, load_config(None, ["data.root=/data/cifar/", "train.lr=0.2"]), "stage1", "x.yaml")
 
 
@@ -159,5 +176,5 @@ def test_resume_on_another_machine_may_change_threads_decoding_processes_timeout
     saved = config_to_dict(load_config(None, ["train.num_threads=1", "data.workers=2"]), "stage1")
     check_resume(saved, load_config(None, ["train.num_threads=16", "data.workers=8", "train.dist_timeout_s=60",
                                            "train.save_every_s=60"]), "stage1", "x.yaml")
-    with pytest.raises(ConfigError, match=r"differs from the run's at train.amp;"):  # numerics are the run's
+    with pytest.raises(ConfigError, match=r"differs from the run's at train.amp \(the run's off, now bf16\);"):  # numerics are the run's
         check_resume(saved, load_config(None, ["train.num_threads=16", "train.amp=bf16"]), "stage1", "x.yaml")

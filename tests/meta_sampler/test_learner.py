@@ -206,3 +206,45 @@ def test_bad_sampling_arguments_are_rejected() -> None:
 def test_state_dict_holds_theta_and_counts_but_not_the_image_index() -> None:
     sampler = ClassSampler(_labels([4, 2]), 2)
     assert set(sampler.state_dict()) == {"theta", "counts", "log_counts"}
+
+
+def _balms_reference_draw(sampler: ClassSampler, uniform: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BALMS code's SampleLearner on the same noise, as it is written: logits log sigmoid(theta) of each
+    image's class expanded to (B, N), a hard Gumbel-softmax over the N images, and the drawn image's entry of
+    the straight-through one-hot (hard - soft.detach() + soft) as its weight."""
+    logits = torch.nn.functional.logsigmoid(sampler.theta)[sampler.labels].expand(uniform.shape[0], -1)
+    perturbed = logits - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+    soft = torch.softmax(perturbed / tau, dim=1)
+    idx = perturbed.argmax(dim=1)
+    hard = torch.zeros_like(soft).scatter_(1, idx.unsqueeze(1), 1.0)
+    return idx, (hard - soft.detach() + soft).gather(1, idx.unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("tau, chunk", [(1.0, 1 << 22), (0.5, 150), (2.0, 1)])  # 150: rows in chunks of 2
+def test_image_relaxation_draws_and_differentiates_as_the_balms_code_without_its_b_by_n_graph(tau, chunk) -> None:
+    counts = [40, 25, 0, 10, 4]
+    sampler = ClassSampler(_labels(counts)[torch.randperm(79, generator=torch.Generator().manual_seed(0))], 5,
+                           init_pow=0.5).double()
+    with torch.no_grad():
+        sampler.theta.add_(torch.tensor([0.3, -0.2, 0.0, 0.5, -0.4], dtype=torch.float64))
+    batch, a = 7, torch.linspace(-1.0, 2.0, 7, dtype=torch.float64)  # a: any downstream use of the weights
+    idx, weights = sampler.sample_images(batch, torch.Generator().manual_seed(3), tau, chunk=chunk)
+    (a * weights).sum().backward()
+    ours = sampler.theta.grad.clone()
+    sampler.theta.grad = None
+    uniform = torch.rand((batch, 79), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref_idx, ref_weights = _balms_reference_draw(sampler, uniform, tau)
+    (a * ref_weights).sum().backward()
+    assert torch.equal(idx, ref_idx) and torch.equal(weights.detach(), torch.ones(batch, dtype=torch.float64))
+    torch.testing.assert_close(ours, sampler.theta.grad, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0 and ours[2] == 0  # the empty class gets no gradient
+
+
+def test_image_relaxation_draws_classes_in_proportion_to_count_times_weight() -> None:
+    sampler = ClassSampler(_labels([100, 10, 1]), 3, init_pow=1.0)
+    draws = 20_000
+    idx, _ = sampler.draw(draws, torch.Generator().manual_seed(4), 1.0, "image")
+    observed = torch.bincount(sampler.labels[idx], minlength=3)
+    assert _within_binomial(observed, sampler.class_probs().double(), draws)
+    with pytest.raises(ValueError, match="relax must be one of image, class, got 'images'"):
+        sampler.draw(4, torch.Generator(), 1.0, "images")
