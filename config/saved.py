@@ -60,11 +60,13 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
     """--resume continues a run only with the config it was started with. Where things lie may differ
     (a moved or renamed run directory, another copy or spelling of the data folder): the run is the
     directory's last.pt, and the data's class counts are checked against the checkpoint's. So may the
-    host's resources (threads, decoding processes, the collective timeout, how often last.pt is
-    written): a run moved to another machine continues, to float precision rather than bit for bit
-    when the thread count changes."""
-    where = ("data.root", "data.list_dir", "log_dir", "name", "train.num_threads", "data.workers",
-             "train.dist_timeout_s", "train.save_every_s")
+    host's resources (the device, threads, decoding processes, cuDNN's algorithm search, the collective
+    timeout, how often last.pt is written), whether the data may be downloaded, and how evaluation is
+    batched or adjusted at --test: a run moved to another machine continues, to float precision rather
+    than bit for bit when the device or the thread count changes."""
+    where = ("data.root", "data.list_dir", "data.download", "log_dir", "name", "train.device", "train.num_threads",
+             "data.workers", "train.cudnn_benchmark", "train.dist_timeout_s", "train.save_every_s", "eval.batch_size",
+             "eval.logit_adjust_tau")
     check_stage_of_run(saved, stage, Path(saved_at).parent)
     current = config_to_dict(cfg, stage)
     diff = [k for k in config_diff(saved, current) if k not in where]
@@ -72,5 +74,5 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
         defaults, run, now = flatten(config_to_dict(Config())), _saved_flat(saved), flatten(current)
         values = ", ".join(f"{k} (the run's {run.get(k, defaults.get(k))}, now {now.get(k, defaults.get(k))})"
                            for k in diff)
-        raise ConfigError(f"--resume with a config that differs from the run's at {values}; "
-                          f"resume with the run's own config ({saved_at})")
+        raise ConfigError(f"--resume with a config that differs from the run's at {values}; resume with the run's "
+                          f"own config: python {STAGE_SCRIPTS[stage]} --cfg {saved_at} --resume")

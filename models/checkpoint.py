@@ -88,6 +88,10 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointNotFoundError(f"{path} is a directory, not a checkpoint: give a .pt file in it"
                                       + (f", {found}" if found else ""))
     if not path.is_file():
+        last = path.parent / "last.pt"
+        if path.name == "best.pt" and last.is_file():  # a run without a validation split has last.pt only
+            raise CheckpointNotFoundError(f"{path.parent} has no best.pt (written only when a validation split "
+                                          f"chooses an epoch: data.val_per_class > 0, or a val split); use {last}")
         raise CheckpointNotFoundError(f"no checkpoint at {path}: train first, or give the path of a .pt file "
                                       f"of a run directory")
     try:

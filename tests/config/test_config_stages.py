@@ -136,8 +136,8 @@ def test_resume_check_names_the_differing_keys_and_the_run_config():
     with pytest.raises(ConfigError) as e:
         check_resume(saved, load_config(None, ["train.epochs=30"]), "stage1", "logs/x/config.yaml")
     assert str(e.value) == ("--resume with a config that differs from the run's at train.epochs (the run's 200, now "
-                            "30), train.lr (the run's 0.3, now 0.1); resume with the run's own config "
-                            "(logs/x/config.yaml)")
+                            "30), train.lr (the run's 0.3, now 0.1); resume with the run's own config: python "
+                            "stage1_train.py --cfg logs/x/config.yaml --resume")
 
 
 def test_a_balms_run_saved_before_the_relaxation_key_reads_as_the_class_relaxation_it_drew_with():
@@ -172,9 +172,11 @@ def test_resume_accepts_another_place_of_the_data_or_the_run_directory_but_no_ot
         check_resume(saved, load_config(None, ["data.root=/data/cifar/", "train.lr=0.2"]), "stage1", "x.yaml")
 
 
-def test_resume_on_another_machine_may_change_threads_decoding_processes_timeout_and_checkpoint_interval():
+def test_resume_on_another_machine_may_change_device_threads_downloads_timeout_checkpoint_interval_and_evaluation():
     saved = config_to_dict(load_config(None, ["train.num_threads=1", "data.workers=2"]), "stage1")
     check_resume(saved, load_config(None, ["train.num_threads=16", "data.workers=8", "train.dist_timeout_s=60",
-                                           "train.save_every_s=60"]), "stage1", "x.yaml")
+                                           "train.save_every_s=60", "train.device=cpu", "train.cudnn_benchmark=true",
+                                           "data.download=true", "eval.batch_size=64", "eval.logit_adjust_tau=1"]),
+                 "stage1", "x.yaml")
     with pytest.raises(ConfigError, match=r"differs from the run's at train.amp \(the run's off, now bf16\);"):  # numerics are the run's
         check_resume(saved, load_config(None, ["train.num_threads=16", "train.amp=bf16"]), "stage1", "x.yaml")

@@ -137,6 +137,17 @@ def test_missing_checkpoint_raises_file_not_found_with_the_path(tmp_path):
     assert str(path) in str(err.value)
 
 
+def test_a_missing_best_pt_of_a_run_with_a_last_pt_says_why_and_names_the_last_pt(tmp_path):
+    from models.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "last.pt", {"epoch": 1})
+    with pytest.raises(FileNotFoundError) as err:
+        load_checkpoint(run / "best.pt")
+    assert str(err.value) == (f"{run} has no best.pt (written only when a validation split chooses an epoch: "
+                              f"data.val_per_class > 0, or a val split); use {run / 'last.pt'}")
+
+
 def test_a_checkpoint_gets_the_file_mode_of_the_umask_not_0600(tmp_path):
     import os
     import stat
