@@ -277,6 +277,9 @@ def check_ranges(cfg: Config) -> None:
     t = cfg.train
     length, unit = (f"train.iterations={t.iterations}", "steps") if t.iterations else (f"train.epochs={t.epochs}",
                                                                                        "epochs")
+    if t.iterations and t.epochs != type(t)().epochs:  # the run's length is counted in one unit only
+        raise ConfigError(f"train.epochs={t.epochs} has no effect: {length} sets the run's length (and "
+                          f"train.warmup's unit) in steps; set train.iterations instead, or train.iterations=0")
     if t.warmup and t.warmup >= (t.iterations or t.epochs):  # the lr would never reach train.lr
         raise ConfigError(f"train.warmup={t.warmup:g} ({unit}) is not shorter than the run ({length}): "
                           f"lower train.warmup (0 = none) or lengthen the run")
