@@ -169,7 +169,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
     stage ("stage1" | "stage2"): the stage that will run, whose unread keys must stay at their defaults.
     """
-    cfg = Config()
+    cfg, from_file = Config(), set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -186,6 +186,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(tree).__name__}")
         for key, value in flatten(tree).items():
             set_key(cfg, key, value, f"in {path}")
+            from_file.add(renamed(key) or key)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -194,7 +195,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     check_choices(cfg)
     check_ranges(cfg)
     if stage is not None:
-        check_stage(cfg, stage)
+        check_stage(cfg, stage, path, from_file)
     return cfg
 
 
@@ -209,10 +210,14 @@ def changed_keys(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in flatten(config_to_dict(cfg)).items() if v != defaults[k]}
 
 
-def check_stage(cfg: Config, stage: str) -> None:
-    """No key that only the other stage reads is set away from its default."""
+def check_stage(cfg: Config, stage: str, path: Path | None = None, from_file: typing.Collection[str] = ()) -> None:
+    """No key that only the other stage reads is set away from its default; one set in the --cfg file (from_file)
+    says the file is the other stage's config."""
     for key, value in changed_keys(cfg).items():
         owner = stage_of(key)
+        if owner not in (None, stage) and key in from_file:
+            raise ConfigError(f"{path} is a {owner} config (it sets {key}, read by {STAGE_SCRIPTS[owner]} only): "
+                              f"run it with python {STAGE_SCRIPTS[owner]} --cfg {path}")
         if owner not in (None, stage):
             raise ConfigError(f"{key}={value!r} is read by {owner} ({STAGE_SCRIPTS[owner]}) only; "
                               f"{stage} ({STAGE_SCRIPTS[stage]}) does not use it: remove it")

@@ -82,6 +82,22 @@ def test_a_key_set_for_the_other_stage_names_the_stage_that_reads_it(override, r
     assert str(e.value).startswith(f"{key}=") and f"read by {reader}" in str(e.value) and "remove it" in str(e.value)
 
 
+def test_a_config_file_of_the_other_stage_says_which_script_runs_it(tmp_path):
+    stage2_yaml = tmp_path / "s2.yaml"
+    stage2_yaml.write_text("stage1:\n  checkpoint: logs/x/last.pt\nstage2:\n  method: crt\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(stage2_yaml, stage="stage1")
+    assert str(e.value) == (f"{stage2_yaml} is a stage2 config (it sets stage1.checkpoint, read by stage2_classifier.py "
+                            f"only): run it with python stage2_classifier.py --cfg {stage2_yaml}")
+    stage1_yaml = tmp_path / "s1.yaml"
+    stage1_yaml.write_text("train:\n  epochs: 30\nloss:\n  name: focal\n")
+    with pytest.raises(ConfigError, match=rf"^{stage1_yaml} is a stage1 config \(it sets loss.name, read by "
+                                          rf"stage1_train.py only\): run it with python stage1_train.py"):
+        load_config(stage1_yaml, stage="stage2")
+    with pytest.raises(ConfigError, match=r"^loss.name='focal' is read by stage1 .*: remove it"):  # an override
+        load_config(None, ["loss.name=focal"], stage="stage2")
+
+
 def test_a_key_of_the_other_stage_at_its_default_is_no_error_and_shared_keys_are_read_by_both():
     for stage in ("stage1", "stage2"):
         load_config(None, ["meta_sampler.lr=0.01", "loss.name=ce", "train.lr=0.3", "data.imbalance_factor=10",
