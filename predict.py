@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.export and not args.images:
         parser.error("give image files to classify, or --export DIR")
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
         if Path(args.model).is_dir():
             if args.export:
                 raise SystemExit(f"error: {args.model} is already an export directory")

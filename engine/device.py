@@ -21,25 +21,27 @@ class DeviceError(RuntimeError):
     """A device or precision this machine cannot run; the message says what to use instead."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps -> a torch.device that exists here."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps -> a torch.device that exists here; errors
+    name the setting as `key` (predict.py's is --device)."""
+    same = "=" if key.startswith(("train.", "eval.")) else " "  # a config key, or a command-line option
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
-            raise DeviceError(f"train.device={name}: no CUDA device is visible here; use train.device=cpu (or auto)")
+            raise DeviceError(f"{key}{same}{name}: no CUDA device is visible here; use {key}{same}cpu (or auto)")
         index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise DeviceError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            raise DeviceError(f"{key}{same}{name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                               f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         return torch.device("cuda", index)
     if name == "mps":
         if not torch.backends.mps.is_available():
-            raise DeviceError("train.device=mps: the Apple-silicon GPU (MPS) is not available here; use train.device=cpu")
+            raise DeviceError(f"{key}{same}mps: the Apple-silicon GPU (MPS) is not available here; use {key}{same}cpu")
         return torch.device("mps")
-    raise DeviceError(f"train.device={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    raise DeviceError(f"{key}{same}{name!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
 def check_amp(device: torch.device, amp: str) -> None:

@@ -131,7 +131,10 @@ def test_predict_prints_class_and_probability_per_image(checkpoint, image_files,
     assert [line.split("\t")[1] for line in proc.stdout.splitlines()] == IMAGE_CLASSES
     assert run("predict.py", str(path), "--device", "cpu", *map(str, image_files)).stdout == proc.stdout
     bad = run("predict.py", str(path), "--device", "tpu", *map(str, image_files), check=False)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: train.device='tpu' is not one of")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --device 'tpu' is not one of")
+    if not torch.cuda.is_available():  # the fix names predict.py's own option, not the training config's key
+        bad = run("predict.py", str(path), "--device", "cuda", *map(str, image_files), check=False)
+        assert bad.stderr.strip() == "error: --device cuda: no CUDA device is visible here; use --device cpu (or auto)"
 
 
 def test_export_writes_plain_state_dict_and_json_that_predict_the_same(checkpoint, image_files, tmp_path, run):
