@@ -46,6 +46,10 @@ def test_class_names_must_match_the_number_of_classes():
 def test_folder_without_an_export_says_how_to_write_one(tmp_path):
     with pytest.raises(CheckpointError, match=r"not an export directory .*python predict.py <checkpoint.pt> --export"):
         load_export(tmp_path)
+    (tmp_path / "last.pt").write_bytes(b"")  # a run directory's checkpoint
+    with pytest.raises(CheckpointError) as e:
+        load_export(tmp_path)
+    assert str(e.value) == f"{tmp_path} is a run directory, not an export: pass {tmp_path / 'last.pt'}"
 
 
 def test_export_of_a_cosine_head_model_records_and_rebuilds_the_head(tmp_path):
