@@ -63,7 +63,7 @@ def check_method(cfg: Config) -> Method:
                          "or model.pretrained=NAME|URL|PATH (`python -m models list` shows the names)")
     if cfg.stage1.checkpoint and cfg.model.pretrained:
         raise SystemExit("config error: set stage1.checkpoint or model.pretrained, not both: they name the same "
-                         "backbone")
+                         "backbone; clear the other (stage1.checkpoint= beside --pretrained, when the config sets it)")
     if cfg.model.reset_head and keeps_stage1_head(cfg, method):
         raise SystemExit(f"config error: model.reset_head=true drops the head that {head_choice(cfg, method)} "
                          f"starts from; balanced_softmax, crt and balms with init_head=reinit train a new head for "

@@ -13,6 +13,7 @@ run fetches it again; a file the user names, or one shipped here, is never remov
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from torch import nn
@@ -59,8 +60,10 @@ def resolve(source: str, cache: str | Path | None = None,
         return fetch(url, pin, cache, timeout), None
     path = Path(source).expanduser()
     if not path.is_file():
+        close = difflib.get_close_matches(source, list(PRETRAINED), n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise CheckpointError(f"pretrained source {source!r} is not a registry name ({', '.join(PRETRAINED)}), "
-                              f"an http(s) URL or an existing file; `python -m models list` shows the registry")
+                              f"an http(s) URL or an existing file{hint}; `python -m models list` shows the registry")
     return path, None
 
 
