@@ -33,7 +33,11 @@ from models.download import DownloadError
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line (argparse prints the whole usage first)."""
+    """argparse, but a bad command line is one line (argparse prints the whole usage first), and an option is
+    never taken from its abbreviation (--resum is a typo, not --resume)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> None:
         self.exit(USER_ERROR_STATUS, f"{self.prog}: error: {message}; see --help\n")

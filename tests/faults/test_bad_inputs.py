@@ -38,6 +38,7 @@ CASES = {
     "renamed_key": (S1, ["sampler.tau=2"], "meta_sampler.gumbel_tau"),
     "wrong_type": (S1, ["train.epochs=abc"], "config key 'train.epochs' (override 'train.epochs=abc') expects int"),
     "override_without_equals": (S1, ["train.lr"], "override 'train.lr' must look like section.key=value"),
+    "abbreviated_option": (S1, ["--resum"], "stage1_train.py: error: unrecognized arguments: --resum"),
     "negative_lr": (S1, ["train.lr=-0.1"], "config error: train.lr=-0.1 is out of range: it must be >= 0"),
     "nan_lr": (S1, ["train.lr=nan"], "expects a finite number, got 'nan'"),
     "batch_of_one": (S1, ["train.batch_size=1"], "train.batch_size=1 is out of range: it must be >= 2"),
