@@ -27,7 +27,7 @@ def test_resume_reads_what_stage_1_gave_from_the_run_s_last_pt_and_refuses_a_sta
     save_checkpoint(run / "last.pt", record)
     assert stage1_run(stage2, Dist(), resume=True) == {k: record[k] for k in ("config", "model_args", "class_counts")}
     # a new run in that directory (no --resume) reads the stage-1 file
-    with pytest.raises(CheckpointNotFoundError, match="no checkpoint at /gone/last.pt"):
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint at /gone/last.pt \\(/gone does not exist\\)"):
         stage1_run(stage2, Dist(), resume=False)
     save_checkpoint(run / "last.pt", {**record, "config": config_to_dict(load_config(None, []), "stage1")})
     with pytest.raises(ConfigError, match=f"^--resume: {run} holds a stage1 run \\(stage1_train.py\\), not a stage2"):

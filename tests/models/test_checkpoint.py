@@ -134,7 +134,8 @@ def test_missing_checkpoint_raises_file_not_found_with_the_path(tmp_path):
     path = tmp_path / "run" / "best.pt"
     with pytest.raises(FileNotFoundError) as err:
         load_checkpoint(path)
-    assert str(path) in str(err.value)
+    assert str(err.value) == (f"no checkpoint at {path} ({path.parent} does not exist): train first, or give the "
+                              f"path of a .pt file of a run directory")
 
 
 def test_a_missing_best_pt_of_a_run_with_a_last_pt_says_why_and_names_the_last_pt(tmp_path):
