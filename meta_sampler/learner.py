@@ -83,6 +83,18 @@ def init_class_weights(class_counts: Sequence[int], init_pow: float) -> Tensor:
     return weights.float()
 
 
+def image_noise(shape: tuple[int, int], generator: torch.Generator, dtype: torch.dtype,
+                device: torch.device) -> Tensor:
+    """Uniforms (B, N) for the image relaxation, from the run's generator. On a CUDA device they are made there
+    by a generator seeded from the run's (B x N values a step: on the CPU, about 40 ms a step for CIFAR's 12k
+    images, which a GPU would wait for), so a CUDA run's draws are its own, repeatable on any CUDA device; on
+    other devices they are drawn on the CPU, the same everywhere."""
+    if device.type == "cuda":
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        return torch.rand(shape, generator=torch.Generator(device).manual_seed(seed), dtype=dtype, device=device)
+    return to_device(torch.rand(shape, generator=generator, dtype=dtype), device)
+
+
 def balanced_batch(
     labels: Tensor, num_classes: int, batch_size: int, generator: torch.Generator
 ) -> Tensor:
@@ -195,8 +207,8 @@ class ClassSampler(nn.Module):
         value and carries the gradient of the drawn image's soft entry s = softmax((l + g) / tau) at it, where
         l (N,) are the logits and g (B, N) the Gumbel noise. With c the drawn image's class and g* its noise,
         log s = (l_c + g*) / tau - logsumexp_k(l_k / tau + log E_k), E_k = sum over the images j of class k
-        of exp(g_j / tau): only E (B, C) and g* (B,) are kept, as constants. The noise is drawn on the CPU
-        from the run's generator (the same draws on any device), at most `chunk` values at a time."""
+        of exp(g_j / tau): only E (B, C) and g* (B,) are kept, as constants. The noise (image_noise) comes at
+        most `chunk` values at a time."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if not tau > 0:
@@ -207,8 +219,7 @@ class ClassSampler(nn.Module):
         drawn, noise, log_e = [], [], []
         for start in range(0, batch_size, rows):
             b = min(rows, batch_size - start)
-            uniform = to_device(torch.rand((b, self.labels.numel()), generator=generator, dtype=logits.dtype),
-                                logits.device)
+            uniform = image_noise((b, self.labels.numel()), generator, logits.dtype, logits.device)
             g = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(logits.dtype).tiny)))  # (b, N)
             idx = (per_image + g).argmax(dim=1)  # (b,)
             scaled = g / tau

@@ -115,10 +115,11 @@ def test_a_stage2_head_epoch_on_cuda_waits_for_the_gpu_once():
     assert len(syncs) == 1, syncs
 
 
-def test_a_balms_head_epoch_on_cuda_waits_for_the_gpu_once():
-    """The sampler on the GPU: its class and image draws (uniforms from the CPU generator, copied), the
-    look-ahead step, the meta-gradient and both updates stay there; the epoch reads its sums and the
-    sampler's class shares back once, at its end."""
+@pytest.mark.parametrize("relax", ["image", "class"])
+def test_a_balms_head_epoch_on_cuda_waits_for_the_gpu_once(relax):
+    """The sampler on the GPU: its draws (class: uniforms from the CPU generator, copied; image: B x N uniforms
+    made on the GPU from a seed of the CPU generator), the look-ahead step, the meta-gradient and both updates
+    stay there; the epoch reads its sums and the sampler's class shares back once, at its end."""
     from engine.head_loop import MetaSampling, train_head_epoch
     from meta_sampler.learner import ClassSampler
     from models.losses import build_loss
@@ -132,9 +133,36 @@ def test_a_balms_head_epoch_on_cuda_waits_for_the_gpu_once():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     sampler = ClassSampler(labels, 10).to(device)
     features = lambda idx, gen: feats[idx]  # noqa: E731  (cached views on the device)
-    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, features, 32, 1.0)
+    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, features, 32, 1.0, relax)
     loss_fn = build_loss("balanced_softmax", [60] * 10, reduction="none").to(device)
     train_head_epoch(head, opt, sched, loss_fn, labels, features, 2, 60, g, meta=meta)  # warm-up
     out, syncs = _waits(lambda: train_head_epoch(head, opt, sched, loss_fn, labels, features, 10, 60, g, meta=meta))
     assert out["steps"] == 10 and len(out["sample_probs"]) == 10
     assert len(syncs) == 1, syncs
+
+
+def test_the_image_relaxation_on_cuda_draws_and_differentiates_as_the_balms_code_on_its_own_noise():
+    """The B x N uniforms are made on the GPU from a seed the run's CPU generator gives: the same generator state
+    gives the same draws, and the drawn images and theta's gradient are those of the BALMS code's (B, N)
+    Gumbel-softmax on that noise."""
+    from meta_sampler.learner import ClassSampler, image_noise
+
+    counts = [40, 25, 10, 4]
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    sampler = ClassSampler(labels, 4, init_pow=0.5).double().cuda()
+    a = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64, device="cuda")
+    idx, weights = sampler.sample_images(6, torch.Generator().manual_seed(3), 0.5, chunk=200)  # rows in 3 chunks
+    (a * weights).sum().backward()
+    ours, sampler.theta.grad = sampler.theta.grad.clone(), None
+    again, _ = sampler.sample_images(6, torch.Generator().manual_seed(3), 0.5, chunk=200)
+    gen = torch.Generator().manual_seed(3)
+    uniform = torch.cat([image_noise((2, 79), gen, torch.float64, torch.device("cuda")) for _ in range(3)])
+    logits = torch.nn.functional.logsigmoid(sampler.theta)[sampler.labels].expand(6, -1)
+    perturbed = logits - torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float64).tiny)))
+    soft = torch.softmax(perturbed / 0.5, dim=1)
+    ref = perturbed.argmax(dim=1)
+    picked = soft.gather(1, ref.unsqueeze(1)).squeeze(1)
+    (a * (1.0 + picked - picked.detach())).sum().backward()
+    assert torch.equal(idx, again) and torch.equal(idx, ref)
+    torch.testing.assert_close(ours, sampler.theta.grad, rtol=1e-9, atol=1e-12)
+
