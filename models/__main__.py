@@ -68,7 +68,11 @@ def release_run(args: argparse.Namespace) -> None:
 
 class OneLineParser(argparse.ArgumentParser):
     """A bad command line is one line, as for the entry scripts (config.cli, which models/ does not
-    import, has the same class): argparse would print the whole usage first."""
+    import, has the same class): argparse would print the whole usage first; no option is taken from an
+    abbreviation."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
