@@ -86,9 +86,9 @@ def init_class_weights(class_counts: Sequence[int], init_pow: float) -> Tensor:
 def image_noise(shape: tuple[int, int], generator: torch.Generator, dtype: torch.dtype,
                 device: torch.device) -> Tensor:
     """Uniforms (B, N) for the image relaxation, from the run's generator. On a CUDA device they are made there
-    by a generator seeded from the run's (B x N values a step: on the CPU, about 40 ms a step for CIFAR's 12k
-    images, which a GPU would wait for), so a CUDA run's draws are its own, repeatable on any CUDA device; on
-    other devices they are drawn on the CPU, the same everywhere."""
+    by a generator seeded from the run's (B x N values a step, which a GPU would otherwise wait for the CPU to
+    draw): a CUDA run's draws are its own, repeatable on the same GPU model (CUDA's generator's stream depends
+    on the launch grid); on other devices they are drawn on the CPU, the same everywhere."""
     if device.type == "cuda":
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         return torch.rand(shape, generator=torch.Generator(device).manual_seed(seed), dtype=dtype, device=device)
@@ -133,7 +133,8 @@ class ClassSampler(nn.Module):
         # Image indices grouped by class; class c occupies [offsets[c], offsets[c] + n_c).
         self.register_buffer("sorted_indices", torch.argsort(labels, stable=True), persistent=False)
         self.register_buffer("offsets", torch.cumsum(counts, 0) - counts, persistent=False)
-        self.register_buffer("labels", labels.clone(), persistent=False)  # (N,) for the image relaxation
+        self.register_buffer("labels", labels.clone(), persistent=False)  # (N,)
+        self.register_buffer("sorted_labels", labels[self.sorted_indices], persistent=False)  # (N,) non-decreasing
         empty = int((counts == 0).sum())
         if empty:
             logger.warning("%d of %d classes have no images and will never be sampled.", empty, num_classes)
@@ -203,37 +204,46 @@ class ClassSampler(nn.Module):
     def sample_images(self, batch_size: int, generator: torch.Generator, tau: float = 1.0,
                       chunk: int = 1 << 22) -> tuple[Tensor, Tensor]:
         """Draw batch_size images by BALMS's hard straight-through Gumbel-softmax over the N images, logits
-        log sigmoid(theta_{y_i}). Returns (image indices (B,) int64, weights (B,) float): each weight is 1 in
-        value and carries the gradient of the drawn image's soft entry s = softmax((l + g) / tau) at it, where
-        l (N,) are the logits and g (B, N) the Gumbel noise. With c the drawn image's class and g* its noise,
-        log s = (l_c + g*) / tau - logsumexp_k(l_k / tau + log E_k), E_k = sum over the images j of class k
-        of exp(g_j / tau): only E (B, C) and g* (B,) are kept, as constants. The noise (image_noise) comes at
-        most `chunk` values at a time."""
+        l_{y_i} = log sigmoid(theta_{y_i}). Returns (image indices (B,) int64, weights (B,) float): each weight is
+        1 in value and carries the gradient of the drawn image's soft entry s = softmax((l + g) / tau) at it, g
+        (B, N) the Gumbel noise. With z = (l + g) / tau, m its row maximum (the drawn image's) and
+        T_k = sum over the images j of class k of exp(z_j - m) (in [0, n_k]; the drawn class's >= 1),
+        log s = -log sum_k T_k, and d log s / d l_k = (1[k = c] - T_k / sum T) / tau: T (B, C) is kept, as a
+        constant, and the gradient comes from l alone. The noise's columns are the images grouped by class (the
+        same distribution: the noise is i.i.d.), so that T is a difference of running sums, the same on every
+        run of a device (a GPU's atomic index_add would not be); the noise is image_noise's, in rows of about
+        `chunk` values."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if not tau > 0:
             raise ValueError(f"tau must be a positive temperature, got {tau}.")
         logits = F.logsigmoid(self.theta)  # (C,)
-        per_image = logits.detach()[self.labels]  # (N,)
+        wide = widest_float(logits.device)  # float32 noise would quantise the top Gumbels at iNaturalist's N
+        weight = logits.detach().to(wide).exp()[self.sorted_labels]  # (N,) sigmoid(theta), columns grouped by class
+        ends = (self.offsets + self.counts).long()  # (C,) one past each class's last column
         rows = max(1, chunk // max(1, self.labels.numel()))
-        drawn, noise, log_e = [], [], []
+        columns, log_t = [], []
         for start in range(0, batch_size, rows):
             b = min(rows, batch_size - start)
-            uniform = image_noise((b, self.labels.numel()), generator, logits.dtype, logits.device)
-            g = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(logits.dtype).tiny)))  # (b, N)
-            idx = (per_image + g).argmax(dim=1)  # (b,)
-            scaled = g / tau
-            top = scaled.max(dim=1, keepdim=True).values  # (b, 1): keeps exp() finite
-            sums = torch.zeros((b, self.num_classes), dtype=logits.dtype, device=logits.device)
-            sums.index_add_(1, self.labels, (scaled - top).exp())
-            drawn.append(idx)
-            noise.append(g.gather(1, idx.unsqueeze(1)).squeeze(1))
-            log_e.append(sums.log() + top)  # (b, C); -inf for a class with no images
-        idx, g_star, log_e = torch.cat(drawn), torch.cat(noise), torch.cat(log_e)
-        classes = self.labels[idx]
-        log_soft = (logits[classes] + g_star) / tau - torch.logsumexp(logits / tau + log_e, dim=1)  # (B,)
+            # exp(l + g) = weight / -log(u) for g = -log(-log u): one log, not two and an exp, and in place (the
+            # costly part on a CPU); a u of exactly 0 scores 0, never drawn, as its g of -inf would be
+            scores = image_noise((b, self.labels.numel()), generator, wide, logits.device).log_().reciprocal_()
+            scores.mul_(-weight)  # (b, N)
+            col = scores.argmax(dim=1)  # (b,)
+            relative = scores.div_(scores.gather(1, col.unsqueeze(1)))  # exp(tau * (z - m)), in [0, 1]
+            if tau != 1.0:
+                relative.pow_(1.0 / tau)
+            running = torch.cat((torch.zeros((b, 1), dtype=wide, device=scores.device),
+                                 relative.cumsum(dim=1)), dim=1)  # (b, N + 1)
+            sums = (running[:, ends] - running[:, ends - self.counts.long()]).clamp_min(0)  # (b, C); 0: no images
+            columns.append(col)
+            log_t.append(sums.log().to(logits.dtype))
+        col, log_t = torch.cat(columns), torch.cat(log_t)
+        classes = self.sorted_labels[col]
+        shift = (logits - logits.detach()) / tau  # (C,): 0 in value, the gradient in l
+        log_soft = shift[classes] - torch.logsumexp(log_t + shift, dim=1)  # (B,)
         soft = log_soft.exp()
-        return idx, 1.0 + (soft - soft.detach())
+        return self.sorted_indices[col], 1.0 + (soft - soft.detach())
 
     def draw(self, batch_size: int, generator: torch.Generator, tau: float, relax: str) -> tuple[Tensor, Tensor]:
         """(image indices (B,), straight-through weights (B,)) of one batch under relaxation `relax`

@@ -146,9 +146,11 @@ def test_the_image_relaxation_on_cuda_draws_and_differentiates_as_the_balms_code
     gives the same draws, and the drawn images and theta's gradient are those of the BALMS code's (B, N)
     Gumbel-softmax on that noise."""
     from meta_sampler.learner import ClassSampler, image_noise
+    from tests.meta_sampler.test_learner import balms_reference_draw
 
     counts = [40, 25, 10, 4]
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(79, generator=torch.Generator().manual_seed(0))]
     sampler = ClassSampler(labels, 4, init_pow=0.5).double().cuda()
     a = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64, device="cuda")
     idx, weights = sampler.sample_images(6, torch.Generator().manual_seed(3), 0.5, chunk=200)  # rows in 3 chunks
@@ -156,13 +158,8 @@ def test_the_image_relaxation_on_cuda_draws_and_differentiates_as_the_balms_code
     ours, sampler.theta.grad = sampler.theta.grad.clone(), None
     again, _ = sampler.sample_images(6, torch.Generator().manual_seed(3), 0.5, chunk=200)
     gen = torch.Generator().manual_seed(3)
-    uniform = torch.cat([image_noise((2, 79), gen, torch.float64, torch.device("cuda")) for _ in range(3)])
-    logits = torch.nn.functional.logsigmoid(sampler.theta)[sampler.labels].expand(6, -1)
-    perturbed = logits - torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float64).tiny)))
-    soft = torch.softmax(perturbed / 0.5, dim=1)
-    ref = perturbed.argmax(dim=1)
-    picked = soft.gather(1, ref.unsqueeze(1)).squeeze(1)
-    (a * (1.0 + picked - picked.detach())).sum().backward()
-    assert torch.equal(idx, again) and torch.equal(idx, ref)
+    columns = torch.cat([image_noise((2, 79), gen, torch.float64, torch.device("cuda")) for _ in range(3)])
+    ref_idx, ref_weights = balms_reference_draw(sampler, columns, 0.5)
+    (a * ref_weights).sum().backward()
+    assert torch.equal(idx, again) and torch.equal(idx, ref_idx)
     torch.testing.assert_close(ours, sampler.theta.grad, rtol=1e-9, atol=1e-12)
-

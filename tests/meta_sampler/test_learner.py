@@ -208,10 +208,13 @@ def test_state_dict_holds_theta_and_counts_but_not_the_image_index() -> None:
     assert set(sampler.state_dict()) == {"theta", "counts", "log_counts"}
 
 
-def _balms_reference_draw(sampler: ClassSampler, uniform: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def balms_reference_draw(sampler: ClassSampler, columns: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The BALMS code's SampleLearner on the same noise, as it is written: logits log sigmoid(theta) of each
     image's class expanded to (B, N), a hard Gumbel-softmax over the N images, and the drawn image's entry of
-    the straight-through one-hot (hard - soft.detach() + soft) as its weight."""
+    the straight-through one-hot (hard - soft.detach() + soft) as its weight. columns: the uniforms (B, N) as
+    sample_images lays them out, the images grouped by class (sampler.sorted_indices)."""
+    uniform = torch.empty_like(columns)
+    uniform[:, sampler.sorted_indices] = columns  # in the images' own order
     logits = torch.nn.functional.logsigmoid(sampler.theta)[sampler.labels].expand(uniform.shape[0], -1)
     perturbed = logits - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
     soft = torch.softmax(perturbed / tau, dim=1)
@@ -233,7 +236,7 @@ def test_image_relaxation_draws_and_differentiates_as_the_balms_code_without_its
     ours = sampler.theta.grad.clone()
     sampler.theta.grad = None
     uniform = torch.rand((batch, 79), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref_idx, ref_weights = _balms_reference_draw(sampler, uniform, tau)
+    ref_idx, ref_weights = balms_reference_draw(sampler, uniform, tau)
     (a * ref_weights).sum().backward()
     assert torch.equal(idx, ref_idx) and torch.equal(weights.detach(), torch.ones(batch, dtype=torch.float64))
     torch.testing.assert_close(ours, sampler.theta.grad, rtol=1e-10, atol=1e-14)
@@ -248,3 +251,22 @@ def test_image_relaxation_draws_classes_in_proportion_to_count_times_weight() ->
     assert _within_binomial(observed, sampler.class_probs().double(), draws)
     with pytest.raises(ValueError, match="relax must be one of image, class, got 'images'"):
         sampler.draw(4, torch.Generator(), 1.0, "images")
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.1, 0.05])
+def test_image_relaxation_stays_exact_when_a_rare_class_with_a_large_weight_meets_a_low_temperature(tau) -> None:
+    """One image of a class with theta = 8 beside 5000 of one with theta = -12, in float32: the per-class sums
+    are taken relative to the row's maximum of (logit + noise) / tau, so none underflows to a wrong 0."""
+    sampler = ClassSampler(_labels([1, 5000]), 2)
+    with torch.no_grad():
+        sampler.theta.copy_(torch.tensor([8.0, -12.0]))
+    idx, weights = sampler.sample_images(8, torch.Generator().manual_seed(5), tau)
+    weights.sum().backward()
+    reference = ClassSampler(_labels([1, 5000]), 2).double()
+    with torch.no_grad():
+        reference.theta.copy_(torch.tensor([8.0, -12.0], dtype=torch.float64))
+    uniform = torch.rand((8, 5001), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref_idx, ref_weights = balms_reference_draw(reference, uniform, tau)
+    ref_weights.sum().backward()
+    assert torch.equal(idx, ref_idx) and torch.isfinite(sampler.theta.grad).all()
+    torch.testing.assert_close(sampler.theta.grad.double(), reference.theta.grad, rtol=1e-4, atol=1e-7)
