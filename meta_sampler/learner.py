@@ -37,6 +37,9 @@ from data.transfer import to_device, widest_float
 logger = logging.getLogger(__name__)
 
 RELAXATIONS = ("image", "class")  # the Gumbel-softmax the meta-gradient comes from (ClassSampler.draw)
+# Units of the image relaxation's per-class sums T: a term below 2^-40 of its row's largest (which is 1, and
+# T's sum >= 1) drops, and N x 2^40 stays below int64's 2^63 for N up to 8 million images.
+FIXED_POINT = 2.0**40
 
 
 def _validate_labels(labels: Tensor, num_classes: int) -> None:
@@ -133,8 +136,7 @@ class ClassSampler(nn.Module):
         # Image indices grouped by class; class c occupies [offsets[c], offsets[c] + n_c).
         self.register_buffer("sorted_indices", torch.argsort(labels, stable=True), persistent=False)
         self.register_buffer("offsets", torch.cumsum(counts, 0) - counts, persistent=False)
-        self.register_buffer("labels", labels.clone(), persistent=False)  # (N,)
-        self.register_buffer("sorted_labels", labels[self.sorted_indices], persistent=False)  # (N,) non-decreasing
+        self.register_buffer("labels", labels.clone(), persistent=False)  # (N,) for the image relaxation
         empty = int((counts == 0).sum())
         if empty:
             logger.warning("%d of %d classes have no images and will never be sampled.", empty, num_classes)
@@ -209,41 +211,38 @@ class ClassSampler(nn.Module):
         (B, N) the Gumbel noise. With z = (l + g) / tau, m its row maximum (the drawn image's) and
         T_k = sum over the images j of class k of exp(z_j - m) (in [0, n_k]; the drawn class's >= 1),
         log s = -log sum_k T_k, and d log s / d l_k = (1[k = c] - T_k / sum T) / tau: T (B, C) is kept, as a
-        constant, and the gradient comes from l alone. The noise's columns are the images grouped by class (the
-        same distribution: the noise is i.i.d.), so that T is a difference of running sums, the same on every
-        run of a device (a GPU's atomic index_add would not be); the noise is image_noise's, in rows of about
-        `chunk` values."""
+        constant, and the gradient comes from l alone. T is summed in fixed point (FIXED_POINT): integers add
+        to the same sum in any order, where a GPU's float index_add would not, so every run of a device gives
+        the same T. The noise is image_noise's, in rows of about `chunk` values."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if not tau > 0:
             raise ValueError(f"tau must be a positive temperature, got {tau}.")
         logits = F.logsigmoid(self.theta)  # (C,)
         wide = widest_float(logits.device)  # float32 noise would quantise the top Gumbels at iNaturalist's N
-        weight = logits.detach().to(wide).exp()[self.sorted_labels]  # (N,) sigmoid(theta), columns grouped by class
-        ends = (self.offsets + self.counts).long()  # (C,) one past each class's last column
+        weight = logits.detach().to(wide).exp()[self.labels]  # (N,) sigmoid(theta_{y_i})
         rows = max(1, chunk // max(1, self.labels.numel()))
-        columns, log_t = [], []
+        drawn, log_t = [], []
         for start in range(0, batch_size, rows):
             b = min(rows, batch_size - start)
             # exp(l + g) = weight / -log(u) for g = -log(-log u): one log, not two and an exp, and in place (the
             # costly part on a CPU); a u of exactly 0 scores 0, never drawn, as its g of -inf would be
             scores = image_noise((b, self.labels.numel()), generator, wide, logits.device).log_().reciprocal_()
             scores.mul_(-weight)  # (b, N)
-            col = scores.argmax(dim=1)  # (b,)
-            relative = scores.div_(scores.gather(1, col.unsqueeze(1)))  # exp(tau * (z - m)), in [0, 1]
+            idx = scores.argmax(dim=1)  # (b,)
+            relative = scores.div_(scores.gather(1, idx.unsqueeze(1)))  # exp(tau * (z - m)), in [0, 1]
             if tau != 1.0:
                 relative.pow_(1.0 / tau)
-            running = torch.cat((torch.zeros((b, 1), dtype=wide, device=scores.device),
-                                 relative.cumsum(dim=1)), dim=1)  # (b, N + 1)
-            sums = (running[:, ends] - running[:, ends - self.counts.long()]).clamp_min(0)  # (b, C); 0: no images
-            columns.append(col)
-            log_t.append(sums.log().to(logits.dtype))
-        col, log_t = torch.cat(columns), torch.cat(log_t)
-        classes = self.sorted_labels[col]
+            fixed = relative.mul_(FIXED_POINT).long()  # (b, N)
+            sums = torch.zeros((b, self.num_classes), dtype=torch.int64, device=fixed.device)
+            sums.index_add_(1, self.labels, fixed)
+            drawn.append(idx)
+            log_t.append((sums.to(wide) / FIXED_POINT).log().to(logits.dtype))  # (b, C); -inf: no images
+        idx, log_t = torch.cat(drawn), torch.cat(log_t)
         shift = (logits - logits.detach()) / tau  # (C,): 0 in value, the gradient in l
-        log_soft = shift[classes] - torch.logsumexp(log_t + shift, dim=1)  # (B,)
+        log_soft = shift[self.labels[idx]] - torch.logsumexp(log_t + shift, dim=1)  # (B,)
         soft = log_soft.exp()
-        return self.sorted_indices[col], 1.0 + (soft - soft.detach())
+        return idx, 1.0 + (soft - soft.detach())
 
     def draw(self, batch_size: int, generator: torch.Generator, tau: float, relax: str) -> tuple[Tensor, Tensor]:
         """(image indices (B,), straight-through weights (B,)) of one batch under relaxation `relax`

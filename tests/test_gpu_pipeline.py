@@ -158,8 +158,8 @@ def test_the_image_relaxation_on_cuda_draws_and_differentiates_as_the_balms_code
     ours, sampler.theta.grad = sampler.theta.grad.clone(), None
     again, _ = sampler.sample_images(6, torch.Generator().manual_seed(3), 0.5, chunk=200)
     gen = torch.Generator().manual_seed(3)
-    columns = torch.cat([image_noise((2, 79), gen, torch.float64, torch.device("cuda")) for _ in range(3)])
-    ref_idx, ref_weights = balms_reference_draw(sampler, columns, 0.5)
+    uniform = torch.cat([image_noise((2, 79), gen, torch.float64, torch.device("cuda")) for _ in range(3)])
+    ref_idx, ref_weights = balms_reference_draw(sampler, uniform, 0.5)
     (a * ref_weights).sum().backward()
     assert torch.equal(idx, again) and torch.equal(idx, ref_idx)
-    torch.testing.assert_close(ours, sampler.theta.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours, sampler.theta.grad, rtol=1e-8, atol=1e-10)

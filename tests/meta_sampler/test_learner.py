@@ -208,13 +208,10 @@ def test_state_dict_holds_theta_and_counts_but_not_the_image_index() -> None:
     assert set(sampler.state_dict()) == {"theta", "counts", "log_counts"}
 
 
-def balms_reference_draw(sampler: ClassSampler, columns: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The BALMS code's SampleLearner on the same noise, as it is written: logits log sigmoid(theta) of each
-    image's class expanded to (B, N), a hard Gumbel-softmax over the N images, and the drawn image's entry of
-    the straight-through one-hot (hard - soft.detach() + soft) as its weight. columns: the uniforms (B, N) as
-    sample_images lays them out, the images grouped by class (sampler.sorted_indices)."""
-    uniform = torch.empty_like(columns)
-    uniform[:, sampler.sorted_indices] = columns  # in the images' own order
+def balms_reference_draw(sampler: ClassSampler, uniform: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BALMS code's SampleLearner on the same noise (uniforms (B, N)), as it is written: logits log
+    sigmoid(theta) of each image's class expanded to (B, N), a hard Gumbel-softmax over the N images, and the
+    drawn image's entry of the straight-through one-hot (hard - soft.detach() + soft) as its weight."""
     logits = torch.nn.functional.logsigmoid(sampler.theta)[sampler.labels].expand(uniform.shape[0], -1)
     perturbed = logits - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
     soft = torch.softmax(perturbed / tau, dim=1)
@@ -239,7 +236,7 @@ def test_image_relaxation_draws_and_differentiates_as_the_balms_code_without_its
     ref_idx, ref_weights = balms_reference_draw(sampler, uniform, tau)
     (a * ref_weights).sum().backward()
     assert torch.equal(idx, ref_idx) and torch.equal(weights.detach(), torch.ones(batch, dtype=torch.float64))
-    torch.testing.assert_close(ours, sampler.theta.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ours, sampler.theta.grad, rtol=1e-8, atol=1e-10)  # T in units of 2^-40
     assert ours.abs().sum() > 0 and ours[2] == 0  # the empty class gets no gradient
 
 
