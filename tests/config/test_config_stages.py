@@ -4,6 +4,7 @@ import re
 import typing
 
 import pytest
+import yaml
 
 from config.load import ConfigError, check_loss_keys, config_to_dict, load_config, renamed, stage_of
 from config.saved import check_resume, config_diff, config_from_dict
@@ -153,18 +154,29 @@ def test_resume_check_names_the_differing_keys_and_the_run_config():
         check_resume(saved, load_config(None, ["train.epochs=30"]), "stage1", "logs/x/config.yaml")
     assert str(e.value) == ("--resume with a config that differs from the run's at train.epochs (the run's 200, now "
                             "30), train.lr (the run's 0.3, now 0.1); resume with the run's own config: python "
-                            "stage1_train.py --cfg logs/x/config.yaml --resume")
+                            "stage1_train.py --cfg logs/x/config.yaml --resume log_dir=logs/x")
 
 
-def test_a_balms_run_saved_before_the_relaxation_key_reads_as_the_class_relaxation_it_drew_with():
+def test_a_balms_run_saved_before_the_relaxation_key_reads_as_the_class_relaxation_it_drew_with(tmp_path):
     new = config_to_dict(load_config(None, ["stage2.method=balms"], stage="stage2"), "stage2")
     assert new["meta_sampler"]["relax"] == "image"  # the default: BALMS's own
     old = {**new, "meta_sampler": {k: v for k, v in new["meta_sampler"].items() if k != "relax"}}
     assert config_from_dict(old).meta_sampler.relax == "class"
     check_resume(old, load_config(None, ["stage2.method=balms", "meta_sampler.relax=class"], stage="stage2"), "stage2",
                  "x.yaml")
-    with pytest.raises(ConfigError, match=r"at meta_sampler.relax \(the run's class, now image\);"):
-        check_resume(old, load_config(None, ["stage2.method=balms"], stage="stage2"), "stage2", "x.yaml")
+    run = tmp_path / "moved_run"  # the run's config.yaml, which lacks the key, in a directory moved since
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError) as e:
+        check_resume(old, load_config(None, ["stage2.method=balms", "data.root=/data/here"], stage="stage2"), "stage2",
+                     run / "config.yaml")
+    assert "at meta_sampler.relax (the run's class, now image);" in str(e.value)
+    command = str(e.value).split("resume with the run's own config: ")[1]
+    assert command == (f"python stage2_classifier.py --cfg {run / 'config.yaml'} --resume log_dir={run} "
+                       f"data.root=/data/here meta_sampler.relax=class")
+    cfg = load_config(run / "config.yaml", command.split(" --resume ")[1].split(), stage="stage2")
+    check_resume(old, cfg, "stage2", run / "config.yaml")  # the command it gives resumes the run
+    assert cfg.run_dir == str(run) and cfg.data.root == "/data/here"
     crt = config_to_dict(load_config(None, ["stage2.method=crt"], stage="stage2"), "stage2")
     crt["meta_sampler"].pop("relax")  # another method's run: nothing to read differently
     check_resume(crt, load_config(None, ["stage2.method=crt"], stage="stage2"), "stage2", "x.yaml")
