@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run
-from config.load import check_loss_keys, check_names, config_to_dict
+from config.load import check_names, config_to_dict
+from config.readers import check_loss_keys
 from config.schema import Config, TrainConfig
 from data.augment import BatchAugment
 from data.build import LongTailData, recorded_normalization

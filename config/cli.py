@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from config.load import ConfigError, check_dataset_keys, check_names, load_config
+from config.load import ConfigError, check_names, load_config
+from config.readers import check_dataset_keys
 from config.saved import check_resume, dump_config
 from config.schema import Config
 from data.build_files import DATASET_KINDS

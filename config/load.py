@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from config.schema import CHOICES, DATASET_KEYS, RANGES, RENAMED, STAGE_KEYS, STAGE_SCRIPTS, Config
+from config.schema import CHOICES, RANGES, RENAMED, STAGE_KEYS, STAGE_SCRIPTS, Config
 from config.yaml12 import load_yaml
 
 
@@ -187,13 +187,20 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         for key, value in flatten(tree).items():
             set_key(cfg, key, value, f"in {path}")
             from_file.add(renamed(key) or key)
+    epochs_given = None  # a train.epochs= override, which train.iterations > 0 would silently override
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=30")
         _set_override(cfg, key.strip(), raw, f"override {item!r}")
+        if key.strip() == "train.epochs":
+            epochs_given = item
     check_choices(cfg)
     check_ranges(cfg)
+    if epochs_given and cfg.train.iterations > 0:
+        raise ConfigError(f"{epochs_given} has no effect: train.iterations={cfg.train.iterations} sets the run's length "
+                          f"(and train.warmup's unit) in steps; set train.iterations=N instead, or add "
+                          f"train.iterations=0 to count in epochs")
     if stage is not None:
         check_stage(cfg, stage, path, from_file)
     return cfg
@@ -221,26 +228,6 @@ def check_stage(cfg: Config, stage: str, path: Path | None = None, from_file: ty
         if owner not in (None, stage):
             raise ConfigError(f"{key}={value!r} is read by {owner} ({STAGE_SCRIPTS[owner]}) only; "
                               f"{stage} ({STAGE_SCRIPTS[stage]}) does not use it: remove it")
-
-
-def check_dataset_keys(cfg: Config, kind: str) -> None:
-    """No key that another kind of dataset alone reads is set away from its default."""
-    for key, value in changed_keys(cfg).items():
-        if key in DATASET_KEYS and kind not in DATASET_KEYS[key]:
-            raise ConfigError(f"{key}={value!r} is read for {' and '.join(DATASET_KEYS[key])} datasets only; "
-                              f"data.dataset={cfg.data.dataset} ({kind}) does not use it: remove it")
-
-
-def check_loss_keys(cfg: Config, takes: dict[str, list[str]]) -> None:
-    """No loss.* parameter is set that loss.name does not take; takes: {loss name: its parameters}."""
-    for key, value in changed_keys(cfg).items():
-        param = key.removeprefix("loss.")
-        if param == key or param == "name" or param in takes[cfg.loss.name]:
-            continue
-        readers = [n for n, params in takes.items() if param in params]
-        reads = [f"loss.{p}" for p in takes[cfg.loss.name] if hasattr(cfg.loss, p)]
-        raise ConfigError(f"{key}={value!r} is read by loss.name={' or '.join(readers)} only; loss.name="
-                          f"{cfg.loss.name} does not use it (it reads {', '.join(reads) or 'no loss.* key'}): remove it")
 
 
 def check_names(names: dict[str, tuple[str, typing.Collection[str]]]) -> None:
@@ -282,9 +269,6 @@ def check_ranges(cfg: Config) -> None:
     t = cfg.train
     length, unit = (f"train.iterations={t.iterations}", "steps") if t.iterations else (f"train.epochs={t.epochs}",
                                                                                        "epochs")
-    if t.iterations and t.epochs != type(t)().epochs:  # the run's length is counted in one unit only
-        raise ConfigError(f"train.epochs={t.epochs} has no effect: {length} sets the run's length (and "
-                          f"train.warmup's unit) in steps; set train.iterations instead, or train.iterations=0")
     if t.warmup and t.warmup >= (t.iterations or t.epochs):  # the lr would never reach train.lr
         raise ConfigError(f"train.warmup={t.warmup:g} ({unit}) is not shorter than the run ({length}): "
                           f"lower train.warmup (0 = none) or lengthen the run")

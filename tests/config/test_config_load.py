@@ -5,6 +5,7 @@ import pytest
 
 from config.load import ConfigError, load_config
 from config.schema import CHOICES, Config
+from tests.conftest import REPO
 
 
 def _yaml(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
@@ -218,3 +219,15 @@ def test_a_warmup_as_long_as_the_run_is_refused_naming_both_keys(overrides, mess
         load_config(None, overrides)
     assert load_config(None, ["train.epochs=5", "train.warmup=0"]).train.warmup == 0
     assert load_config(None, ["train.iterations=100", "train.warmup=99"]).train.iterations == 100
+
+
+def test_train_epochs_given_on_the_command_line_beside_iterations_is_refused_but_a_file_s_epochs_are_not(tmp_path):
+    with pytest.raises(ConfigError, match=r"^train.epochs=3 has no effect: train.iterations=50 sets the run's length"):
+        load_config(None, ["train.epochs=3", "train.iterations=50"])  # either order
+    with pytest.raises(ConfigError, match=r"^train.epochs=1 has no effect: train.iterations=13000"):
+        load_config(REPO / "config/cifar10_lt/stage1_softmax.yaml", ["train.epochs=1"])
+    path = tmp_path / "run_config.yaml"  # a run's saved config holds both keys; iterations counts
+    path.write_text("train:\n  epochs: 20\n  iterations: 100\n  warmup: 0\n")
+    assert (load_config(path).train.iterations, load_config(path, ["train.iterations=0"]).train.epochs) == (100, 20)
+    assert load_config(REPO / "config/cifar10_lt/demo_stage1.yaml", ["train.iterations=50"]).train.iterations == 50
+    assert load_config(None, ["train.epochs=30", "train.iterations=0"]).train.epochs == 30

@@ -46,7 +46,7 @@ CASES = {
     "negative_iterations": (S1, ["train.iterations=-1"], "train.iterations=-1 is out of range: it must be >= 0"),
     "epochs_beside_iterations": (S1, ["train.iterations=50"], "config error: train.epochs=3 has no effect: "
                                  "train.iterations=50 sets the run's length (and train.warmup's unit) in steps; set "
-                                 "train.iterations instead, or train.iterations=0"),
+                                 "train.iterations=N instead, or add train.iterations=0 to count in epochs"),
     "imbalance_below_one": (S1, ["data.imbalance_factor=0.5"], "data.imbalance_factor=0.5 is out of range"),
     "infinite_imbalance": (S1, ["data.imbalance_factor=inf"], "expects a finite number, got 'inf'"),
     "zero_eval_batch": (S1, ["eval.batch_size=0"], "eval.batch_size=0 is out of range: it must be >= 1"),

@@ -1,0 +1,26 @@
+"""Keys that only some runs read, checked once the run's dataset kind or loss is known: a key set for another
+kind of dataset or another loss is an error, never silently ignored."""
+from __future__ import annotations
+
+from config.load import ConfigError, changed_keys
+from config.schema import DATASET_KEYS, Config
+
+
+def check_dataset_keys(cfg: Config, kind: str) -> None:
+    """No key that another kind of dataset alone reads is set away from its default."""
+    for key, value in changed_keys(cfg).items():
+        if key in DATASET_KEYS and kind not in DATASET_KEYS[key]:
+            raise ConfigError(f"{key}={value!r} is read for {' and '.join(DATASET_KEYS[key])} datasets only; "
+                              f"data.dataset={cfg.data.dataset} ({kind}) does not use it: remove it")
+
+
+def check_loss_keys(cfg: Config, takes: dict[str, list[str]]) -> None:
+    """No loss.* parameter is set that loss.name does not take; takes: {loss name: its parameters}."""
+    for key, value in changed_keys(cfg).items():
+        param = key.removeprefix("loss.")
+        if param == key or param == "name" or param in takes[cfg.loss.name]:
+            continue
+        readers = [n for n, params in takes.items() if param in params]
+        reads = [f"loss.{p}" for p in takes[cfg.loss.name] if hasattr(cfg.loss, p)]
+        raise ConfigError(f"{key}={value!r} is read by loss.name={' or '.join(readers)} only; loss.name="
+                          f"{cfg.loss.name} does not use it (it reads {', '.join(reads) or 'no loss.* key'}): remove it")
