@@ -19,6 +19,7 @@ from models.download import file_sha256
 
 RELEASED_DIR = Path(__file__).resolve().parent / "released"
 KEPT = ("model_args", "class_counts", "class_names", "config")  # what stage 2 and --test read
+OPTIONAL = ("normalization",)  # read too where present (a checkpoint written before 2026-12-06 has none)
 
 
 def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -36,7 +37,7 @@ def write_release(ckpt_path: str | Path, out: str | Path) -> tuple[str, int]:
         raise CheckpointError(f"{ckpt_path} is a stage-2 checkpoint: release the stage-1 run it started from")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out, {"model": half_state(ckpt["model"]), **{k: ckpt[k] for k in KEPT},
+    save_checkpoint(out, {"model": half_state(ckpt["model"]), **{k: ckpt[k] for k in KEPT + OPTIONAL if k in ckpt},
                           "released_from": {"run": ckpt["config"].get("name", ""), "step": ckpt.get("step")}})
     return file_sha256(out), out.stat().st_size
 

@@ -23,7 +23,8 @@ def _stage1_checkpoint(path, stage="stage1"):
                       (["stage1.checkpoint=x.pt"] if stage == "stage2" else []))
     save_checkpoint(path, {"model": model.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10},
                            "class_counts": [50] * 10, "class_names": [f"c{i}" for i in range(10)],
-                           "config": config_to_dict(cfg, stage), "optimizer": {"state": {}}, "step": 7})
+                           "config": config_to_dict(cfg, stage), "optimizer": {"state": {}}, "step": 7,
+                           "normalization": {"mean": [0.5, 0.4, 0.3], "std": [0.3, 0.2, 0.25]}})
     return model.state_dict()
 
 
@@ -35,6 +36,7 @@ def test_release_keeps_weights_in_float16_and_what_stage2_reads_but_no_optimiser
     r = load_checkpoint(tmp_path / "r.pt")
     assert "optimizer" not in r and r["released_from"] == {"run": "run", "step": 7}
     assert r["class_counts"] == [50] * 10 and r["config"]["data"]["imbalance_factor"] == 100
+    assert r["normalization"] == {"mean": [0.5, 0.4, 0.3], "std": [0.3, 0.2, 0.25]}  # stage 2 and --test read it
     for k, v in state.items():
         if v.is_floating_point():
             assert r["model"][k].dtype == torch.float16 and torch.equal(r["model"][k], v.half()), k
