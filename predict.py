@@ -178,9 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         device = resolve_device(args.device, "--device")
         if Path(args.model).is_dir():
+            model, meta = load_export(args.model)  # a run directory: one line naming its checkpoints
             if args.export:
                 raise SystemExit(f"error: {args.model} is already an export directory")
-            model, meta = load_export(args.model)
         else:
             state, meta = checkpoint_for_inference(args.model, args.dataset)
             if args.export:

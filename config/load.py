@@ -198,8 +198,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     check_choices(cfg)
     check_ranges(cfg)
     if epochs_given and cfg.train.iterations > 0:
-        raise ConfigError(f"{epochs_given} has no effect: train.iterations={cfg.train.iterations} sets the run's length "
-                          f"(and train.warmup's unit) in steps; set train.iterations=N instead, or add "
+        raise ConfigError(f"{epochs_given} has no effect: train.iterations={cfg.train.iterations} sets the run's "
+                          f"length (and train.warmup's unit) in steps; set train.iterations=N instead, or add "
                           f"train.iterations=0 to count in epochs")
     if stage is not None:
         check_stage(cfg, stage, path, from_file)
@@ -218,16 +218,18 @@ def changed_keys(cfg: Config) -> dict[str, Any]:
 
 
 def check_stage(cfg: Config, stage: str, path: Path | None = None, from_file: typing.Collection[str] = ()) -> None:
-    """No key that only the other stage reads is set away from its default; one set in the --cfg file (from_file)
-    says the file is the other stage's config."""
+    """No key that only the other stage reads is set away from its default; one set in a --cfg file (from_file)
+    that sets none of this stage's own keys says the file is the other stage's config."""
+    ours = any(stage_of(k) == stage for k in from_file)
     for key, value in changed_keys(cfg).items():
         owner = stage_of(key)
-        if owner not in (None, stage) and key in from_file:
+        if owner not in (None, stage) and key in from_file and not ours:
             raise ConfigError(f"{path} is a {owner} config (it sets {key}, read by {STAGE_SCRIPTS[owner]} only): "
                               f"run it with python {STAGE_SCRIPTS[owner]} --cfg {path}")
         if owner not in (None, stage):
             raise ConfigError(f"{key}={value!r} is read by {owner} ({STAGE_SCRIPTS[owner]}) only; "
-                              f"{stage} ({STAGE_SCRIPTS[stage]}) does not use it: remove it")
+                              f"{stage} ({STAGE_SCRIPTS[stage]}) does not use it: remove it"
+                              + (f" from {path}" if key in from_file else ""))
 
 
 def check_names(names: dict[str, tuple[str, typing.Collection[str]]]) -> None:

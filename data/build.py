@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 # Per-channel mean / std of the training images: CIFAR-10's as the papers' code; CIFAR-100's own (their
 # code uses CIFAR-10's for both); image files (folders, split lists) ImageNet's, as the papers' ImageNet-LT
 # code, and iNaturalist its own, as the Decoupling code.
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
+NORMALIZATION: dict[str, Normalization] = {
     "cifar10": (tuple(CIFAR10_MEAN), tuple(CIFAR10_STD)),
     "cifar100": (tuple(CIFAR100_MEAN), tuple(CIFAR100_STD)),
     **{name: (IMAGENET_MEAN, IMAGENET_STD) for name in ("folder", *LIST_DATASETS)},
@@ -89,7 +90,7 @@ def long_tail_subset(labels: torch.Tensor, class_names: list[str], imbalance_fac
     return long_tail_split(labels, counts, val_per_class, subset_seed)
 
 
-def recorded_normalization(ckpt: dict, dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def recorded_normalization(ckpt: dict, dataset: str) -> Normalization:
     """The (mean, std) a checkpoint's model was trained with: its record, or, for a checkpoint written before they
     recorded it (2026-12-06), NORMALIZATION's entry for its dataset (inat2018's was ImageNet's before 2026-11-28)."""
     record = ckpt.get("normalization")
@@ -98,7 +99,7 @@ def recorded_normalization(ckpt: dict, dataset: str) -> tuple[tuple[float, ...],
 
 def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_factor: float,
                     profile: str, subset_seed: int, val_per_class: int,
-                    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> LongTailData:
+                    normalization: Normalization | None = None) -> LongTailData:
     """The CIFAR long-tailed set; normalization: (mean, std) other than the dataset's (a checkpoint's record)."""
     spec = get_spec(dataset)
     full = load_cifar(dataset, root, "train", download=download)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data.build import NORMALIZATION, LongTailData, build_long_tail, check_hold_out, long_tail_subset
+from data.build import NORMALIZATION, LongTailData, Normalization, build_long_tail, check_hold_out, long_tail_subset
 from data.cifar import DatasetFormatError
 from data.image_files import (LIST_DATASETS, ImageFileDataset, ImageList, eval_transform, read_folder_split,
                               read_list_split, train_transform)
@@ -85,7 +85,7 @@ def read_test_split(dataset: str, root: str | Path, list_dir: str | Path, class_
 
 def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbalance_factor: float, profile: str,
                     subset_seed: int, val_per_class: int, image_size: int,
-                    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> FileData:
+                    normalization: Normalization | None = None) -> FileData:
     """The splits of `dataset` (a FILE_DATASETS name): lists are read from list_dir (empty: root), image
     paths are relative to root; images decode when a loader asks for them, normalised with (mean, std)
     `normalization` (default: the dataset's)."""
@@ -110,7 +110,7 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
 
 def build_training_set(dataset: str, root: str | Path, list_dir: str | Path, download: bool, imbalance_factor: float,
                        profile: str, subset_seed: int, val_per_class: int, image_size: int,
-                       normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> LongTailData | FileData:
+                       normalization: Normalization | None = None) -> LongTailData | FileData:
     """The training and validation splits of any data.dataset: CIFAR in memory (data/build.py), or image files;
     normalization: the (mean, std) a checkpoint being continued records (None: the dataset's)."""
     if dataset in FILE_DATASETS:

@@ -90,8 +90,9 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         last = path.parent / "last.pt"
         if path.name == "best.pt" and last.is_file():  # a run without a validation split has last.pt only
-            raise CheckpointNotFoundError(f"{path.parent} has no best.pt (written only when a validation split "
-                                          f"chooses an epoch: data.val_per_class > 0, or a val split); use {last}")
+            raise CheckpointNotFoundError(f"{path.parent} has no best.pt (written when an epoch ends and a "
+                                          f"validation split chooses it: data.val_per_class > 0, or a val split); "
+                                          f"use {last}")
         missing = f" ({path.parent} does not exist)" if not path.parent.exists() else ""
         raise CheckpointNotFoundError(f"no checkpoint at {path}{missing}: train first, or give the path of a .pt file "
                                       f"of a run directory")

@@ -180,6 +180,19 @@ def test_dataset_other_than_the_checkpoint_s_own_is_one_line_not_a_silent_other_
                                      "record no dataset)")
 
 
+def test_a_run_directory_given_as_the_model_names_its_checkpoints_to_classify_or_export_with(checkpoint, image_files,
+                                                                                             tmp_path, run):
+    path, _ = checkpoint
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(path.read_bytes())
+    for extra in ([str(image_files[0])], ["--export", str(tmp_path / "out")]):
+        proc = run("predict.py", str(run_dir), *extra, check=False)
+        expected = f"error: {run_dir} is a run directory, not an export: pass {run_dir / 'last.pt'}"
+        assert _one_error_line(proc) == expected
+    assert not (tmp_path / "out").exists()
+
+
 def _one_error_line(proc) -> str:
     """The one stderr line of a user error: exit status 2, no traceback, nothing on stdout."""
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""

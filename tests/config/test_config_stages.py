@@ -89,15 +89,20 @@ def test_a_config_file_of_the_other_stage_says_which_script_runs_it(tmp_path):
     stage2_yaml.write_text("stage1:\n  checkpoint: logs/x/last.pt\nstage2:\n  method: crt\n")
     with pytest.raises(ConfigError) as e:
         load_config(stage2_yaml, stage="stage1")
-    assert str(e.value) == (f"{stage2_yaml} is a stage2 config (it sets stage1.checkpoint, read by stage2_classifier.py "
+    assert str(e.value) == (f"{stage2_yaml} is a stage2 config (it sets stage1.checkpoint, read by "
+                            f"stage2_classifier.py "
                             f"only): run it with python stage2_classifier.py --cfg {stage2_yaml}")
     stage1_yaml = tmp_path / "s1.yaml"
     stage1_yaml.write_text("train:\n  epochs: 30\nloss:\n  name: focal\n")
     with pytest.raises(ConfigError, match=rf"^{stage1_yaml} is a stage1 config \(it sets loss.name, read by "
                                           rf"stage1_train.py only\): run it with python stage1_train.py"):
         load_config(stage1_yaml, stage="stage2")
-    with pytest.raises(ConfigError, match=r"^loss.name='focal' is read by stage1 .*: remove it"):  # an override
+    with pytest.raises(ConfigError, match=r"^loss.name='focal' is read by stage1 .*: remove it$"):  # an override
         load_config(None, ["loss.name=focal"], stage="stage2")
+    mixed = tmp_path / "mixed.yaml"  # a stage-2 config with one stray stage-1 key: not "a stage1 config"
+    mixed.write_text("stage2:\n  method: crt\nloss:\n  name: focal\n")
+    with pytest.raises(ConfigError, match=rf"^loss.name='focal' is read by stage1 .*: remove it from {mixed}$"):
+        load_config(mixed, stage="stage2")
 
 
 def test_a_key_of_the_other_stage_at_its_default_is_no_error_and_shared_keys_are_read_by_both():
@@ -207,5 +212,6 @@ def test_resume_on_another_machine_may_change_device_threads_downloads_timeout_c
                                            "train.save_every_s=60", "train.device=cpu", "train.cudnn_benchmark=true",
                                            "data.download=true", "eval.batch_size=64", "eval.logit_adjust_tau=1"]),
                  "stage1", "x.yaml")
-    with pytest.raises(ConfigError, match=r"differs from the run's at train.amp \(the run's off, now bf16\);"):  # numerics are the run's
+    # numerics are the run's
+    with pytest.raises(ConfigError, match=r"differs from the run's at train.amp \(the run's off, now bf16\);"):
         check_resume(saved, load_config(None, ["train.num_threads=16", "train.amp=bf16"]), "stage1", "x.yaml")

@@ -145,7 +145,7 @@ def test_a_missing_best_pt_of_a_run_with_a_last_pt_says_why_and_names_the_last_p
     save_checkpoint(run / "last.pt", {"epoch": 1})
     with pytest.raises(FileNotFoundError) as err:
         load_checkpoint(run / "best.pt")
-    assert str(err.value) == (f"{run} has no best.pt (written only when a validation split chooses an epoch: "
+    assert str(err.value) == (f"{run} has no best.pt (written when an epoch ends and a validation split chooses it: "
                               f"data.val_per_class > 0, or a val split); use {run / 'last.pt'}")
 
 

@@ -93,7 +93,8 @@ def test_unknown_source_lists_the_registry_names(tmp_path):
         load_pretrained(str(tmp_path / "nothing.pth"))
     assert "is not a registry name (resnet18_imagenet, resnet34_imagenet" in str(err.value)
     assert "an http(s) URL or an existing file; `python -m models list`" in str(err.value)  # nothing close to it
-    with pytest.raises(CheckpointError, match=r"an existing file \(did you mean resnet18_imagenet or resnet152_imagenet\?\); `python -m"):
+    with pytest.raises(CheckpointError, match=r"an existing file \(did you mean resnet18_imagenet or "
+                                              r"resnet152_imagenet\?\); `python -m"):
         load_pretrained("resnet18_imagnet")
 
 
