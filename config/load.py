@@ -186,7 +186,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(tree).__name__}")
         for key, value in flatten(tree).items():
             set_key(cfg, key, value, f"in {path}")
-            from_file.add(renamed(key) or key)
+            from_file.add(key)
     epochs_given = None  # a train.epochs= override, which train.iterations > 0 would silently override
     for item in overrides:
         key, sep, raw = item.partition("=")
