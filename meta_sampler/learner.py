@@ -7,8 +7,8 @@ straight-through gradient to theta, with draws of that same distribution:
 
 - ``image`` (BALMS's own): a hard Gumbel-softmax over all N images with logits log w_{y_i}; the
   drawn image's weight carries the gradient of its soft entry. BALMS materialises the (B, N) soft
-  matrix for autograd; here the noise is drawn in row chunks and reduced to the drawn image, its
-  noise and each class's log-sum of exp(noise / tau) (B, C), from which that entry is an exact
+  matrix for autograd; here the noise is drawn in row chunks and reduced to the drawn image and each
+  class's sum of exp(z - max z), z = (logit + noise) / tau (B, C), from which that entry is an exact
   function of theta alone (``sample_images``): BALMS's gradient, O(B * C) for autograd.
 - ``class``: "draw a class" (a (B, C) Gumbel-softmax, logits log n_c + log w_c) then "draw a uniform
   image of it" (``sample_classes``, ``draw_images``): O(B * C) noise, and the gradient of the soft
