@@ -29,6 +29,7 @@ from config.cli import OneLineParser, run_program, test, user_errors  # noqa: E4
 from config.load import load_config  # noqa: E402
 from config.stage2 import check_method  # noqa: E402
 from config.saved import config_from_dict  # noqa: E402
+from models.checkpoint import load_checkpoint  # noqa: E402
 from stage2_classifier import main as stage2_main  # noqa: E402
 
 
@@ -80,6 +81,7 @@ def compare(args: argparse.Namespace) -> None:
         cfgs = {(method, seed, views): stage2_config(args.stage1, method, views, args.iterations, seed, Path(tmp),
                                                      args.overrides)
                 for method in args.methods for seed in args.seeds for views in (0, args.views)}
+        load_checkpoint(args.stage1, mmap=True)  # a missing or broken file: its one line before the table's header
         print(f"stage 2, {args.iterations} iterations at batch 512, cached = {args.views} views\n"
               f"{'method':<18} {'seed':>4} {'naive s':>9} {'cached s':>9} {'ratio':>7} {'naive top1':>11} "
               f"{'cached top1':>12} {'gap':>6}", flush=True)

@@ -138,6 +138,7 @@ def test_a_bench_driver_refuses_bad_input_in_one_line_with_status_2_and_leaves_n
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(message.format(tmp=tmp_path)), lines[0]
+    assert proc.stdout == "" or "stage2_speed" not in script  # no table header before a refusal
     assert not out.exists()  # methods_table: no stray run directory (nor its parents) of the refused run
 
 
