@@ -77,7 +77,9 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
                            for k in diff)
         # The run's config.yaml, where it is now, with the data where it is now, and the keys that file lacks
         # because the run predates them (read as the run had them, not at their defaults).
-        own = [f"log_dir={Path(saved_at).parent}"] + [f"data.root={cfg.data.root}"] * (cfg.data.root != run.get(
-            "data.root")) + [f"{k}={run[k]}" for k in diff if k in run and k not in flatten(saved)]
+        written = flatten(saved)
+        own = [f"log_dir={Path(saved_at).parent}"]
+        own += [f"data.root={cfg.data.root}"] if cfg.data.root != run.get("data.root") else []
+        own += [f"{k}={run[k]}" for k in diff if k in run and k not in written]
         raise ConfigError(f"--resume with a config that differs from the run's at {values}; resume with the run's "
                           f"own config: python {STAGE_SCRIPTS[stage]} --cfg {saved_at} --resume {' '.join(own)}")

@@ -48,13 +48,13 @@ AUGMENT_KEYS = ("crop_padding", "flip", "autoaugment", "cutout")  # compared wit
 def check_method(cfg: Config) -> Method:
     """The method, once the settings that contradict it or each other are refused."""
     check_names({"stage2.method": (cfg.stage2.method, METHODS), "model.name": (cfg.model.name, MODELS)})
-    method = METHODS[cfg.stage2.method]
-    for key in changed_keys(cfg):
+    method, changed = METHODS[cfg.stage2.method], changed_keys(cfg)
+    for key in changed:
         readers = METHOD_KEYS.get(key) or METHOD_KEYS.get(key.split(".")[0]) or (cfg.stage2.method,)
         if cfg.stage2.method not in readers:
             raise SystemExit(f"config error: {key} is read by stage2.method={' | '.join(readers)} only, not by "
                              f"{cfg.stage2.method}: remove it")
-    if cfg.stage2.cache_views and "stage2.live_bn" in changed_keys(cfg):
+    if cfg.stage2.cache_views and "stage2.live_bn" in changed:
         raise SystemExit(f"config error: stage2.live_bn is read with stage2.cache_views=0 only (the backbone on every "
                          f"batch); the {cfg.stage2.cache_views} cached views are computed in eval mode: remove it, "
                          f"or set stage2.cache_views=0")

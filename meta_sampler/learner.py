@@ -98,6 +98,14 @@ def image_noise(shape: tuple[int, int], generator: torch.Generator, dtype: torch
     return to_device(torch.rand(shape, generator=generator, dtype=dtype), device)
 
 
+def _check_draw(batch_size: int, tau: float) -> None:
+    """The arguments of a batch's draw under either relaxation."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if not tau > 0:
+        raise ValueError(f"tau must be a positive temperature, got {tau}.")
+
+
 def balanced_batch(
     labels: Tensor, num_classes: int, batch_size: int, generator: torch.Generator
 ) -> Tensor:
@@ -163,10 +171,7 @@ class ClassSampler(nn.Module):
         1 - s.detach() + s which rounds) and its gradient is ds/dtheta. tau is the softmax
         temperature of the soft relaxation; it changes only the gradient.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        if not tau > 0:
-            raise ValueError(f"tau must be a positive temperature, got {tau}.")
+        _check_draw(batch_size, tau)
         logits = self.log_counts + F.logsigmoid(self.theta)  # (C,)
         # Drawn on the CPU from the run's generator, whatever the device: the same draws everywhere,
         # and on a GPU one copy the host does not wait for.
@@ -214,10 +219,7 @@ class ClassSampler(nn.Module):
         constant, and the gradient comes from l alone. T is summed in fixed point (FIXED_POINT): integers add
         to the same sum in any order, where a GPU's float index_add would not, so every run of a device gives
         the same T. The noise is image_noise's, in rows of about `chunk` values."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        if not tau > 0:
-            raise ValueError(f"tau must be a positive temperature, got {tau}.")
+        _check_draw(batch_size, tau)
         logits = F.logsigmoid(self.theta)  # (C,)
         wide = widest_float(logits.device)  # float32 noise would quantise the top Gumbels at iNaturalist's N
         weight = logits.detach().to(wide).exp()[self.labels]  # (N,) sigmoid(theta_{y_i})

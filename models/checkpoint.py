@@ -79,12 +79,17 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
     write_atomic(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
+def run_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints of a run directory that exist: best.pt, last.pt."""
+    return [folder / n for n in ("best.pt", "last.pt") if (folder / n).is_file()]
+
+
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """The checkpoint at `path`, its tensors on the CPU; mmap=True reads a tensor's bytes only when it is
     used (for a caller that wants the small entries of a large file)."""
     path = Path(path)
     if path.is_dir():
-        found = " or ".join(str(path / n) for n in ("best.pt", "last.pt") if (path / n).is_file())
+        found = " or ".join(map(str, run_checkpoints(path)))
         raise CheckpointNotFoundError(f"{path} is a directory, not a checkpoint: give a .pt file in it"
                                       + (f", {found}" if found else ""))
     if not path.is_file():

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.checkpoint import CheckpointError, load_state_checked, write_atomic
+from models.checkpoint import CheckpointError, load_state_checked, run_checkpoints, write_atomic
 from models.registry import build_model
 
 EXPORT_FORMAT = "lt-decoupled-export/1"  # bumped when model.json changes meaning
@@ -91,9 +91,9 @@ def load_export(out_dir: str | Path) -> tuple[nn.Module, dict]:
     meta_path, weights_path = out_dir / META_FILE, out_dir / WEIGHTS_FILE
     command = f"python predict.py <checkpoint.pt> --export {out_dir}"
     if not meta_path.is_file() or not weights_path.is_file():
-        found = [str(out_dir / n) for n in ("best.pt", "last.pt") if (out_dir / n).is_file()]
+        found = run_checkpoints(out_dir)
         if found:  # a run directory: its checkpoints are read as they are
-            raise CheckpointError(f"{out_dir} is a run directory, not an export: pass {' or '.join(found)}")
+            raise CheckpointError(f"{out_dir} is a run directory, not an export: pass {' or '.join(map(str, found))}")
         raise CheckpointError(f"{out_dir} is not an export directory (it needs {WEIGHTS_FILE} and {META_FILE}); "
                               f"write one with: {command}")
     export_again = f"delete its {WEIGHTS_FILE} and {META_FILE} and export again: {command}"
