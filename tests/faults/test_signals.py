@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,13 +15,11 @@ from tests.faults.kill_resume import REPO, command, differences, run_to_end
 pytestmark = pytest.mark.slow
 
 
-def _signal_after_first_checkpoint(args: list[str], run_dir, signals: list[int]) -> subprocess.CompletedProcess:
-    """Start `args`, send `signals` (0.05 s apart) once its first last.pt is there, wait for its end."""
+def _signal_after_first_checkpoint(args: list[str], run_dir, signum: int) -> subprocess.CompletedProcess:
+    """Start `args`, send it `signum` once its first last.pt is there, wait for its end."""
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(run_dir, proc)
-    for signum in signals:
-        time.sleep(0.05)
-        proc.send_signal(signum)
+    proc.send_signal(signum)
     stderr = proc.communicate(timeout=120)[1]
     return subprocess.CompletedProcess(args, proc.returncode, "", stderr)
 
@@ -46,7 +43,7 @@ def uninterrupted(fake_cifar10, backbone, tmp_path_factory):
 def test_a_signal_stops_stage2_mid_epoch_and_resume_reaches_the_uninterrupted_state(fake_cifar10, backbone,
                                                                                     uninterrupted, tmp_path, signum):
     full, stopped = uninterrupted, tmp_path / "stopped"
-    proc = _signal_after_first_checkpoint(command(2, fake_cifar10, stopped, backbone), stopped, [signum])
+    proc = _signal_after_first_checkpoint(command(2, fake_cifar10, stopped, backbone), stopped, signum)
     assert proc.returncode == 128 + signum, proc.stderr
     assert f"stopped by {signal.Signals(signum).name} at step" in proc.stderr and "--resume" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -56,13 +53,30 @@ def test_a_signal_stops_stage2_mid_epoch_and_resume_reaches_the_uninterrupted_st
     assert differences(full, stopped) == []
 
 
+def _ctrl_c_twice(args: list[str], run_dir) -> subprocess.CompletedProcess:
+    """Start `args`; once its first last.pt is there, Ctrl-C it, and Ctrl-C it again as soon as it says it
+    will stop after the step in progress: the second lands in that step (a fixed delay could land after the
+    run had saved and exited, as one did in CI). Wait for its end."""
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(run_dir, proc)
+    proc.send_signal(signal.SIGINT)
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if "stopping after this step" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    stderr = "".join(said) + proc.communicate(timeout=120)[1]
+    return subprocess.CompletedProcess(args, proc.returncode, "", stderr)
+
+
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback_and_keeps_a_loadable_last_pt(fake_cifar10, backbone,
                                                                                        tmp_path):
     stopped = tmp_path / "stopped"
-    proc = _signal_after_first_checkpoint(command(2, fake_cifar10, stopped, backbone), stopped,
-                                          [signal.SIGINT, signal.SIGINT])
+    proc = _ctrl_c_twice(command(2, fake_cifar10, stopped, backbone), stopped)
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr
     assert "Traceback" not in proc.stderr and "stopped at once" in proc.stderr
+    assert "stopped by SIGINT at step" not in proc.stderr, "the second Ctrl-C came after the run had stopped"
     assert torch.load(stopped / "last.pt", weights_only=True)["step"] > 0
     assert not [p.name for p in stopped.iterdir() if p.name.endswith(".tmp")]
 
@@ -83,7 +97,7 @@ def test_a_resumed_cached_stage2_run_reads_its_own_last_pt_not_a_changed_or_miss
                 "train.batch_size=32", "train.warmup=0", "train.num_threads=1", "eval.batch_size=64"]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     run_to_end(stage2(full))
-    proc = _signal_after_first_checkpoint(stage2(stopped), stopped, [signal.SIGTERM])
+    proc = _signal_after_first_checkpoint(stage2(stopped), stopped, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     if meanwhile == "deleted":
         s1.unlink()
@@ -105,7 +119,7 @@ def test_a_resumed_fine_tuning_run_needs_not_its_pretrained_file_again(fake_cifa
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     run_to_end([*command(1, fake_cifar10, full), f"model.pretrained={weights}"])
     proc = _signal_after_first_checkpoint([*command(1, fake_cifar10, stopped), f"model.pretrained={weights}"],
-                                          stopped, [signal.SIGTERM])
+                                          stopped, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     weights.unlink()
     run_to_end([*command(1, fake_cifar10, stopped), f"model.pretrained={weights}", "--resume"])
