@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,8 +36,15 @@ if mode == "pool":  # a pool kept alive to the end, as torch.compile's: the inte
     sys.pool = ThreadPoolExecutor(2)
     sys.pool.submit(print, "pool task ran", flush=True).result()
 if mode == "sleep":
-    print("sleeping", flush=True)
+    print("sleeping", os.getpid(), flush=True)
     time.sleep(60)
+if mode == "barrier":  # four runs served one after another would never all be here at once
+    open(f"started.{os.getpid()}", "w").close()
+    deadline = time.time() + 30
+    while sum(name.startswith("started.") for name in os.listdir()) < 4:
+        if time.time() > deadline:
+            sys.exit("the other runs did not start beside this one")
+        time.sleep(0.01)
 """
 
 
@@ -44,7 +52,8 @@ if mode == "sleep":
 def script(tmp_path_factory):
     path = tmp_path_factory.mktemp("probe") / "probe.py"
     path.write_text(SCRIPT)
-    return path
+    forkserver.run([str(path), "ok"], path.parent, dict(os.environ), timeout=120)  # the server is up before a test
+    return path                                                                   # times a run
 
 
 def _cold(args, cwd, env, timeout=60):
@@ -63,8 +72,9 @@ def test_a_forked_run_ends_with_the_status_output_and_exit_handlers_of_a_fresh_p
 
 
 def test_a_module_run_takes_the_working_directory_as_its_path(tmp_path):
-    warm = forkserver.run(["-m", "models", "list"], REPO, dict(os.environ), timeout=60)
-    cold = _cold(["-m", "models", "list"], REPO, dict(os.environ))
+    env = {**os.environ, "LT_PRETRAINED_CACHE": str(tmp_path)}  # not the user's cache, which another test may fill
+    warm = forkserver.run(["-m", "models", "list"], REPO, env, timeout=60)
+    cold = _cold(["-m", "models", "list"], REPO, env)
     assert warm.returncode == cold.returncode == 0 and warm.stdout == cold.stdout
 
 
@@ -73,25 +83,26 @@ def test_a_run_past_its_timeout_is_killed_and_raises_as_subprocess_run_does(scri
     with pytest.raises(subprocess.TimeoutExpired) as timed_out:
         forkserver.run([str(script), "sleep"], tmp_path, dict(os.environ), timeout=2)
     assert time.time() - start < 10 and "sleeping" in timed_out.value.output
-    time.sleep(0.5)
-    # The killed run is gone: no process of this user still runs the probe in its sleep.
-    running = subprocess.run(["pgrep", "-f", f"{script} sleep"], capture_output=True, text=True).stdout.split()
-    assert running == []
+    # The killed run is gone (its handler reaps it): its pid leaves /proc.
+    run = Path("/proc", timed_out.value.output.split()[-1])
+    deadline = time.time() + 30
+    while run.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    assert not run.exists()
 
 
 def test_runs_requested_at_once_run_side_by_side(script, tmp_path):
-    results, start = {}, time.time()
+    results = {}
 
     def one(k):
-        results[k] = forkserver.run([str(script), "thread"], tmp_path, dict(os.environ), timeout=60)
+        results[k] = forkserver.run([str(script), "barrier"], tmp_path, dict(os.environ), timeout=60)
 
     threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert all(r.returncode == 0 and "thread finished" in r.stdout for r in results.values())
-    assert time.time() - start < 3  # each run waits 1 s for its thread: one after another would take over 4 s
+    assert [r.returncode for r in results.values()] == [0] * 4, [r.stderr for r in results.values()]
 
 
 def test_other_interpreter_options_are_refused(tmp_path):

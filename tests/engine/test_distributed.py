@@ -1,6 +1,4 @@
 """engine.distributed on two real gloo processes: sharding, gathering, BatchNorm over the global batch."""
-import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -16,10 +14,11 @@ from engine.loop import evaluate, predict_all_ranks, train_one_epoch
 from models import build_model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _join(rank: int, store: str) -> None:
+    """Join the two-process gloo group through a file, not a port: a free port picked here could be taken by
+    another test's job before the workers bind it (xdist runs two at a time)."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
 
 
 def _batch():
@@ -36,9 +35,8 @@ def _resnet32_float64() -> nn.Module:
     return build_model("resnet32", 10).double()
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, store: str, out: str) -> None:
+    _join(rank, store)
     torch.set_num_threads(1)
     d = Dist(rank, 2)
     model = sync_batchnorm(_resnet32_float64(), torch.device("cpu"))
@@ -60,7 +58,7 @@ def test_two_ranks_with_global_batchnorm_take_the_gradient_of_the_whole_batch(tm
     x, y = _batch()
     nn.functional.cross_entropy(reference(x.double()), y).backward()
     out = tmp_path / "rank1.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2)
     got = torch.load(out)
     assert got["global_bn"] == 31  # every BatchNorm of ResNet-32
     for name, p in reference.named_parameters():
@@ -117,9 +115,8 @@ def _one_image_setup():
     return model, torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
 
 
-def _evaluate_worker(rank: int, port: int, out: str, files: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+def _evaluate_worker(rank: int, store: str, out: str, files: bool) -> None:
+    _join(rank, store)
     torch.set_num_threads(1)
     d = Dist(rank, 2)
     model, images = _one_image_setup()
@@ -137,7 +134,7 @@ def test_two_ranks_evaluating_one_image_give_the_single_process_logits(tmp_path,
     model, images = _one_image_setup()
     single = predict_all_ranks(model, _Images(images) if files else images, 8, MEAN, STD)
     out = tmp_path / "rank"
-    mp.spawn(_evaluate_worker, args=(_free_port(), str(out), files), nprocs=2)
+    mp.spawn(_evaluate_worker, args=(str(tmp_path / "store"), str(out), files), nprocs=2)
     for rank in (0, 1):
         got = torch.load(f"{out}.{rank}")
         assert got["logits"].shape == (1, 3) and torch.equal(got["logits"], single)
@@ -163,9 +160,8 @@ def _train_weighted(model, loss_fn, batches, d: Dist) -> dict:
     return train_one_epoch(model, batches, len(batches), loss_fn, opt, sched, d=d)
 
 
-def _weighted_worker(rank: int, port: int, out: str, loss_name: str, params: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+def _weighted_worker(rank: int, store: str, out: str, loss_name: str, params: dict) -> None:
+    _join(rank, store)
     torch.set_num_threads(1)
     d = Dist(rank, 2)
     model, loss_fn, batches = _weighted_setup(loss_name, params)
@@ -183,7 +179,7 @@ def test_two_ranks_take_the_one_process_step_of_a_loss_that_looks_at_the_whole_b
     model, loss_fn, batches = _weighted_setup(loss_name, params)
     single = _train_weighted(model, loss_fn, batches, Dist())
     out = tmp_path / "rank"
-    mp.spawn(_weighted_worker, args=(_free_port(), str(out), loss_name, params), nprocs=2)
+    mp.spawn(_weighted_worker, args=(str(tmp_path / "store"), str(out), loss_name, params), nprocs=2)
     for rank in (0, 1):
         got = torch.load(f"{out}.{rank}")
         for p, q in zip(model.parameters(), got["weights"]):

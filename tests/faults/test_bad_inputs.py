@@ -1,6 +1,6 @@
 """Bad input, as real processes: each case exits with status 2 after ONE line that names the problem
 and the fix (log lines before it aside), shows no traceback, and writes or overwrites nothing: no
-run directory appears, and an existing run's files (and the data, and logs/) keep their bytes and times."""
+run directory appears (also none in logs/), and an existing run's files and the data keep their bytes and times."""
 import os
 import re
 import shutil
@@ -177,9 +177,21 @@ def finished_runs(tmp_path_factory, stage1_run, bad) -> tuple[Path, Path]:
     return copies
 
 
+RUN_FILES = {"config.yaml", "metrics.jsonl", "train.log", "tb", "last.pt", "best.pt"}
+
+
 def _snapshot(*folders: Path) -> dict:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for folder in folders if folder.exists()
             for p in sorted(folder.rglob("*"))}
+
+
+def _logs_snapshot(logs: Path) -> set:
+    """The default log folder's run directories, and any run file written into the folder itself: what a bad
+    input that went on to train would add there. Other files in it (a test log a developer writes while the
+    suite runs, a run of theirs going on) are not the cases' doing."""
+    if not logs.is_dir():
+        return set()
+    return {p for p in logs.iterdir() if p.is_dir() or p.name in RUN_FILES}
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +200,7 @@ def outcomes(fake_cifar10, bad, finished_runs, tmp_path_factory) -> dict:
     test process's fork server): {case: (its process, its places)}, and the watched files before and after
     them all."""
     cases = tmp_path_factory.mktemp("cases")
-    watched = (*finished_runs, bad, REPO / "logs")
+    watched = (*finished_runs, bad)
 
     def run_case(case: str) -> tuple[subprocess.CompletedProcess, Path]:
         script, args, _ = CASES[case]
@@ -203,10 +215,11 @@ def outcomes(fake_cifar10, bad, finished_runs, tmp_path_factory) -> dict:
         proc = run_script(script, *args, check=False)
         return proc, places
 
-    before = _snapshot(*watched)
+    before, logs_before = _snapshot(*watched), _logs_snapshot(REPO / "logs")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = dict(zip(CASES, pool.map(run_case, CASES)))
-    return {"results": results, "before": before, "after": _snapshot(*watched), "cases": cases}
+    return {"results": results, "before": before, "after": _snapshot(*watched), "cases": cases,
+            "new_in_logs": _logs_snapshot(REPO / "logs") - logs_before}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -226,3 +239,4 @@ def test_no_bad_input_wrote_a_run_directory_or_changed_a_file(outcomes):
     changed = {str(p) for p in set(outcomes["before"]) | set(outcomes["after"])
                if outcomes["before"].get(p) != outcomes["after"].get(p)}
     assert changed == set()
+    assert outcomes["new_in_logs"] == set()

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import wait_for_checkpoint
 from tests.faults.kill_resume import REPO, STAGE1, STAGE2, command, run_to_end
 
 pytestmark = pytest.mark.slow
@@ -42,10 +43,9 @@ def _finite_checkpoint(path) -> dict:
 
 def _first_checkpoint_then_kill(args: list[str], run_dir) -> None:
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (run_dir / "last.pt").exists() and proc.poll() is None:
-        pass
+    wait_for_checkpoint(run_dir, proc)  # polls every 5 ms: a busy loop here took a core from the run
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
 
 
 def test_a_file_size_limit_mid_run_keeps_the_last_checkpoint_and_resume_finishes(fake_cifar10, tmp_path):

@@ -177,7 +177,7 @@ def test_two_processes_fetching_one_url_download_it_once_while_the_second_waits(
     srv = serve(PAYLOAD)
     logs = [tmp_path / f"stderr{i}" for i in range(2)]
     # The first request is held until the other process logs that it waits: the two overlap for sure.
-    _hold_answers_until(srv, lambda: any(WAITING in log.read_text() for log in logs if log.exists()), limit=4)
+    _hold_answers_until(srv, lambda: any(WAITING in log.read_text() for log in logs if log.exists()), limit=20)
     cache = tmp_path / "cache"
     args = [sys.executable, "-c", FETCH_IN_A_PROCESS, models.download.__file__, srv.url, DIGEST, str(cache)]
     procs = []
