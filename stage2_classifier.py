@@ -8,7 +8,7 @@ Methods (stage2.method): balanced_softmax, crt, balms (Balanced Softmax + meta-l
 (learnable weight scaling), tau_norm (post-hoc, tau searched on the validation split). The head trains on
 cached features of stage2.cache_views augmented views of the training set; cache_views=0 runs the backbone on
 every batch, as the BALMS code does. The training set (data.dataset, imbalance_factor, profile, subset_seed,
-val_per_class) and model.name are read from the stage-1 checkpoint (by --resume, from the run's last.pt).
+subset_draw, val_per_class) and model.name are read from the stage-1 checkpoint (by --resume, from the run's last.pt).
 Writes a run directory as stage 1 does; the saved model is backbone + plain linear head, so --test and any
 consumer of stage-1 checkpoints read it unchanged.
 """
@@ -185,7 +185,7 @@ def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, 
     labels, meta_features, split = data.train_labels, features, "train"
     if ms.meta_split == "resample":
         images, labels = build_meta_resample(d.dataset, d.root, d.download, d.imbalance_factor, d.profile,
-                                             d.subset_seed, d.val_per_class)
+                                             d.subset_seed, d.val_per_class, d.subset_draw)
         split = "resampled"
         meta_features = feature_source(cfg, model, images, data, META_VIEW_STREAM, ranks, run_dir)
     elif len(data.val_labels) and ms.meta_split == "val":
@@ -232,7 +232,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
         drop_feature_caches(run_dir, ranks)
 
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
-                              d.val_per_class, d.image_size, recorded_normalization(s1, d.dataset) if s1 else None)
+                              d.val_per_class, d.image_size, recorded_normalization(s1, d.dataset) if s1 else None,
+                              d.subset_draw)
     model, model_args = build_backbone(cfg, s1, data.class_counts, method, device)
     loss_fn = method_loss(cfg, method, data, device)
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)

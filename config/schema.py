@@ -26,6 +26,9 @@ class DataConfig:
     imbalance_factor: float = 100.0  # n_max / n_min of the long-tailed training set; 1 = balanced
     profile: str = "exp"  # exp | step: how counts fall from head to tail
     subset_seed: int = 0  # which images form the long-tailed subset (independent of train.seed)
+    # torch | ldam: how subset_seed picks them (data.long_tail.SUBSET_DRAWS); ldam with seed 0 keeps the
+    # LDAM-DRW code's images of the official CIFAR files exactly (numpy seeded, each class shuffled)
+    subset_draw: str = "torch"
     val_per_class: int = 0  # images per class held out of the training images for model selection
     crop_padding: int = 4  # pixels of zero padding before the random crop; 0 = no crop
     flip: bool = True  # random horizontal flip
@@ -121,7 +124,7 @@ class TrainConfig:
 @dataclass
 class Stage1Ref:
     # Stage 2: the stage-1 checkpoint whose backbone is frozen (a .pt of a stage-1 run). Its training
-    # set (data.dataset, imbalance_factor, profile, subset_seed, val_per_class) and model.name are
+    # set (data.dataset, imbalance_factor, profile, subset_seed, subset_draw, val_per_class) and model.name are
     # read from it, so a stage-2 config need not repeat them.
     checkpoint: str = ""
 
@@ -165,6 +168,7 @@ class EvalConfig:
 # Keys whose values form a closed set that no registry owns (registries check their own names).
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.profile": ("exp", "step"),
+    "data.subset_draw": ("torch", "ldam"),
     "train.schedule": ("cosine", "step"),
     "train.select_metric": ("top1", "many", "medium", "few"),
     "train.amp": ("off", "bf16", "fp16"),
@@ -218,6 +222,7 @@ DATASET_KEYS: dict[str, tuple[str, ...]] = {
     "data.prefetch": ("cifar",),  # image files: data.workers processes decode and augment ahead
     "data.imbalance_factor": ("cifar", "folder"),  # split lists are long-tailed as published
     "data.profile": ("cifar", "folder"),
+    "data.subset_draw": ("cifar", "folder"),
     "data.list_dir": ("list",),
     "data.image_size": ("folder", "list"),
     "data.workers": ("folder", "list"),

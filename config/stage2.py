@@ -41,7 +41,7 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
                     ("balanced_softmax", "crt", "balms", "lws")),
 }
 # Stage-1 keys that fix which images form the training set: read from the stage-1 checkpoint.
-SUBSET_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "val_per_class", "image_size")
+SUBSET_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "subset_draw", "val_per_class", "image_size")
 AUGMENT_KEYS = ("crop_padding", "flip", "autoaugment", "cutout")  # compared with stage 1's (check_data)
 
 

@@ -82,12 +82,13 @@ def rule_counts(labels: torch.Tensor, class_names: list[str], imbalance_factor: 
 
 
 def long_tail_subset(labels: torch.Tensor, class_names: list[str], imbalance_factor: float, profile: str,
-                     subset_seed: int, val_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) indices: the rule's counts (rule_counts), validation images from the images the
-    long-tailed draw leaves out (long_tail_split)."""
+                     subset_seed: int, val_per_class: int,
+                     subset_draw: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices: the rule's counts (rule_counts) drawn by `subset_draw` (long_tail.SUBSET_DRAWS),
+    validation images from the images the long-tailed draw leaves out (long_tail_split)."""
     check_hold_out(labels, class_names, val_per_class)
     counts = rule_counts(labels, class_names, imbalance_factor, profile)
-    return long_tail_split(labels, counts, val_per_class, subset_seed)
+    return long_tail_split(labels, counts, val_per_class, subset_seed, subset_draw)
 
 
 def recorded_normalization(ckpt: dict, dataset: str) -> Normalization:
@@ -99,11 +100,12 @@ def recorded_normalization(ckpt: dict, dataset: str) -> Normalization:
 
 def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_factor: float,
                     profile: str, subset_seed: int, val_per_class: int,
-                    normalization: Normalization | None = None) -> LongTailData:
+                    normalization: Normalization | None = None, subset_draw: str = "torch") -> LongTailData:
     """The CIFAR long-tailed set; normalization: (mean, std) other than the dataset's (a checkpoint's record)."""
     spec = get_spec(dataset)
     full = load_cifar(dataset, root, "train", download=download)
-    keep, val = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed, val_per_class)
+    keep, val = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed, val_per_class,
+                                 subset_draw)
     counts = class_counts(full.labels[keep], spec.num_classes)
     mean, std = normalization or NORMALIZATION[dataset]
     logger.info("%s-LT %s IF %g: %d training images, %d validation, counts %s",
@@ -116,11 +118,13 @@ def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_fa
 
 
 def build_meta_resample(dataset: str, root: str | Path, download: bool, imbalance_factor: float, profile: str,
-                        subset_seed: int, val_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        subset_seed: int, val_per_class: int,
+                        subset_draw: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images, labels) of BALMS's meta set on CIFAR: a second long-tailed draw of the training
     split with the same counts and seed subset_seed + 1, never a validation image (second_draw)."""
     full = load_cifar(dataset, root, "train", download=download)
-    _, val = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed, val_per_class)
+    _, val = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed, val_per_class,
+                              subset_draw)
     counts = rule_counts(full.labels, full.class_names, imbalance_factor, profile)
     meta = second_draw(full.labels, counts, val, subset_seed + 1)
     logger.info("meta set: a second long-tailed draw of %d training-split images (seed %d), counts %s",

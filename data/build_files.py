@@ -46,14 +46,14 @@ def _subset(images: ImageList, index: torch.Tensor) -> ImageList:
 
 
 def _folder_splits(root: Path, imbalance_factor: float, profile: str, subset_seed: int,
-                   val_per_class: int) -> tuple[ImageList, ImageList | None]:
+                   val_per_class: int, subset_draw: str) -> tuple[ImageList, ImageList | None]:
     full = read_folder_split(root, "train")
     val = read_folder_split(root, "val", full.class_names)
     if val is not None and val_per_class:
         raise DatasetFormatError(f"{root / 'val'} is the validation split; data.val_per_class={val_per_class} would "
                                  f"hold out more: set data.val_per_class=0")
     keep, held = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed,
-                                  val_per_class)
+                                  val_per_class, subset_draw)
     return _subset(full, keep), (_subset(full, held) if val_per_class else val)
 
 
@@ -85,13 +85,13 @@ def read_test_split(dataset: str, root: str | Path, list_dir: str | Path, class_
 
 def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbalance_factor: float, profile: str,
                     subset_seed: int, val_per_class: int, image_size: int,
-                    normalization: Normalization | None = None) -> FileData:
+                    normalization: Normalization | None = None, subset_draw: str = "torch") -> FileData:
     """The splits of `dataset` (a FILE_DATASETS name): lists are read from list_dir (empty: root), image
     paths are relative to root; images decode when a loader asks for them, normalised with (mean, std)
     `normalization` (default: the dataset's)."""
     root = Path(root)
     if dataset == "folder":
-        train, val = _folder_splits(root, imbalance_factor, profile, subset_seed, val_per_class)
+        train, val = _folder_splits(root, imbalance_factor, profile, subset_seed, val_per_class, subset_draw)
     else:
         train, val = _list_splits(dataset, root, Path(list_dir or root), subset_seed, val_per_class)
     counts = class_counts(train.labels, len(train.class_names))
@@ -110,14 +110,15 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
 
 def build_training_set(dataset: str, root: str | Path, list_dir: str | Path, download: bool, imbalance_factor: float,
                        profile: str, subset_seed: int, val_per_class: int, image_size: int,
-                       normalization: Normalization | None = None) -> LongTailData | FileData:
+                       normalization: Normalization | None = None,
+                       subset_draw: str = "torch") -> LongTailData | FileData:
     """The training and validation splits of any data.dataset: CIFAR in memory (data/build.py), or image files;
     normalization: the (mean, std) a checkpoint being continued records (None: the dataset's)."""
     if dataset in FILE_DATASETS:
         return build_file_data(dataset, root, list_dir, imbalance_factor, profile, subset_seed, val_per_class,
-                               image_size, normalization)
+                               image_size, normalization, subset_draw)
     return build_long_tail(dataset, root, download, imbalance_factor, profile, subset_seed, val_per_class,
-                           normalization)
+                           normalization, subset_draw)
 
 
 def data_record(data: LongTailData | FileData) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -55,10 +56,36 @@ def _check_labels(labels: torch.Tensor) -> None:
         raise ValueError(f"labels must be non-negative class indices, found {int(labels.min())}")
 
 
+Shuffle = Callable[[torch.Tensor], torch.Tensor]  # one class's ascending indices -> a permutation of them
+
+
+def _torch_shuffle(seed: int, generator: torch.Generator) -> Shuffle:
+    return lambda members: members[torch.randperm(members.numel(), generator=generator)]
+
+
+def _ldam_shuffle(seed: int, generator: torch.Generator) -> Shuffle:
+    """The LDAM-DRW code's draw (imbalance_cifar.py): numpy's legacy generator seeded once with `seed`
+    (its `rand_number`, 0), then each class's indices, in class order, shuffled in place by it."""
+    rng = np.random.RandomState(seed)
+
+    def shuffle(members: torch.Tensor) -> torch.Tensor:
+        order = members.numpy().copy()
+        rng.shuffle(order)
+        return torch.from_numpy(order)
+    return shuffle
+
+
+# data.subset_draw: which images of each class the long-tailed set keeps (the first counts[c] of a shuffle)
+SUBSET_DRAWS: dict[str, Callable[[int, torch.Generator], Shuffle]] = {
+    "torch": _torch_shuffle,  # this tool's: a torch generator seeded with the seed
+    "ldam": _ldam_shuffle,  # the LDAM-DRW (and LDAM-based) code's images exactly, on the official files
+}
+
+
 def _draw_per_class(
-    labels: torch.Tensor, counts: Sequence[int], generator: torch.Generator
+    labels: torch.Tensor, counts: Sequence[int], shuffle: Shuffle
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each class c, split its indices into a seeded draw of counts[c] and the rest."""
+    """For each class c, split its indices into the first counts[c] of `shuffle`'s order and the rest."""
     drawn, rest = [], []
     for c, wanted in enumerate(counts):
         members = torch.nonzero(labels == c).flatten()
@@ -69,7 +96,7 @@ def _draw_per_class(
                 f"class {c}: asked for {wanted} images but only {members.numel()} are available; "
                 f"lower n_max / the counts or hold out fewer images"
             )
-        order = members[torch.randperm(members.numel(), generator=generator)]
+        order = shuffle(members)
         drawn.append(order[:wanted])
         rest.append(order[wanted:])
     empty = torch.empty(0, dtype=torch.int64)
@@ -79,18 +106,21 @@ def _draw_per_class(
 
 
 def long_tail_split(labels: torch.Tensor, counts: Sequence[int], val_per_class: int,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int, draw: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) sorted int64 indices into ``labels``: a seeded draw of counts[c] images of each
-    class c (the reference rule's long-tailed training set), and ``val_per_class`` images of each class
-    taken from the images that draw left out. A class with fewer left over (a head class, whose draw
-    keeps all its images) takes the rest of its validation images from its drawn ones, so its
-    training count is counts[c] minus that shortfall; every other class trains on exactly counts[c]."""
+    class c (the reference rule's long-tailed training set; `draw` names a SUBSET_DRAWS entry), and
+    ``val_per_class`` images of each class taken from the images that draw left out. A class with fewer
+    left over (a head class, whose draw keeps all its images) takes the rest of its validation images
+    from its drawn ones, so its training count is counts[c] minus that shortfall; every other class
+    trains on exactly counts[c]."""
     _check_labels(labels)
     if labels.numel() and int(labels.max()) >= len(counts):
         raise ValueError(f"labels contain class {int(labels.max())} but counts has only {len(counts)} entries; "
                          f"pass one count per class")
-    generator = torch.Generator().manual_seed(seed)
-    drawn, spare = _draw_per_class(labels, counts, generator)
+    if draw not in SUBSET_DRAWS:
+        raise ValueError(f"unknown subset draw {draw!r}; valid draws: {sorted(SUBSET_DRAWS)}")
+    generator = torch.Generator().manual_seed(seed)  # also draws the validation images, for either draw
+    drawn, spare = _draw_per_class(labels, counts, SUBSET_DRAWS[draw](seed, generator))
     # debug: the dataset builders log the split they make of it (and BALMS's meta set draws again)
     logger.debug("long-tailed subset: kept %d of %d images", drawn.numel(), labels.numel())
     if val_per_class == 0:
@@ -117,7 +147,7 @@ def second_draw(labels: torch.Tensor, counts: Sequence[int], exclude: torch.Tens
     candidates = torch.nonzero(pool).flatten()
     available = torch.bincount(labels[candidates], minlength=len(counts)).tolist()
     wanted = [min(n, a) for n, a in zip(counts, available)]
-    drawn, _ = _draw_per_class(labels[candidates], wanted, torch.Generator().manual_seed(seed))
+    drawn, _ = _draw_per_class(labels[candidates], wanted, _torch_shuffle(seed, torch.Generator().manual_seed(seed)))
     return candidates[drawn]
 
 
@@ -133,7 +163,7 @@ def hold_out_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple
     if per_class == 0 or labels.numel() == 0:
         return torch.arange(labels.numel(), dtype=torch.int64), torch.empty(0, dtype=torch.int64)
     wanted = [per_class if n else 0 for n in torch.bincount(labels.long()).tolist()]
-    held_out, remaining = _draw_per_class(labels, wanted, torch.Generator().manual_seed(seed))
+    held_out, remaining = _draw_per_class(labels, wanted, _torch_shuffle(seed, torch.Generator().manual_seed(seed)))
     return remaining, held_out
 
 

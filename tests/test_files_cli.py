@@ -82,6 +82,7 @@ def test_split_lists_train_stage1_and_crt_and_test(tmp_path, run):
 @pytest.mark.parametrize("dataset, override, reader", [
     ("folder", "data.cutout=8", "cifar"), ("folder", "data.list_dir=x", "list"),
     ("cifar10", "data.workers=2", "folder and list"), ("imagenet_lt", "data.imbalance_factor=10", "cifar and folder"),
+    ("places_lt", "data.subset_draw=ldam", "cifar and folder"),
 ])
 def test_a_key_another_kind_of_dataset_reads_is_a_config_error(tmp_path, run, dataset, override, reader):
     proc = run("stage1_train.py", f"data.dataset={dataset}", override, f"log_dir={tmp_path / 'x'}", check=False)

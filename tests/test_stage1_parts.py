@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from config.load import load_config
+from data.cifar import load_cifar
+from data.long_tail import long_tail_counts, long_tail_split
 from engine.distributed import Dist
 from engine.run import Progress
 from models import build_model
@@ -39,6 +41,17 @@ def test_progressive_sampler_spans_the_epochs_a_run_under_several_processes_take
         assert not torch.allclose(loader._chunks.sampler.class_probabilities(epochs - 1), balanced)
         for _ in loader.epoch(epochs - 1):
             pass
+
+
+@pytest.mark.parametrize("draw", ["torch", "ldam"])
+def test_stage1_trains_on_the_images_its_subset_draw_keeps(fake_cifar10, draw):
+    cfg = load_config(None, [f"data.root={fake_cifar10}", "data.imbalance_factor=10", f"data.subset_draw={draw}",
+                             "data.subset_seed=2"], "stage1")
+    data, _ = build_data(cfg, torch.device("cpu"), Dist(rank=0, world=1))
+    full = load_cifar("cifar10", fake_cifar10, "train")
+    counts = long_tail_counts(int(full.labels.bincount().min()), 10, 10, "exp")
+    kept = long_tail_split(full.labels, counts, 0, 2, draw)[0]
+    assert torch.equal(data.train_images, full.images[kept]) and torch.equal(data.train_labels, full.labels[kept])
 
 
 def test_a_run_in_process_gives_the_signals_back_when_it_ends(fake_cifar10, tmp_path, tiny_stage1):

@@ -160,7 +160,8 @@ def test_lt_data_root_env_var_sets_default_data_root(monkeypatch):
 
 
 @pytest.mark.parametrize("key, bad", [("train.select_metric", "top5"), ("data.profile", "linear"),
-                                      ("train.schedule", "poly"), ("stage2.init_head", "random")])
+                                      ("train.schedule", "poly"), ("stage2.init_head", "random"),
+                                      ("data.subset_draw", "numpy")])
 def test_closed_set_key_with_another_value_is_an_error_listing_the_valid_values(key, bad):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"{key}={bad}"])

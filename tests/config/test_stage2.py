@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from config.load import config_to_dict, load_config
-from config.stage2 import check_data, check_method, check_tau_norm_keys
+from config.stage2 import check_data, check_method, check_tau_norm_keys, with_stage1_training_set
 
 
 def _stage1(**data) -> dict:
@@ -75,3 +75,12 @@ def test_the_backbone_on_every_batch_is_refused_for_image_files_before_the_run()
                                          r"data.dataset=folder streams image files: set stage2.cache_views to 1"):
         check_data(_stage2("stage2.cache_views=0", "data.dataset=folder"), None)
     assert check_data(_stage2("stage2.cache_views=0"), None) == ""  # CIFAR in memory
+
+
+def test_stage2_trains_on_the_images_stage1_drew_and_refuses_another_draw():
+    s1 = {**_stage1(subset_draw="ldam", subset_seed=3), "model_args": {"name": "resnet32"}}
+    data = with_stage1_training_set(_stage2(), s1).data
+    assert (data.subset_draw, data.subset_seed) == ("ldam", 3)
+    with pytest.raises(SystemExit, match="data.subset_draw='ldam', but the stage-1 run x.pt has "
+                                         "data.subset_draw='torch'"):
+        with_stage1_training_set(_stage2("data.subset_draw=ldam"), {**s1, **_stage1()})

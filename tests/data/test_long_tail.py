@@ -1,5 +1,6 @@
 """Behaviour of long-tailed count profiles, seeded subset draws and shot grouping."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,3 +244,40 @@ def test_second_draw_without_exclusions_is_a_seeded_long_tail_draw():
     labels = torch.arange(3).repeat_interleave(8)
     drawn = second_draw(labels, [8, 4, 2], torch.empty(0, dtype=torch.int64), seed=3)
     assert torch.equal(drawn, long_tail_split(labels, [8, 4, 2], 0, seed=3)[0])  # same rule, same generator order
+
+
+def ldam_code_keeps(labels: np.ndarray, counts: list[int], rand_number: int) -> list[int]:
+    """The indices of the images the LDAM-DRW code's IMBALANCECIFAR10 keeps (imbalance_cifar.py,
+    gen_imbalanced_data, written from it), ascending; numpy's global state is put back afterwards."""
+    state = np.random.get_state()
+    np.random.seed(rand_number)
+    kept = []
+    for the_class, the_img_num in zip(np.unique(labels), counts):
+        idx = np.where(labels == the_class)[0]
+        np.random.shuffle(idx)
+        kept += idx[:the_img_num].tolist()
+    np.random.set_state(state)
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_ldam_draw_keeps_the_images_the_ldam_code_keeps(seed):
+    labels = torch.arange(10).repeat(500)[torch.randperm(5000, generator=torch.Generator().manual_seed(1))]
+    counts = long_tail_counts(500, 10, 100, "exp")  # classes interleaved, as in CIFAR's files
+    train, val = long_tail_split(labels, counts, 0, seed, draw="ldam")
+    assert train.tolist() == ldam_code_keeps(labels.numpy(), counts, seed) and val.numel() == 0
+    assert not torch.equal(train, long_tail_split(labels, counts, 0, seed)[0])  # not the torch draw's images
+
+
+def test_the_ldam_draw_s_validation_images_come_from_the_images_it_leaves_out():
+    labels = torch.arange(10).repeat_interleave(500)
+    counts = long_tail_counts(500, 10, 100, "exp")
+    train, val = long_tail_split(labels, counts, 5, 0, draw="ldam")
+    kept = set(ldam_code_keeps(labels.numpy(), counts, 0))
+    assert not set(val.tolist()) & kept - set(labels.eq(0).nonzero().flatten().tolist())  # head class: its own
+    assert set(train.tolist()) <= kept and torch.bincount(labels[train]).tolist() == [495] + counts[1:]
+
+
+def test_an_unknown_draw_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown subset draw 'numpy'; valid draws: \['ldam', 'torch'\]"):
+        long_tail_split(torch.arange(2), [1, 1], 0, 0, draw="numpy")

@@ -15,6 +15,7 @@ from data.loader import BatchLoader
 from data.samplers import build_sampler
 from models.losses import build_loss
 from models.registry import build_model
+from tests.data.test_long_tail import ldam_code_keeps
 
 LT_COUNTS_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -27,6 +28,13 @@ def root(real_cifar10) -> Path:
 @pytest.fixture(scope="module")
 def lt(root):
     return build_long_tail("cifar10", root, False, 100, "exp", 0, 0)
+
+
+def test_the_ldam_draw_of_the_cifar10_files_keeps_the_ldam_code_s_images(root):
+    full = load_cifar("cifar10", root, "train")
+    lt = build_long_tail("cifar10", root, False, 100, "exp", 0, 0, subset_draw="ldam")
+    kept = torch.tensor(ldam_code_keeps(full.labels.numpy(), LT_COUNTS_IF100, 0))
+    assert torch.equal(lt.train_labels, full.labels[kept]) and torch.equal(lt.train_images, full.images[kept])
 
 
 def test_cifar10_lt_if100_exp_has_the_reference_counts(lt):
