@@ -113,13 +113,15 @@ def warp(images: Tensor, thetas: Tensor, fill: int) -> Tensor:
     pixels from outside the image get `fill`."""
     b, c, h, w = images.shape
     device = images.device
-    base = torch.empty(h, w, 3, device=device)  # pixel centres, origin at the image centre
+    base = torch.empty(h, w, 2, device=device)  # pixel centres (x, y), origin at the image centre
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=device))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=device).unsqueeze(-1))
-    base[..., 2].fill_(1)
     scale = to_device(torch.tensor([0.5 * w, 0.5 * h]), device)
     rescaled = thetas.transpose(1, 2) / scale  # (B, 3, 2), to grid_sample's [-1, 1] units
-    grid = base.view(1, h * w, 3).expand(b, h * w, 3).bmm(rescaled).view(b, h, w, 2)
+    # (B, H, W, 2): x * row 0 + y * row 1 + row 2, elementwise: a bmm would run in TF32 on a GPU with
+    # train.tf32 and move coordinates by ~0.01 px, changing the nearest pixel of some; these are fp32 anywhere
+    r = rescaled[:, None, None]  # (B, 1, 1, 3, 2)
+    grid = base[..., 0, None] * r[..., 0, :] + base[..., 1, None] * r[..., 1, :] + r[..., 2, :]
     # A channel of ones marks the pixels that came from inside the image.
     x = torch.cat((images.float(), images.new_ones(b, 1, h, w, dtype=torch.float32)), 1)
     x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)

@@ -132,7 +132,9 @@ def test_a_balms_head_epoch_on_cuda_waits_for_the_gpu_once(relax):
     opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     sampler = ClassSampler(labels, 10).to(device)
-    features = lambda idx, gen: feats[idx]  # noqa: E731  (cached views on the device)
+    # Cached views on the device, as CachedFeatures: the indices (the meta batch's are drawn on the CPU) go over
+    # first, a pinned copy; indexing a CUDA tensor with a CPU index would copy it and wait.
+    features = lambda idx, gen: feats[to_device(idx, device)]  # noqa: E731
     meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, features, 32, 1.0, relax)
     loss_fn = build_loss("balanced_softmax", [60] * 10, reduction="none").to(device)
     train_head_epoch(head, opt, sched, loss_fn, labels, features, 2, 60, g, meta=meta)  # warm-up
