@@ -189,8 +189,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if t.amp == "fp16":
         states["scaler"] = scaler
     epoch_len = len(loader)
-    progress = (restore(ckpt, states, run_dir, data.class_counts, epoch_len) if ckpt is not None
-                else Progress(t.select_metric))
+    progress = (restore(ckpt, states, run_dir, data.class_counts, epoch_len, train_digest=data.train_digest)
+                if ckpt is not None else Progress(t.select_metric))
     runlog = open_log(cfg, STAGE, run_dir, d, ckpt)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, **data_record(data)}
 

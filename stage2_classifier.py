@@ -26,8 +26,8 @@ from config.cli import check_select_metric, open_log, run_cli, start_processes, 
 from config.load import config_to_dict
 from config.saved import check_stage_of_run
 from config.schema import Config
-from config.stage2 import (Method, check_data, check_method, check_tau_norm_keys, head_choice, keeps_stage1_head,
-                           with_stage1_training_set)
+from config.stage2 import (Method, check_data, check_method, check_tau_norm_keys, check_training_set, head_choice,
+                           keeps_stage1_head, with_stage1_training_set)
 from data.augment import BatchAugment
 from data.build import LongTailData, build_meta_resample, recorded_normalization
 from data.build_files import FileData, build_training_set, data_record
@@ -76,15 +76,14 @@ def stage1_run(cfg: Config, ranks: Dist, resume: bool) -> dict | None:
     return from_rank0(read, ranks)
 
 
-def build_backbone(cfg: Config, s1: dict | None, counts: list[int], method: Method,
+def build_backbone(cfg: Config, s1: dict | None, counts: list[int], digest: str, method: Method,
                    device: torch.device) -> tuple[nn.Module, dict]:
     """The frozen backbone with its stage-1 head, and the model_args of stage 2's checkpoints: a
-    stage-1 run of this tool, or pretrained / imported weights (no training set to match)."""
+    stage-1 run of this tool (its training set compared with counts and digest), or pretrained / imported
+    weights (no training set to match)."""
     keep_head = keeps_stage1_head(cfg, method)
     if s1 is not None and s1.get("config"):
-        if counts != s1["class_counts"]:
-            raise SystemExit(f"error: the training set differs from stage 1's ({counts} vs {s1['class_counts']}): "
-                             f"is data.root the same copy of the dataset?")
+        check_training_set(s1, counts, digest)
         model, model_args = build_model(**s1["model_args"]), s1["model_args"]
         if "model" in s1:  # (not when resuming: main loads the run's own backbone)
             load_state_checked(model, s1["model"], f"model in {cfg.stage1.checkpoint or cfg.model.pretrained}")
@@ -234,7 +233,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size, recorded_normalization(s1, d.dataset) if s1 else None,
                               d.subset_draw)
-    model, model_args = build_backbone(cfg, s1, data.class_counts, method, device)
+    model, model_args = build_backbone(cfg, s1, data.class_counts, data.train_digest, method, device)
     loss_fn = method_loss(cfg, method, data, device)
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)
     if augment_note:
@@ -263,7 +262,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         states.update(meta_sampler=meta.sampler, meta_sampler_optimizer=meta.optimizer)
     progress = Progress(t.select_metric)
     if ckpt is not None:
-        progress = restore(ckpt, states, run_dir, data.class_counts, epoch_len)
+        progress = restore(ckpt, states, run_dir, data.class_counts, epoch_len, train_digest=data.train_digest)
 
     # ---- train the head: one epoch, validate, checkpoint, log
     num_epochs = progress.final_epoch(steps_total, epoch_len)

@@ -3,6 +3,7 @@ config against its method and against the stage-1 run whose backbone it retrains
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 from config.load import changed_keys, check_names
@@ -10,6 +11,8 @@ from config.saved import config_from_dict
 from config.schema import Config, DataConfig, ModelConfig
 from data.build_files import FILE_DATASETS
 from models import MODELS
+
+logger = logging.getLogger("stage2")
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,18 @@ def head_choice(cfg: Config, method: Method) -> str:
     """The keys that choose a stage-2 run's starting head, as an error names them (init_head only where read)."""
     init = f" (stage2.init_head={cfg.stage2.init_head})" if method.head == "new" else ""
     return f"stage2.method={cfg.stage2.method}{init}"
+
+
+def check_training_set(s1: dict, counts: list[int], digest: str) -> None:
+    """The training set stage 2 built has the stage-1 run's class counts (else an error) and images (else a
+    warning: a copy of the data with other pixels or in another order; data.build.training_digest)."""
+    if counts != s1["class_counts"]:
+        raise SystemExit(f"error: the training set differs from stage 1's ({counts} vs {s1['class_counts']}): "
+                         f"is data.root the same copy of the dataset?")
+    if s1.get("train_digest", digest) != digest:  # (releases and runs before 2026-12-06 record none)
+        logger.warning("the training images differ from stage 1's (digest %s, stage 1's %s), though their class "
+                       "counts match: the head trains on other images than the backbone learned from; point "
+                       "data.root at the copy of the dataset stage 1 trained on", digest, s1["train_digest"])
 
 
 def with_stage1_training_set(cfg: Config, s1: dict) -> Config:

@@ -9,6 +9,7 @@ explicitly to everything that needs them.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,17 @@ class LongTailData:
     class_counts: list[int]  # training images per class of the long-tailed set
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    train_digest: str  # training_digest of the labels and the image bytes, in order
+
+
+def training_digest(*parts: bytes | memoryview) -> str:
+    """The first 16 hex digits of the sha256 of `parts`: which training images a run trains on, in their order.
+    Checkpoints record it; stage 2 compares its own with its stage-1 run's (a copy of the data in another order,
+    with other pixels or other files under data.root trains the head on other images than the backbone's)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()[:16]
 
 
 def check_hold_out(labels: torch.Tensor, class_names: list[str], val_per_class: int) -> None:
@@ -82,8 +94,7 @@ def rule_counts(labels: torch.Tensor, class_names: list[str], imbalance_factor: 
 
 
 def long_tail_subset(labels: torch.Tensor, class_names: list[str], imbalance_factor: float, profile: str,
-                     subset_seed: int, val_per_class: int,
-                     subset_draw: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+                     subset_seed: int, val_per_class: int, subset_draw: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) indices: the rule's counts (rule_counts) drawn by `subset_draw` (long_tail.SUBSET_DRAWS),
     validation images from the images the long-tailed draw leaves out (long_tail_split)."""
     check_hold_out(labels, class_names, val_per_class)
@@ -114,12 +125,12 @@ def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_fa
         train_images=full.images[keep], train_labels=full.labels[keep],
         val_images=full.images[val], val_labels=full.labels[val],
         class_names=full.class_names, class_counts=counts, mean=mean, std=std,
+        train_digest=training_digest(full.labels[keep].numpy().tobytes(), memoryview(full.images[keep].numpy())),
     )
 
 
 def build_meta_resample(dataset: str, root: str | Path, download: bool, imbalance_factor: float, profile: str,
-                        subset_seed: int, val_per_class: int,
-                        subset_draw: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+                        subset_seed: int, val_per_class: int, subset_draw: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images, labels) of BALMS's meta set on CIFAR: a second long-tailed draw of the training
     split with the same counts and seed subset_seed + 1, never a validation image (second_draw)."""
     full = load_cifar(dataset, root, "train", download=download)

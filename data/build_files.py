@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from data.build import NORMALIZATION, LongTailData, Normalization, build_long_tail, check_hold_out, long_tail_subset
+from data.build import (NORMALIZATION, LongTailData, Normalization, build_long_tail, check_hold_out, long_tail_subset,
+                        training_digest)
 from data.cifar import DatasetFormatError
 from data.image_files import (LIST_DATASETS, ImageFileDataset, ImageList, eval_transform, read_folder_split,
                               read_list_split, train_transform)
@@ -39,6 +40,7 @@ class FileData:
     class_counts: list[int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    train_digest: str  # training_digest of the paths relative to data.root and the labels, in order
 
 
 def _subset(images: ImageList, index: torch.Tensor) -> ImageList:
@@ -105,6 +107,8 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
         val_images=ImageFileDataset(val, eval_transform(image_size, mean, std)) if val else None,
         val_labels=val.labels if val else torch.empty(0, dtype=torch.int64),
         class_names=train.class_names, class_counts=counts, mean=mean, std=std,
+        train_digest=training_digest("".join(f"{p.relative_to(root).as_posix()}\t{label}\n" for p, label in
+                                             zip(train.paths, train.labels.tolist())).encode()),
     )
 
 
@@ -122,7 +126,7 @@ def build_training_set(dataset: str, root: str | Path, list_dir: str | Path, dow
 
 
 def data_record(data: LongTailData | FileData) -> dict:
-    """What a checkpoint records of its training set: class counts and names, and the (mean, std) its images were
-    normalised with (read back by data.build.recorded_normalization)."""
+    """What a checkpoint records of its training set: class counts and names, the (mean, std) its images were
+    normalised with (read back by data.build.recorded_normalization) and its digest (data.build.training_digest)."""
     return {"class_counts": data.class_counts, "class_names": data.class_names,
-            "normalization": {"mean": list(data.mean), "std": list(data.std)}}
+            "normalization": {"mean": list(data.mean), "std": list(data.std)}, "train_digest": data.train_digest}

@@ -164,11 +164,13 @@ class Progress:
         return self.epoch + math.ceil(max(0, steps_total - self.step + self.epoch_step) / epoch_len)
 
 
-def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: list[int], epoch_len: int) -> Progress:
+def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: list[int], epoch_len: int, *,
+            train_digest: str) -> Progress:
     """Load ckpt[name] into each object (modules with every key checked) and return the progress.
-    The training set (class_counts) must be the run's. (A checkpoint written before 2026-11-27 has no
-    epoch_step: a mid-epoch one, which has epoch_sums, took step - epoch * epoch_len steps of its epoch,
-    since it was written by one process at this epoch length.)"""
+    The training set (class_counts, train_digest: data.build.training_digest) must be the run's (a checkpoint
+    written before 2026-12-06 records no digest: its counts alone are compared). (A checkpoint written before
+    2026-11-27 has no epoch_step: a mid-epoch one, which has epoch_sums, took step - epoch * epoch_len steps of
+    its epoch, since it was written by one process at this epoch length.)"""
     missing = [name for name in objects if name not in ckpt]
     if missing:
         raise CheckpointError(f"{run_dir / 'last.pt'} holds no {', '.join(missing)}: an older version of this tool "
@@ -176,6 +178,10 @@ def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: li
     if ckpt["class_counts"] != class_counts:
         raise RunDirError(f"--resume: this training set has class counts {class_counts}, the run's "
                           f"{ckpt['class_counts']}: point data.root at the copy of the dataset the run was started on")
+    if ckpt.get("train_digest", train_digest) != train_digest:
+        raise RunDirError(f"--resume: these training images (digest {train_digest}) are not the run's "
+                          f"({ckpt['train_digest']}), though their class counts are: point data.root at the copy of "
+                          f"the dataset the run was started on")
     for name, obj in objects.items():
         if isinstance(obj, nn.Module):
             load_state_checked(obj, ckpt[name], f"{name} in {run_dir / 'last.pt'}")

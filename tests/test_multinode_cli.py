@@ -32,7 +32,7 @@ def _free_port() -> int:
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     rng = random.Random()
     while True:
-        port = rng.randrange(10000, max(low, 20000))
+        port = rng.randrange(1024, max(low, 1025))
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -13,7 +13,7 @@ from data.cifar import load_cifar
 from engine.loop import metrics_from_logits, predict_logits
 from models import build_model
 from models.checkpoint import save_checkpoint
-from tests.conftest import write_image_folder
+from tests.conftest import write_fake_cifar10, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +111,13 @@ def test_stage2_on_a_different_training_set_is_refused(fake_cifar10, stage1_run,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.imbalance_factor=20.0" in proc.stderr and "has data.imbalance_factor=10.0" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_stage2_on_another_copy_of_the_data_warns_that_its_images_are_not_stage1_s(stage1_run, tmp_path, run):
+    other = write_fake_cifar10(tmp_path / "other", train_per_class=60, test_per_class=10, seed=1)  # other pixels
+    proc = run(*_stage2(other, stage1_run, tmp_path / "x", "stage2.method=balanced_softmax"))
+    assert "WARNING stage2: the training images differ from stage 1's (digest" in proc.stderr
+    assert (tmp_path / "x" / "last.pt").is_file()
 
 
 def test_stage2_reads_the_training_set_from_the_stage1_checkpoint(fake_cifar10, stage1_run, tmp_path, run):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from config.load import config_to_dict, load_config
-from config.stage2 import check_data, check_method, check_tau_norm_keys, with_stage1_training_set
+from config.stage2 import (check_data, check_method, check_tau_norm_keys, check_training_set,
+                           with_stage1_training_set)
 
 
 def _stage1(**data) -> dict:
@@ -84,3 +85,17 @@ def test_stage2_trains_on_the_images_stage1_drew_and_refuses_another_draw():
     with pytest.raises(SystemExit, match="data.subset_draw='ldam', but the stage-1 run x.pt has "
                                          "data.subset_draw='torch'"):
         with_stage1_training_set(_stage2("data.subset_draw=ldam"), {**s1, **_stage1()})
+
+
+def test_stage2_on_other_images_than_stage1_s_warns_and_on_other_counts_stops(caplog):
+    s1 = {"class_counts": [5, 2], "train_digest": "0123abcd"}
+    check_training_set(s1, [5, 2], "0123abcd")
+    check_training_set({"class_counts": [5, 2]}, [5, 2], "4567ef01")  # a release, or a run from before digests
+    assert caplog.records == []
+    check_training_set(s1, [5, 2], "4567ef01")
+    assert [r.getMessage() for r in caplog.records] == [
+        "the training images differ from stage 1's (digest 4567ef01, stage 1's 0123abcd), though their class counts "
+        "match: the head trains on other images than the backbone learned from; point data.root at the copy of the "
+        "dataset stage 1 trained on"]
+    with pytest.raises(SystemExit, match=r"training set differs from stage 1's \(\[5, 1\] vs \[5, 2\]\)"):
+        check_training_set(s1, [5, 1], "0123abcd")

@@ -1,9 +1,12 @@
 """data.build: the long-tailed counts of a training set whose copy lacks a class."""
+import shutil
+
 import pytest
 import torch
 
-from data.build import rule_counts
-from data.cifar import DatasetFormatError
+from data.build import build_long_tail, build_meta_resample, long_tail_subset, rule_counts, training_digest
+from data.cifar import DatasetFormatError, load_cifar
+from tests.conftest import write_fake_cifar10
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -16,3 +19,26 @@ def test_a_copy_without_images_of_a_class_is_one_error_naming_the_class(imbalanc
         rule_counts(labels, NAMES, imbalance_factor, "exp")
     # with every class present, the reference rule's counts (n_max 50, IF 10)
     assert rule_counts(torch.arange(10).repeat(50), NAMES, 10.0, "exp") == [50, 38, 29, 23, 17, 13, 10, 8, 6, 5]
+
+
+def test_the_cifar_training_digest_follows_the_images_and_their_order_not_the_folder(fake_cifar10, tmp_path):
+    lt = build_long_tail("cifar10", fake_cifar10, False, 10, "exp", 0, 0)
+    assert lt.train_digest == training_digest(lt.train_labels.numpy().tobytes(), lt.train_images.numpy().tobytes())
+    moved = shutil.copytree(fake_cifar10, tmp_path / "moved")
+    assert build_long_tail("cifar10", moved, False, 10, "exp", 0, 0).train_digest == lt.train_digest
+    assert build_long_tail("cifar10", fake_cifar10, False, 10, "exp", 0, 0, subset_draw="ldam").train_digest \
+        != lt.train_digest  # the same counts, other images
+    other = write_fake_cifar10(tmp_path / "other", train_per_class=60, test_per_class=10, seed=1)
+    assert build_long_tail("cifar10", other, False, 10, "exp", 0, 0).train_digest != lt.train_digest
+
+
+@pytest.mark.parametrize("draw", ["torch", "ldam"])
+def test_balms_s_resampled_meta_set_never_holds_a_validation_image_of_either_draw(fake_cifar10, draw):
+    full = load_cifar("cifar10", fake_cifar10, "train")
+    _, val = long_tail_subset(full.labels, full.class_names, 10, "exp", 0, 2, draw)
+    images, labels = build_meta_resample("cifar10", fake_cifar10, False, 10, "exp", 0, 2, draw)
+    as_rows = {bytes(i.numpy()) for i in full.images[val]}
+    assert not as_rows & {bytes(i.numpy()) for i in images}
+    other_draw = {"torch": "ldam", "ldam": "torch"}[draw]
+    other = long_tail_subset(full.labels, full.class_names, 10, "exp", 0, 2, other_draw)[1]
+    assert not torch.equal(val, other)  # the two draws hold out other images: the test tells them apart

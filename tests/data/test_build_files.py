@@ -1,6 +1,8 @@
 """data.build_files: the splits of image-folder and split-list datasets, on tiny real JPEG files."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -9,8 +11,8 @@ from data.augment import CIFAR10_MEAN, CIFAR10_STD
 from data.build import recorded_normalization
 from data.build_files import DATASET_KINDS, FILE_DATASETS, build_file_data, data_record, read_test_split
 from data.cifar import DatasetFormatError
-from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, LIST_DATASETS
-from data.long_tail import long_tail_counts
+from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, LIST_DATASETS, read_folder_split
+from data.long_tail import long_tail_counts, long_tail_split
 from tests.conftest import write_image_folder, write_image_lists
 
 CLASSES = ("ant", "bee", "cow", "dog")
@@ -133,3 +135,21 @@ def test_a_one_class_folder_takes_no_imbalance_factor_and_says_so(tmp_path):
     with pytest.raises(DatasetFormatError, match=r"data.imbalance_factor=10 needs at least 2 classes, the training "
                                                  r"data has 1: set data.imbalance_factor=1$"):
         build_file_data("folder", root, "", 10.0, "exp", 0, 0, 16)
+
+
+def test_the_training_digest_of_image_files_names_them_relative_to_the_root(tmp_path):
+    here = _folder(tmp_path / "here")
+    data = build_file_data("folder", here, "", 4.0, "exp", 0, 0, 16)
+    assert data_record(data)["train_digest"] == data.train_digest
+    there = shutil.copytree(here, tmp_path / "there")
+    assert build_file_data("folder", there, "", 4.0, "exp", 0, 0, 16).train_digest == data.train_digest
+    assert build_file_data("folder", here, "", 4.0, "exp", 1, 0, 16).train_digest != data.train_digest  # other files
+
+
+def test_a_folder_s_long_tail_keeps_the_files_its_subset_draw_keeps(tmp_path):
+    root = _folder(tmp_path)
+    every = read_folder_split(root, "train")
+    for draw in ("torch", "ldam"):
+        data = build_file_data("folder", root, "", 4.0, "exp", 5, 0, 16, subset_draw=draw)
+        kept = long_tail_split(every.labels, long_tail_counts(12, 4, 4.0, "exp"), 0, 5, draw)[0]
+        assert data.train_images.images.paths == [every.paths[i] for i in kept.tolist()]

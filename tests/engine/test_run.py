@@ -91,7 +91,7 @@ def test_restore_loads_every_state_and_returns_the_progress_leaving_the_log_to_t
             "best": {"metric": "few", "value": 0.25, "epoch": 1}, "class_counts": [5, 2]}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
     other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
-    progress = restore(ckpt, {"model": other, "optimizer": other_opt}, tmp_path, [5, 2], epoch_len=10)
+    progress = restore(ckpt, {"model": other, "optimizer": other_opt}, tmp_path, [5, 2], epoch_len=10, train_digest="d")
     assert progress == Progress("few", epoch=2, step=20, best_value=0.25, best_epoch=1, epoch_step=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert other_opt.state_dict()["state"][0]["momentum_buffer"].shape == (2, 3)
@@ -111,7 +111,7 @@ def test_a_resumed_run_keeps_a_best_pt_written_after_its_last_pt_until_an_epoch_
     runlog.close()  # killed here: last.pt is epoch 1's (best 0.3), best.pt epoch 3's (0.8)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["best"]["value"] == 0.3
-    progress = restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], epoch_len=10)
+    progress = restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], epoch_len=10, train_digest="d")
     assert (progress.epoch, progress.best_value, progress.best_epoch) == (1, 0.8, 3)
     runlog = RunLog(tmp_path)
     # the resumed epoch 2 (0.6) beats last.pt's 0.3, not best.pt's 0.8; the resumed epoch 3 (0.85) beats both
@@ -132,7 +132,8 @@ def test_restore_gives_the_steps_taken_of_the_epoch_in_progress(tmp_path, saved,
     ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 2, "step": 20, "best": {"metric": "top1", "value": None,
                                                                                     "epoch": None},
             "class_counts": [5, 2], **saved}
-    assert restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], epoch_len).epoch_step == expected
+    progress = restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], epoch_len, train_digest="d")
+    assert progress.epoch_step == expected
 
 
 @pytest.mark.parametrize("epoch, step, epoch_step, expected", [
@@ -150,13 +151,22 @@ def test_the_final_epoch_reaches_the_schedule_s_total_steps_whatever_the_epochs_
 def test_restore_from_a_checkpoint_without_a_state_it_needs_says_to_start_a_new_run(tmp_path):
     ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}, "class_counts": [5, 2]}
     with pytest.raises(CheckpointError, match="holds no head.*start a new run"):
-        restore(ckpt, {"model": nn.Linear(3, 2), "head": nn.Linear(3, 2)}, tmp_path, [5, 2], 1)
+        restore(ckpt, {"model": nn.Linear(3, 2), "head": nn.Linear(3, 2)}, tmp_path, [5, 2], 1, train_digest="d")
 
 
 def test_resume_on_another_training_set_names_both_class_counts(tmp_path):
     ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}, "class_counts": [5, 2]}
     with pytest.raises(RunDirError, match=r"class counts \[5, 1\], the run's \[5, 2\]: point data.root at the copy"):
-        restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 1], 1)
+        restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 1], 1, train_digest="d")
+
+
+def test_resume_on_other_images_with_the_same_class_counts_names_both_digests(tmp_path):
+    ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "class_counts": [5, 2],
+            "best": {"metric": "top1", "value": None, "epoch": None}, "train_digest": "0123abcd"}
+    with pytest.raises(RunDirError, match=r"these training images \(digest 4567ef01\) are not the run's "
+                                          r"\(0123abcd\), though their class counts are: point data.root at the copy"):
+        restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], 1, train_digest="4567ef01")
+    assert restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], 1, train_digest="0123abcd").step == 1
 
 
 def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved(tmp_path):
