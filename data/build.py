@@ -117,15 +117,15 @@ def build_long_tail(dataset: str, root: str | Path, download: bool, imbalance_fa
     full = load_cifar(dataset, root, "train", download=download)
     keep, val = long_tail_subset(full.labels, full.class_names, imbalance_factor, profile, subset_seed, val_per_class,
                                  subset_draw)
-    counts = class_counts(full.labels[keep], spec.num_classes)
+    images, labels = full.images[keep], full.labels[keep]
+    counts = class_counts(labels, spec.num_classes)
     mean, std = normalization or NORMALIZATION[dataset]
     logger.info("%s-LT %s IF %g: %d training images, %d validation, counts %s",
                 spec.display_name, profile, imbalance_factor, len(keep), len(val), counts)
     return LongTailData(
-        train_images=full.images[keep], train_labels=full.labels[keep],
-        val_images=full.images[val], val_labels=full.labels[val],
+        train_images=images, train_labels=labels, val_images=full.images[val], val_labels=full.labels[val],
         class_names=full.class_names, class_counts=counts, mean=mean, std=std,
-        train_digest=training_digest(full.labels[keep].numpy().tobytes(), memoryview(full.images[keep].numpy())),
+        train_digest=training_digest(labels.numpy().tobytes(), memoryview(images.numpy())),
     )
 
 
