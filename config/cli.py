@@ -29,6 +29,7 @@ from engine.distributed import Dist, from_rank0, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import RunDirError, claim_run_dir, default_checkpoint, resume_checkpoint, setup_run, trim_metrics_log
 from engine.runlog import RunLog
+from engine.stopping import Terminated, raise_on_sigterm
 from models.checkpoint import CheckpointError, remove_stale_temp_files
 from models.download import DownloadError
 
@@ -212,8 +213,8 @@ USER_ERROR_STATUS = 2  # the exit status of a user error, as argparse uses for a
 def exit_on_user_error(command: Callable[[], object], debug: bool = False) -> None:
     """Run a command-line program: a user error (SystemExit with its message) prints that one line to
     stderr (and to the run's train.log when one is open) and exits with USER_ERROR_STATUS, with the
-    traceback first when `debug`; Ctrl-C is one line too (exit 130); anything else (a bug) keeps its
-    traceback."""
+    traceback first when `debug`; Ctrl-C and SIGTERM are one line too (exit 130, 143); anything else (a bug)
+    keeps its traceback."""
     try:
         command()
     except SystemExit as e:
@@ -224,21 +225,24 @@ def exit_on_user_error(command: Callable[[], object], debug: bool = False) -> No
             print(e.code, file=sys.stderr)
             raise SystemExit(USER_ERROR_STATUS) from None
         raise
-    except KeyboardInterrupt:  # Ctrl-C where no StopRequest listens (start-up, --test, torchrun workers)
-        message = "stopped by SIGINT (Ctrl-C); --resume continues from the last checkpoint written, if any"
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM where no StopRequest listens (start-up, --test, torchrun)
+        signum, name = (signal.SIGTERM, "SIGTERM") if isinstance(e, Terminated) else (signal.SIGINT, "SIGINT (Ctrl-C)")
+        message = f"stopped by {name}; --resume continues from the last checkpoint written, if any"
         log_to_files(message)
         print(message, file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT) from None
+        raise SystemExit(128 + signum) from None
 
 
 def run_program(command: Callable[[], object], debug: bool = False) -> None:
-    """A command-line program's top: exit_on_user_error, then signals end the process at once.
+    """A command-line program's top: SIGTERM raises as Ctrl-C does (raise_on_sigterm), exit_on_user_error, then
+    signals end the process at once.
 
     Once `command` has returned or raised, its work is saved; a signal now lands while the interpreter
     shuts down, inside some finaliser (a second Ctrl-C 50 ms after the first, which has just stopped the
     run). Raising there, as StopRequest or Python's Ctrl-C do, prints that finaliser's traceback; this
     writes one line and exits with 128 + the signal instead. What the program printed is flushed first
     (predict.py's lines in a pipe): exiting at once skips the interpreter's own flush."""
+    raise_on_sigterm()
     try:
         exit_on_user_error(command, debug)
     finally:

@@ -3,6 +3,7 @@ last.pt and says how to resume."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,24 @@ if TYPE_CHECKING:  # engine.run imports this module
     from engine.run import Progress
 
 logger = logging.getLogger(__name__)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where no StopRequest listens (start-up, stage 2's features, --test, between a sweep's runs), raised
+    as Ctrl-C's KeyboardInterrupt is: the program unwinds the same way (a DataLoader worker that gets the signal
+    too exits quietly, as on Ctrl-C) and its top prints one line (config.cli.exit_on_user_error)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def raise_on_sigterm() -> None:
+    """SIGTERM raises Terminated in a single process. Under torchrun (WORLD_SIZE > 1) it still ends a worker at
+    once: a Python handler runs only between Python steps, and torchrun stops a failed job's other workers,
+    which may wait inside a collective, with SIGTERM."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 class StopRequest:

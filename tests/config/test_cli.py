@@ -1,6 +1,7 @@
 """The shared command line: options and overrides in any order, and user errors as one line."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,32 @@ def command():
 
 run_program(command)
 """
+
+
+# A SIGTERM where no StopRequest listens: loading the data, computing stage 2's features, --test.
+SIGTERM_AT_START = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from config.cli import run_program
+
+def command():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+run_program(command)
+"""
+
+
+@pytest.mark.parametrize("world", [None, "1", "2"])
+def test_a_sigterm_before_the_training_loop_is_one_line_and_exit_143_except_under_torchrun(world):
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | ({"WORLD_SIZE": world} if world else {})
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_AT_START, str(REPO)], capture_output=True, text=True,
+                          timeout=60, env=env)
+    if world == "2":  # torchrun stops a failed job's other workers with SIGTERM, which must end them at once
+        assert (proc.returncode, proc.stderr) == (-signal.SIGTERM, "")
+    else:
+        assert proc.returncode == 143
+        assert proc.stderr == "stopped by SIGTERM; --resume continues from the last checkpoint written, if any\n"
 
 
 def test_a_signal_while_the_program_exits_ends_it_at_once_with_one_line_no_traceback_and_its_output():
