@@ -210,11 +210,11 @@ def test(cfg: Config, ckpt_path: Path | None) -> dict:
 USER_ERROR_STATUS = 2  # the exit status of a user error, as argparse uses for a bad command line
 
 
-def exit_on_user_error(command: Callable[[], object], debug: bool = False) -> None:
+def exit_on_user_error(command: Callable[[], object], debug: bool = False, resumable: bool = False) -> None:
     """Run a command-line program: a user error (SystemExit with its message) prints that one line to
     stderr (and to the run's train.log when one is open) and exits with USER_ERROR_STATUS, with the
-    traceback first when `debug`; Ctrl-C and SIGTERM are one line too (exit 130, 143); anything else (a bug)
-    keeps its traceback."""
+    traceback first when `debug`; Ctrl-C and SIGTERM are one line too (exit 130, 143; a `resumable` program's
+    line says that --resume continues); anything else (a bug) keeps its traceback."""
     try:
         command()
     except SystemExit as e:
@@ -227,13 +227,14 @@ def exit_on_user_error(command: Callable[[], object], debug: bool = False) -> No
         raise
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM where no StopRequest listens (start-up, --test, torchrun)
         signum, name = (signal.SIGTERM, "SIGTERM") if isinstance(e, Terminated) else (signal.SIGINT, "SIGINT (Ctrl-C)")
-        message = f"stopped by {name}; --resume continues from the last checkpoint written, if any"
+        message = f"stopped by {name}" + ("; --resume continues from the last checkpoint written, if any"
+                                           if resumable else "")
         log_to_files(message)
         print(message, file=sys.stderr)
         raise SystemExit(128 + signum) from None
 
 
-def run_program(command: Callable[[], object], debug: bool = False) -> None:
+def run_program(command: Callable[[], object], debug: bool = False, resumable: bool = False) -> None:
     """A command-line program's top: SIGTERM raises as Ctrl-C does (raise_on_sigterm), exit_on_user_error, then
     signals end the process at once.
 
@@ -244,7 +245,7 @@ def run_program(command: Callable[[], object], debug: bool = False) -> None:
     (predict.py's lines in a pipe): exiting at once skips the interpreter's own flush."""
     raise_on_sigterm()
     try:
-        exit_on_user_error(command, debug)
+        exit_on_user_error(command, debug, resumable)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _exit_at_once)
@@ -301,4 +302,4 @@ def run_cli(stage: str, description: str, main: Callable[..., dict]) -> None:
             else:
                 main(cfg, resume=args.resume)
 
-    run_program(command, args.debug)
+    run_program(command, args.debug, resumable=True)

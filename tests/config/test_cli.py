@@ -193,10 +193,13 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as exit_info:
-        exit_on_user_error(interrupted)
+        exit_on_user_error(interrupted, resumable=True)  # the entry scripts
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == ("stopped by SIGINT (Ctrl-C); --resume continues from the last checkpoint "
                                        "written, if any\n")
+    with pytest.raises(SystemExit):
+        exit_on_user_error(interrupted)  # predict.py and the benches have no --resume
+    assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
 
 
 # The program's first Ctrl-C stops the run, which saves and exits; the second lands while the interpreter
@@ -233,7 +236,7 @@ def command():
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)
 
-run_program(command)
+run_program(command, resumable=True)
 """
 
 
