@@ -10,6 +10,9 @@ alive across epochs; a batch sampler whose epoch is set before each pass feeds t
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -18,6 +21,23 @@ from torch.utils.data import DataLoader, Dataset
 from data.loader import check_batch_size, epoch_generator, epoch_steps, rank_share
 
 _SEED_BOUND = 2**62  # per-sample seeds are drawn in [0, 2^62)
+WORKER_GRACE_S = 60.0  # a worker's life after a SIGTERM it outlives (see keep_working_on_sigterm)
+
+
+def keep_working_on_sigterm(worker_id: int) -> None:
+    """worker_init_fn of every DataLoader of image files. A SIGTERM to all of a job's processes (a scheduler
+    stopping the job, `kill -TERM -PGID`) killed the workers at once (torch's handler), and the main process, which
+    finishes its step to save last.pt, failed on 'worker killed by signal' instead. A worker now goes on and stops
+    when the main process shuts the loader down; a second SIGTERM (the main process's, for a worker that does not
+    stop) or WORKER_GRACE_S after the first ends it."""
+    signal.signal(signal.SIGTERM, _outlive_first_sigterm)
+
+
+def _outlive_first_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    timer = threading.Timer(WORKER_GRACE_S, os._exit, (0,))
+    timer.daemon = True  # a worker shut down before then exits without waiting for it
+    timer.start()
 
 
 class EpochBatches:
@@ -57,7 +77,7 @@ class StreamLoader:
         self.device, self.channels_last = device, channels_last
         self.loader = DataLoader(dataset, batch_sampler=self.batches, num_workers=workers,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None)
+                                 prefetch_factor=4 if workers > 0 else None, worker_init_fn=keep_working_on_sigterm)
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from data.augment import normalize
 from data.loader import epoch_generator
+from data.stream import keep_working_on_sigterm
 from data.transfer import to_device
 from engine.loop import forward_each
 from engine.distributed import Dist, gather_rows, sum_over_ranks
@@ -74,7 +75,8 @@ def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Aug
             sample_seeds = torch.randint(0, 2**62, (len(images),), generator=epoch_generator(seed, k, stream))
             items = list(zip(range(shard.start, shard.stop), sample_seeds[shard].tolist()))
             batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-            loader = DataLoader(images, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
+            loader = DataLoader(images, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+                                worker_init_fn=keep_working_on_sigterm)
             local = features(tqdm((x for x, _ in loader), total=len(batches), desc=desc, leave=False, disable=None))
         view = gather_rows(local, d)
         views.append(view.to("cpu", torch.float16) if host_half else view)

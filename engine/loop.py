@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from data.augment import normalize
 from data.transfer import to_device, widest_float
+from data.stream import keep_working_on_sigterm
 from engine.device import autocast, grad_scaler
 from engine.distributed import Dist, gather_equal, gather_rows, sum_over_ranks
 from engine.metrics import summarize
@@ -179,7 +180,7 @@ def predict_logits(
                    for start in range(0, len(images), batch_size))
     else:
         batches = (x for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers,
-                                            pin_memory=device.type == "cuda"))
+                                            pin_memory=device.type == "cuda", worker_init_fn=keep_working_on_sigterm))
     batches = tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False, disable=None)
     out = forward_each(model, batches, device, channels_last, amp)
     return torch.cat(out).cpu() if out else torch.empty(0)

@@ -1,6 +1,7 @@
 """SIGTERM and SIGINT: the step in progress ends, last.pt is saved mid-epoch, the run says how to
 resume and exits 128 + the signal; --resume then reaches the uninterrupted result. A second Ctrl-C
 stops at once. (Stage 1's single signal: tests/test_stage1_cli.py.)"""
+import os
 import shutil
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import wait_for_checkpoint
+from tests.conftest import wait_for_checkpoint, write_image_folder
 from tests.faults.kill_resume import REPO, command, differences, run_to_end
 
 pytestmark = pytest.mark.slow
@@ -111,3 +112,28 @@ def test_a_resumed_fine_tuning_run_needs_not_its_pretrained_file_again(fake_cifa
     weights.unlink()
     run_to_end([*command(1, fake_cifar10, stopped), f"model.pretrained={weights}", "--resume"])
     assert differences(full, stopped) == []
+
+
+def test_a_sigterm_to_every_process_of_an_image_file_run_stops_it_after_the_step_workers_and_all(tmp_path):
+    """A scheduler stopping a job signals all of its processes, the DataLoader workers too: they outlive the
+    signal, so the main process finishes its step, saves last.pt mid-epoch and shuts them down (torch's own
+    handler killed them, and the step failed on 'worker killed by signal', with a traceback and nothing saved)."""
+    root = write_image_folder(tmp_path / "images", {"train": dict.fromkeys("abcd", 40),
+                                                    "test": dict.fromkeys("abcd", 5)})
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "stage1_train.py", "data.dataset=folder", f"data.root={root}", "data.imbalance_factor=1",
+            "data.workers=2", "data.image_size=32", "train.epochs=4", "train.warmup=1", "train.batch_size=8",
+            "train.num_threads=1", f"log_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a job's
+    wait_for_checkpoint(run_dir, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM at step" in stderr and "Traceback" not in stderr
+    saved = torch.load(run_dir / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["step"] > 20 and "epoch_sums" in saved  # mid-epoch 2, 20 steps an epoch
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no worker of it is left
+    run_to_end([*args, "--resume"])
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 80
