@@ -63,6 +63,11 @@ def _torch_shuffle(seed: int, generator: torch.Generator) -> Shuffle:
     return lambda members: members[torch.randperm(members.numel(), generator=generator)]
 
 
+def _seeded_shuffle(seed: int) -> Shuffle:
+    """The torch draw with a generator of its own, seeded with `seed`."""
+    return _torch_shuffle(seed, torch.Generator().manual_seed(seed))
+
+
 def _ldam_shuffle(seed: int, generator: torch.Generator) -> Shuffle:
     """The LDAM-DRW code's draw (imbalance_cifar.py): numpy's legacy generator seeded once with `seed`
     (its `rand_number`, 0), then each class's indices, in class order, shuffled in place by it."""
@@ -147,7 +152,7 @@ def second_draw(labels: torch.Tensor, counts: Sequence[int], exclude: torch.Tens
     candidates = torch.nonzero(pool).flatten()
     available = torch.bincount(labels[candidates], minlength=len(counts)).tolist()
     wanted = [min(n, a) for n, a in zip(counts, available)]
-    drawn, _ = _draw_per_class(labels[candidates], wanted, _torch_shuffle(seed, torch.Generator().manual_seed(seed)))
+    drawn, _ = _draw_per_class(labels[candidates], wanted, _seeded_shuffle(seed))
     return candidates[drawn]
 
 
@@ -163,7 +168,7 @@ def hold_out_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple
     if per_class == 0 or labels.numel() == 0:
         return torch.arange(labels.numel(), dtype=torch.int64), torch.empty(0, dtype=torch.int64)
     wanted = [per_class if n else 0 for n in torch.bincount(labels.long()).tolist()]
-    held_out, remaining = _draw_per_class(labels, wanted, _torch_shuffle(seed, torch.Generator().manual_seed(seed)))
+    held_out, remaining = _draw_per_class(labels, wanted, _seeded_shuffle(seed))
     return remaining, held_out
 
 

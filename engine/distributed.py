@@ -41,11 +41,16 @@ class Dist:
         return slice(start, start + per + (self.rank < extra))
 
 
+def launched_world() -> int:
+    """The number of processes torchrun started (its WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_name: str, timeout_s: float) -> tuple[Dist, torch.device]:
     """(Dist, device) of this process. Under torchrun: one process per rank, the process group up
     (nccl on CUDA, gloo on CPU) with collectives that fail after timeout_s instead of hanging when a
     rank dies; on CUDA each rank takes cuda:LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     if world == 1:
         return Dist(), resolve_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data.augment import normalize
-from data.transfer import to_device, widest_float
 from data.stream import keep_working_on_sigterm
+from data.transfer import to_device, widest_float
 from engine.device import autocast, grad_scaler
 from engine.distributed import Dist, gather_equal, gather_rows, sum_over_ranks
 from engine.metrics import summarize

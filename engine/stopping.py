@@ -3,11 +3,11 @@ last.pt and says how to resume."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.distributed import launched_world
 from engine.runlog import RunLog
 from models.checkpoint import save_checkpoint
 
@@ -31,7 +31,7 @@ def raise_on_sigterm() -> None:
     """SIGTERM raises Terminated in a single process. Under torchrun (WORLD_SIZE > 1) it still ends a worker at
     once: a Python handler runs only between Python steps, and torchrun stops a failed job's other workers,
     which may wait inside a collective, with SIGTERM."""
-    if os.environ.get("WORLD_SIZE", "1") == "1":
+    if launched_world() == 1:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
