@@ -183,7 +183,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     train_model = wrap_for_training(model, t, device, d)  # checkpoints save `model`
     optimizer, scheduler, steps_total = sgd_with_schedule(
         parameter_groups(model, loss_fn), len(loader), t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs,
-        t.iterations, t.warmup, t.schedule, t.milestones, t.gamma, t.warmup_start)
+        t.iterations, t.warmup, t.schedule, t.milestones, t.gamma, t.warmup_start, fused=t.amp == "fp16")
     scaler = grad_scaler(device, t.amp)
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if t.amp == "fp16":

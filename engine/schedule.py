@@ -45,15 +45,39 @@ def total_steps(epoch_len: int, epochs: int, iterations: int) -> int:
 def sgd_with_schedule(params: Iterable[torch.nn.Parameter] | Iterable[dict], epoch_len: int, lr: float,
                       momentum: float, weight_decay: float, nesterov: bool, epochs: int, iterations: int,
                       warmup: float, kind: str, milestones: Sequence[float], gamma: float, warmup_start: float = 0.0,
-                      ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR, int]:
+                      fused: bool = False) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR, int]:
     """(SGD, its per-step schedule, total steps) of a run of `epochs` epochs or `iterations` steps.
 
     warmup and milestones count epochs, or steps when iterations > 0. `params` may be parameter
-    groups (dicts), e.g. one whose weight_decay is 0.
+    groups (dicts), e.g. one whose weight_decay is 0. fused: SGD's one-kernel step, which takes an
+    fp16 GradScaler's scale and overflow flag as device tensors and skips itself on an overflow; with a
+    plain SGD the scaler reads the flag back to the host before each step, a wait for the GPU a step.
     """
     steps = total_steps(epoch_len, epochs, iterations)
     unit = 1 if iterations > 0 else epoch_len  # steps per unit of warmup and milestones
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                fused=fused or None)
+    keep_kernel(optimizer, fused)
+    optimizer.register_load_state_dict_post_hook(lambda opt: keep_kernel(opt, fused))
     scheduler = build_scheduler(optimizer, steps, round(warmup * unit), kind, [round(m * unit) for m in milestones],
                                 gamma, warmup_start)
     return optimizer, scheduler, steps
+
+
+def keep_kernel(optimizer: torch.optim.SGD, fused: bool) -> None:
+    """The SGD kernel this run chose, made safe for GradScaler, after construction and after loading a checkpoint.
+
+    A checkpoint's param groups carry the kernel of the run that saved it; this run keeps its own, since
+    whether GradScaler hands the step its overflow flag was fixed when the optimiser was made (a plain
+    step handed one fails). The fused step makes its momentum buffers with torch.empty_like on its first
+    call and fills them only if that step is taken: one skipped for an fp16 overflow, as the first steps
+    at GradScaler's initial scale usually are, left them uninitialised (NaN weights a step later; torch
+    2.14). Zeroed before any step, the first step taken sets them to momentum * 0 + grad, plain SGD's
+    first buffer exactly (dampening is 0).
+    """
+    for group in optimizer.param_groups:
+        group["fused"] = fused or None
+        if fused and group["momentum"] > 0:
+            for p in group["params"]:
+                if "momentum_buffer" not in optimizer.state[p]:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)

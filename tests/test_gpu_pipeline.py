@@ -82,6 +82,26 @@ def test_training_steps_on_cuda_do_not_wait_for_the_gpu(prefetch):
     assert len(syncs) == 1, syncs
 
 
+def test_an_fp16_epoch_on_cuda_with_stage_1s_fused_sgd_waits_for_the_gpu_once():
+    """fp16 as stage 1 runs it: a GradScaler and the fused SGD, which takes each step's overflow flag on the
+    GPU (a plain SGD makes the scaler read it back, a wait a step)."""
+    from engine.device import grad_scaler
+    from engine.schedule import sgd_with_schedule
+
+    device = torch.device("cuda")
+    loader = _loader(False, chunk=8192)
+    model = build_model("resnet32", 10).to(device).to(memory_format=torch.channels_last)
+    opt, sched, _ = sgd_with_schedule(model.parameters(), len(loader), 0.05, 0.9, 5e-4, False, 3, 0, 0, "cosine",
+                                      (), 0.1, fused=True)
+    scaler = grad_scaler(device, "fp16")
+    train_one_epoch(model, islice(loader.epoch(0), 2), 2, nn.CrossEntropyLoss(), opt, sched, amp="fp16",
+                    scaler=scaler)  # warm-up: the scaler's state, cuDNN's kernels
+    out, syncs = _waits(lambda: train_one_epoch(model, loader.epoch(1), len(loader), nn.CrossEntropyLoss(), opt,
+                                                 sched, amp="fp16", scaler=scaler))
+    assert len(loader) == 8 and out["loss"] > 0 and scaler.get_scale() > 0
+    assert len(syncs) == 1, syncs
+
+
 def test_evaluation_on_cuda_of_images_in_host_memory_waits_for_the_gpu_once():
     """Each batch goes over in a copy from pinned memory (the host queues the next one at once); the
     logits come back once, at the end."""

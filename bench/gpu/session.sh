@@ -17,7 +17,7 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 git log --oneline -1 2>/dev/null || true
 python3 .gpudata/make_cifar10.py /tmp/data > /dev/null && export LT_DATA_ROOT=/tmp/data
 mark "pytest -m gpu"
-timeout 170 python3 -m pytest -m gpu -v -p no:cacheprovider --durations=14 tests/test_gpu_pipeline.py \
+timeout 170 python3 -m pytest -m gpu -v -p no:cacheprovider --durations=15 tests/test_gpu_pipeline.py \
     tests/data/test_transfer.py tests/engine/test_device.py tests/test_gpu_cli.py \
     > "$OUT/pytest_gpu.txt" 2>&1; echo "pytest rc $?" >> "$OUT/pytest_gpu.txt"; grep -E "PASS|FAIL|ERROR|SKIP|rc " "$OUT/pytest_gpu.txt" | tail -20
 mark "throughput: fp32 + bf16, prefetch off/on"

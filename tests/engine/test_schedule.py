@@ -82,3 +82,44 @@ def test_warmup_from_half_the_peak_is_the_balms_schedule_from_0_05_to_0_1():
     lrs = [0.1 * lr_factor(s, TOTAL, W, "cosine", warmup_start=0.5) for s in range(W + 1)]
     assert lrs == pytest.approx([0.0625, 0.075, 0.0875, 0.1, 0.1], rel=1e-12)
     assert lr_factor(W + 8, TOTAL, W, "cosine", warmup_start=0.5) == pytest.approx(0.5)  # the cosine is unchanged
+
+
+@pytest.mark.parametrize("saved_fused, fused", [(False, True), (True, False)])
+def test_a_resumed_optimiser_keeps_its_own_kernel_and_steps_with_the_scaler(saved_fused, fused):
+    """An fp16 run's last.pt from before its SGD was fused (and the reverse) resumes: the loaded param groups
+    would say which kernel the saving run used, but GradScaler hands the overflow flag only to an optimiser
+    made fused, and a plain step given one fails."""
+    from engine.schedule import sgd_with_schedule
+
+    def make(fused):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 2)
+        return layer, sgd_with_schedule(layer.parameters(), 5, 0.1, 0.9, 1e-4, False, 2, 0, 1, "cosine", (), 0.1,
+                                        fused=fused)[0]
+
+    def step(layer, opt, scaler):
+        scaler.scale(layer(torch.ones(3, 4)).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    layer, saved = make(saved_fused)
+    step(layer, saved, torch.amp.GradScaler("cpu"))
+    layer, opt = make(fused)
+    opt.load_state_dict(saved.state_dict())
+    assert [g["fused"] for g in opt.param_groups] == [fused or None]
+    before = layer.weight.detach().clone()
+    step(layer, opt, torch.amp.GradScaler("cpu"))
+    assert not torch.equal(before, layer.weight)
+
+
+def test_a_fused_sgd_starts_and_resumes_with_zeroed_momentum_until_a_step_is_taken():
+    """Loaded from a plain SGD's checkpoint of a run whose steps were all skipped (no momentum yet), the fused
+    optimiser's buffers are zeros again, never the uninitialised ones its own first step would make."""
+    from engine.schedule import sgd_with_schedule
+
+    layer = torch.nn.Linear(4, 2)
+    fresh = sgd_with_schedule(layer.parameters(), 5, 0.1, 0.9, 0.0, False, 2, 0, 0, "step", (), 0.1, fused=True)[0]
+    plain = sgd_with_schedule(layer.parameters(), 5, 0.1, 0.9, 0.0, False, 2, 0, 0, "step", (), 0.1)[0]
+    assert all(not s for s in plain.state.values())
+    fresh.load_state_dict(plain.state_dict())
+    assert [fresh.state[p]["momentum_buffer"].tolist() for p in layer.parameters()] == [[[0.0] * 4] * 2, [0.0] * 2]
