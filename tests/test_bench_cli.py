@@ -122,11 +122,17 @@ def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training
      "config error: stage2.method='bogus' is not one of balanced_softmax, balms, crt, lws, tau_norm"),
     ("bench/stage2_speed.py", ["--stage1", "{tmp}/none.pt", "--methods", "crt", "train.lr=-1"],
      "config error: train.lr=-1"),
+    # --live-bn goes to the naive runs only (the cached ones refuse stage2.live_bn): every config passes,
+    # and the missing checkpoint is what stops it
+    ("bench/stage2_speed.py", ["--stage1", "{tmp}/none.pt", "--live-bn", "eval", "--methods", "balms"],
+     "error: no checkpoint at {tmp}/none.pt"),
+    ("bench/stage2_speed.py", ["--stage1", "{tmp}/none.pt", "stage2.live_bn=eval"],
+     "stage2_speed.py: error: stage2.live_bn is read by the naive runs only: pass --live-bn instead; see --help"),
     ("bench/loader_speed.py", ["--folder", "{tmp}/none", "--root", "{data}"],
      "error: training images not found: {tmp}/none/train is not a folder"),
 ], ids=["imbalance-factor", "negative-iterations", "zero-iterations", "no-data", "no-data-ldam", "truncated-json",
         "no-run-directory", "no-checkpoint", "stage2-zero-iterations", "stage2-zero-views", "stage2-bad-method",
-        "stage2-override", "no-folder"])
+        "stage2-override", "stage2-live-bn-flag", "stage2-live-bn-override", "no-folder"])
 def test_a_bench_driver_refuses_bad_input_in_one_line_with_status_2_and_leaves_no_run_directory(
         run, tmp_path, script, args, message):
     data = write_fake_cifar10(tmp_path / "data", train_per_class=100, test_per_class=1) if "{data}" in str(args) else ""
