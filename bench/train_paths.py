@@ -20,6 +20,7 @@ from data.samplers import build_sampler
 from engine.compiled import CompiledForBatchSizes
 from engine.device import grad_scaler
 from engine.loop import train_one_epoch
+from engine.schedule import sgd_with_schedule
 from models import build_model
 
 
@@ -80,8 +81,9 @@ def train_bench(data, device, batch, amp, channels_last, chunk, augment, prefetc
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
     run_model = CompiledForBatchSizes(model, {batch}) if compile_model else model  # as stage1_train.py
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    # A constant lr; SGD as stage1_train.py makes it (fused at fp16, its momentum zeroed before the first step).
+    optimizer, scheduler, _ = sgd_with_schedule(model.parameters(), 1, 0.01, 0.9, 0.0, False, 1, 1, 0, "step", (),
+                                                1.0, fused=amp == "fp16")
     loss_fn, scaler = nn.CrossEntropyLoss(), grad_scaler(device, amp)
     sampler = build_sampler("instance", data.train_labels, 10)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), batch, sampler,
