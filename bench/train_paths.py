@@ -81,9 +81,10 @@ def train_bench(data, device, batch, amp, channels_last, chunk, augment, prefetc
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
     run_model = CompiledForBatchSizes(model, {batch}) if compile_model else model  # as stage1_train.py
-    # A constant lr; SGD as stage1_train.py makes it (fused at fp16, its momentum zeroed before the first step).
-    optimizer, scheduler, _ = sgd_with_schedule(model.parameters(), 1, 0.01, 0.9, 0.0, False, 1, 1, 0, "step", (),
-                                                1.0, fused=amp == "fp16")
+    # A constant lr, no weight decay; the SGD kernel stage1_train.py uses (fused at fp16, momentum zeroed).
+    optimizer, scheduler, _ = sgd_with_schedule(
+        model.parameters(), epoch_len=1, lr=0.01, momentum=0.9, weight_decay=0.0, nesterov=False, epochs=1,
+        iterations=1, warmup=0, kind="step", milestones=(), gamma=1.0, fused=amp == "fp16")
     loss_fn, scaler = nn.CrossEntropyLoss(), grad_scaler(device, amp)
     sampler = build_sampler("instance", data.train_labels, 10)
     loader = BatchLoader(data.train_images.to(device), data.train_labels.to(device), batch, sampler,

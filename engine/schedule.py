@@ -65,19 +65,29 @@ def sgd_with_schedule(params: Iterable[torch.nn.Parameter] | Iterable[dict], epo
 
 
 def keep_kernel(optimizer: torch.optim.SGD, fused: bool) -> None:
-    """The SGD kernel this run chose, made safe for GradScaler, after construction and after loading a checkpoint.
-
-    A checkpoint's param groups carry the kernel of the run that saved it; this run keeps its own, since
-    whether GradScaler hands the step its overflow flag was fixed when the optimiser was made (a plain
-    step handed one fails). The fused step makes its momentum buffers with torch.empty_like on its first
-    call and fills them only if that step is taken: one skipped for an fp16 overflow, as the first steps
-    at GradScaler's initial scale usually are, left them uninitialised (NaN weights a step later; torch
-    2.14). Zeroed before any step, the first step taken sets them to momentum * 0 + grad, plain SGD's
-    first buffer exactly (dampening is 0).
-    """
+    """The SGD kernel this run chose, after construction and after loading a checkpoint, whose param groups
+    carry the kernel of the run that saved it: whether GradScaler hands the step its overflow flag was fixed
+    when the optimiser was made, and a plain step handed one fails. A fused one gets `zero_momentum`."""
     for group in optimizer.param_groups:
         group["fused"] = fused or None
-        if fused and group["momentum"] > 0:
-            for p in group["params"]:
-                if "momentum_buffer" not in optimizer.state[p]:
-                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    if fused:
+        zero_momentum(optimizer)
+
+
+def zero_momentum(optimizer: torch.optim.SGD) -> None:
+    """Zero momentum buffers for the parameters that have none yet (no step taken), so that a skipped first step
+    leaves them defined.
+
+    The fused step makes its buffers with torch.empty_like on its first call and fills them only if that step
+    is taken: one skipped for an fp16 overflow, as the first steps at GradScaler's initial scale can be, left
+    them uninitialised (NaN weights a step later; torch 2.14). From zero, the first step taken sets a buffer to
+    momentum * 0 + (1 - dampening) * grad: plain SGD's first buffer, grad, exactly when dampening is 0.
+    """
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        if group["dampening"] != 0:
+            raise ValueError("zero_momentum needs dampening 0: plain SGD's first buffer is the gradient itself")
+        for p in group["params"]:
+            if p.requires_grad and "momentum_buffer" not in optimizer.state[p]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
