@@ -33,11 +33,9 @@ from config.schema import CHOICES, Stage2Config  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from stage2_classifier import main as stage2_main  # noqa: E402
 
-LIVE_BN = Stage2Config.live_bn  # the naive runs' BatchNorm mode unless --live-bn says otherwise
-
 
 def stage2_config(stage1: str, method: str, views: int, iterations: int, seed: int, out: Path, extra: list[str],
-                  live_bn: str = LIVE_BN):
+                  live_bn: str):
     # The training set and the model come from the stage-1 checkpoint.
     overrides = [f"stage1.checkpoint={stage1}", f"stage2.method={method}", f"stage2.cache_views={views}",
                  f"train.iterations={iterations}", "train.batch_size=512", "train.lr=0.05", "train.warmup=0",
@@ -65,7 +63,7 @@ def main() -> None:
     p.add_argument("--views", type=int, default=Stage2Config.cache_views, help="cached views")
     p.add_argument("--methods", nargs="+", default=["balanced_softmax", "balms"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed of each pair of runs")
-    p.add_argument("--live-bn", choices=CHOICES["stage2.live_bn"], default=LIVE_BN,
+    p.add_argument("--live-bn", choices=CHOICES["stage2.live_bn"], default=Stage2Config.live_bn,
                    help="stage2.live_bn of the naive runs: eval keeps stage 1's BatchNorm statistics, as the cache "
                    "does")
     p.usage = f"{p.format_usage().removeprefix('usage: ').strip()} [key=value ...]"
