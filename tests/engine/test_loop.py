@@ -317,6 +317,8 @@ def nan_empty_like(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", nan_filled)
 
 
+# torch warns that the schedule stepped past a step the plain SGD skipped: a skipped step is what this test makes.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 def test_after_fp16_steps_skipped_for_overflow_the_fused_sgd_takes_the_plain_steps(nan_empty_like):
     """At a scale of 2**24 the first steps' fp16 gradients overflow (max 65504) and are skipped, each halving
     the scale, as at the start of an fp16 run; the fused step must leave weights and momentum as a skipped
