@@ -7,8 +7,9 @@ import torchvision.transforms as T
 from PIL import Image
 
 from engine import evaluate
-from engine.loop import predict_logits
+from engine.loop import metrics_from_logits, predict_logits
 from models import build_model
+from models.checkpoint import save_checkpoint
 from tests.conftest import write_fake_cifar10
 
 
@@ -37,3 +38,28 @@ def test_cifar_test_logits_equal_those_of_a_plain_torchvision_pipeline_on_the_pi
     assert labels.tolist() == raw["labels"]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert (ours.argmax(1) == theirs.argmax(1)).all()
+
+
+def test_test_time_logit_adjustment_subtracts_the_given_tau_times_the_log_prior(tmp_path):
+    """--test with eval.logit_adjust_tau=0.5 scores logits - 0.5 log(n_c / sum n), not the tau = 1 adjustment."""
+    root = write_fake_cifar10(tmp_path, train_per_class=1, test_per_class=12)
+    counts = [5000, 2000, 1000, 500, 200, 100, 50, 20, 10, 5]
+    log_prior = torch.tensor(counts, dtype=torch.float32).div(sum(counts)).log()
+    torch.manual_seed(0)
+    model = build_model("resnet32", num_classes=10).eval()
+    with torch.no_grad():  # logits of a few units (untrained, they reach hundreds), their bias 0.75 log prior
+        model.head.weight.mul_(0.0005)
+        model.head.bias.copy_(0.75 * log_prior)
+    save_checkpoint(tmp_path / "last.pt", {"config": {"data": {"dataset": "cifar10"}}, "model": model.state_dict(),
+                                           "model_args": {"name": "resnet32", "num_classes": 10},
+                                           "class_counts": counts})
+    images, labels, _, mean, std = evaluate.test_split({}, "cifar10", root, "", download=False)
+    plain = predict_logits(model, images, 32, mean, std)
+
+    def scored(tau):
+        return evaluate.evaluate_checkpoint(tmp_path / "last.pt", root, False, 32, logit_adjust_tau=tau)[0]
+
+    expected = {tau: metrics_from_logits(plain - tau * log_prior, labels, counts, confusion=True) for tau in (0.5, 1.0)}
+    assert expected[0.5]["confusion_matrix"] != expected[1.0]["confusion_matrix"]  # the two taus predict otherwise
+    for tau in (0.5, 1.0):
+        assert scored(tau) == expected[tau]

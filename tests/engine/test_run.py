@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.distributed import Dist
 from engine.run import (Progress, RunDirError, claim_run_dir, end_epoch, finish_run, release_run_dir, restore,
-                        resume_checkpoint)
+                        resume_checkpoint, trim_metrics_log)
 from engine.stopping import StopRequest
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError, save_checkpoint
@@ -245,3 +245,16 @@ def test_a_stop_request_gives_the_signals_back_to_the_handlers_it_found():
     assert signal.getsignal(signal.SIGINT) == stop._handle and signal.getsignal(signal.SIGTERM) == stop._handle
     stop.uninstall()
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_trimming_the_metrics_log_keeps_the_checkpoint_s_epoch_and_drops_later_and_cut_lines(tmp_path):
+    """A resume from epoch 2's checkpoint keeps lines up to epoch 2 (and those without an epoch), drops epoch 3's
+    and a line a kill cut short; a log with nothing to drop is left untouched."""
+    lines = ['{"epoch": 1, "loss": 2.0}', '{"note": "no epoch"}', '{"epoch": 2, "loss": 1.5}',
+             '{"epoch": 3, "loss": 1.2}', '{"epoch": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    trim_metrics_log(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:3]
+    before = (tmp_path / "metrics.jsonl").stat().st_ino  # a rewrite replaces the file whole: another inode
+    trim_metrics_log(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").stat().st_ino == before

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from engine.schedule import build_scheduler, lr_factor
+from engine.schedule import build_scheduler, lr_factor, sgd_with_schedule
 
 W, TOTAL = 4, 20  # 4 warm-up steps, then 16 cosine steps
 
@@ -82,6 +82,40 @@ def test_warmup_from_half_the_peak_is_the_balms_schedule_from_0_05_to_0_1():
     lrs = [0.1 * lr_factor(s, TOTAL, W, "cosine", warmup_start=0.5) for s in range(W + 1)]
     assert lrs == pytest.approx([0.0625, 0.075, 0.0875, 0.1, 0.1], rel=1e-12)
     assert lr_factor(W + 8, TOTAL, W, "cosine", warmup_start=0.5) == pytest.approx(0.5)  # the cosine is unchanged
+
+
+def _schedule_lrs(epochs: int, iterations: int, warmup: float, milestones: list[float]) -> tuple[list[float], int]:
+    """Each step's lr of sgd_with_schedule's run (epochs of 5 steps, or iterations), peak 0.1, gamma 0.1."""
+    opt, sched, steps = sgd_with_schedule([torch.nn.Parameter(torch.zeros(1))], epoch_len=5, lr=0.1, momentum=0.9,
+                                          weight_decay=0.0, nesterov=False, epochs=epochs, iterations=iterations,
+                                          warmup=warmup, kind="step", milestones=milestones, gamma=0.1)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs, steps
+
+
+STEP_LRS = [0.02, 0.04, 0.06, 0.08, 0.1] + [0.1] * 5 + [0.01] * 10  # 5 warm-up steps, x0.1 from step 10
+
+
+def test_warmup_and_milestones_count_epochs_of_the_epoch_length():
+    lrs, steps = _schedule_lrs(epochs=4, iterations=0, warmup=1, milestones=[2])  # 1 and 2 epochs of 5 steps
+    assert steps == 20
+    assert lrs == pytest.approx(STEP_LRS, rel=1e-12)
+
+
+def test_warmup_and_milestones_count_steps_when_the_run_counts_iterations():
+    lrs, steps = _schedule_lrs(epochs=1, iterations=20, warmup=5, milestones=[10])  # epochs is then ignored
+    assert steps == 20
+    assert lrs == pytest.approx(STEP_LRS, rel=1e-12)
+
+
+def test_fractional_epochs_of_warmup_round_to_whole_steps():
+    lrs, _ = _schedule_lrs(epochs=4, iterations=0, warmup=0.36, milestones=[1.94])  # 1.8 -> 2 steps, 9.7 -> 10
+    assert lrs[:3] == pytest.approx([0.05, 0.1, 0.1], rel=1e-12)
+    assert lrs[9:11] == pytest.approx([0.1, 0.01], rel=1e-12)
 
 
 @pytest.mark.parametrize("saved_fused, fused", [(False, True), (True, False)])

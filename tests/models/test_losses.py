@@ -202,6 +202,19 @@ def test_arb_batch_counts_drop_absent_class_from_denominator():
     assert logits.grad[:, 2].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_arb_micro_batches_take_the_whole_batch_s_counts_and_their_share_of_its_images():
+    """Gradient accumulation: each part uses m of the whole batch [2, 1, 0] and carries (its images) / 3 of the mean."""
+    logits = torch.tensor([[0.0, 0.0, 5.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    e = math.e
+    arb = build_loss("arb", [50, 10, 1])
+    first = arb.micro_batch_loss(logits[:2], labels[:2], labels).item()
+    last = arb.micro_batch_loss(logits[2:], labels[2:], labels).item()
+    assert first == pytest.approx((math.log(1.5) + math.log(1 + 0.5 / e)) / 3, rel=1e-12)
+    assert last == pytest.approx(math.log(1 + 2 / e) / 3, rel=1e-12)
+    assert first + last == pytest.approx(arb(logits, labels).item(), rel=1e-12)
+
+
 def test_arb_clamps_logits_to_30():
     labels = torch.tensor([0, 1])
     big = torch.tensor([[100.0, 0.0], [0.0, -100.0]], dtype=torch.float64)
