@@ -150,7 +150,8 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
                                  host_half=isinstance(data, FileData))
         if isinstance(data, FileData):
             path = run_dir / f"features_{CACHE_NAMES[stream]}.npy"
-            return CachedFeatures(disk_views(path, compute, ranks.is_main, ranks), device)
+            shape = (views, len(images), model.feature_dim)
+            return CachedFeatures(disk_views(path, compute, ranks.is_main, shape, ranks), device)
         return CachedFeatures(compute())
     return LiveFeatures(model, images.to(device), augment, data.mean, data.std, cfg.model.channels_last,
                         bn_train=cfg.stage2.live_bn == "train", amp=cfg.train.amp)

@@ -9,6 +9,7 @@ BatchNorm in eval mode, which differs from the cache only in fresh augmentations
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +28,7 @@ from engine.loop import forward_each
 from engine.distributed import Dist, gather_rows, sum_over_ranks
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 def _view_chunk(images: torch.Tensor, augment: Augment | None, mean: Sequence[float], std: Sequence[float],
@@ -83,20 +85,43 @@ def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Aug
     return torch.stack(views)
 
 
-def disk_views(path: Path, compute: Callable[[], torch.Tensor], writes: bool, d: Dist = Dist()) -> torch.Tensor:
-    """(K, N, D) float16 views memory-mapped from the .npy file `path`, for training sets whose features
+def disk_views(path: Path, compute: Callable[[], torch.Tensor], writes: bool, shape: tuple[int, int, int],
+               d: Dist = Dist()) -> torch.Tensor:
+    """(K, N, D) = `shape` float16 views memory-mapped from the .npy file `path`, for training sets whose features
     do not fit on the device: computed by `compute` (compute_views with host_half, so that the device
     holds one view at a time) and written once (atomically, by the rank that `writes`), read back
-    without recomputing when the run resumes. Every rank computes when any rank lacks the file, since
-    computing takes collectives."""
-    if sum_over_ranks([0.0 if path.exists() else 1.0], d)[0]:
+    without recomputing when the run resumes. A file that is not such an array (cut short, emptied, another
+    array) is computed again, with a warning: it is a cache, and a short file mapped as it is would read as zeros.
+    Every rank computes when any rank lacks a usable file, since computing takes collectives."""
+    problem = cache_problem(path, shape)
+    if problem and path.exists():
+        logger.warning("the feature cache %s %s: computing it again", path, problem)
+    if sum_over_ranks([1.0 if problem else 0.0], d)[0]:
         views = compute().to("cpu", torch.float16).numpy()
         if not writes:
             return torch.from_numpy(views)
         tmp = path.with_name(path.stem + ".partial.npy")
         np.save(tmp, views)
         os.replace(tmp, path)
-    return torch.from_numpy(np.load(path, mmap_mode="r+"))
+    # copy-on-write: a writable array for torch.from_numpy that never writes to the file
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def cache_problem(path: Path, shape: tuple[int, int, int]) -> str | None:
+    """What keeps the .npy file `path` from being the float16 (K, N, D) = `shape` views (None: nothing)."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            return "is empty" if not magic else "is not a .npy file"
+        cached = np.load(path, mmap_mode="r")  # a file shorter than its header says fails here
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError, EOFError) as e:
+        return f"cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if cached.dtype != np.float16 or cached.shape != tuple(shape):
+        return f"holds a {cached.dtype} array of shape {cached.shape}, not float16 {tuple(shape)}"
+    return None
 
 
 class CachedFeatures:

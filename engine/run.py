@@ -110,9 +110,19 @@ def release_run_dir(run_dir: Path) -> None:
 
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> dict | None:
-    """The run's last.pt to continue from, None for a new run; a run is never overwritten."""
-    last = run_dir / "last.pt"
+    """The run's last.pt to continue from, None for a new run; a run is never overwritten, nor its best.pt (a run
+    killed before its first last.pt, train.save_every_s after its start, has one: --resume starts it again)."""
+    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    if last.exists() and not last.is_file():
+        raise RunDirError(f"{last} is not a checkpoint file: move it away, or choose another name=... / log_dir=...")
     if not last.is_file():
+        if best.is_file() and not resume:
+            raise RunDirError(f"{run_dir} holds {best.name} of a run but no last.pt to continue it from: choose "
+                              f"another name=... / log_dir=... for a new run, or pass --resume to start that run "
+                              f"again from its first step (its best.pt is then replaced)")
+        if best.is_file():
+            logger.warning("%s holds no last.pt to continue from: the run starts again from its first step, and "
+                           "its best.pt is replaced by this run's", run_dir)
         return None
     if not resume:
         raise RunDirError(f"{run_dir} already holds a run ({last}); pass --resume to continue it, "

@@ -1,6 +1,8 @@
 """Stage-2 features: K cached views in eval mode, cached lookup by index, and the live train-mode path."""
 import copy
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,17 +245,42 @@ def test_disk_views_are_computed_once_as_float16_and_memory_mapped_back(tmp_path
         return views
 
     path = tmp_path / "features_train.npy"
-    first = disk_views(path, compute, writes=True)
+    first = disk_views(path, compute, writes=True, shape=(2, 5, 3))
     assert path.exists() and not list(tmp_path.glob("*.partial.npy"))
     assert first.dtype == torch.float16 and torch.equal(first, views.half())
-    again = disk_views(path, lambda: pytest.fail("recomputed although the file exists"), writes=True)
+    again = disk_views(path, lambda: pytest.fail("recomputed although the file exists"), writes=True, shape=(2, 5, 3))
     assert torch.equal(again, views.half()) and calls == [1]
+
+
+def _cut_short(path):
+    os.truncate(path, path.stat().st_size - 7)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: p.write_bytes(b""), "is empty"),
+    (lambda p: p.write_text("hi\n"), "is not a .npy file"),
+    (_cut_short, "cannot be read (mmap length is greater than file size)"),
+    (lambda p: np.save(p, np.zeros((3, 7), np.float16)), "holds a float16 array of shape (3, 7), not float16 (2, 5, 3)"),
+    (lambda p: np.save(p, np.zeros((2, 5, 3), np.float32)), "holds a float32 array of shape (2, 5, 3), not float16"),
+])
+def test_a_damaged_feature_cache_is_computed_again_with_a_warning_and_never_read(tmp_path, caplog, damage, problem):
+    """A resumed run whose cache was emptied, cut short or replaced: mapped as it is, a short file would be grown
+    with zeros and trained on."""
+    from engine.features import disk_views
+
+    views, path = torch.randn(2, 5, 3), tmp_path / "features_train.npy"
+    disk_views(path, lambda: views, writes=True, shape=(2, 5, 3))
+    damage(path)
+    again = disk_views(path, lambda: views, writes=True, shape=(2, 5, 3))
+    assert torch.equal(again, views.half())
+    assert f"the feature cache {path} {problem}" in caplog.text and "computing it again" in caplog.text
+    assert torch.equal(torch.from_numpy(np.load(path)), views.half())  # the file is whole again
 
 
 def test_a_rank_that_does_not_write_keeps_its_views_in_memory(tmp_path):
     from engine.features import disk_views
 
-    out = disk_views(tmp_path / "f.npy", lambda: torch.ones(1, 2, 2), writes=False)
+    out = disk_views(tmp_path / "f.npy", lambda: torch.ones(1, 2, 2), writes=False, shape=(1, 2, 2))
     assert not (tmp_path / "f.npy").exists() and torch.equal(out, torch.ones(1, 2, 2, dtype=torch.float16))
 
 

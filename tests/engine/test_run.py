@@ -82,6 +82,25 @@ def test_a_run_directory_with_a_run_is_refused_without_resume_and_returned_with_
     assert resume_checkpoint(tmp_path, resume=True)["epoch"] == 2
 
 
+def test_a_best_pt_without_last_pt_is_never_overwritten_by_a_new_run_and_resume_says_it_starts_again(tmp_path,
+                                                                                                     caplog):
+    """A run whose last.pt was deleted (or that was killed before its first one): a new run there would replace
+    its best.pt; --resume, which has nothing to continue from, starts it again and says so."""
+    save_checkpoint(tmp_path / "best.pt", {"epoch": 7})
+    with pytest.raises(RunDirError, match=f"^{tmp_path} holds best.pt of a run but no last.pt to continue it from: "
+                                          "choose another name=... / log_dir=... for a new run, or pass --resume"):
+        resume_checkpoint(tmp_path, resume=False)
+    assert resume_checkpoint(tmp_path, resume=True) is None
+    assert "holds no last.pt to continue from: the run starts again from its first step" in caplog.text
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_last_pt_that_is_not_a_file_is_refused_before_anything_is_written(tmp_path, resume):
+    (tmp_path / "last.pt").mkdir()
+    with pytest.raises(RunDirError, match=f"^{tmp_path / 'last.pt'} is not a checkpoint file: move it away"):
+        resume_checkpoint(tmp_path, resume=resume)
+
+
 def test_restore_loads_every_state_and_returns_the_progress_leaving_the_log_to_the_writing_rank(tmp_path):
     model, other = nn.Linear(3, 2), nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
