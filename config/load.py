@@ -67,6 +67,12 @@ def _type_name(tp: Any) -> str:
 _BOOL_WORDS = {"yes": True, "no": False, "on": True, "off": False}
 
 
+def _shown(value: Any) -> str:
+    """repr(value) as messages print it; a number of hundreds of digits (or such an override) cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:24]}... ({len(str(value))} characters)"
+
+
 def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     """Return value as type tp, or raise a ConfigError naming key, value and type."""
     origin = typing.get_origin(tp)
@@ -96,7 +102,10 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     elif tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int past float's range, refused below as infinite
+                number = math.inf
         elif isinstance(value, str) and "_" not in value:  # `nan`, `inf` (named below); Python's float takes 1_0
             try:
                 number = float(value)
@@ -104,7 +113,7 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):  # no key means anything by nan or inf (a NaN lr trains NaN weights)
-                raise ConfigError(f"config key {key!r} ({source}) expects a finite number, got {value!r}")
+                raise ConfigError(f"config key {key!r} ({source}) expects a finite number, got {_shown(value)}")
             return number
     elif tp is str:
         if isinstance(value, str):
@@ -152,14 +161,20 @@ def _set_override(cfg: Any, key: str, raw: str, source: str) -> None:
     setattr(node, leaf, _coerce(key, value, tp, source))
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {dotted key: leaf value}."""
-    flat = {}
+def flatten(tree: dict, prefix: str = "", _inside: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Nested dicts -> {dotted key: leaf value}. A key given twice (nested and dotted: `train: {lr: 1}` and
+    `train.lr: 2`), or a mapping inside itself (a YAML anchor used within it), is a ConfigError; an empty
+    mapping below a section (`lr: {}`) is a leaf value, refused by the key's type."""
+    flat: dict[str, Any] = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and id(v) in _inside + (id(tree),):
+            raise ConfigError(f"{key} holds itself (a YAML alias inside its own anchor): write its keys out")
+        parts = flatten(v, f"{key}.", _inside + (id(tree),)) if isinstance(v, dict) and (v or not prefix) else {key: v}
+        for part, value in parts.items():
+            if part in flat:
+                raise ConfigError(f"{part} is given twice (as nested and as dotted keys): keep one")
+            flat[part] = value
     return flat
 
 
@@ -173,7 +188,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass --cfg with a YAML under config/")
+            what = "does not exist" if not path.exists() else "is not a file"
+            raise ConfigError(f"config file {str(path)!r} {what}; pass --cfg with a YAML under config/")
         try:
             tree = load_yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
@@ -192,7 +208,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=30")
-        _set_override(cfg, key.strip(), raw, f"override {item!r}")
+        _set_override(cfg, key.strip(), raw, f"override {_shown(item)}")
         if key.strip() == "train.epochs":
             epochs_given = item
     check_choices(cfg)
@@ -261,19 +277,38 @@ def check_ranges(cfg: Config) -> None:
         value = _value(cfg, key)
         if not (value > bound if op == ">" else value >= bound):
             raise ConfigError(f"{key}={value!r} is out of range: it must be {op} {bound:g}")
-    if cfg.train.seed >= 2**32:  # numpy's global seed, set from it, takes 32 bits
-        raise ConfigError(f"train.seed={cfg.train.seed} is out of range: it must be < 2**32 ({2**32})")
+    for key in ("train.seed", "data.subset_seed"):  # numpy's seeds (the global one; subset_draw=numpy) take 32 bits
+        if _value(cfg, key) >= 2**32:
+            raise ConfigError(f"{key}={_value(cfg, key)} is out of range: it must be < 2**32 ({2**32})")
+    for section in dataclasses.fields(cfg):  # counts and sizes reach C ints (torch.set_num_threads, DataLoader)
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+            value = getattr(values, f.name)
+            if type(value) is int and value >= 2**31 and f"{section.name}.{f.name}" not in ("train.seed",
+                                                                                               "data.subset_seed"):
+                raise ConfigError(f"{section.name}.{f.name}={_shown(value)} is out of range: it must be < 2**31")
     grid = cfg.stage2.tau_norm_grid
     if not grid or min(grid) < 0:
         raise ConfigError(f"stage2.tau_norm_grid={grid} must list at least one tau, each >= 0 (e.g. [0.5, 1.0])")
     if not cfg.name.strip() and not cfg.log_dir:
         raise ConfigError("name is empty: give the run a name (its directory is logs/<name>), or set log_dir")
+    check_run_name(cfg.name)
     t = cfg.train
     length, unit = (f"train.iterations={t.iterations}", "steps") if t.iterations else (f"train.epochs={t.epochs}",
                                                                                        "epochs")
     if t.warmup and t.warmup >= (t.iterations or t.epochs):  # the lr would never reach train.lr
         raise ConfigError(f"train.warmup={t.warmup:g} ({unit}) is not shorter than the run ({length}): "
                           f"lower train.warmup (0 = none) or lengthen the run")
+
+
+def check_run_name(name: str) -> None:
+    """name is one directory under logs/ (a path goes in log_dir), in characters every file system and log takes."""
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"name={name!r} is not a directory name (its run directory is logs/<name>): use letters, "
+                          f"digits, '-', '_' or '.', or give the whole path as log_dir=...")
+    if not name.isprintable():  # control characters, or bytes not valid in the locale (surrogate escapes)
+        raise ConfigError(f"name={name!r} holds characters that are not printable text: name the run in "
+                          f"printable characters")
 
 
 def check_choices(cfg: Config) -> None:

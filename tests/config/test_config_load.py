@@ -1,4 +1,5 @@
 """Config loading: defaults, YAML then overrides, type coercion and strictness, helpful errors, round trips."""
+import re
 from pathlib import Path
 
 import pytest
@@ -184,12 +185,37 @@ def test_a_float_key_refuses_nan_and_infinity(item):
         load_config(None, [item])
 
 
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lr: 0.1\ntrain.lr: 0.2\n", "train.lr is given twice (as nested and as dotted keys): keep one"),
+    ("train: &x {lr: *x}\n", "train.lr holds itself (a YAML alias inside its own anchor): write its keys out"),
+    ("train: {lr: {}}\n", "config key 'train.lr' (in {path}) expects float, got {{}} (dict)"),
+])
+def test_a_yaml_key_given_twice_inside_itself_or_as_an_empty_mapping_is_one_error(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="^" + re.escape(message.format(path=path)) + "$"):
+        load_config(path)
+    path.write_text("train: {}\n")  # an empty section sets nothing
+    assert load_config(path) == load_config(None)
+
+
+def test_an_integer_past_a_float_s_range_for_a_float_key_is_refused_in_a_short_line(tmp_path):
+    """A 400-digit number (float() overflows on it) for a float key, in an override or the YAML file."""
+    digits = "1" * 400
+    path = tmp_path / "big.yaml"
+    path.write_text(f"train:\n  lr: {digits}\n")
+    for args in ((None, [f"data.imbalance_factor={digits}"]), (path, [])):
+        with pytest.raises(ConfigError, match=r"expects a finite number, got 1{24}\.\.\. \(400 characters\)$"):
+            load_config(*args)
+
+
 @pytest.mark.parametrize("override, rule", [
     ("train.lr=-0.1", ">= 0"), ("train.batch_size=1", ">= 2"), ("train.batch_size=0", ">= 2"),
     ("train.epochs=0", ">= 1"), ("train.iterations=-1", ">= 0"), ("data.imbalance_factor=0.5", ">= 1"),
     ("eval.batch_size=0", ">= 1"), ("data.val_per_class=-1", ">= 0"), ("meta_sampler.gumbel_tau=0", "> 0"),
     ("train.accum_steps=0", ">= 1"), ("stage2.cache_views=-2", ">= 0"), ("data.workers=-1", ">= 0"),
-    ("train.seed=-1", ">= 0"), ("train.seed=4294967296", "< 2**32"),
+    ("train.seed=-1", ">= 0"), ("train.seed=4294967296", "< 2**32"), ("data.subset_seed=4294967296", "< 2**32"),
+    ("train.num_threads=2147483648", "< 2**31"), ("train.batch_size=99999999999999999999", "< 2**31"),
 ])
 def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
     key, value = override.split("=")
@@ -208,6 +234,20 @@ def test_an_empty_name_is_refused_unless_log_dir_names_the_run():
     with pytest.raises(ConfigError, match="name is empty"):
         load_config(None, ["name="])
     assert load_config(None, ["name=", "log_dir=runs/x"]).run_dir == "runs/x"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/tmp/run", "a\\b"])
+def test_a_name_that_is_not_one_directory_name_is_refused_pointing_to_log_dir(name):
+    """name=.. would write the run into the working directory, name=/tmp/run anywhere: a path is log_dir's."""
+    with pytest.raises(ConfigError, match="^" + re.escape(f"name={name!r} is not a directory name") + ".*log_dir="):
+        load_config(None, [f"name={name}"])
+
+
+@pytest.mark.parametrize("name", ["tab\there", "\udcff"])  # \udcff: the byte 0xff of an argv not in UTF-8
+def test_a_name_with_characters_that_are_not_printable_is_refused(name):
+    with pytest.raises(ConfigError, match="holds characters that are not printable text"):
+        load_config(None, [f"name={name}"])
+    assert load_config(None, ["name=run-1.b_ü"]).run_dir == "logs/run-1.b_ü"
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -53,6 +53,12 @@ CASES = {
     "warmup_as_long_as_the_run": (S1, ["train.epochs=3", "train.warmup=3"],
                                   "train.warmup=3 (epochs) is not shorter than the run (train.epochs=3)"),
     "empty_name": (S1, ["name="], "config error: name is empty"),
+    "name_above_logs": (S1, ["name=.."], "config error: name='..' is not a directory name"),
+    "yaml_alias_inside_its_anchor": (S1, ["--cfg", "{bad}/recursive.yaml"], "config error: train.lr holds itself"),
+    "number_of_400_digits": (S1, ["train.lr=" + "1" * 400], "expects a finite number, got 111111111111111111111111... "
+                             "(400 characters)"),
+    "seed_past_32_bits": (S1, ["data.subset_seed=18446744073709551616"], "config error: data.subset_seed="
+                          "18446744073709551616 is out of range: it must be < 2**32"),
     "reset_head_without_pretrained": (S1, ["model.reset_head=true"], "config error: model.reset_head=true replaces "
                                       "the head of pretrained weights, and no model.pretrained (--pretrained) is "
                                       "given"),
@@ -150,6 +156,7 @@ def bad(tmp_path_factory, fake_cifar10) -> Path:
     root = tmp_path_factory.mktemp("bad")
     (root / "broken.yaml").write_text("train: {lr: 0.1\n")
     (root / "list.yaml").write_text("- train.lr\n- 0.1\n")
+    (root / "recursive.yaml").write_text("train: &x {lr: *x}\n")
     (root / "text.pt").write_text("not a checkpoint\n")
     (root / "a_file").write_text("a file, not a folder\n")
     shutil.copytree(fake_cifar10, root / "cifar_damaged")
