@@ -293,7 +293,7 @@ def trim_metrics_log(run_dir: Path, last_epoch: int) -> None:
     it, and lose lines. The file is replaced whole, so a kill while trimming leaves the old log."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        old = path.read_text()
+        old = path.read_text(encoding="utf-8", errors="replace")  # bytes that are not text: a line dropped below
         text = "".join(line + "\n" for line in old.splitlines() if _epoch_of(line) <= last_epoch)
         if text != old:
             write_atomic(path, lambda f: f.write(text.encode()))

@@ -29,6 +29,8 @@ def test_options_may_come_before_between_and_after_overrides():
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt", "x.pt", "train.epochs=3"], "--ckpt names the checkpoint that --test evaluates: add --test"),
     (["--test", "--resume"], "--test evaluates a checkpoint and --resume trains on: give one of them"),
+    (["--test", "--pretrained", "other.pt"], "--pretrained gives the weights a run starts from, which --test does "
+                                             "not train: test a checkpoint with --test --ckpt PATH"),
 ])
 def test_an_option_nothing_else_given_reads_is_one_line_not_ignored(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -277,3 +277,7 @@ def test_trimming_the_metrics_log_keeps_the_checkpoint_s_epoch_and_drops_later_a
     before = (tmp_path / "metrics.jsonl").stat().st_ino  # a rewrite replaces the file whole: another inode
     trim_metrics_log(tmp_path, 2)
     assert (tmp_path / "metrics.jsonl").stat().st_ino == before
+    with (tmp_path / "metrics.jsonl").open("ab") as f:  # bytes that are no text, as a damaged disk block leaves
+        f.write(b"\xff\xfe\x00garbage\n")
+    trim_metrics_log(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:3]
