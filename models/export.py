@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -85,6 +86,34 @@ def write_export(out_dir: str | Path, state: dict[str, torch.Tensor], meta: dict
     return out_dir
 
 
+def meta_problem(meta: dict) -> str | None:
+    """What makes a model.json dict unusable for inference (an edit, a damaged file), or None."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    n = meta["num_classes"]
+    checks = {
+        f"resize {meta['resize']!r} is none of {', '.join(RESIZES)}": meta["resize"] in RESIZES,
+        f"num_classes {n!r} is not a positive int": count(n),
+        f"image_size {meta['image_size']!r} is not a positive int (pixels)": count(meta["image_size"]),
+        "mean and std must be 3 numbers each (std > 0)": all(isinstance(v, list) and len(v) == 3 and all(map(number, v))
+                                                            for v in (meta["mean"], meta["std"]))
+        and all(s > 0 for s in meta["std"]),
+        f"class_names must be {n} names": meta["class_names"] is None or (
+            isinstance(meta["class_names"], list) and len(meta["class_names"]) == n
+            and all(isinstance(c, str) for c in meta["class_names"])),
+        f"class_counts must be {n} counts": meta.get("class_counts") is None or (
+            isinstance(meta["class_counts"], list) and len(meta["class_counts"]) == n
+            and all(isinstance(c, int) and c >= 0 for c in meta["class_counts"])),
+        f"logit_scale {meta['logit_scale']!r} is not a number > 0 or null": meta["logit_scale"] is None or (
+            number(meta["logit_scale"]) and meta["logit_scale"] > 0),
+    }
+    return next((what for what, ok in checks.items() if not ok), None)
+
+
 def load_export(out_dir: str | Path) -> tuple[nn.Module, dict]:
     """(model in eval mode, the model.json dict) of an export directory."""
     out_dir = Path(out_dir)
@@ -110,9 +139,9 @@ def load_export(out_dir: str | Path) -> tuple[nn.Module, dict]:
     # Exports from before these keys: read as they were then (module docstring).
     meta.setdefault("resize", "square")
     meta.setdefault("logit_scale", 1.0 if meta.get("head", "linear") == "linear" else None)
-    if meta["resize"] not in RESIZES:
-        raise CheckpointError(f"{meta_path} is damaged (resize {meta['resize']!r} is none of "
-                              f"{', '.join(RESIZES)}); {export_again}")
+    problem = meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{meta_path} is damaged ({problem}); {export_again}")
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a torch file

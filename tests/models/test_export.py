@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 
 import pytest
 import torch
@@ -111,6 +112,27 @@ def test_export_with_an_unknown_resize_is_damaged_and_says_to_export_again(model
     with pytest.raises(CheckpointError, match=r"model.json is damaged \(resize 'stretch' is none of square, "
                                               r"shorter_side_crop\); delete its model.pt and model.json"):
         load_export(tmp_path / "out")
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"image_size": 0}, "image_size 0 is not a positive int (pixels)"),
+    ({"image_size": "big"}, "image_size 'big' is not a positive int (pixels)"),
+    ({"num_classes": 3.0}, "num_classes 3.0 is not a positive int"),
+    ({"mean": [0.5, 0.5]}, "mean and std must be 3 numbers each (std > 0)"),
+    ({"std": [0.2, 0.0, 0.2]}, "mean and std must be 3 numbers each (std > 0)"),
+    ({"class_names": ["a", "b"]}, "class_names must be 3 names"),
+    ({"class_counts": [5, -1, 2]}, "class_counts must be 3 counts"),
+    ({"logit_scale": "x"}, "logit_scale 'x' is not a number > 0 or null"),
+])
+def test_an_edited_model_json_is_damaged_naming_the_key_before_any_image_is_read(model, tmp_path, edit, problem):
+    """A hand edit that inference would trip over mid-way (a resize to 0 pixels, a class without a name)."""
+    meta = export_meta({"name": "resnet32", "num_classes": 3}, ["a", "b", "c"], [5, 3, 2], MEAN, STD, 32)
+    write_export(tmp_path / "out", model.state_dict(), {**meta, **edit})
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{tmp_path / 'out' / 'model.json'} is damaged "
+                                                              f"({problem}); delete its model.pt and model.json")):
+        load_export(tmp_path / "out")
+    write_export(tmp_path / "whole", model.state_dict(), meta)
+    assert load_export(tmp_path / "whole")[1] == meta
 
 
 @pytest.mark.parametrize("error, message", [
