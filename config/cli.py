@@ -106,7 +106,9 @@ OS_ERROR_HINTS = {
     errno.ENOSPC: "free space on that disk, then run the same command with --resume",
     errno.EFBIG: "the file system refused a file that large: free space or raise the limit (ulimit -f), then --resume",
     errno.EDQUOT: "the disk quota is full: free space, then run the same command with --resume",
-    errno.EACCES: "check the path's permissions, or choose a writable log_dir=... / data.root=...",
+    errno.EACCES: "check the path's permissions (for a run's files: or choose another log_dir=... / data.root=...)",
+    errno.EEXIST: "a file stands where a folder is needed: move it away, or choose another log_dir=... / name=...",
+    errno.ENOTDIR: "a folder on this path is a file: move it away, or choose another log_dir=... / name=...",
     errno.EROFS: "that file system is read-only: choose log_dir=... on a writable one",
 }
 

@@ -112,7 +112,7 @@ def read_list_split(dataset: str, split: str, list_dir: Path, root: Path, check_
     with list_file.open("rb") as handle:  # bytes, decoded line by line, so a bad byte gets its line number
         for line_no, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM some editors write first
             except UnicodeDecodeError as err:
                 raise DatasetFormatError(
                     f"{list_file}:{line_no}: not UTF-8 text ({err.reason}); replace the file with the original list."

@@ -68,10 +68,11 @@ def _write_error(e: RuntimeError, path: Path) -> BaseException:
     cause = e.__context__
     if isinstance(cause, BaseException) and not isinstance(cause, Exception):
         return cause
+    kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
     if isinstance(cause, OSError) and cause.errno is not None:
-        return OSError(cause.errno, f"{cause.strerror} (the previous {path.name} is kept)", str(path))
+        return OSError(cause.errno, f"{cause.strerror} ({kept})", str(path))
     return OSError(errno.EIO, f"writing it failed ({str(e).splitlines()[0]}); is the disk full? Free space, then "
-                              f"run the same command with --resume: the previous {path.name} is kept", str(path))
+                              f"run the same command with --resume: {kept}", str(path))
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:

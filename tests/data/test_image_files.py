@@ -72,6 +72,13 @@ def test_list_parsing_gives_absolute_paths_and_labels_in_file_order(tmp_path):
     assert split.class_names == [str(c) for c in range(1000)]
 
 
+def test_a_list_saved_with_a_byte_order_mark_reads_its_first_path_without_it(tmp_path):
+    write_jpeg(tmp_path / "root" / "train/n01/a.JPEG")
+    write_list(tmp_path / "lists", "ImageNet_LT_train.txt", "\ufefftrain/n01/a.JPEG 3\n")
+    split = read_list_split("imagenet_lt", "train", tmp_path / "lists", tmp_path / "root")
+    assert split.paths == [(tmp_path / "root").resolve() / "train/n01/a.JPEG"] and split.labels.tolist() == [3]
+
+
 def test_inat_test_split_reads_the_official_val_list(tmp_path):
     write_list(tmp_path, "iNaturalist18_val.txt", "train_val2018/Aves/3124/x.jpg 8141\n")
     split = read_list_split("inat2018", "test", tmp_path, tmp_path / "root", check_files=False)

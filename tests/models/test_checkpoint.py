@@ -179,10 +179,16 @@ def test_a_signal_during_a_save_stays_a_signal_not_a_disk_error(tmp_path, monkey
             save_checkpoint(path, {"epoch": 2})
         if expected is OSError:
             assert err.value.errno == 28 and err.value.filename == str(path)
-            assert "No space left on device (the previous last.pt is kept)" in str(err.value)
+            assert "No space left on device (no last.pt was written)" in str(err.value)
         else:
             assert err.value.code == 130
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    save_checkpoint(path, {"epoch": 1})
+    monkeypatch.setattr(torch, "save", write_fails)
+    with pytest.raises(OSError, match=r"No space left on device \(the previous last.pt is kept\)"):
+        save_checkpoint(path, {"epoch": 2})
+    assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
 def test_an_exception_right_after_the_temporary_file_appears_removes_it(tmp_path, monkeypatch):
