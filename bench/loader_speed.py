@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from config.cli import OneLineParser, run_program, user_errors  # noqa: E402
+from config.cli import OneLineParser, at_least, run_program, user_errors  # noqa: E402
 from data.augment import BatchAugment  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.build_files import build_file_data  # noqa: E402
@@ -47,8 +47,8 @@ def main() -> None:
     p.add_argument("--folder", required=True, help="folder with train/<class>/*.jpg (CIFAR-10 as JPEG files)")
     p.add_argument("--root", default=os.environ.get("LT_DATA_ROOT", "datasets"),
                    help="folder with cifar-10-batches-py/")
-    p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--batches", type=int, default=40, help="timed batches of 128 per loader")
+    p.add_argument("--workers", nargs="+", type=at_least(0), default=[0, 1, 2])
+    p.add_argument("--batches", type=at_least(1), default=40, help="timed batches of 128 per loader")
     args = p.parse_args()
 
     def command() -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config.cli import OneLineParser, at_least
 from meta_sampler.learner import RELAXATIONS, ClassSampler, balanced_batch
 from meta_sampler.meta_step import lookahead
 from models.losses import build_loss
@@ -72,12 +73,14 @@ def report(seeds: list[int], draws: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 3], help="problems (data, head and draws)")
-    parser.add_argument("--draws", type=int, default=6000, help="draws averaged per problem and relaxation")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, help="also write the table here")
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=at_least(0), nargs="+", default=[0, 3], help="problems (data, head and draws)")
+    parser.add_argument("--draws", type=at_least(1), default=6000, help="draws averaged per problem and relaxation")
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument("--out", type=Path, help="also write the table here (a file)")
     args = parser.parse_args()
+    if args.out and args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder: name the file to write")
     torch.set_num_threads(args.threads)
     text = report(args.seeds, args.draws)
     print(text)

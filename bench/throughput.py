@@ -36,7 +36,6 @@ import itertools
 import os
 import sys
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,7 +43,7 @@ import torch  # noqa: E402
 
 from bench.profiling import profile_train  # noqa: E402
 from bench.train_paths import AUGMENTS, timed, train_bench, train_rates  # noqa: E402
-from config.cli import OneLineParser, user_errors  # noqa: E402
+from config.cli import OneLineParser, at_least, user_errors  # noqa: E402
 from data.augment import normalize  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.cifar import load_cifar  # noqa: E402
@@ -83,17 +82,6 @@ def eval_rates(test_images, device, batch, amp, channels_last, mean, std, repeat
     n_real = repeats * len(test_images)
     n_pure = passes * len(x)
     return n_real / timed(real, device)[0], n_pure / timed(pure, device)[0]
-
-
-def at_least(low: int) -> Callable[[str], int]:
-    """argparse type: an int >= low."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    parse.__name__ = f"int >= {low}"  # argparse names the type in its message for a non-number
-    return parse
 
 
 def main() -> None:

@@ -45,6 +45,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USER_ERROR_STATUS, f"{self.prog}: error: {message}; see --help\n")
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"  # argparse names the type in its message for a non-number
+    return parse
+
+
 def cli_parser(description: str) -> argparse.ArgumentParser:
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", help="experiment YAML (only what differs from config/schema.py)")

@@ -130,9 +130,20 @@ def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training
      "stage2_speed.py: error: stage2.live_bn is read by the naive runs only: pass --live-bn instead; see --help"),
     ("bench/loader_speed.py", ["--folder", "{tmp}/none", "--root", "{data}"],
      "error: training images not found: {tmp}/none/train is not a folder"),
+    ("bench/loader_speed.py", ["--folder", "{tmp}/none", "--workers", "0", "-1"],
+     "loader_speed.py: error: argument --workers: must be at least 0, got -1; see --help"),
+    ("bench/loader_speed.py", ["--folder", "{tmp}/none", "--batches", "0"],
+     "loader_speed.py: error: argument --batches: must be at least 1, got 0; see --help"),
+    ("-m", ["bench.meta_gradient", "--draws", "0"],
+     "meta_gradient.py: error: argument --draws: must be at least 1, got 0; see --help"),
+    ("-m", ["bench.meta_gradient", "--threads", "-1"],
+     "meta_gradient.py: error: argument --threads: must be at least 1, got -1; see --help"),
+    ("-m", ["bench.meta_gradient", "--out", "{tmp}"],
+     "meta_gradient.py: error: --out {tmp} is a folder: name the file to write; see --help"),
 ], ids=["imbalance-factor", "negative-iterations", "zero-iterations", "no-data", "no-data-ldam", "truncated-json",
         "no-run-directory", "no-checkpoint", "stage2-zero-iterations", "stage2-zero-views", "stage2-bad-method",
-        "stage2-override", "stage2-live-bn-flag", "stage2-live-bn-override", "no-folder"])
+        "stage2-override", "stage2-live-bn-flag", "stage2-live-bn-override", "no-folder", "loader-negative-workers",
+        "loader-zero-batches", "meta-gradient-zero-draws", "meta-gradient-negative-threads", "meta-gradient-out-folder"])
 def test_a_bench_driver_refuses_bad_input_in_one_line_with_status_2_and_leaves_no_run_directory(
         run, tmp_path, script, args, message):
     data = write_fake_cifar10(tmp_path / "data", train_per_class=100, test_per_class=1) if "{data}" in str(args) else ""
