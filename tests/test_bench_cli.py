@@ -143,7 +143,8 @@ def test_the_methods_table_refuses_an_unknown_method_in_one_line_before_training
 ], ids=["imbalance-factor", "negative-iterations", "zero-iterations", "no-data", "no-data-ldam", "truncated-json",
         "no-run-directory", "no-checkpoint", "stage2-zero-iterations", "stage2-zero-views", "stage2-bad-method",
         "stage2-override", "stage2-live-bn-flag", "stage2-live-bn-override", "no-folder", "loader-negative-workers",
-        "loader-zero-batches", "meta-gradient-zero-draws", "meta-gradient-negative-threads", "meta-gradient-out-folder"])
+        "loader-zero-batches", "meta-gradient-zero-draws", "meta-gradient-negative-threads",
+        "meta-gradient-out-folder"])
 def test_a_bench_driver_refuses_bad_input_in_one_line_with_status_2_and_leaves_no_run_directory(
         run, tmp_path, script, args, message):
     data = write_fake_cifar10(tmp_path / "data", train_per_class=100, test_per_class=1) if "{data}" in str(args) else ""
