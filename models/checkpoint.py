@@ -104,6 +104,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
                                       f"of a run directory")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except PermissionError:  # not a damaged file: the OSError's own message (config.cli.user_errors) says so
+        raise
     except Exception as e:  # truncated file, not a torch file, or pickled objects we do not load
         # torch's own message is not passed on: for a text file it advises weights_only=False, which runs code
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}); is it complete, and a "

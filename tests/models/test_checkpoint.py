@@ -130,6 +130,23 @@ def test_a_file_that_is_no_torch_file_is_named_without_torchs_advice_to_unpickle
                               f"file this tool wrote (a run's best.pt or last.pt)?")
 
 
+def test_a_checkpoint_the_user_may_not_read_is_a_permission_error_not_a_damaged_file(tmp_path, monkeypatch):
+    """(Root reads any file, so the denial is the open's, as for a user without read permission.)"""
+    from config.cli import user_errors
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def denied(f, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(f))
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(SystemExit) as exit_:
+        with user_errors():
+            load_checkpoint(path)
+    assert exit_.value.code == f"error: {path}: Permission denied; check the path's permissions (for a run's " \
+                               f"files: or choose another log_dir=... / data.root=...)"
+
+
 def test_missing_checkpoint_raises_file_not_found_with_the_path(tmp_path):
     path = tmp_path / "run" / "best.pt"
     with pytest.raises(FileNotFoundError) as err:
