@@ -47,7 +47,8 @@ _LIST_SOURCE = (
     "(github.com/facebookresearch/classifier-balancing)"
 )
 _LABEL = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take "1_0", "+3" or non-ASCII digits
-_TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")  # "decode_jpeg, /path/decode_jpeg.cpp:171, <reason>"
+# "decode_jpeg, /path/decode_jpeg.cpp:171, <reason>", "operator(), /path/decode_png.cpp:79, <reason>"
+_TORCHVISION_PREFIX = re.compile(r"^[\w()]+, \S+:\d+, ")
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,10 @@ def read_folder_split(root: Path, split: str, class_names: list[str] | None = No
 
 def decoder_reason(err: Exception) -> str:
     """The first line of a decoder's error, without the C++ source torchvision starts some with."""
-    return _TORCHVISION_PREFIX.sub("", str(err).splitlines()[0] if str(err) else type(err).__name__)
+    reason = _TORCHVISION_PREFIX.sub("", str(err).splitlines()[0] if str(err) else type(err).__name__)
+    if reason.startswith("Unsupported image file"):  # torchvision goes on about decoders we do not call
+        return "not a JPEG, PNG, WebP or GIF image"
+    return reason
 
 
 def decode_rgb(path: Path) -> torch.Tensor:
@@ -223,6 +227,8 @@ def decode_rgb(path: Path) -> torch.Tensor:
     except (RuntimeError, ValueError) as err:
         if not Path(path).exists():
             raise DatasetNotFoundError(f"image {path} does not exist; restore it or re-read the split.") from err
+        if Path(path).is_dir():
+            raise DatasetFormatError(f"image {path} is a folder, not an image file; remove it from the split") from err
         raise DatasetFormatError(f"cannot decode image {path}: {decoder_reason(err)}; re-download or remove "
                                  f"it.") from err
     # 16-bit PNGs decode to uint16: scale them to uint8 so every image takes the same path.

@@ -210,8 +210,7 @@ def test_unreadable_image_is_skipped_and_the_others_still_classified(checkpoint,
     assert proc.stdout.splitlines() == _expected_lines(model, image_files)
     assert [line.split("\t")[1] for line in proc.stdout.splitlines()] == IMAGE_CLASSES
     assert proc.stderr.splitlines() == [
-        f"error: cannot read {notes} as an image (Unsupported image file. Only jpeg, png, webp and gif are currently "
-        f"supported. For avif and heic format, please rely on `decode_avif` and `decode_heic` directly.); skipped"]
+        f"error: cannot read {notes} as an image (not a JPEG, PNG, WebP or GIF image); skipped"]
 
 
 def test_batch_of_only_unreadable_images_prints_one_error_line_each_and_no_results(checkpoint, tmp_path, run):

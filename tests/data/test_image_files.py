@@ -239,6 +239,29 @@ def test_corrupt_image_is_a_format_error_naming_the_file(tmp_path, content):
     assert "\n" not in message and ".cpp" not in message
 
 
+def _half_a_png(path):
+    write_png(path, torch.zeros(3, 20, 20, dtype=torch.uint8))
+    path.write_bytes(path.read_bytes()[:60])
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p.write_bytes(b"hello, not an image"), "not a JPEG, PNG, WebP or GIF image"),
+    (_half_a_png, "Out of bound read in decode_png. Probably, the input image is corrupted"),
+])
+def test_a_decoder_error_reads_as_its_reason_without_torchvision_s_source_or_advice(tmp_path, make, reason):
+    path = tmp_path / "x.png"
+    make(path)
+    with pytest.raises(DatasetFormatError) as err:
+        decode_rgb(path)
+    assert str(err.value) == f"cannot decode image {path}: {reason}; re-download or remove it."
+
+
+def test_a_folder_listed_as_an_image_is_named_as_a_folder(tmp_path):
+    (tmp_path / "a.jpg").mkdir()
+    with pytest.raises(DatasetFormatError, match=rf"^image {tmp_path / 'a.jpg'} is a folder, not an image file"):
+        decode_rgb(tmp_path / "a.jpg")
+
+
 def test_missing_image_at_decode_is_not_found(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=rf"image {tmp_path / 'gone.jpg'} does not exist"):
         decode_rgb(tmp_path / "gone.jpg")
