@@ -8,8 +8,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from engine.device import DeviceError
-from engine.distributed import (Dist, GlobalBatchNorm2d, gather_rows, init_distributed, sum_over_ranks,
-                                  sync_batchnorm)
+from engine.distributed import (Dist, GlobalBatchNorm2d, check_same_on_ranks, gather_rows, init_distributed,
+                                  sum_over_ranks, sync_batchnorm)
 from engine.loop import evaluate, predict_all_ranks, train_one_epoch
 from models import build_model
 
@@ -46,10 +46,18 @@ def _worker(rank: int, store: str, out: str) -> None:
     nn.functional.cross_entropy(ddp(x[d.shard(8)]), y[d.shard(8)]).backward()
     rows = gather_rows(torch.arange(7.0)[d.shard(7)][:, None] * 10, d)  # shards of 4 and 3 rows
     sums = sum_over_ranks([1.0, float(rank)], d)
+    check_same_on_ranks({"head": model.head}, d)  # the same weights on both: no error
+    head = nn.Linear(2, 2)
+    nn.init.constant_(head.weight, float(rank))
+    try:
+        check_same_on_ranks({"head": head}, d)
+        differ = ""
+    except RuntimeError as e:
+        differ = str(e)
     if rank == 1:
         torch.save({"grads": {k: p.grad for k, p in model.named_parameters()}, "rows": rows, "sums": sums,
-                    "running_mean": model.bn1.running_mean.clone(),
-                    "global_bn": sum(isinstance(m, GlobalBatchNorm2d) for m in model.modules())}, out)
+                    "running_mean": model.bn1.running_mean.clone(), "running_var": model.bn1.running_var.clone(),
+                    "global_bn": sum(isinstance(m, GlobalBatchNorm2d) for m in model.modules()), "differ": differ}, out)
     dist.destroy_process_group()
 
 
@@ -64,7 +72,11 @@ def test_two_ranks_with_global_batchnorm_take_the_gradient_of_the_whole_batch(tm
     for name, p in reference.named_parameters():
         assert (got["grads"][name] - p.grad).abs().max() <= 1e-6 * p.grad.abs().max(), name
     torch.testing.assert_close(got["running_mean"], reference.bn1.running_mean.float(), rtol=1e-6, atol=1e-9)
+    # the running variance is the whole batch's unbiased one (n / (n - 1) over all 8 x 16 x 16 values)
+    torch.testing.assert_close(got["running_var"], reference.bn1.running_var.float(), rtol=1e-6, atol=1e-9)
     assert got["rows"].flatten().tolist() == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0] and got["sums"] == [2.0, 1.0]
+    assert got["differ"] == ("rank 1's head differ from rank 0's by up to 1: the ranks no longer train the same "
+                             "model")
 
 
 @pytest.mark.parametrize("n, world", [(7, 2), (10, 3), (2, 4)])

@@ -304,3 +304,82 @@ def test_views_and_both_feature_paths_run_without_float64_on_the_device(no_float
     assert CachedFeatures(views)(indices, torch.Generator()).dtype == torch.float32
     live = LiveFeatures(model, images.to("meta"), augment, MEAN, STD)(indices, torch.Generator())
     assert live.shape == (3, model.feature_dim) and live.dtype == torch.float32
+
+
+# --- the views under several processes (each rank computes its share; gather_rows stands in for the all-gather) ---
+
+class _MeanFeatures(torch.nn.Module):
+    """forward_features: each image's channel means (B, 3)."""
+    feature_dim = 3
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward_features(self, x):
+        return x.mean((2, 3)) * self.w
+
+
+class _SeedShowingFiles(torch.utils.data.Dataset):
+    """5 'image files' indexed by (index, seed), whose pixels show both: the seed a sample got is visible."""
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, item):
+        index, seed = item
+        return torch.full((3, 2, 2), float(index) + (seed % 1000) / 1000.0), 0
+
+
+def _rank_shares(monkeypatch, images, batch_size: int) -> list[torch.Tensor]:
+    import engine.features as features
+    from engine.distributed import Dist
+
+    shares = []
+    monkeypatch.setattr(features, "gather_rows", lambda local, d: (shares.append(local), local)[1])
+    for rank in (0, 1):
+        compute_views(_MeanFeatures(), images, None, 1, (0.0,) * 3, (1.0,) * 3, 7, 2, batch_size, d=Dist(rank, 2))
+    return shares
+
+
+def test_two_ranks_compute_disjoint_shares_of_the_uint8_chunks_that_make_up_the_one_process_view(monkeypatch):
+    images = torch.randint(0, 256, (5, 3, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = compute_views(_MeanFeatures(), images, None, 1, (0.0,) * 3, (1.0,) * 3, 7, 2, 2)[0]
+    first, second = _rank_shares(monkeypatch, images, 2)
+    assert (len(first), len(second)) == (4, 1)  # chunks of 2 images: two for rank 0, one for rank 1
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=0, atol=0)
+
+
+def test_two_ranks_give_each_image_file_the_seed_it_gets_in_one_process(monkeypatch):
+    whole = compute_views(_MeanFeatures(), _SeedShowingFiles(), None, 1, (0.0,) * 3, (1.0,) * 3, 7, 2, 2)[0]
+    first, second = _rank_shares(monkeypatch, _SeedShowingFiles(), 2)
+    assert (len(first), len(second)) == (3, 2)
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=0, atol=0)
+
+
+def test_chunk_j_of_view_k_is_augmented_with_generator_k_times_chunks_plus_j():
+    """5 images in chunks of 2 (3 chunks), 2 views: the 6 generators epoch_generator(seed, 0 ... 5, stream)."""
+    draws = []
+
+    def augment(x, generator):
+        draws.append(torch.rand(1, generator=generator))
+        return x
+    compute_views(_MeanFeatures(), torch.zeros(5, 3, 2, 2, dtype=torch.uint8), augment, 2, (0.0,) * 3, (1.0,) * 3,
+                  7, VIEW_STREAM, 2)
+    expected = [torch.rand(1, generator=epoch_generator(7, i, VIEW_STREAM)) for i in range(6)]
+    assert torch.equal(torch.cat(draws), torch.cat(expected))
+
+
+def test_every_rank_computes_the_disk_views_when_another_rank_lacks_its_file(tmp_path, monkeypatch):
+    """Machines without a shared disk: rank 0 has the file, rank 1 not; computing takes collectives, so rank 0
+    must compute too (else rank 1 waits in them alone until the timeout)."""
+    import engine.features as features
+    from engine.distributed import Dist
+    from engine.features import disk_views
+
+    path = tmp_path / "features_train.npy"
+    disk_views(path, lambda: torch.zeros(1, 2, 2), writes=True, shape=(1, 2, 2))
+    monkeypatch.setattr(features, "sum_over_ranks", lambda values, d: [1.0])  # the other rank has no usable file
+    calls = []
+    disk_views(path, lambda: (calls.append(1), torch.ones(1, 2, 2))[1], writes=True, shape=(1, 2, 2), d=Dist(0, 2))
+    assert calls == [1]
