@@ -80,3 +80,25 @@ def test_paper_stage1_configs_warm_up_from_0_05_to_0_1_as_the_balms_configs(name
     t = load_config(ROOT / "config" / name).train
     assert (t.iterations, t.batch_size, t.lr, t.warmup, t.warmup_start, t.schedule) == (13000, 512, 0.1, 800, 0.5,
                                                                                          "cosine")
+
+
+# The SGD of each family of paper configs, (momentum, weight decay, nesterov, lr, batch), as its code sets it: many
+# configs leave these at the schema's defaults, so a changed default must not move a paper's run unnoticed.
+PAPER_SGD = {
+    "cifar*_lt/stage1_*.yaml": (0.9, 5e-4, False, 0.1, 512),  # BALMS: softmax_imba200.yaml's optim_params
+    "cifar*_lt/stage2_*.yaml": (0.9, 5e-4, False, 0.1, 512),
+    "cifar10_lt/decoupled_if100/[!t]*.yaml": (0.9, 5e-4, False, 0.1, 512),  # all but tau_norm, which trains nothing
+    "cifar*_lt/methods_*/*.yaml": (0.9, 2e-4, False, 0.1, 128),  # LDAM-DRW's cifar_train.py
+    "imagenet_lt/*[!m]_res*.yaml": (0.9, 5e-4, False, 0.2, 512),  # Decoupling's ImageNet_LT configs, tau_norm aside
+    "inat2018/*.yaml": (0.9, 1e-4, False, 0.2, 512),  # Decoupling's iNaturalist18 configs
+}
+
+
+@pytest.mark.parametrize("pattern", list(PAPER_SGD))
+def test_paper_configs_train_with_their_paper_s_sgd_settings(pattern):
+    paths = sorted((ROOT / "config").glob(pattern))
+    assert paths, pattern
+    for path in paths:
+        stage = "stage2" if "stage2_classifier" in path.read_text().splitlines()[0] else "stage1"
+        t = load_config(path, stage=stage).train
+        assert (t.momentum, t.weight_decay, t.nesterov, t.lr, t.batch_size) == PAPER_SGD[pattern], path

@@ -6,6 +6,7 @@ import torch
 
 from data.build import build_long_tail, build_meta_resample, long_tail_subset, rule_counts, training_digest
 from data.cifar import DatasetFormatError, load_cifar
+from data.long_tail import second_draw
 from tests.conftest import write_fake_cifar10
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -30,6 +31,17 @@ def test_the_cifar_training_digest_follows_the_images_and_their_order_not_the_fo
         != lt.train_digest  # the same counts, other images
     other = write_fake_cifar10(tmp_path / "other", train_per_class=60, test_per_class=10, seed=1)
     assert build_long_tail("cifar10", other, False, 10, "exp", 0, 0).train_digest != lt.train_digest
+
+
+def test_balms_s_resampled_meta_set_is_the_second_draw_seeded_one_past_the_training_draw(fake_cifar10):
+    """The training set's own seed would give mostly the training images again."""
+    full = load_cifar("cifar10", fake_cifar10, "train")
+    _, val = long_tail_subset(full.labels, full.class_names, 10, "exp", 5, 2, "torch")
+    counts = rule_counts(full.labels, full.class_names, 10, "exp")
+    images, labels = build_meta_resample("cifar10", fake_cifar10, False, 10, "exp", 5, 2, "torch")
+    meta = second_draw(full.labels, counts, val, 6)
+    assert torch.equal(images, full.images[meta]) and torch.equal(labels, full.labels[meta])
+    assert not torch.equal(meta, second_draw(full.labels, counts, val, 5))
 
 
 @pytest.mark.parametrize("draw", ["torch", "ldam"])

@@ -6,7 +6,7 @@ Image i has every pixel equal to i, and with mean 0 and std 1/255 normalisation 
 import pytest
 import torch
 
-from data.loader import AUGMENT_CHUNK, SHARD_AUGMENT_STREAM, BatchLoader, epoch_generator
+from data.loader import AUGMENT_CHUNK, SHARD_AUGMENT_STREAM, BatchLoader, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
 
 C = 3  # classes; image i has label i % C
@@ -181,3 +181,23 @@ def test_each_rank_augments_its_share_with_its_own_stream():
     assert not torch.equal(draws[0][0], draws[1][0])
     for rank in range(2):
         assert torch.equal(draws[rank][0], torch.rand(4, generator=epoch_generator(3, 1, SHARD_AUGMENT_STREAM + rank)))
+
+
+def test_an_epoch_takes_its_partial_last_batch_as_a_step_unless_that_is_one_image():
+    """A lone last image is dropped (BatchNorm cannot train on one), but a training set of one image still trains."""
+    assert [steps_per_epoch(n, 128) for n in (1, 2, 128, 129, 130)] == [1, 1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_an_epoch_asked_for_again_gives_the_same_batches_and_the_next_one_a_fresh_loader_s(prefetch):
+    """With prefetch, the chunk made ahead belongs to the next epoch: asking for epoch 0 twice (a resumed run
+    re-entering it) must not hand out epoch 1's batches, and epoch 1 must be what a fresh loader gives."""
+    labels = torch.arange(10) % 2
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+
+    def loader(prefetch: bool) -> BatchLoader:
+        return BatchLoader(images, labels, 4, build_sampler("instance", labels, 2), None, (0.0,) * 3, (1.0,) * 3, 0,
+                           augment_chunk=4, prefetch=prefetch)
+    it = loader(prefetch)
+    first, again, second = ([y.tolist() for _, y in it.epoch(e)] for e in (0, 0, 1))
+    assert first == again and second == [y.tolist() for _, y in loader(False).epoch(1)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from data.build_files import build_file_data
+from data.loader import epoch_generator
 from data.samplers import build_sampler
 from data.stream import EpochBatches, StreamLoader
 from tests.conftest import write_image_folder
@@ -56,3 +57,11 @@ def test_workers_decode_the_same_batches_as_the_main_process(tmp_path):
     for (x0, y0), (x1, y1) in zip(in_process, with_workers):
         assert x0.shape == (4, 3, 12, 12) and torch.equal(x0, x1) and torch.equal(y0, y1)
     assert not torch.equal(torch.cat([x for x, _ in loader.epoch(2)]), torch.cat([x for x, _ in with_workers]))
+
+
+def test_a_file_stream_epoch_visits_the_images_in_the_in_memory_loader_s_order():
+    """Its order is the sampler's draw from the epoch's generator, as data.loader's; the per-sample seeds come
+    after the order (drawing them first would give another order)."""
+    sampler = build_sampler("instance", torch.arange(10) % 2, 2)
+    visited = [index for batch in EpochBatches(sampler, 4, seed=3) for index, _ in batch]
+    assert visited == sampler.indices(0, epoch_generator(3, 0)).tolist()

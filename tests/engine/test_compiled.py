@@ -43,6 +43,18 @@ def test_batches_of_another_size_run_uncompiled_one_graph_is_compiled_and_traini
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
 
 
+def test_only_the_listed_batch_sizes_go_through_the_compiled_module(monkeypatch):
+    calls = []
+
+    def compiled(module, **kwargs):  # stands in for torch.compile: what it wraps records each batch it gets
+        return lambda x: (calls.append(len(x)), module(x))[1]
+    monkeypatch.setattr(torch, "compile", compiled)
+    wrapped = CompiledForBatchSizes(nn.Linear(2, 2), {4, 2})
+    for n in (4, 3, 2, 1, 4):
+        assert wrapped(torch.zeros(n, 2)).shape == (n, 2)
+    assert calls == [4, 2, 4]
+
+
 def test_the_wrapper_registers_the_module_once():
     net = _net()
     wrapped = CompiledForBatchSizes(net, {8}, backend="eager")

@@ -260,7 +260,8 @@ def _cut_short(path):
     (lambda p: p.write_bytes(b""), "is empty"),
     (lambda p: p.write_text("hi\n"), "is not a .npy file"),
     (_cut_short, "cannot be read (mmap length is greater than file size)"),
-    (lambda p: np.save(p, np.zeros((3, 7), np.float16)), "holds a float16 array of shape (3, 7), not float16 (2, 5, 3)"),
+    (lambda p: np.save(p, np.zeros((3, 7), np.float16)),
+     "holds a float16 array of shape (3, 7), not float16 (2, 5, 3)"),
     (lambda p: np.save(p, np.zeros((2, 5, 3), np.float32)), "holds a float32 array of shape (2, 5, 3), not float16"),
 ])
 def test_a_damaged_feature_cache_is_computed_again_with_a_warning_and_never_read(tmp_path, caplog, damage, problem):

@@ -266,6 +266,20 @@ def test_a_stop_request_gives_the_signals_back_to_the_handlers_it_found():
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+def test_a_repeated_sigterm_still_lets_the_step_finish_and_save_and_only_a_second_ctrl_c_stops_at_once():
+    """Schedulers may send SIGTERM more than once before their SIGKILL: each must leave the run to save last.pt."""
+    stop = StopRequest().install()
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+        assert stop() and stop.signum == signal.SIGTERM
+        with pytest.raises(SystemExit) as exit_:
+            signal.raise_signal(signal.SIGINT)
+        assert exit_.value.code == 130
+    finally:
+        stop.uninstall()
+
+
 def test_trimming_the_metrics_log_keeps_the_checkpoint_s_epoch_and_drops_later_and_cut_lines(tmp_path):
     """A resume from epoch 2's checkpoint keeps lines up to epoch 2 (and those without an epoch), drops epoch 3's
     and a line a kill cut short; a log with nothing to drop is left untouched."""

@@ -102,3 +102,10 @@ def test_every_shipped_release_matches_its_entry_and_fits_the_repository(name):
     ckpt = load_checkpoint(path)
     assert ckpt["model_args"]["name"] == entry.arch and len(ckpt["class_counts"]) == entry.num_classes
     assert isinstance(pretrained_module.load_pretrained(name), torch.nn.Module)
+
+
+def test_a_release_halves_floating_tensors_and_keeps_integers_exact():
+    """BatchNorm's num_batches_tracked past 2048 (float16 rounds it) or 65504 (float16 overflows) stays exact."""
+    state = release.half_state({"w": torch.tensor([1.0, 1 / 3]), "bn.num_batches_tracked": torch.tensor(70001)})
+    assert state["w"].dtype == torch.float16 and state["w"].tolist() == [1.0, torch.tensor(1 / 3).half().item()]
+    assert state["bn.num_batches_tracked"].dtype == torch.int64 and state["bn.num_batches_tracked"].item() == 70001

@@ -69,6 +69,16 @@ def test_option_a_shortcut_subsamples_and_zero_pads_channels():
     assert out[0, 2].tolist() == [[0.0, 2.0], [8.0, 10.0]]
 
 
+def test_a_block_adds_its_shortcut_before_the_last_relu():
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)): He et al.'s block, as the papers' ResNet-32."""
+    torch.manual_seed(0)
+    block = BasicBlock(16, 32, stride=2).eval()
+    x = torch.randn(2, 16, 8, 8)
+    residual = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+    shortcut = torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+    torch.testing.assert_close(block(x), torch.relu(residual + shortcut), rtol=0, atol=0)
+
+
 def test_identity_block_shortcut_returns_its_input():
     block = BasicBlock(16, 16, stride=1)
     x = torch.randn(2, 16, 8, 8)

@@ -54,6 +54,16 @@ def test_resnext50_32x4d_state_dict_matches_torchvision_with_fc_renamed_head(ref
     assert ours["head.weight"] == (1000, 2048)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_each_torchvision_resnet_has_torchvision_s_layers_and_shapes_with_fc_named_head(name):
+    """What makes torchvision's ImageNet weights load (models.zoo): the same keys and shapes, stage depths
+    included (resnet34: 3, 4, 6, 3 blocks)."""
+    ours = {k: tuple(v.shape) for k, v in build_model(name, 1000).state_dict().items()}
+    theirs = {k.replace("fc.", "head.", 1) if k.startswith("fc.") else k: tuple(v.shape)
+              for k, v in getattr(torchvision.models, name)(weights=None).state_dict().items()}
+    assert ours == theirs
+
+
 def test_resnext50_32x4d_has_torchvisions_25028904_parameters():
     assert _n_params(build_model("resnext50_32x4d", 1000)) == 25_028_904
 
