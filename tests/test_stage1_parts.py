@@ -11,7 +11,8 @@ from engine.distributed import Dist
 from engine.run import Progress
 from models import build_model
 from models.losses import build_loss
-from stage1_train import build_data, check_global_batch, main, parameter_groups
+import stage1_train
+from stage1_train import build_criterion, build_data, check_global_batch, main, parameter_groups
 
 
 def test_a_bias_the_class_balanced_sigmoid_loss_sets_is_kept_out_of_weight_decay():
@@ -70,3 +71,31 @@ def test_a_global_batch_the_processes_cannot_share_names_the_batches_they_can(ba
     with pytest.raises(SystemExit, match=rf"train.batch_size={batch} \(the global batch\) must split evenly over the "
                                          rf"{world} processes, at least 2 images each: use train.batch_size={sizes}, "):
         check_global_batch(batch, world)
+
+
+def test_the_loss_keys_of_the_config_reach_the_loss():
+    cfg = load_config(None, ["loss.name=focal", "loss.gamma=2.5", "loss.form=sigmoid"], "stage1")
+    loss = build_criterion(cfg, [500, 300, 200, 100, 60, 40, 20, 10, 8, 5], build_model("resnet32", 10), True)
+    assert (loss.gamma, loss.form) == (2.5, "sigmoid")
+
+
+def test_mixup_alpha_and_accumulation_steps_reach_the_training_loop(fake_cifar10, tmp_path, tiny_stage1, monkeypatch):
+    seen = []
+    loop = stage1_train.train_one_epoch
+
+    def spy(*args, **kwargs):  # (model, batches, steps, loss_fn, optimizer, scheduler, mixup_alpha, rng, accum_steps)
+        seen.append((args[6], args[8]))
+        return loop(*args, **kwargs)
+    monkeypatch.setattr(stage1_train, "train_one_epoch", spy)
+    main(load_config(None, [f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'run'}", *tiny_stage1, "train.epochs=1",
+                            "train.warmup=0", "train.accum_steps=2", "train.mixup_alpha=0.3"], "stage1"))
+    assert seen == [(0.3, 2)]
+
+
+def test_a_selection_metric_without_a_validation_split_is_refused_before_training(fake_cifar10, tmp_path, tiny_stage1):
+    cfg = load_config(None, [f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'run'}", *tiny_stage1,
+                             "train.select_metric=few", "data.val_per_class=0"], "stage1")
+    with pytest.raises(SystemExit, match="^config error: train.select_metric=few chooses best.pt on the validation "
+                                         "split, and this run has none"):
+        main(cfg)
+    assert not (tmp_path / "run" / "last.pt").exists()

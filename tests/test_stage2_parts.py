@@ -6,11 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from config.load import ConfigError, config_to_dict, load_config
-from config.stage2 import check_method
+from config.stage2 import METHODS, check_method
 from data.samplers import ClassBalancedSampler, InstanceSampler, build_sampler
 from engine.distributed import Dist
 from models.checkpoint import CheckpointNotFoundError, save_checkpoint
-from stage2_classifier import method_loss, stage1_run
+import stage2_classifier
+from meta_sampler.learner import ClassSampler
+from models import build_model
+from models.heads import tau_normalized
+from stage2_classifier import meta_sampling, method_loss, new_head, stage1_run
 
 
 def test_a_pretrained_source_that_cannot_be_read_is_named_once_in_its_error(tmp_path):
@@ -63,3 +67,48 @@ def test_each_method_retrains_the_head_with_its_paper_s_loss_and_sampler(name, p
         assert method.kind == "meta"
     else:
         assert type(build_sampler(method.sampler, LABELS, len(COUNTS))) is sampler
+
+
+@pytest.mark.parametrize("init", ["stage1", "reinit"])
+def test_a_new_head_starts_from_the_stage_1_classifier_only_with_init_head_stage1(init):
+    cfg = load_config(None, ["stage2.method=crt", f"stage2.init_head={init}", "stage1.checkpoint=s1/last.pt"],
+                      stage="stage2")
+    torch.manual_seed(0)
+    stage1 = torch.nn.Linear(64, 10)
+    head = new_head(cfg, METHODS["crt"], stage1)
+    assert (torch.equal(head.weight, stage1.weight) and torch.equal(head.bias, stage1.bias)) == (init == "stage1")
+
+
+def test_balms_takes_its_sampler_s_settings_from_the_meta_sampler_section():
+    cfg = load_config(None, ["stage2.method=balms", "stage1.checkpoint=s1/last.pt", "meta_sampler.meta_split=train",
+                             "meta_sampler.init_pow=0.5", "meta_sampler.lr=0.0123", "meta_sampler.relax=class",
+                             "meta_sampler.meta_batch_size=7", "meta_sampler.gumbel_tau=0.7", "train.batch_size=64",
+                             "train.lr=0.2"], stage="stage2")
+    labels = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 3, 1]))
+    data = SimpleNamespace(train_labels=labels, val_labels=torch.empty(0, dtype=torch.long), class_counts=[6, 3, 1])
+    meta = meta_sampling(cfg, build_model("resnet32", 3), data, lambda idx, gen: torch.zeros(len(idx), 64), Dist(),
+                         None)
+    assert (meta.meta_batch_size, meta.gumbel_tau, meta.relax, meta.optimizer.param_groups[0]["lr"]) == \
+        (7, 0.7, "class", 0.0123)
+    assert torch.equal(meta.meta_labels, labels)  # meta_split=train
+    torch.testing.assert_close(meta.sampler.theta, ClassSampler(labels, 3, 0.5).theta, rtol=0, atol=0)
+    assert not torch.equal(meta.sampler.theta, ClassSampler(labels, 3, 0.0).theta)
+
+
+def test_tau_norm_deploys_the_tau_its_search_chose(monkeypatch):
+    saved = {}
+    monkeypatch.setattr(stage2_classifier, "compute_views", lambda *a, **k: [torch.zeros(4, 64)])
+    monkeypatch.setattr(stage2_classifier, "tau_search", lambda *a, **k: (0.3, []))
+    monkeypatch.setattr(stage2_classifier, "validate", lambda *a, **k: dict.fromkeys(("top1", "many", "medium",
+                                                                                        "few"), 0.5))
+    monkeypatch.setattr(stage2_classifier, "end_epoch", lambda *a, **k: saved.update(a[5]))
+    monkeypatch.setattr(stage2_classifier, "finish_run", lambda *a, **k: None)
+    cfg = load_config(None, ["stage2.method=tau_norm", "stage1.checkpoint=s1/last.pt"], stage="stage2")
+    torch.manual_seed(0)
+    model = build_model("resnet32", 10)
+    stage1 = model.head
+    data = SimpleNamespace(val_labels=torch.zeros(4, dtype=torch.long), val_images=None, class_counts=[5] * 10,
+                           mean=None, std=None)
+    record = stage2_classifier.fit_tau_norm(cfg, None, None, model, data, {}, Dist())
+    assert record["tau"] == saved["tau"] == 0.3 != cfg.stage2.tau_norm_tau
+    torch.testing.assert_close(model.head.weight, tau_normalized(stage1, 0.3).weight, rtol=0, atol=0)

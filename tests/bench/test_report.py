@@ -88,6 +88,15 @@ def test_the_results_table_prints_the_written_fractions_in_percent_and_null_as_a
     assert best_index([runs[2], runs[0]]) == 0  # the baseline is the best
 
 
+def test_the_best_run_of_a_tie_is_the_first_of_them_and_runs_without_a_test_score_never_are():
+    from types import SimpleNamespace
+
+    def runs(*scores):
+        return [SimpleNamespace(test={"top1": s}) for s in scores]
+    assert best_index(runs(0.7, 0.6, 0.7, None)) == 0  # a tie keeps the baseline
+    assert best_index(runs(None, 0.6, 0.6)) == 1
+
+
 def test_a_run_directory_s_epochs_come_from_its_metrics_log_in_epoch_order_last_record_of_a_repeated_epoch(tmp_path):
     run = stage1_ce(tmp_path / "ce")
     lines = (run / "metrics.jsonl").read_text().splitlines()

@@ -10,7 +10,7 @@ import pytest
 
 import config.cli
 from config.cli import check_select_metric, parse_cli, start_run, user_errors
-from config.load import ConfigError, config_to_dict
+from config.load import ConfigError, config_to_dict, load_config
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.distributed import Dist
 from engine.run import RunDirError
@@ -317,3 +317,12 @@ def test_a_select_metric_that_could_never_choose_an_epoch_is_a_config_error(metr
     with pytest.raises(SystemExit) as e:
         check_select_metric(metric, counts, has_val)
     assert str(e.value.code).startswith(f"config error: train.select_metric={metric} ") and error in str(e.value.code)
+
+
+def test_a_resumed_run_hides_only_the_tensorboard_events_after_its_checkpoint_s_step(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(config.cli, "RunLog", lambda run_dir, purge_step=None: seen.append(purge_step))
+    cfg = load_config(None, [f"log_dir={tmp_path}"], "stage1")
+    config.cli.open_log(cfg, "stage1", tmp_path, Dist(), {"step": 12, "epoch": 3})
+    config.cli.open_log(cfg, "stage1", tmp_path, Dist())  # a new run hides nothing
+    assert seen == [13, None]

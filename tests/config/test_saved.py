@@ -57,3 +57,12 @@ def test_resuming_a_run_directory_of_the_other_stage_is_refused_as_such(saved_st
     assert str(e.value).startswith(f"--resume: logs/x holds a {saved_stage} run ({script}), not a {resumed_as} "
                                    f"one: each stage writes its own run directory")
     check_resume(saved, Config(), saved_stage, "logs/x/config.yaml")  # its own stage: the same config resumes
+
+
+@pytest.mark.parametrize("key", ["train.save_every_s=60", "train.device=cpu", "data.workers=3",
+                                 "eval.logit_adjust_tau=1.0", "train.num_threads=2", "train.dist_timeout_s=30"])
+def test_resume_accepts_a_setting_of_the_machine_or_of_saving_changed_since_the_run_started(key):
+    saved = config_to_dict(load_config(None, [], "stage1"), "stage1")
+    check_resume(saved, load_config(None, [key], "stage1"), "stage1", "logs/x/config.yaml")
+    with pytest.raises(ConfigError):  # a setting of the training itself is refused
+        check_resume(saved, load_config(None, ["train.lr=0.2"], "stage1"), "stage1", "logs/x/config.yaml")

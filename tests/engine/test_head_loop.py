@@ -315,3 +315,31 @@ def test_a_meta_loss_that_is_no_longer_finite_stops_the_balms_loop_naming_the_me
                              r"meta_sampler.gumbel_tau$"):
         train_head_epoch(head, opt, sched, loss_fn, labels, lambda idx, gen: feats[idx], 3, 30,
                          torch.Generator().manual_seed(0), meta=meta)
+
+
+def test_balms_meta_batches_are_class_balanced_draws_from_the_meta_split(monkeypatch):
+    """The meta split (90/5/5 images) is not the training set: each meta batch holds its features and labels
+    (meta feature i is (7, i), and 7 appears in no training feature), about a third of each class."""
+    batches = []
+    step = engine.head_loop.meta_step
+
+    def recorded(*args, **kwargs):  # args[7], args[8]: the meta batch's features and labels
+        batches.append((args[7].clone(), args[8].clone()))
+        return step(*args, **kwargs)
+    monkeypatch.setattr(engine.head_loop, "meta_step", recorded)
+    torch.manual_seed(0)
+    labels = torch.repeat_interleave(torch.arange(3), torch.tensor([60, 20, 10]))
+    feats = torch.randn(len(labels), 2)
+    meta_labels = torch.repeat_interleave(torch.arange(3), torch.tensor([90, 5, 5]))
+    meta_feats = torch.stack([torch.full((100,), 7.0), torch.arange(100.0)], 1)
+    head = nn.Linear(2, 3)
+    opt = torch.optim.SGD(head.parameters(), lr=0.01)
+    sampler = ClassSampler(labels, 3)
+    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.01), meta_labels,
+                        lambda idx, gen: meta_feats[idx], 200, 1.0)
+    train_head_epoch(head, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                     build_loss("balanced_softmax", [60, 20, 10], reduction="none"), labels,
+                     lambda idx, gen: feats[idx], 3, 16, torch.Generator().manual_seed(0), meta=meta)
+    x, y = (torch.cat(parts) for parts in zip(*batches))
+    assert len(batches) == 3 and (x[:, 0] == 7.0).all() and torch.equal(y, meta_labels[x[:, 1].long()])
+    assert torch.bincount(y, minlength=3).min() > 120  # 600 draws, 200 a class (uniform over images: ~540/30/30)

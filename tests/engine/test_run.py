@@ -256,6 +256,14 @@ def test_a_killed_run_s_forked_children_do_not_keep_its_run_directory_claimed(tm
         os.kill(child, signal.SIGKILL)
 
 
+def test_a_tied_validation_score_keeps_the_earlier_best_epoch(tmp_path):
+    progress = Progress("top1", epoch=3, best_value=0.5, best_epoch=2)
+    end_epoch(tmp_path, None, progress, {}, {"top1": 0.5, "many": 0.6, "medium": 0.5, "few": 0.4}, {}, 10)
+    assert (progress.best_value, progress.best_epoch) == (0.5, 2)
+    end_epoch(tmp_path, None, progress, {}, {"top1": 0.51, "many": 0.6, "medium": 0.5, "few": 0.4}, {}, 10)
+    assert (progress.best_value, progress.best_epoch) == (0.51, 3)
+
+
 def test_a_stop_request_gives_the_signals_back_to_the_handlers_it_found():
     # A sweep runs several runs in one process: between them a Ctrl-C must reach Python's own handler,
     # not a finished run's, which would only set a flag nothing reads any more.

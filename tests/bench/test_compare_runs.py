@@ -1,0 +1,30 @@
+"""bench.compare_runs: its table's numbers in their columns, and runs of other class counts refused."""
+import json
+
+import pytest
+
+from bench.compare_runs import table
+
+
+def _run(path, top1, many, medium, few, per_class, counts):
+    path.mkdir()
+    (path / "test_metrics.json").write_text(json.dumps({"top1": top1, "many": many, "medium": medium, "few": few,
+                                                        "per_class": per_class, "train_class_counts": counts}))
+    return path
+
+
+def test_each_run_is_a_row_of_top_1_the_shot_groups_and_per_class_accuracy_in_percent(tmp_path):
+    a = _run(tmp_path / "a", 0.5, 0.9, None, 0.125, [0.9, 0.1], [200, 10])
+    b = _run(tmp_path / "b", 0.625, 0.75, None, 0.5, [0.75, 0.5], [200, 10])
+    assert table([a, b]).splitlines() == [
+        "| run | top-1 | many | medium | few | 0 (200) | 1 (10) |",
+        "|---|---|---|---|---|---|---|",
+        "| a | 50.0 | 90.0 | - | 12.5 | 90.0 | 10.0 |",
+        "| b | 62.5 | 75.0 | - | 50.0 | 75.0 | 50.0 |"]
+
+
+def test_runs_trained_on_other_class_counts_are_refused(tmp_path):
+    a = _run(tmp_path / "a", 0.5, 0.9, None, 0.125, [0.9, 0.1], [200, 10])
+    b = _run(tmp_path / "b", 0.5, 0.9, None, 0.125, [0.9, 0.1], [100, 10])
+    with pytest.raises(SystemExit, match="b was trained on other class counts than a"):
+        table([a, b])
