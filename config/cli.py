@@ -84,9 +84,6 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         parser.error("--ckpt names the checkpoint that --test evaluates: add --test, or drop --ckpt")
     if args.test and args.resume:
         parser.error("--test evaluates a checkpoint and --resume trains on: give one of them")
-    if args.test and args.pretrained:
-        parser.error("--pretrained gives the weights a run starts from, which --test does not train: test a "
-                     "checkpoint with --test --ckpt PATH")
     return args
 
 

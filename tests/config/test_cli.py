@@ -24,13 +24,14 @@ def test_options_may_come_before_between_and_after_overrides():
     assert (cfg.train.lr, cfg.train.epochs) == (0.2, 30)
     assert args.test and args.debug and args.ckpt == "x.pt"
     assert parse_cli("stage1", "", ["train.lr=0.2", "--resume", "train.epochs=30"])[1].resume
+    # a run's own command with --test added: --pretrained is part of its config (a stage-2 backbone's source)
+    cfg, args = parse_cli("stage2", "", ["--pretrained", "r.pt", "stage1.checkpoint=", "--test"])
+    assert args.test and cfg.model.pretrained == "r.pt"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt", "x.pt", "train.epochs=3"], "--ckpt names the checkpoint that --test evaluates: add --test"),
     (["--test", "--resume"], "--test evaluates a checkpoint and --resume trains on: give one of them"),
-    (["--test", "--pretrained", "other.pt"], "--pretrained gives the weights a run starts from, which --test does "
-                                             "not train: test a checkpoint with --test --ckpt PATH"),
 ])
 def test_an_option_nothing_else_given_reads_is_one_line_not_ignored(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
