@@ -32,6 +32,7 @@ from engine.runlog import RunLog
 from engine.stopping import Terminated, raise_on_sigterm
 from models.checkpoint import CheckpointError, remove_stale_temp_files
 from models.download import DownloadError
+from models.export import PATH_THROUGH_A_FILE
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -114,9 +115,9 @@ OS_ERROR_HINTS = {
     errno.ENOSPC: "free space on that disk, then run the same command with --resume",
     errno.EFBIG: "the file system refused a file that large: free space or raise the limit (ulimit -f), then --resume",
     errno.EDQUOT: "the disk quota is full: free space, then run the same command with --resume",
-    errno.EACCES: "check the path's permissions (for a run's files: or choose another log_dir=... / data.root=...)",
-    errno.EEXIST: "a file stands where a folder is needed: move it away, or choose another log_dir=... / name=...",
-    errno.ENOTDIR: "a folder on this path is a file: move it away, or choose another log_dir=... / name=...",
+    errno.EACCES: "check the path's permissions, or choose a writable log_dir=... / data.root=...",
+    **{no: f"{what}: move it away (for the run directory: or choose another log_dir=... / name=...)"
+       for no, what in PATH_THROUGH_A_FILE.items()},
     errno.EROFS: "that file system is read-only: choose log_dir=... on a writable one",
 }
 

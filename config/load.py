@@ -276,23 +276,25 @@ def check_ranges(cfg: Config) -> None:
     for key, (op, bound) in RANGES.items():
         value = _value(cfg, key)
         if not (value > bound if op == ">" else value >= bound):
-            raise ConfigError(f"{key}={value!r} is out of range: it must be {op} {bound:g}")
-    for key in ("train.seed", "data.subset_seed"):  # numpy's seeds (the global one; subset_draw=numpy) take 32 bits
-        if _value(cfg, key) >= 2**32:
-            raise ConfigError(f"{key}={_value(cfg, key)} is out of range: it must be < 2**32 ({2**32})")
+            raise ConfigError(f"{key}={_shown(value)} is out of range: it must be {op} {bound:g}")
+    # Seeds: numpy's global one (from train.seed) and the LDAM draw's take 32 bits, a torch generator's 64.
+    seed_bits = {"train.seed": 32, "data.subset_seed": 32 if cfg.data.subset_draw == "ldam" else 64}
+    for key, bits in seed_bits.items():
+        if _value(cfg, key) >= 2**bits:
+            raise ConfigError(f"{key}={_shown(_value(cfg, key))} is out of range: it must be < 2**{bits} ({2**bits})")
     for section in dataclasses.fields(cfg):  # counts and sizes reach C ints (torch.set_num_threads, DataLoader)
         values = getattr(cfg, section.name)
         for f in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
-            value = getattr(values, f.name)
-            if type(value) is int and value >= 2**31 and f"{section.name}.{f.name}" not in ("train.seed",
-                                                                                               "data.subset_seed"):
-                raise ConfigError(f"{section.name}.{f.name}={_shown(value)} is out of range: it must be < 2**31")
+            value, key = getattr(values, f.name), f"{section.name}.{f.name}"
+            if type(value) is int and value >= 2**31 and key not in seed_bits:
+                raise ConfigError(f"{key}={_shown(value)} is out of range: it must be < 2**31")
     grid = cfg.stage2.tau_norm_grid
     if not grid or min(grid) < 0:
         raise ConfigError(f"stage2.tau_norm_grid={grid} must list at least one tau, each >= 0 (e.g. [0.5, 1.0])")
     if not cfg.name.strip() and not cfg.log_dir:
         raise ConfigError("name is empty: give the run a name (its directory is logs/<name>), or set log_dir")
-    check_run_name(cfg.name)
+    if not cfg.log_dir:  # name makes the run directory only without log_dir
+        check_run_name(cfg.name)
     t = cfg.train
     length, unit = (f"train.iterations={t.iterations}", "steps") if t.iterations else (f"train.epochs={t.epochs}",
                                                                                        "epochs")
@@ -302,10 +304,12 @@ def check_ranges(cfg: Config) -> None:
 
 
 def check_run_name(name: str) -> None:
-    """name is one directory under logs/ (a path goes in log_dir), in characters every file system and log takes."""
-    if name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"name={name!r} is not a directory name (its run directory is logs/<name>): use letters, "
-                          f"digits, '-', '_' or '.', or give the whole path as log_dir=...")
+    """name is a relative path under logs/ (`group/run` too; a path elsewhere goes in log_dir), in characters every
+    file system and log takes."""
+    if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ConfigError(f"name={name!r} is not a folder under logs/ (its run directory is logs/<name>): use "
+                          f"letters, digits, '-', '_', '.' and '/' between folder names, or give the whole path as "
+                          f"log_dir=...")
     if not name.isprintable():  # control characters, or bytes not valid in the locale (surrogate escapes)
         raise ConfigError(f"name={name!r} holds characters that are not printable text: name the run in "
                           f"printable characters")

@@ -37,7 +37,8 @@ def raise_on_sigterm() -> None:
 
 class StopRequest:
     """SIGINT / SIGTERM ask the training loop to stop after its current step (it saves last.pt and
-    exits, see stop_run); a second SIGINT stops at once. Calling it says whether a signal came."""
+    exits, see stop_run); a SIGINT after either stops at once (a repeated SIGTERM, as schedulers send, does
+    not). Calling it says whether a signal came."""
 
     def __init__(self) -> None:
         self.signum: int | None = None

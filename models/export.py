@@ -53,7 +53,7 @@ def export_meta(model_args: dict, class_names: Sequence[str] | None, class_count
 
 
 # The errno words of the OSErrors of a path through a file, which name neither the file nor the cause.
-_PATH_THROUGH_A_FILE = {errno.EEXIST: "a file stands where a folder is needed",
+PATH_THROUGH_A_FILE = {errno.EEXIST: "a file stands where a folder is needed",
                         errno.ENOTDIR: "a folder on this path is a file"}
 
 
@@ -62,7 +62,7 @@ def path_error_message(e: OSError) -> str:
     cache), for a one-line error; an OSError without an errno is one of ours, whose message says it all."""
     if e.errno is None:
         return str(e)
-    what = _PATH_THROUGH_A_FILE.get(e.errno) or e.strerror or str(e)
+    what = PATH_THROUGH_A_FILE.get(e.errno) or e.strerror or str(e)
     return f"{e.filename}: {what}" if e.filename else what
 
 

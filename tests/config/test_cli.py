@@ -145,12 +145,12 @@ def test_a_user_error_is_written_to_the_open_train_log_too(tmp_path, capsys):
 @pytest.mark.parametrize("errno_, filename, expected", [
     (28, "/runs/a/last.pt", "/runs/a/last.pt: No space left on device; free space on that disk, then run the same "
                             "command with --resume"),
-    (13, "/data/x", "/data/x: Permission denied; check the path's permissions (for a run's files: or choose "
-                    "another log_dir=... / data.root=...)"),
-    (20, "/runs/file/x", "/runs/file/x: Not a directory; a folder on this path is a file: move it away, or choose "
-                         "another log_dir=... / name=..."),
-    (17, "/runs/f", "/runs/f: File exists; a file stands where a folder is needed: move it away, or choose another "
-                    "log_dir=... / name=..."),
+    (13, "/data/x", "/data/x: Permission denied; check the path's permissions, or choose a writable log_dir=... / "
+                    "data.root=..."),
+    (20, "/runs/file/x", "/runs/file/x: Not a directory; a folder on this path is a file: move it away (for the run "
+                         "directory: or choose another log_dir=... / name=...)"),
+    (17, "/runs/f", "/runs/f: File exists; a file stands where a folder is needed: move it away (for the run "
+                    "directory: or choose another log_dir=... / name=...)"),
 ])
 def test_an_os_error_is_one_line_with_the_path_and_what_to_do(errno_, filename, expected):
     import os

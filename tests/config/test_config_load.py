@@ -199,6 +199,12 @@ def test_a_yaml_key_given_twice_inside_itself_or_as_an_empty_mapping_is_one_erro
     assert load_config(path) == load_config(None)
 
 
+def test_the_ldam_draw_takes_a_32_bit_subset_seed_and_the_torch_draw_a_64_bit_one():
+    assert load_config(None, ["data.subset_seed=4294967296"]).data.subset_seed == 2**32
+    with pytest.raises(ConfigError, match=r"^data.subset_seed=4294967296 is out of range: it must be < 2\*\*32"):
+        load_config(None, ["data.subset_seed=4294967296", "data.subset_draw=ldam"])
+
+
 def test_an_integer_past_a_float_s_range_for_a_float_key_is_refused_in_a_short_line(tmp_path):
     """A 400-digit number (float() overflows on it) for a float key, in an override or the YAML file."""
     digits = "1" * 400
@@ -214,7 +220,8 @@ def test_an_integer_past_a_float_s_range_for_a_float_key_is_refused_in_a_short_l
     ("train.epochs=0", ">= 1"), ("train.iterations=-1", ">= 0"), ("data.imbalance_factor=0.5", ">= 1"),
     ("eval.batch_size=0", ">= 1"), ("data.val_per_class=-1", ">= 0"), ("meta_sampler.gumbel_tau=0", "> 0"),
     ("train.accum_steps=0", ">= 1"), ("stage2.cache_views=-2", ">= 0"), ("data.workers=-1", ">= 0"),
-    ("train.seed=-1", ">= 0"), ("train.seed=4294967296", "< 2**32"), ("data.subset_seed=4294967296", "< 2**32"),
+    ("train.seed=-1", ">= 0"), ("train.seed=4294967296", "< 2**32"),
+    ("data.subset_seed=18446744073709551616", "< 2**64"),
     ("train.num_threads=2147483648", "< 2**31"), ("train.batch_size=99999999999999999999", "< 2**31"),
 ])
 def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
@@ -236,11 +243,16 @@ def test_an_empty_name_is_refused_unless_log_dir_names_the_run():
     assert load_config(None, ["name=", "log_dir=runs/x"]).run_dir == "runs/x"
 
 
-@pytest.mark.parametrize("name", ["..", ".", "a/b", "/tmp/run", "a\\b"])
-def test_a_name_that_is_not_one_directory_name_is_refused_pointing_to_log_dir(name):
+@pytest.mark.parametrize("name", ["..", ".", "a/../b", "a//b", "/tmp/run", "a\\b"])
+def test_a_name_that_is_not_a_folder_under_logs_is_refused_pointing_to_log_dir(name):
     """name=.. would write the run into the working directory, name=/tmp/run anywhere: a path is log_dir's."""
-    with pytest.raises(ConfigError, match="^" + re.escape(f"name={name!r} is not a directory name") + ".*log_dir="):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"name={name!r} is not a folder under logs/") + ".*log_dir="):
         load_config(None, [f"name={name}"])
+    assert load_config(None, [f"name={name}", "log_dir=runs/x"]).run_dir == "runs/x"  # name then names nothing
+
+
+def test_a_name_of_nested_folders_under_logs_is_a_run_directory_there():
+    assert load_config(None, ["name=group/run-1"]).run_dir == "logs/group/run-1"
 
 
 @pytest.mark.parametrize("name", ["tab\there", "\udcff"])  # \udcff: the byte 0xff of an argv not in UTF-8

@@ -245,15 +245,18 @@ def _half_a_png(path):
 
 
 @pytest.mark.parametrize("make, reason", [
-    (lambda p: p.write_bytes(b"hello, not an image"), "not a JPEG, PNG, WebP or GIF image"),
-    (_half_a_png, "Out of bound read in decode_png. Probably, the input image is corrupted"),
+    (lambda p: p.write_bytes(b"hello, not an image"), "not a JPEG, PNG, WebP or GIF image; "),
+    (_half_a_png, ""),  # the decoder's own words, which change with its version (torchvision 0.29: "Out of bound read")
 ])
 def test_a_decoder_error_reads_as_its_reason_without_torchvision_s_source_or_advice(tmp_path, make, reason):
     path = tmp_path / "x.png"
     make(path)
     with pytest.raises(DatasetFormatError) as err:
         decode_rgb(path)
-    assert str(err.value) == f"cannot decode image {path}: {reason}; re-download or remove it."
+    message = str(err.value)
+    assert message.startswith(f"cannot decode image {path}: {reason}")
+    assert message.endswith("; re-download or remove it.")
+    assert ".cpp" not in message and "decode_avif" not in message and "\n" not in message
 
 
 def test_a_folder_listed_as_an_image_is_named_as_a_folder(tmp_path):

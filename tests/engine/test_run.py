@@ -274,7 +274,7 @@ def test_a_stop_request_gives_the_signals_back_to_the_handlers_it_found():
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_a_repeated_sigterm_still_lets_the_step_finish_and_save_and_only_a_second_ctrl_c_stops_at_once():
+def test_a_repeated_sigterm_still_lets_the_step_finish_and_save_and_a_ctrl_c_after_a_signal_stops_at_once():
     """Schedulers may send SIGTERM more than once before their SIGKILL: each must leave the run to save last.pt."""
     stop = StopRequest().install()
     try:

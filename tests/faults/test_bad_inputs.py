@@ -53,12 +53,12 @@ CASES = {
     "warmup_as_long_as_the_run": (S1, ["train.epochs=3", "train.warmup=3"],
                                   "train.warmup=3 (epochs) is not shorter than the run (train.epochs=3)"),
     "empty_name": (S1, ["name="], "config error: name is empty"),
-    "name_above_logs": (S1, ["name=.."], "config error: name='..' is not a directory name"),
+    "name_above_logs": (S1, ["name=.."], "config error: name='..' is not a folder under logs/"),
     "yaml_alias_inside_its_anchor": (S1, ["--cfg", "{bad}/recursive.yaml"], "config error: train.lr holds itself"),
     "number_of_400_digits": (S1, ["train.lr=" + "1" * 400], "expects a finite number, got 111111111111111111111111... "
                              "(400 characters)"),
-    "seed_past_32_bits": (S1, ["data.subset_seed=18446744073709551616"], "config error: data.subset_seed="
-                          "18446744073709551616 is out of range: it must be < 2**32"),
+    "seed_past_64_bits": (S1, ["data.subset_seed=18446744073709551616"], "config error: data.subset_seed="
+                          "18446744073709551616 is out of range: it must be < 2**64"),
     "reset_head_without_pretrained": (S1, ["model.reset_head=true"], "config error: model.reset_head=true replaces "
                                       "the head of pretrained weights, and no model.pretrained (--pretrained) is "
                                       "given"),
@@ -219,7 +219,7 @@ def outcomes(fake_cifar10, bad, finished_runs, tmp_path_factory) -> dict:
         if script != PREDICT:
             cifar = () if any(a.startswith("data.dataset=") for a in args) else CIFAR
             args = [f"data.root={fake_cifar10}", *FAST, *cifar, *args]
-            if not any(a.startswith("log_dir=") for a in args) and case != "empty_name":
+            if not any(a.startswith("log_dir=") for a in args) and case not in ("empty_name", "name_above_logs"):
                 args.append(f"log_dir={places['run']}")
         proc = run_script(script, *args, check=False)
         return proc, places

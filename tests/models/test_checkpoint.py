@@ -143,8 +143,8 @@ def test_a_checkpoint_the_user_may_not_read_is_a_permission_error_not_a_damaged_
     with pytest.raises(SystemExit) as exit_:
         with user_errors():
             load_checkpoint(path)
-    assert exit_.value.code == f"error: {path}: Permission denied; check the path's permissions (for a run's " \
-                               f"files: or choose another log_dir=... / data.root=...)"
+    assert exit_.value.code == f"error: {path}: Permission denied; check the path's permissions, or choose a " \
+                               f"writable log_dir=... / data.root=..."
 
 
 def test_missing_checkpoint_raises_file_not_found_with_the_path(tmp_path):

@@ -58,9 +58,10 @@ def test_resnext50_32x4d_state_dict_matches_torchvision_with_fc_renamed_head(ref
 def test_each_torchvision_resnet_has_torchvision_s_layers_and_shapes_with_fc_named_head(name):
     """What makes torchvision's ImageNet weights load (models.zoo): the same keys and shapes, stage depths
     included (resnet34: 3, 4, 6, 3 blocks)."""
-    ours = {k: tuple(v.shape) for k, v in build_model(name, 1000).state_dict().items()}
-    theirs = {k.replace("fc.", "head.", 1) if k.startswith("fc.") else k: tuple(v.shape)
-              for k, v in getattr(torchvision.models, name)(weights=None).state_dict().items()}
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        ours = {k: tuple(v.shape) for k, v in build_model(name, 1000).state_dict().items()}
+        theirs = {k.replace("fc.", "head.", 1) if k.startswith("fc.") else k: tuple(v.shape)
+                  for k, v in getattr(torchvision.models, name)(weights=None).state_dict().items()}
     assert ours == theirs
 
 
