@@ -54,7 +54,7 @@ def export_meta(model_args: dict, class_names: Sequence[str] | None, class_count
 
 # The errno words of the OSErrors of a path through a file, which name neither the file nor the cause.
 PATH_THROUGH_A_FILE = {errno.EEXIST: "a file stands where a folder is needed",
-                        errno.ENOTDIR: "a folder on this path is a file"}
+                       errno.ENOTDIR: "a folder on this path is a file"}
 
 
 def path_error_message(e: OSError) -> str:
