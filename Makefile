@@ -1,7 +1,7 @@
 # make demo   create .venv, get CIFAR-10, short stage-1 run on CIFAR-10-LT (imbalance 100), test table
 # make demo-stage2   then retrain its classifier with BALMS (stage 2) and print the test table
 # make test   the whole test suite (what CI runs)
-# make test-fast   the tests that run no entry script as a process (under a minute)
+# make test-fast   the quick tests: no entry script, rank or signalled process started (under a minute)
 # LT_DATA_ROOT points at the folder that holds cifar-10-batches-py/ (default: ./datasets).
 PYTHON ?= python3
 VENV ?= .venv

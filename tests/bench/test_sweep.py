@@ -52,6 +52,7 @@ def test_a_method_is_its_whole_config_and_ldam_defers_reweighting_to_80_percent_
     assert [(c.model.head, c.loss.name) for k, c in runs if k["method"] == "ce"] == [("linear", "ce")] * 2
 
 
+@pytest.mark.slow
 def test_an_unknown_method_is_one_line_naming_the_configs_there(run, tmp_path):
     proc = run("bench/sweep.py", "--methods", "ce", "ldam", "--out", str(tmp_path), check=False)
     [line] = proc.stderr.strip().splitlines()

@@ -246,6 +246,7 @@ run_program(command, resumable=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [None, "1", "2"])
 def test_a_sigterm_before_the_training_loop_is_one_line_and_exit_143_except_under_torchrun(world):
     env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | ({"WORLD_SIZE": world} if world else {})
@@ -258,6 +259,7 @@ def test_a_sigterm_before_the_training_loop_is_one_line_and_exit_143_except_unde
         assert proc.stderr == "stopped by SIGTERM; --resume continues from the last checkpoint written, if any\n"
 
 
+@pytest.mark.slow
 def test_a_signal_while_the_program_exits_ends_it_at_once_with_one_line_no_traceback_and_its_output():
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout a buffered pipe
     proc = subprocess.run([sys.executable, "-c", SECOND_CTRL_C_WHILE_EXITING, str(REPO)], capture_output=True,
@@ -291,6 +293,7 @@ def test_on_resume_rank_0_alone_drops_the_metric_lines_after_last_pt(tmp_path, m
         assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl"]  # replaced whole
 
 
+@pytest.mark.slow
 def test_the_entry_scripts_start_without_importing_torchvision():
     # Its import takes about 1 s (it loads torch._dynamo): a CIFAR run, --help or a refused config would
     # pay it for nothing. It is imported where image files are decoded, AutoAugment runs, or an ImageNet

@@ -149,6 +149,7 @@ def test_a_dropped_loader_stops_its_thread():
     assert _wait_until(lambda: not _prefetch_threads())
 
 
+@pytest.mark.slow
 def test_a_process_exiting_while_the_thread_makes_an_item_waits_for_it_and_exits_cleanly(tmp_path):
     """A daemon thread still inside torch operators at interpreter exit aborts the process
     ("terminate called without an active exception", exit -6): the exit must wait for the item."""

@@ -61,6 +61,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_with_global_batchnorm_take_the_gradient_of_the_whole_batch(tmp_path):
     reference = _resnet32_float64()
     x, y = _batch()
@@ -139,6 +140,7 @@ def _evaluate_worker(rank: int, store: str, out: str, files: bool) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("files", [False, True], ids=["uint8 images", "image files"])
 def test_two_ranks_evaluating_one_image_give_the_single_process_logits(tmp_path, files):
     """Rank 1's shard of one image is empty: its (0, 3) logits have the width rank 0's have, so the
@@ -184,6 +186,7 @@ def _weighted_worker(rank: int, store: str, out: str, loss_name: str, params: di
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name, params", [("ldam", {"drw_epoch": 0}), ("arb", {})])
 def test_two_ranks_take_the_one_process_step_of_a_loss_that_looks_at_the_whole_batch(tmp_path, loss_name, params):
     """LDAM with DRW divides by the batch's sum of weights and arb shifts by the batch's class counts: each

@@ -208,6 +208,7 @@ HOLD = ("import sys, time; from engine.run import claim_run_dir; claim_run_dir(s
         "print('held', flush=True); time.sleep(60)")
 
 
+@pytest.mark.slow
 def test_a_run_directory_another_process_writes_is_refused_until_that_process_ends(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -239,6 +240,7 @@ HOLD_AND_FORK = ("import os, sys, time; from engine.run import claim_run_dir; cl
                  "print(pid, flush=True); time.sleep(60)")
 
 
+@pytest.mark.slow
 def test_a_killed_run_s_forked_children_do_not_keep_its_run_directory_claimed(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
