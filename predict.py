@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from config.cli import USER_ERROR_STATUS, OneLineParser, run_program
+from config.program import USER_ERROR_STATUS, OneLineParser, run_program
 from config.schema import DataConfig
 from data.augment import normalize
 from data.build import NORMALIZATION, recorded_normalization

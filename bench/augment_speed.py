@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.cli import OneLineParser  # noqa: E402
+from config.program import OneLineParser  # noqa: E402
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment, normalize  # noqa: E402
 
 BATCH = 512

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.cli import OneLineParser, run_program  # noqa: E402
+from config.program import OneLineParser, run_program  # noqa: E402
 
 
 def pct(v: float | None) -> str:

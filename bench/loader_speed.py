@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from config.cli import OneLineParser, at_least, run_program, user_errors  # noqa: E402
+from config.program import OneLineParser, at_least, run_program, user_errors  # noqa: E402
 from data.augment import BatchAugment  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.build_files import build_file_data  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config.cli import OneLineParser, at_least
+from config.program import OneLineParser, at_least
 from meta_sampler.learner import RELAXATIONS, ClassSampler, balanced_batch
 from meta_sampler.meta_step import lookahead
 from models.losses import build_loss

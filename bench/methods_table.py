@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare_runs import pct, read_metrics  # noqa: E402
-from config.cli import OneLineParser, nothing_left_of_a_refused_run, run_program, test, user_errors  # noqa: E402
+from config.cli import test  # noqa: E402
+from config.program import OneLineParser, nothing_left_of_a_refused_run, run_program, user_errors  # noqa: E402
 from config.load import load_config  # noqa: E402
 from config.schema import Config  # noqa: E402
 from data.build_files import build_training_set  # noqa: E402

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare_runs import parse_json, pct, read_metrics, read_text  # noqa: E402
 from bench.report_figures import Run, plot_confusion, plot_curves, plot_per_class, plot_sampling  # noqa: E402
-from config.cli import OneLineParser  # noqa: E402
+from config.program import OneLineParser  # noqa: E402
 from engine.metrics import DENSE_CONFUSION_MAX  # noqa: E402
 
 TEST_KEYS = ("top1", "many", "medium", "few", "per_class", "train_class_counts", "confusion_matrix", "class_names")

@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.methods_table import parse_with_overrides  # noqa: E402
-from config.cli import OneLineParser, run_program, test, user_errors  # noqa: E402
+from config.cli import test  # noqa: E402
+from config.program import OneLineParser, run_program, user_errors  # noqa: E402
 from config.load import load_config  # noqa: E402
 from config.stage2 import check_method  # noqa: E402
 from config.schema import CHOICES, Stage2Config  # noqa: E402

@@ -33,7 +33,7 @@ from bench.compare_runs import pct  # noqa: E402
 from bench.methods_table import (VAL_PER_CLASS, method_config, method_configs, parse_with_overrides,  # noqa: E402
                                  train_and_test)
 from bench.report_figures import MARKERS, legend_below, log_axis, save  # noqa: E402
-from config.cli import OneLineParser, run_program, user_errors  # noqa: E402
+from config.program import OneLineParser, run_program, user_errors  # noqa: E402
 from config.schema import Config  # noqa: E402
 
 GROUPS = ("top1", "many", "medium", "few")

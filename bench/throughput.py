@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from bench.profiling import profile_train  # noqa: E402
 from bench.train_paths import AUGMENTS, timed, train_bench, train_rates  # noqa: E402
-from config.cli import OneLineParser, at_least, user_errors  # noqa: E402
+from config.program import OneLineParser, at_least, user_errors  # noqa: E402
 from data.augment import normalize  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.cifar import load_cifar  # noqa: E402

@@ -2,7 +2,8 @@
 kind of dataset or another loss is an error, never silently ignored."""
 from __future__ import annotations
 
-from config.load import ConfigError, changed_keys
+from config.keys import ConfigError
+from config.load import changed_keys
 from config.schema import DATASET_KEYS, Config
 
 

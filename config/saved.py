@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from config.load import ConfigError, check_choices, config_to_dict, flatten, renamed, set_key
+from config.keys import ConfigError, flatten, renamed, set_key
+from config.load import check_choices, config_to_dict
 from config.schema import STAGE_SCRIPTS, Config
 
 

@@ -3,7 +3,7 @@
 PyYAML follows YAML 1.1, where `epochs: 010` is 8 (octal), `imbalance_factor: 1:10` is 70 (base 60),
 `amp: off` is the boolean false and `name: 2026-11-28` a date, and where a section written twice
 silently replaces the first. Here `010` is 10, `1:10` and dates stay strings (so a number key
-refuses them by name), booleans are true/false only (config/load.py also takes yes/no/on/off for
+refuses them by name), booleans are true/false only (config/keys.py also takes yes/no/on/off for
 a boolean key), and a repeated key is an error naming its line.
 """
 from __future__ import annotations

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config.load import ConfigError, config_to_dict, load_config
+from config.keys import ConfigError
+from config.load import config_to_dict, load_config
 from config.stage2 import METHODS, check_method
 from data.samplers import ClassBalancedSampler, InstanceSampler, build_sampler
 from engine.distributed import Dist

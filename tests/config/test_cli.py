@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 import config.cli
-from config.cli import check_select_metric, parse_cli, start_run, user_errors
-from config.load import ConfigError, config_to_dict, load_config
+from config.cli import check_select_metric, parse_cli, start_run
+from config.program import user_errors
+from config.keys import ConfigError
+from config.load import config_to_dict, load_config
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.distributed import Dist
 from engine.run import RunDirError
@@ -69,7 +71,7 @@ def test_a_programming_error_is_not_disguised_as_a_user_error():
 
 
 def test_a_user_error_prints_its_line_and_exits_2_but_a_bug_keeps_its_traceback(capsys):
-    from config.cli import exit_on_user_error
+    from config.program import exit_on_user_error
 
     def refused():
         raise SystemExit("error: data.root=x does not exist")
@@ -107,7 +109,7 @@ def test_a_bad_command_line_is_one_line_naming_the_option_and_exits_2(capsys):
 
 
 def test_debug_shows_the_traceback_of_the_error_behind_the_line(capsys):
-    from config.cli import exit_on_user_error
+    from config.program import exit_on_user_error
 
     def refused():
         with user_errors():
@@ -124,7 +126,7 @@ def test_debug_shows_the_traceback_of_the_error_behind_the_line(capsys):
 def test_a_user_error_is_written_to_the_open_train_log_too(tmp_path, capsys):
     import logging
 
-    from config.cli import exit_on_user_error
+    from config.program import exit_on_user_error
 
     def refused():
         raise SystemExit("error: the disk is full")
@@ -162,7 +164,7 @@ def test_an_os_error_is_one_line_with_the_path_and_what_to_do(errno_, filename, 
 
 
 def test_a_refused_run_removes_the_directory_it_created_and_nothing_else(tmp_path):
-    from config.cli import nothing_left_of_a_refused_run
+    from config.program import nothing_left_of_a_refused_run
 
     new = tmp_path / "new"
     with pytest.raises(SystemExit):
@@ -193,7 +195,7 @@ def test_a_refused_run_removes_the_directory_it_created_and_nothing_else(tmp_pat
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
-    from config.cli import exit_on_user_error
+    from config.program import exit_on_user_error
 
     def interrupted():
         raise KeyboardInterrupt
@@ -213,7 +215,7 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
 SECOND_CTRL_C_WHILE_EXITING = """
 import atexit, os, signal, sys
 sys.path.insert(0, sys.argv[1])
-from config.cli import run_program
+from config.program import run_program
 from engine.stopping import StopRequest
 
 def second_ctrl_c():
@@ -236,7 +238,7 @@ run_program(command)
 SIGTERM_AT_START = """
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
-from config.cli import run_program
+from config.program import run_program
 
 def command():
     os.kill(os.getpid(), signal.SIGTERM)

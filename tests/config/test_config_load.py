@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from config.load import ConfigError, load_config
+from config.keys import ConfigError
+from config.load import load_config
 from config.schema import CHOICES, Config
 from tests.conftest import REPO
 

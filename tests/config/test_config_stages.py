@@ -6,7 +6,8 @@ import typing
 import pytest
 import yaml
 
-from config.load import ConfigError, config_to_dict, load_config, renamed, stage_of
+from config.keys import ConfigError, renamed
+from config.load import config_to_dict, load_config, stage_of
 from config.readers import check_loss_keys
 from config.saved import check_resume, config_diff, config_from_dict
 from config.schema import RENAMED, STAGE_KEYS, Config, LossConfig

@@ -1,7 +1,8 @@
 """A run's saved config: dumped and loaded back equal, rebuilt with the same checks, compared key by key."""
 import pytest
 
-from config.load import ConfigError, config_to_dict, load_config
+from config.keys import ConfigError
+from config.load import config_to_dict, load_config
 from config.saved import check_resume, config_diff, config_from_dict, dump_config
 from config.schema import Config
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from config.load import config_to_dict, flatten, load_config
+from config.keys import flatten
+from config.load import config_to_dict, load_config
 from config.readers import check_dataset_keys
 from config.schema import STAGE_SCRIPTS
 from data.build_files import DATASET_KINDS

@@ -1,7 +1,8 @@
 """Config files and overrides read numbers and booleans as YAML 1.2 does, and refuse a key written twice."""
 import pytest
 
-from config.load import ConfigError, load_config
+from config.keys import ConfigError
+from config.load import load_config
 
 
 def _load_file(tmp_path, text):

@@ -132,7 +132,7 @@ def test_a_file_that_is_no_torch_file_is_named_without_torchs_advice_to_unpickle
 
 def test_a_checkpoint_the_user_may_not_read_is_a_permission_error_not_a_damaged_file(tmp_path, monkeypatch):
     """(Root reads any file, so the denial is the open's, as for a user without read permission.)"""
-    from config.cli import user_errors
+    from config.program import user_errors
 
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"epoch": 1})
