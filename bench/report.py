@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare_runs import parse_json, pct, read_metrics, read_text  # noqa: E402
 from bench.report_figures import Run, plot_confusion, plot_curves, plot_per_class, plot_sampling  # noqa: E402
-from config.program import OneLineParser  # noqa: E402
+from config.program import OneLineParser, run_program  # noqa: E402
 from engine.metrics import DENSE_CONFUSION_MAX  # noqa: E402
 
 TEST_KEYS = ("top1", "many", "medium", "few", "per_class", "train_class_counts", "confusion_matrix", "class_names")
@@ -140,11 +140,14 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path, help="run directories; the first is the baseline")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md and its figures")
     args = p.parse_args()
-    runs = [load_run(path) for path in args.runs]
-    try:
-        print(f"written to {write_report(runs, args.out)}")
-    except OSError as e:
-        sys.exit(f"error: cannot write the report to {args.out}: {e.strerror or e}; choose another --out")
+
+    def command() -> None:  # a run that is not one, or an --out that cannot be written: one line, exit 2
+        runs = [load_run(path) for path in args.runs]
+        try:
+            print(f"written to {write_report(runs, args.out)}")
+        except OSError as e:
+            sys.exit(f"error: cannot write the report to {args.out}: {e.strerror or e}; choose another --out")
+    run_program(command)
 
 
 if __name__ == "__main__":

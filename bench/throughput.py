@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from bench.profiling import profile_train  # noqa: E402
 from bench.train_paths import AUGMENTS, timed, train_bench, train_rates  # noqa: E402
-from config.program import OneLineParser, at_least, user_errors  # noqa: E402
+from config.program import OneLineParser, at_least, run_program, user_errors  # noqa: E402
 from data.augment import normalize  # noqa: E402
 from data.build import build_long_tail  # noqa: E402
 from data.cifar import load_cifar  # noqa: E402
@@ -117,8 +117,11 @@ def main() -> None:
                    help="also profile one window of each path per setting into DIR/<setting>.txt: host time in the "
                         "loader, device kernel time, the operators by time")
     args = p.parse_args()
-    with user_errors():  # no CIFAR-10 under --root, a device or precision this machine lacks: one line
-        measure(args)
+
+    def command() -> None:  # no CIFAR-10 under --root, a device or precision this machine lacks: one line, exit 2
+        with user_errors():
+            measure(args)
+    run_program(command)
 
 
 def measure(args: argparse.Namespace) -> None:

@@ -86,7 +86,7 @@ def test_the_throughput_bench_refuses_missing_data_or_a_precision_the_device_lac
     args = [str(tmp_path / a) if a == "missing" else a for a in args]
     proc = run("bench/throughput.py", "--device", "cpu", "--root", str(root), *args, check=False)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert proc.stdout == ""  # refused before the first row
 
 
