@@ -1,6 +1,6 @@
 """The README's commands of the two entry scripts (plain and under torchrun) stay runnable: each parses, names a
 shipped config and passes the checks its stage makes before it reads data or a checkpoint; and each of its
-`$ command` examples still fails with the error line shown under it."""
+`$ command` examples still fails with the error line shown under it; its contents list and file links stay true."""
 import re
 import shlex
 from pathlib import Path
@@ -100,3 +100,22 @@ def test_a_readme_error_example_fails_with_the_line_shown(number, command, error
     with pytest.raises(SystemExit) as e:
         _checked(command)
     assert str(e.value) == error, f"README line {number}"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower().strip()).replace(" ", "-")
+
+
+def test_the_contents_list_links_every_section_in_order():
+    text = (ROOT / "README.md").read_text()
+    headings = re.findall(r"^(##|###) (.+)$", text, flags=re.M)
+    contents = text.split("\nContents:\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert contents == [("- " if level == "##" else "  - ") + f"[{title}](#{_anchor(title)})"
+                        for level, title in headings]
+
+
+def test_every_relative_link_names_a_file_of_the_repository():
+    targets = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    assert len(targets) >= 20
+    assert [t for t in targets if not (ROOT / t).exists()] == []
