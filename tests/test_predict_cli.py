@@ -395,3 +395,44 @@ def test_cosine_head_without_a_recorded_scale_prints_its_cosine_labelled_as_a_sc
     note = ("note: the model has a cosine head and records no logit scale (no training config): the third column "
             "is the cosine of the image's features and the class's weights, in [-1, 1], not a probability\n")
     assert _classify([str(path), str(image_files[0]), "--dataset", "cifar10"], capsys) == (expected, note)
+
+
+def test_images_are_classified_batch_size_at_a_time_each_once_in_order(checkpoint, image_files, tmp_path, capsys):
+    """--batch-size changes only how many images are read at a time: every batch size prints the same lines, in
+    the order given, an unreadable path in a later batch still sets exit status 2, and a last batch shorter than
+    --batch-size counts no image as skipped."""
+    path, model = checkpoint
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    paths = [*image_files, notes, image_files[0]]  # batches of 2: two images, an image and notes, an image
+    expected = "".join(f"{line}\n" for line in _expected_lines(model, [*image_files, image_files[0]]))
+    skipped = f"error: cannot read {notes} as an image (not a JPEG, PNG, WebP or GIF image); skipped\n"
+    for batch_size in ("1", "2", "256"):
+        with pytest.raises(SystemExit) as e:
+            predict.main([str(path), *map(str, paths), "--batch-size", batch_size, "--device", "cpu"])
+        assert e.value.code == 2 and capsys.readouterr() == (expected, skipped), batch_size
+    assert _classify([str(path), *map(str, image_files), "--batch-size", "2"], capsys) == (
+        "".join(f"{line}\n" for line in _expected_lines(model, image_files)), "")
+
+
+@pytest.mark.parametrize("size", [(32, 20), (20, 32)])
+def test_a_cifar_model_s_image_with_one_side_of_32_is_resized_to_32x32_too(size, checkpoint, tmp_path, capsys):
+    """(width, height): an image 32 pixels wide or high but not both is resized, as one with neither side 32."""
+    path, model = checkpoint
+    image = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(image)
+    meta = predict.checkpoint_for_inference(str(path), None)[1]
+    assert predict.model_input(meta)(decode_rgb(image)).shape == (3, 32, 32)
+    assert _classify([str(path), str(image)], capsys) == (f"{_expected_lines(model, [image])[0]}\n", "")
+
+
+def test_an_export_directory_is_never_exported_again(checkpoint, image_files, tmp_path, capsys):
+    path, _ = checkpoint
+    out = tmp_path / "exported"
+    predict.main([str(path), "--export", str(out)])
+    capsys.readouterr()
+    for extra in ([], [str(image_files[0])]):  # nothing is classified either
+        with pytest.raises(SystemExit) as e:
+            predict.main([str(out), "--export", str(tmp_path / "again"), *extra, "--device", "cpu"])
+        assert e.value.code == f"error: {out} is already an export directory"
+        assert capsys.readouterr() == ("", "") and not (tmp_path / "again").exists()

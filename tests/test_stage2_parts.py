@@ -1,4 +1,5 @@
 """Pieces of stage2_classifier.py's main, in-process."""
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -95,6 +96,33 @@ def test_balms_takes_its_sampler_s_settings_from_the_meta_sampler_section():
     torch.testing.assert_close(meta.sampler.theta, ClassSampler(labels, 3, 0.5).theta, rtol=0, atol=0)
     assert not torch.equal(meta.sampler.theta, ClassSampler(labels, 3, 0.0).theta)
 
+
+
+def test_balms_meta_split_val_without_a_validation_split_draws_its_meta_batches_from_the_training_set(caplog):
+    """meta_sampler.meta_split=val, the default, is the validation split when the run has one; a run without one
+    meta-learns on its training images (as meta_split=train), never on an empty split."""
+    cfg = load_config(None, ["stage2.method=balms", "stage1.checkpoint=s1/last.pt"], stage="stage2")
+    assert cfg.meta_sampler.meta_split == "val"
+    labels = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 3, 1]))
+    data = SimpleNamespace(train_labels=labels, val_labels=torch.empty(0, dtype=torch.long), class_counts=[6, 3, 1],
+                           val_images=torch.empty(0, 3, 32, 32, dtype=torch.uint8))
+    with caplog.at_level(logging.INFO, logger="stage2"):
+        meta = meta_sampling(cfg, build_model("resnet32", 3), data, lambda idx, gen: torch.zeros(len(idx), 64),
+                             Dist(), None)
+    assert torch.equal(meta.meta_labels, labels)
+    assert "balms: class-balanced meta batches of 512 from the train split (10 images)" in caplog.messages
+
+
+def test_a_new_run_removes_the_feature_caches_a_dead_start_left_and_nothing_else(tmp_path):
+    """The cached views of a start that died before its first last.pt (features_train.npy, features_meta.npy: maybe
+    of another backbone with the same shape, which no shape check would catch) are removed by rank 0 alone."""
+    names = ("features_train.npy", "features_meta.npy", "train.log", "features.npy")
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    stage2_classifier.drop_feature_caches(tmp_path, Dist(rank=1, world=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    stage2_classifier.drop_feature_caches(tmp_path, Dist())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy", "train.log"]
 
 def test_tau_norm_deploys_the_tau_its_search_chose(monkeypatch):
     saved = {}

@@ -153,6 +153,10 @@ def test_a_user_error_is_written_to_the_open_train_log_too(tmp_path, capsys):
                          "directory: or choose another log_dir=... / name=...)"),
     (17, "/runs/f", "/runs/f: File exists; a file stands where a folder is needed: move it away (for the run "
                     "directory: or choose another log_dir=... / name=...)"),
+    (27, "/runs/a/events", "/runs/a/events: File too large; the file system refused a file that large: free space "
+                           "or raise the limit (ulimit -f), then --resume"),
+    (30, "/runs/a", "/runs/a: Read-only file system; that file system is read-only: choose log_dir=... on a "
+                    "writable one"),
 ])
 def test_an_os_error_is_one_line_with_the_path_and_what_to_do(errno_, filename, expected):
     import os
@@ -162,6 +166,19 @@ def test_an_os_error_is_one_line_with_the_path_and_what_to_do(errno_, filename, 
             raise OSError(errno_, os.strerror(errno_), filename)
     assert exit_info.value.code == f"error: {expected}"
 
+
+
+def test_an_error_a_dataloader_worker_raised_is_its_own_message_not_the_worker_s_traceback():
+    from torch.utils.data._utils import ExceptionWrapper  # what the DataLoader re-raises a worker's error with
+
+    try:
+        raise DatasetFormatError("/data/x.png: damaged (not a PNG)")
+    except DatasetFormatError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(SystemExit) as exit_info:
+        with user_errors():
+            wrapped.reraise()
+    assert exit_info.value.code == "error: /data/x.png: damaged (not a PNG)"
 
 def test_a_refused_run_removes_the_directory_it_created_and_nothing_else(tmp_path):
     from config.program import nothing_left_of_a_refused_run

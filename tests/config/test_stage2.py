@@ -69,6 +69,8 @@ def test_tau_norm_refuses_the_tau_key_it_would_not_read():
     with pytest.raises(SystemExit, match=r"stage2.tau_norm_grid is searched on the validation split, and this run "
                                          r"has none: tau is stage2.tau_norm_tau"):
         check_tau_norm_keys(_stage2("stage2.method=tau_norm", "stage2.tau_norm_grid=[0.5,1.5]"), has_val=False)
+    with pytest.raises(SystemExit, match=r"stage2.tau_norm_grid is searched on the validation split"):
+        check_tau_norm_keys(_stage2("stage2.method=tau_norm", "stage2.tau_norm_grid=[0.3]"), has_val=False)
 
 
 def test_the_backbone_on_every_batch_is_refused_for_image_files_before_the_run():
@@ -86,6 +88,18 @@ def test_stage2_trains_on_the_images_stage1_drew_and_refuses_another_draw():
                                          "data.subset_draw='torch'"):
         with_stage1_training_set(_stage2("data.subset_draw=ldam"), {**s1, **_stage1()})
 
+
+
+def test_stage2_takes_the_dataset_and_model_of_its_stage1_run_and_refuses_others():
+    s1 = {**_stage1(dataset="cifar100"), "model_args": {"name": "resnet56"}}
+    cfg = with_stage1_training_set(_stage2(), s1)
+    assert (cfg.data.dataset, cfg.model.name) == ("cifar100", "resnet56")
+    with pytest.raises(SystemExit, match="^config error: data.dataset='folder', but the stage-1 run x.pt has "
+                                         "data.dataset='cifar100': stage 2 reads it from the checkpoint"):
+        with_stage1_training_set(_stage2("data.dataset=folder"), s1)
+    with pytest.raises(SystemExit, match="^config error: model.name='resnet110', but the stage-1 run x.pt has "
+                                         "model.name='resnet56': stage 2 reads it from the checkpoint"):
+        with_stage1_training_set(_stage2("model.name=resnet110"), s1)
 
 def test_stage2_on_other_images_than_stage1_s_warns_and_on_other_counts_stops(caplog):
     s1 = {"class_counts": [5, 2], "train_digest": "0123abcd"}

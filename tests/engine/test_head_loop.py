@@ -165,6 +165,21 @@ def test_an_epoch_stopped_in_its_last_step_reports_that_step_s_lr_when_resumed()
     assert {k: resumed[k] for k in ("loss", "train_acc", "lr")} == {k: whole[k] for k in ("loss", "train_acc", "lr")}
 
 
+def test_a_resumed_balms_epoch_counts_the_carried_sums_of_its_steps_before_the_stop():
+    """carry = (loss, correct, images, meta loss) sums of the steps taken before a stop: an epoch resumed with no
+    step left reports them as they are, meta loss included."""
+    feats, labels = _blobs(per_class=(60, 20, 10))
+    head = nn.Linear(2, 3)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    sampler = ClassSampler(labels, 3)
+    features = lambda idx, gen: feats[idx]  # noqa: E731
+    meta = MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, features, 6, 1.0)
+    loss_fn = build_loss("balanced_softmax", [60, 20, 10], reduction="none")
+    out = train_head_epoch(head, opt, _constant_lr(opt), loss_fn, labels, features, 0, 8, torch.Generator(),
+                           meta=meta, carry=(3.0, 6.0, 8, 10.0))
+    assert (out["loss"], out["train_acc"], out["meta_loss"], out["sums"]) == (0.375, 0.75, 1.25, [3.0, 6.0, 8, 10.0])
+
+
 @pytest.mark.parametrize("which", ["both", "neither"])
 def test_giving_both_or_neither_of_index_batches_and_meta_raises(which):
     feats, labels, head, opt, sched = _plain_setup()
