@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from config.keys import ConfigError, flatten, set_key, set_override, shown
-from config.schema import CHOICES, RANGES, STAGE_KEYS, STAGE_SCRIPTS, Config
+from config.schema import CHOICES, LIMITS, RANGES, STAGE_KEYS, STAGE_SCRIPTS, Config
 from config.yaml12 import load_yaml
 
 
@@ -115,11 +115,14 @@ def _value(cfg: Config, key: str) -> Any:
 
 
 def check_ranges(cfg: Config) -> None:
-    """Numeric keys within their bounds (schema.RANGES), and the run named."""
+    """Numeric keys within their bounds (schema.RANGES, schema.LIMITS), and the run named."""
     for key, (op, bound) in RANGES.items():
         value = _value(cfg, key)
         if not (value > bound if op == ">" else value >= bound):
             raise ConfigError(f"{key}={shown(value)} is out of range: it must be {op} {bound:g}")
+    for key, (bound, why) in LIMITS.items():
+        if _value(cfg, key) > bound:
+            raise ConfigError(f"{key}={shown(_value(cfg, key))} is out of range: it must be <= {bound} ({why})")
     # Seeds: numpy's global one (from train.seed) and the LDAM draw's take 32 bits, a torch generator's 64.
     seed_bits = {"train.seed": 32, "data.subset_seed": 32 if cfg.data.subset_draw == "ldam" else 64}
     for key, bits in seed_bits.items():

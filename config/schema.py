@@ -30,16 +30,16 @@ class DataConfig:
     # LDAM-DRW code's images of the official CIFAR files exactly (numpy seeded, each class shuffled)
     subset_draw: str = "torch"
     val_per_class: int = 0  # images per class held out of the training images for model selection
-    crop_padding: int = 4  # pixels of zero padding before the random crop; 0 = no crop
+    crop_padding: int = 4  # pixels of zero padding before the random crop; 0 = no crop; at most 32
     flip: bool = True  # random horizontal flip
     autoaugment: bool = False  # CIFAR AutoAugment policy (Cubuk et al. 2019)
-    cutout: int = 0  # side of the Cutout square in pixels; 0 = off
+    cutout: int = 0  # side of the Cutout square in pixels; 0 = off; at most 32
     # Stage 1, CIFAR: augment the next chunk of batches in a background thread (on its own CUDA stream)
     # while the current one trains; the same batches either way (data/prefetch.py, bench/throughput.py).
     prefetch: bool = False
     sampler: str = "instance"  # how a stage-1 epoch draws images (data.samplers.SAMPLERS)
     list_dir: str = ""  # split-list datasets: folder of ImageNet_LT_train.txt etc.; empty = root
-    image_size: int = 224  # image-file datasets: training crop and evaluation centre crop, in pixels
+    image_size: int = 224  # image-file datasets: training crop and evaluation centre crop, in pixels (<= 4096)
     workers: int = 4  # image-file datasets: DataLoader processes decoding images (0 = the main process)
 
 
@@ -192,6 +192,13 @@ RANGES: dict[str, tuple[str, float]] = {
     "stage2.cache_views": (">=", 0), "stage2.tau_norm_tau": (">=", 0),
     "meta_sampler.lr": (">=", 0), "meta_sampler.meta_batch_size": (">=", 1), "meta_sampler.gumbel_tau": (">", 0),
     "eval.batch_size": (">=", 1), "eval.logit_adjust_tau": (">=", 0),
+}
+# Upper bounds of the keys whose absurd values (a typo's extra zeros) would exhaust memory before any message:
+# {key: (bound, why)}, checked by config.load.check_ranges.
+LIMITS: dict[str, tuple[int, str]] = {
+    "data.crop_padding": (32, "the CIFAR image side: a wider border only adds crops of zeros"),
+    "data.cutout": (32, "the CIFAR image side: a square that large can hide the whole image"),
+    "data.image_size": (4096, "pixels a side: a batch of larger crops takes gigabytes"),
 }
 
 # Keys (or whole sections) that one stage alone reads; every other key is read by both stages.

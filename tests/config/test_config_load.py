@@ -224,6 +224,7 @@ def test_an_override_of_up_to_40_characters_with_its_quotes_is_named_whole_and_a
                                           r"\(39 characters\)\) expects bool"):
         load_config(None, ["data.flip=" + "y" * 29])
 
+
 @pytest.mark.parametrize("override, rule", [
     ("train.lr=-0.1", ">= 0"), ("train.batch_size=1", ">= 2"), ("train.batch_size=0", ">= 2"),
     ("train.epochs=0", ">= 1"), ("train.iterations=-1", ">= 0"), ("data.imbalance_factor=0.5", ">= 1"),
@@ -232,12 +233,19 @@ def test_an_override_of_up_to_40_characters_with_its_quotes_is_named_whole_and_a
     ("train.seed=-1", ">= 0"), ("train.seed=4294967296", "< 2**32"),
     ("data.subset_seed=18446744073709551616", "< 2**64"),
     ("train.num_threads=2147483648", "< 2**31"), ("train.batch_size=99999999999999999999", "< 2**31"),
+    ("data.crop_padding=100000", "<= 32 (the CIFAR image side"), ("data.cutout=33", "<= 32 (the CIFAR image side"),
+    ("data.image_size=60000", "<= 4096 (pixels a side"),
 ])
 def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
     key, value = override.split("=")
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(f"{key}=") and value in str(err.value) and f"it must be {rule}" in str(err.value)
+
+
+def test_a_padding_and_cutout_of_the_whole_cifar_side_and_an_image_size_of_4096_are_taken():
+    data = load_config(None, ["data.crop_padding=32", "data.cutout=32", "data.image_size=4096"]).data
+    assert (data.crop_padding, data.cutout, data.image_size) == (32, 32, 4096)
 
 
 @pytest.mark.parametrize("grid", ["[]", "[-1.0, 2]"])

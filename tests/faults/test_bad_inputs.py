@@ -57,6 +57,8 @@ CASES = {
     "yaml_alias_inside_its_anchor": (S1, ["--cfg", "{bad}/recursive.yaml"], "config error: train.lr holds itself"),
     "number_of_400_digits": (S1, ["train.lr=" + "1" * 400], "expects a finite number, got 111111111111111111111111... "
                              "(400 characters)"),
+    "padding_past_the_image": (S1, ["data.crop_padding=100000"], "config error: data.crop_padding=100000 is out of "
+                               "range: it must be <= 32 (the CIFAR image side"),  # was a 28 TB allocation
     "seed_past_64_bits": (S1, ["data.subset_seed=18446744073709551616"], "config error: data.subset_seed="
                           "18446744073709551616 is out of range: it must be < 2**64"),
     "reset_head_without_pretrained": (S1, ["model.reset_head=true"], "config error: model.reset_head=true replaces "
