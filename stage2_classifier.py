@@ -34,7 +34,7 @@ from data.build_files import FileData, build_training_set, data_record
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
 from engine.distributed import Dist, check_same_on_ranks, from_rank0
-from engine.features import CachedFeatures, LiveFeatures, compute_views, disk_views
+from engine.features import CachedFeatures, LiveFeatures, check_cache_fits, compute_views, disk_views
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
 from engine.run import Progress, end_epoch, finish_run, finished_run, restore
@@ -142,15 +142,17 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
     resume), or the backbone per batch (the images then wait on that device; every rank runs the whole batch)."""
     d, views = cfg.data, cfg.stage2.cache_views
     augment = BatchAugment(d.crop_padding, d.flip, d.autoaugment, d.cutout)
-    device = next(model.parameters()).device
+    device, on_disk = next(model.parameters()).device, isinstance(data, FileData)
     if views > 0:
+        shape = (views, len(images), model.feature_dim)
+
         def compute() -> torch.Tensor:  # image files: float16 on the host, a view at a time, for disk_views
+            check_cache_fits(shape, device, on_disk, run_dir if on_disk and ranks.is_main else None)
             return compute_views(model, images, augment, views, data.mean, data.std, cfg.train.seed, stream,
                                  cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks, d.workers,
-                                 host_half=isinstance(data, FileData))
-        if isinstance(data, FileData):
+                                 host_half=on_disk)
+        if on_disk:
             path = run_dir / f"features_{CACHE_NAMES[stream]}.npy"
-            shape = (views, len(images), model.feature_dim)
             return CachedFeatures(disk_views(path, compute, ranks.is_main, shape, ranks), device)
         return CachedFeatures(compute())
     return LiveFeatures(model, images.to(device), augment, data.mean, data.std, cfg.model.channels_last,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,6 +25,7 @@ from data.augment import normalize
 from data.loader import epoch_generator
 from data.stream import keep_working_on_sigterm
 from data.transfer import to_device
+from engine.device import DeviceError
 from engine.loop import forward_each
 from engine.distributed import Dist, gather_rows, sum_over_ranks
 
@@ -36,6 +38,35 @@ def _view_chunk(images: torch.Tensor, augment: Augment | None, mean: Sequence[fl
     """A chunk of uint8 images on `device`, augmented (unless augment is None) and normalised."""
     x = images.to(device, non_blocking=True)
     return normalize(augment(x, generator) if augment is not None else x, mean, std)
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """All the memory of `device` (a CUDA device's own, else the host's RAM), or None where it cannot be asked."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def check_cache_fits(shape: tuple[int, int, int], device: torch.device, host_half: bool = False,
+                     disk: Path | None = None) -> None:
+    """Refuse, before hours of computing end in an out-of-memory error, K views of N x D features (`shape`) that
+    compute_views cannot hold: fp32 on `device`, or with host_half float16 on the host, which disk_views then
+    writes to a file under `disk` (the rank that writes). The views are held twice over while they are stacked."""
+    k, n, d = shape
+    size, where = (k * n * d * 2, torch.device("cpu")) if host_half else (k * n * d * 4, device)
+    what = f"stage2.cache_views={k} makes {k} x {n} x {d} features, {size / 1e9:.1f} GB"
+    memory = memory_bytes(where)
+    if memory is not None and 2 * size > memory:
+        raise DeviceError(f"{what}, held twice while they are stacked: more than the {memory / 1e9:.1f} GB of "
+                          f"{'host memory' if where.type == 'cpu' else where}: lower stage2.cache_views "
+                          f"(0 = the backbone on every batch)")
+    free = shutil.disk_usage(disk).free if disk is not None else size
+    if size > free:
+        raise DeviceError(f"{what} on disk: more than the {free / 1e9:.1f} GB free under {disk}: free space or "
+                          f"lower stage2.cache_views")
 
 
 @torch.no_grad()

@@ -384,3 +384,41 @@ def test_every_rank_computes_the_disk_views_when_another_rank_lacks_its_file(tmp
     calls = []
     disk_views(path, lambda: (calls.append(1), torch.ones(1, 2, 2))[1], writes=True, shape=(1, 2, 2), d=Dist(0, 2))
     assert calls == [1]
+
+
+def test_the_host_s_memory_is_its_ram_as_proc_meminfo_gives_it():
+    from engine.features import memory_bytes
+
+    total_kib = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0])
+    assert abs(memory_bytes(torch.device("cpu")) - total_kib * 1024) <= 4096
+
+
+def test_views_that_memory_cannot_hold_twice_over_are_refused_before_any_is_computed(monkeypatch, tmp_path):
+    """fp32 on the device (3 x 10 x 4 x 4 bytes = 480, held twice while stacked), float16 on the host with
+    host_half (240 bytes), then free disk space for the file disk_views writes."""
+    import shutil
+    from collections import namedtuple
+
+    import engine.features as features
+    from engine.device import DeviceError
+
+    memory = {"cpu": 960, "meta": 959}
+    monkeypatch.setattr(features, "memory_bytes", lambda device: memory[device.type])
+    features.check_cache_fits((3, 10, 4), torch.device("cpu"))  # exactly fits
+    with pytest.raises(DeviceError) as e:
+        features.check_cache_fits((3, 10, 4), torch.device("meta"))
+    assert str(e.value) == ("stage2.cache_views=3 makes 3 x 10 x 4 features, 0.0 GB, held twice while they are "
+                            "stacked: more than the 0.0 GB of meta: lower stage2.cache_views (0 = the backbone on "
+                            "every batch)")
+    memory["cpu"] = 479
+    with pytest.raises(DeviceError, match="more than the 0.0 GB of host memory"):
+        features.check_cache_fits((3, 10, 4), torch.device("meta"), host_half=True)  # float16 goes to the host
+    memory["cpu"] = 480
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 239, 239))
+    features.check_cache_fits((3, 10, 4), torch.device("meta"), host_half=True)  # no disk: a rank that keeps them
+    with pytest.raises(DeviceError, match=rf"^stage2.cache_views=3 makes 3 x 10 x 4 features, 0.0 GB on disk: more "
+                                          rf"than the 0.0 GB free under {tmp_path}: free space or lower"):
+        features.check_cache_fits((3, 10, 4), torch.device("meta"), host_half=True, disk=tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 240, 240))
+    features.check_cache_fits((3, 10, 4), torch.device("meta"), host_half=True, disk=tmp_path)

@@ -1,5 +1,6 @@
 """A full disk and numbers that blow up, in real processes: one line and exit status 2, the last
-good checkpoint kept (never a NaN one, as last.pt or best.pt), metrics.jsonl still strict JSON."""
+good checkpoint kept (never a NaN one, as last.pt or best.pt), metrics.jsonl still strict JSON; a feature cache
+larger than memory refused before it is computed."""
 import json
 import os
 import resource
@@ -125,3 +126,14 @@ def test_a_nan_in_stage2_or_its_meta_sampler_is_one_line_and_saves_no_nan_weight
         _finite_checkpoint(path)
     if (run_dir / "metrics.jsonl").exists():
         _strict_json_lines(run_dir / "metrics.jsonl")
+
+
+def test_a_feature_cache_larger_than_memory_is_refused_before_its_first_view(fake_cifar10, stage1_run, tmp_path):
+    """10**8 views of the tiny training set's 64-wide features would take terabytes: one line, at once."""
+    stage2 = [a for a in STAGE2 if not a.startswith("stage2.cache_views")]
+    args = [sys.executable, "stage2_classifier.py", f"data.root={fake_cifar10}", f"log_dir={tmp_path / 'run'}",
+            f"stage1.checkpoint={stage1_run / 'last.pt'}", *stage2, "stage2.cache_views=100000000"]
+    line = _assert_one_line_error(_finish(args), "of host memory: lower stage2.cache_views (0 = the backbone on "
+                                                 "every batch)")
+    assert line.startswith("error: stage2.cache_views=100000000 makes 100000000 x ")
+    assert not list((tmp_path / "run").glob("*.pt"))
