@@ -97,7 +97,6 @@ def test_balms_takes_its_sampler_s_settings_from_the_meta_sampler_section():
     assert not torch.equal(meta.sampler.theta, ClassSampler(labels, 3, 0.0).theta)
 
 
-
 def test_balms_meta_split_val_without_a_validation_split_draws_its_meta_batches_from_the_training_set(caplog):
     """meta_sampler.meta_split=val, the default, is the validation split when the run has one; a run without one
     meta-learns on its training images (as meta_split=train), never on an empty split."""
@@ -123,6 +122,7 @@ def test_a_new_run_removes_the_feature_caches_a_dead_start_left_and_nothing_else
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     stage2_classifier.drop_feature_caches(tmp_path, Dist())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy", "train.log"]
+
 
 def test_tau_norm_deploys_the_tau_its_search_chose(monkeypatch):
     saved = {}

@@ -23,10 +23,10 @@ def test_each_run_is_a_row_of_top_1_the_shot_groups_and_per_class_accuracy_in_pe
         "| b | 62.5 | 75.0 | - | 50.0 | 75.0 | 50.0 |"]
 
 
-
 def test_an_accuracy_of_zero_prints_as_0_0_and_only_an_absent_group_as_a_dash(tmp_path):
     a = _run(tmp_path / "a", 0.0, 0.0, None, 0.0, [0.0, 0.0], [200, 10])
     assert table([a]).splitlines()[2] == "| a | 0.0 | 0.0 | - | 0.0 | 0.0 | 0.0 |"
+
 
 def test_runs_trained_on_other_class_counts_are_refused(tmp_path):
     a = _run(tmp_path / "a", 0.5, 0.9, None, 0.125, [0.9, 0.1], [200, 10])

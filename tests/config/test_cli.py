@@ -167,7 +167,6 @@ def test_an_os_error_is_one_line_with_the_path_and_what_to_do(errno_, filename, 
     assert exit_info.value.code == f"error: {expected}"
 
 
-
 def test_an_error_a_dataloader_worker_raised_is_its_own_message_not_the_worker_s_traceback():
     from torch.utils.data._utils import ExceptionWrapper  # what the DataLoader re-raises a worker's error with
 
@@ -179,6 +178,7 @@ def test_an_error_a_dataloader_worker_raised_is_its_own_message_not_the_worker_s
         with user_errors():
             wrapped.reraise()
     assert exit_info.value.code == "error: /data/x.png: damaged (not a PNG)"
+
 
 def test_a_refused_run_removes_the_directory_it_created_and_nothing_else(tmp_path):
     from config.program import nothing_left_of_a_refused_run
@@ -235,9 +235,11 @@ sys.path.insert(0, sys.argv[1])
 from config.program import run_program
 from engine.stopping import StopRequest
 
+
 def second_ctrl_c():
     os.kill(os.getpid(), signal.SIGINT)
     print("the exit went on after the second Ctrl-C", flush=True)
+
 
 def command():
     print("the run's output")  # left in the pipe's buffer: exiting at once must not lose it
@@ -256,6 +258,7 @@ SIGTERM_AT_START = """
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 from config.program import run_program
+
 
 def command():
     os.kill(os.getpid(), signal.SIGTERM)

@@ -216,7 +216,6 @@ def test_an_integer_past_a_float_s_range_for_a_float_key_is_refused_in_a_short_l
             load_config(*args)
 
 
-
 def test_an_override_of_up_to_40_characters_with_its_quotes_is_named_whole_and_a_longer_one_cut_with_its_length():
     with pytest.raises(ConfigError, match=r"^config key 'data.flip' \(override 'data.flip=y{28}'\) expects bool"):
         load_config(None, ["data.flip=" + "y" * 28])  # 38 characters, 40 quoted

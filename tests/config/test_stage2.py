@@ -89,7 +89,6 @@ def test_stage2_trains_on_the_images_stage1_drew_and_refuses_another_draw():
         with_stage1_training_set(_stage2("data.subset_draw=ldam"), {**s1, **_stage1()})
 
 
-
 def test_stage2_takes_the_dataset_and_model_of_its_stage1_run_and_refuses_others():
     s1 = {**_stage1(dataset="cifar100"), "model_args": {"name": "resnet56"}}
     cfg = with_stage1_training_set(_stage2(), s1)
@@ -100,6 +99,7 @@ def test_stage2_takes_the_dataset_and_model_of_its_stage1_run_and_refuses_others
     with pytest.raises(SystemExit, match="^config error: model.name='resnet110', but the stage-1 run x.pt has "
                                          "model.name='resnet56': stage 2 reads it from the checkpoint"):
         with_stage1_training_set(_stage2("model.name=resnet110"), s1)
+
 
 def test_stage2_on_other_images_than_stage1_s_warns_and_on_other_counts_stops(caplog):
     s1 = {"class_counts": [5, 2], "train_digest": "0123abcd"}

@@ -82,7 +82,6 @@ def test_a_run_directory_with_a_run_is_refused_without_resume_and_returned_with_
     assert resume_checkpoint(tmp_path, resume=True)["epoch"] == 2
 
 
-
 def test_a_run_is_finished_when_its_last_pt_says_so_or_is_a_tau_norm_checkpoint_from_before_the_mark(tmp_path):
     """end_epoch marks a run's last.pt "finished"; a tau_norm last.pt (written once, at its end, with its tau)
     of a version before that mark is finished too; a trained run's last.pt without the mark resumes."""
@@ -90,6 +89,7 @@ def test_a_run_is_finished_when_its_last_pt_says_so_or_is_a_tau_norm_checkpoint_
     assert finished_run({"epoch": 3, "finished": True}, tmp_path, Dist())
     assert not finished_run({"epoch": 2, "finished": False}, tmp_path, Dist())
     assert not finished_run({"epoch": 2}, tmp_path, Dist()) and not finished_run(None, tmp_path, Dist())
+
 
 def test_a_best_pt_without_last_pt_is_never_overwritten_by_a_new_run_and_resume_says_it_starts_again(tmp_path,
                                                                                                      caplog):
