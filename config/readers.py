@@ -24,4 +24,5 @@ def check_loss_keys(cfg: Config, takes: dict[str, list[str]]) -> None:
         readers = [n for n, params in takes.items() if param in params]
         reads = [f"loss.{p}" for p in takes[cfg.loss.name] if hasattr(cfg.loss, p)]
         raise ConfigError(f"{key}={value!r} is read by loss.name={' or '.join(readers)} only; loss.name="
-                          f"{cfg.loss.name} does not use it (it reads {', '.join(reads) or 'no loss.* key'}): remove it")
+                          f"{cfg.loss.name} does not use it (it reads {', '.join(reads) or 'no loss.* key'}): "
+                          f"remove it")

@@ -133,12 +133,15 @@ class Stage1Ref:
 class Stage2Config:
     method: str = "balanced_softmax"  # balanced_softmax | crt | balms | tau_norm | lws
     init_head: str = "reinit"  # reinit (as the BALMS code) | stage1: start from the stage-1 classifier
-    cache_views: int = 4  # augmented views of the training set whose features are computed once (bench/stage2_speed.py); 0 = run the backbone every batch
+    # augmented views of the training set whose features are computed once (bench/stage2_speed.py); 0 = run the
+    # backbone every batch
+    cache_views: int = 4
     # BatchNorm of the backbone with cache_views=0: train (the BALMS code: batch statistics, running
     # averages updated by every batch and meta batch) | eval (stage 1's statistics, as cached views use)
     live_bn: str = "train"
-    tau_norm_tau: float = 1.0  # tau_norm: exponent of w / ||w||^tau when there is no validation split to search it on
-    tau_norm_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])  # tau_norm: taus searched on val
+    tau_norm_tau: float = 1.0  # tau_norm: exponent of w / ||w||^tau without a validation split to search it on
+    # tau_norm: the taus searched on the validation split
+    tau_norm_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
 
 
 @dataclass
@@ -161,7 +164,8 @@ class MetaSamplerConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 128  # images per evaluation batch; on CPU, ResNet-32 runs 1.7x faster per image at 128 than at 512 (cache)
+    # images per evaluation batch; on CPU, ResNet-32 runs 1.7x faster per image at 128 than at 512 (cache)
+    batch_size: int = 128
     logit_adjust_tau: float = 0.0  # --test: logits - tau * log prior (post-hoc logit adjustment); 0 = off
 
 

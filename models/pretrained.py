@@ -93,7 +93,8 @@ def training_run(source: str, cache: str | Path | None = None, timeout: float = 
         ckpt = read_checkpoint_file(path)
     except CheckpointError:
         return None
-    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and ckpt.get("config") and "stage2" not in ckpt["config"]:
+    if (isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and ckpt.get("config")
+            and "stage2" not in ckpt["config"]):
         return ckpt
     return None
 

@@ -94,7 +94,8 @@ def test_stage1_fine_tunes_from_a_pretrained_checkpoint(fake_cifar10, tmp_path, 
     state = _balms_checkpoint(tmp_path / "final_model_checkpoint.pth", 10)
     log_dir = tmp_path / "run"
     run("stage1_train.py", f"data.root={fake_cifar10}", f"log_dir={log_dir}", *tiny_stage1, "train.epochs=1",
-        "train.warmup=0", "train.lr=0", "--pretrained", str(tmp_path / "final_model_checkpoint.pth"))  # = model.pretrained=...
+        "train.warmup=0", "train.lr=0", "--pretrained",
+        str(tmp_path / "final_model_checkpoint.pth"))  # = model.pretrained=...
     saved = _weights(log_dir / "last.pt")
     for key in ("conv1.weight", "layer3.4.conv2.weight", "head.weight", "head.bias"):
         assert torch.equal(saved["model"][key], state[key]), key

@@ -56,7 +56,8 @@ def test_a_method_is_its_whole_config_and_ldam_defers_reweighting_to_80_percent_
 def test_an_unknown_method_is_one_line_naming_the_configs_there(run, tmp_path):
     proc = run("bench/sweep.py", "--methods", "ce", "ldam", "--out", str(tmp_path), check=False)
     [line] = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and "error: no config ldam in config/cifar10_lt/methods_if100_exp; choose from arb" in line
+    assert proc.returncode == 2
+    assert "error: no config ldam in config/cifar10_lt/methods_if100_exp; choose from arb" in line
     assert not list(tmp_path.iterdir())
 
 

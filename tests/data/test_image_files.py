@@ -206,7 +206,8 @@ def test_class_only_in_test_is_a_format_error_naming_it(tmp_path):
     write_jpeg(tmp_path / "test" / "dog" / "1.jpg")
     with pytest.raises(DatasetFormatError) as err:
         read_folder_split(tmp_path, "test", ["a", "b"])
-    assert str(err.value).startswith(f"{tmp_path.resolve() / 'test' / 'dog'}: class 'dog' has no folder in the training")
+    where = tmp_path.resolve() / "test" / "dog"
+    assert str(err.value).startswith(f"{where}: class 'dog' has no folder in the training")
 
 
 def test_empty_class_folder_is_a_format_error_naming_it(tmp_path):

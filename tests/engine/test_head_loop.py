@@ -313,7 +313,8 @@ def test_a_loss_that_is_no_longer_finite_stops_the_head_loop(path):
     loss_fn = nn.CrossEntropyLoss()
     if path == "balms":
         sampler = ClassSampler(labels, 3)
-        kwargs = {"meta": MetaSampling(sampler, torch.optim.Adam(sampler.parameters(), lr=0.05), labels, broken, 6, 1.0)}
+        adam = torch.optim.Adam(sampler.parameters(), lr=0.05)
+        kwargs = {"meta": MetaSampling(sampler, adam, labels, broken, 6, 1.0)}
         loss_fn = build_loss("balanced_softmax", [100, 100, 100], reduction="none")
     with pytest.raises(FloatingPointError, match=r"^head, step 1: the head's loss became NaN or infinite"):
         train_head_epoch(head, opt, sched, loss_fn, labels, broken, 3, 30, torch.Generator().manual_seed(0), **kwargs)
