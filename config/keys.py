@@ -23,10 +23,15 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def key_fields(cls_or_obj: Any) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that are config keys or sections (not Config.overridden)."""
+    return [f for f in dataclasses.fields(cls_or_obj) if f.metadata.get("key", True)]
+
+
 def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in key_fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             keys += _leaf_keys(tp, f"{prefix}{f.name}.")
@@ -126,10 +131,10 @@ def _resolve(cfg: Any, key: str, source: str) -> tuple[Any, str, Any]:
     *sections, leaf = key.split(".")
     node = cfg
     for part in sections:
-        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in key_fields(node)}:
             raise _unknown_key(key, source)
         node = getattr(node, part)
-    if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in dataclasses.fields(node)}:
+    if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in key_fields(node)}:
         raise _unknown_key(key, source)
     tp = typing.get_type_hints(type(node))[leaf]
     if dataclasses.is_dataclass(tp):

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from config.keys import ConfigError, flatten, set_key, set_override, shown
+from config.keys import ConfigError, flatten, key_fields, set_key, set_override, shown
 from config.schema import CHOICES, LIMITS, RANGES, STAGE_KEYS, STAGE_SCRIPTS, Config
 from config.yaml12 import load_yaml
 
@@ -46,16 +46,20 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         for key, value in flatten(tree).items():
             set_key(cfg, key, value, f"in {path}")
             from_file.add(key)
-    epochs_given = None  # a train.epochs= override, which train.iterations > 0 would silently override
+    epochs_given, overridden = None, set()  # a train.epochs= override, which train.iterations > 0 would override
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=30")
         set_override(cfg, key.strip(), raw, f"override {shown(item)}")
+        overridden.add(key.strip())
         if key.strip() == "train.epochs":
             epochs_given = item
+    cfg.overridden = frozenset(overridden)
     check_choices(cfg)
     check_ranges(cfg)
+    if stage != "stage2":  # stage 2 checks it for the methods that train (config.stage2.check_method)
+        check_schedule_length(cfg)
     if epochs_given and cfg.train.iterations > 0:
         raise ConfigError(f"{epochs_given} has no effect: train.iterations={cfg.train.iterations} sets the run's "
                           f"length (and train.warmup's unit) in steps; set train.iterations=N instead, or add "
@@ -71,9 +75,10 @@ def stage_of(key: str) -> str | None:
 
 
 def changed_keys(cfg: Config) -> dict[str, Any]:
-    """{dotted key: value} of every key set away from its default."""
+    """{dotted key: value} of every key set away from its default or given as a command-line override (at its
+    default value too: `data.sampler=instance` given to stage 2 is as unread as any other sampler)."""
     defaults = flatten(config_to_dict(Config()))
-    return {k: v for k, v in flatten(config_to_dict(cfg)).items() if v != defaults[k]}
+    return {k: v for k, v in flatten(config_to_dict(cfg)).items() if v != defaults[k] or k in cfg.overridden}
 
 
 def check_stage(cfg: Config, stage: str, path: Path | None = None, from_file: typing.Collection[str] = ()) -> None:
@@ -141,10 +146,14 @@ def check_ranges(cfg: Config) -> None:
         raise ConfigError("name is empty: give the run a name (its directory is logs/<name>), or set log_dir")
     if not cfg.log_dir:  # name makes the run directory only without log_dir
         check_run_name(cfg.name)
+
+
+def check_schedule_length(cfg: Config) -> None:
+    """The warm-up ends before the run does: else the lr would never reach train.lr."""
     t = cfg.train
     length, unit = (f"train.iterations={t.iterations}", "steps") if t.iterations else (f"train.epochs={t.epochs}",
                                                                                        "epochs")
-    if t.warmup and t.warmup >= (t.iterations or t.epochs):  # the lr would never reach train.lr
+    if t.warmup and t.warmup >= (t.iterations or t.epochs):
         raise ConfigError(f"train.warmup={t.warmup:g} ({unit}) is not shorter than the run ({length}): "
                           f"lower train.warmup (0 = none) or lengthen the run")
 
@@ -171,7 +180,8 @@ def check_choices(cfg: Config) -> None:
 
 def config_to_dict(cfg: Config, stage: str | None = None) -> dict:
     """The config as nested dicts; with `stage`, only the keys that stage reads."""
-    tree = dataclasses.asdict(cfg)
+    tree = {f.name: getattr(cfg, f.name) for f in key_fields(cfg)}
+    tree = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in tree.items()}
     if stage is None:
         return tree
     return {section: ({k: v for k, v in value.items() if stage_of(f"{section}.{k}") in (None, stage)}

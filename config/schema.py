@@ -124,8 +124,8 @@ class TrainConfig:
 @dataclass
 class Stage1Ref:
     # Stage 2: the stage-1 checkpoint whose backbone is frozen (a .pt of a stage-1 run). Its training
-    # set (data.dataset, imbalance_factor, profile, subset_seed, subset_draw, val_per_class) and model.name are
-    # read from it, so a stage-2 config need not repeat them.
+    # set (data.dataset, imbalance_factor, profile, subset_seed, subset_draw, val_per_class, image_size) and
+    # model.name are read from it, so a stage-2 config need not repeat them.
     checkpoint: str = ""
 
 
@@ -263,6 +263,9 @@ class Config:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     meta_sampler: MetaSamplerConfig = field(default_factory=MetaSamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Not a config key (metadata key=False): the dotted keys given as command-line overrides, whatever their values
+    # (load_config), so that a key given at its default value is checked where it is not read, as any other value.
+    overridden: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False, metadata={"key": False})
 
     @property
     def run_dir(self) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from config.load import changed_keys, check_names
+from config.load import changed_keys, check_names, check_schedule_length
 from config.saved import config_from_dict
 from config.schema import Config, DataConfig, ModelConfig
 from data.build_files import FILE_DATASETS
@@ -57,6 +57,8 @@ def check_method(cfg: Config) -> Method:
         if cfg.stage2.method not in readers:
             raise SystemExit(f"config error: {key} is read by stage2.method={' | '.join(readers)} only, not by "
                              f"{cfg.stage2.method}: remove it")
+    if method.kind != "posthoc":  # tau_norm reads no schedule
+        check_schedule_length(cfg)
     if cfg.stage2.cache_views and "stage2.live_bn" in changed:
         raise SystemExit(f"config error: stage2.live_bn is read with stage2.cache_views=0 only (the backbone on every "
                          f"batch); the {cfg.stage2.cache_views} cached views are computed in eval mode: remove it, "
@@ -137,12 +139,13 @@ def check_training_set(s1: dict, counts: list[int], digest: str) -> None:
 
 def with_stage1_training_set(cfg: Config, s1: dict) -> Config:
     """cfg with the training-set keys and model.name of the stage-1 run; a different value set in
-    the stage-2 config is an error, since stage 2 must train on stage 1's training set."""
+    the stage-2 config (or given on the command line, its default too) is an error, since stage 2 must
+    train on stage 1's training set."""
     saved, default = config_from_dict(s1["config"]).data, DataConfig()
     mine = {f"data.{k}": (getattr(cfg.data, k), getattr(saved, k), getattr(default, k)) for k in SUBSET_KEYS}
     mine["model.name"] = (cfg.model.name, s1["model_args"]["name"], ModelConfig().name)
     for key, (value, recorded, unset) in mine.items():
-        if value not in (recorded, unset):
+        if value != recorded and (value != unset or key in cfg.overridden):
             raise SystemExit(f"config error: {key}={value!r}, but the stage-1 run "
                              f"{cfg.stage1.checkpoint or cfg.model.pretrained} has "
                              f"{key}={recorded!r}: stage 2 reads it from the checkpoint; remove {key} from the "

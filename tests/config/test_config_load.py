@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from config.keys import ConfigError
-from config.load import load_config
+from config.keys import ConfigError, flatten
+from config.load import config_to_dict, load_config
 from config.schema import CHOICES, Config
 from tests.conftest import REPO
 
@@ -300,3 +300,11 @@ def test_train_epochs_given_on_the_command_line_beside_iterations_is_refused_but
     assert (load_config(path).train.iterations, load_config(path, ["train.iterations=0"]).train.epochs) == (100, 20)
     assert load_config(REPO / "config/cifar10_lt/demo_stage1.yaml", ["train.iterations=50"]).train.iterations == 50
     assert load_config(None, ["train.epochs=30", "train.iterations=0"]).train.epochs == 30
+
+
+def test_the_overridden_keys_are_recorded_but_are_no_config_key_of_their_own():
+    cfg = load_config(None, ["train.lr=0.1", "data.flip=true"])
+    assert cfg.overridden == {"train.lr", "data.flip"} and cfg == load_config(None, ["train.lr=0.1"])
+    assert "overridden" not in config_to_dict(cfg) and "overridden" not in flatten(config_to_dict(cfg))
+    with pytest.raises(ConfigError, match=r"^unknown config key 'overridden' \(override 'overridden=\[\]'\)"):
+        load_config(None, ["overridden=[]"])

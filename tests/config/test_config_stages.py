@@ -106,11 +106,24 @@ def test_a_config_file_of_the_other_stage_says_which_script_runs_it(tmp_path):
         load_config(mixed, stage="stage2")
 
 
-def test_a_key_of_the_other_stage_at_its_default_is_no_error_and_shared_keys_are_read_by_both():
+def test_a_key_of_the_other_stage_at_its_default_is_no_error_in_a_file_and_shared_keys_are_read_by_both(tmp_path):
+    """A file may hold the other stage's keys at their defaults (a whole config); shared keys are anyone's."""
+    path = tmp_path / "both.yaml"
+    path.write_text("meta_sampler: {lr: 0.01}\nloss: {name: ce}\n")
     for stage in ("stage1", "stage2"):
-        load_config(None, ["meta_sampler.lr=0.01", "loss.name=ce", "train.lr=0.3", "data.imbalance_factor=10",
-                           "eval.logit_adjust_tau=1"], stage=stage)
+        load_config(path, ["train.lr=0.3", "data.imbalance_factor=10", "eval.logit_adjust_tau=1"], stage=stage)
     assert stage_of("train.lr") is None and stage_of("loss.beta") == "stage1" and stage_of("stage2.method") == "stage2"
+
+
+@pytest.mark.parametrize("override, reader, other", [("meta_sampler.lr=0.01", "stage2", "stage1"),
+                                                     ("loss.name=ce", "stage1", "stage2"),
+                                                     ("data.sampler=instance", "stage1", "stage2")])
+def test_a_key_of_the_other_stage_given_on_the_command_line_at_its_default_is_refused(override, reader, other):
+    """The user who types it believes it does something: the default value is as unread as any other."""
+    load_config(None, [override], stage=reader)
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=\S+ is read by {reader} .* {other} .*: remove it$"):
+        load_config(None, [override], stage=other)
 
 
 LOSS_TAKES = {name: loss_params(name) for name in LOSSES}

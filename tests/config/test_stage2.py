@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from config.keys import ConfigError
 from config.load import config_to_dict, load_config
 from config.stage2 import (check_data, check_method, check_tau_norm_keys, check_training_set,
                            with_stage1_training_set)
@@ -113,3 +114,27 @@ def test_stage2_on_other_images_than_stage1_s_warns_and_on_other_counts_stops(ca
         "dataset stage 1 trained on"]
     with pytest.raises(SystemExit, match=r"training set differs from stage 1's \(\[5, 1\] vs \[5, 2\]\)"):
         check_training_set(s1, [5, 1], "0123abcd")
+
+
+@pytest.mark.parametrize("override, recorded", [("data.imbalance_factor=100", "10.0"),
+                                                ("data.val_per_class=0", "20"), ("data.dataset=cifar10", "'cifar100'")])
+def test_a_training_set_key_given_at_its_default_on_the_command_line_must_match_stage1_too(override, recorded):
+    """The user asked for IF 100 (the default) and stage 1 trained at IF 10: refused, not trained at IF 10. In a
+    file, the default value still reads as unset (a saved config holds every key)."""
+    s1 = {**_stage1(imbalance_factor=10, val_per_class=20, dataset="cifar100"), "model_args": {"name": "resnet32"}}
+    key = override.split("=")[0]
+    with pytest.raises(SystemExit, match=rf"^config error: {key}=\S+, but the stage-1 run x.pt has {key}="
+                                         rf"{recorded}: stage 2 reads it from the checkpoint"):
+        with_stage1_training_set(_stage2(override), s1)
+    assert with_stage1_training_set(_stage2(), s1).data.imbalance_factor == 10
+
+
+def test_tau_norm_names_the_schedule_key_it_does_not_read_before_any_warm_up_rule():
+    """A short train.epochs is refused as unread by tau_norm, not as shorter than the default warm-up."""
+    cfg = load_config(None, ["stage1.checkpoint=x.pt", "stage2.method=tau_norm", "train.epochs=3"], stage="stage2")
+    with pytest.raises(SystemExit, match=r"^config error: train.epochs is read by stage2.method=balanced_softmax \| "
+                                         r"crt \| balms \| lws only, not by tau_norm: remove it$"):
+        check_method(cfg)
+    trained = load_config(None, ["stage1.checkpoint=x.pt", "train.epochs=3"], stage="stage2")
+    with pytest.raises(ConfigError, match=r"train.warmup=5 \(epochs\) is not shorter than the run \(train.epochs=3\)"):
+        check_method(trained)
