@@ -4,6 +4,7 @@ what --test runs, which is the same for both stages. How a program ends on an er
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +23,8 @@ from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import claim_run_dir, default_checkpoint, resume_checkpoint, setup_run, trim_metrics_log
 from engine.runlog import RunLog
 from models.checkpoint import remove_stale_temp_files
+
+logger = logging.getLogger("cli")
 
 
 def cli_parser(description: str) -> argparse.ArgumentParser:
@@ -85,6 +88,9 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
         check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)
     if ranks.is_main:
+        if ckpt is None and resume and (run_dir / "best.pt").is_file():  # said once the log is open: train.log has it
+            logger.warning("%s holds no last.pt to continue from: the run starts again from its first step, and "
+                           "its best.pt is replaced by this run's", run_dir)
         remove_stale_temp_files(run_dir)  # of checkpoint and metric-log writes a kill interrupted
         if ckpt is None:  # a start killed before its first last.pt may have logged an epoch: it is redone
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)

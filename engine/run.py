@@ -120,10 +120,7 @@ def resume_checkpoint(run_dir: Path, resume: bool) -> dict | None:
             raise RunDirError(f"{run_dir} holds {best.name} of a run but no last.pt to continue it from: choose "
                               f"another name=... / log_dir=... for a new run, or pass --resume to start that run "
                               f"again from its first step (its best.pt is then replaced)")
-        if best.is_file():
-            logger.warning("%s holds no last.pt to continue from: the run starts again from its first step, and "
-                           "its best.pt is replaced by this run's", run_dir)
-        return None
+        return None  # with --resume beside a best.pt: config.cli.start_run says the run starts again
     if not resume:
         raise RunDirError(f"{run_dir} already holds a run ({last}); pass --resume to continue it, "
                           f"or choose another name=... / log_dir=... for a new run")

@@ -315,6 +315,21 @@ def test_on_resume_rank_0_alone_drops_the_metric_lines_after_last_pt(tmp_path, m
         assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl"]  # replaced whole
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resume_beside_a_best_pt_without_last_pt_says_the_run_starts_again_once_the_log_is_open(tmp_path, monkeypatch,
+                                                                                                 rank):
+    """Said after setup_run, so that the line has the log's format and is in train.log; by rank 0 alone."""
+    cfg, _ = parse_cli("stage1", "", [f"log_dir={tmp_path}"])
+    save_checkpoint(tmp_path / "best.pt", {"epoch": 7})
+    events = []
+    monkeypatch.setattr(config.cli, "from_rank0", lambda read, d: read())
+    monkeypatch.setattr(config.cli, "setup_run", lambda run_dir, *_, **__: events.append("log open") or Path(run_dir))
+    monkeypatch.setattr(config.cli.logger, "warning", lambda message, *args: events.append(message % args))
+    assert start_run(cfg, "stage1", True, Dist(rank=rank, world=2)) == (tmp_path, None)
+    said = f"{tmp_path} holds no last.pt to continue from: the run starts again from its first step, and its best.pt " \
+           f"is replaced by this run's"
+    assert events == ["log open"] + ([said] if rank == 0 else [])
+
 @pytest.mark.slow
 def test_the_entry_scripts_start_without_importing_torchvision():
     # Its import takes about 1 s (it loads torch._dynamo): a CIFAR run, --help or a refused config would

@@ -91,16 +91,14 @@ def test_a_run_is_finished_when_its_last_pt_says_so_or_is_a_tau_norm_checkpoint_
     assert not finished_run({"epoch": 2}, tmp_path, Dist()) and not finished_run(None, tmp_path, Dist())
 
 
-def test_a_best_pt_without_last_pt_is_never_overwritten_by_a_new_run_and_resume_says_it_starts_again(tmp_path,
-                                                                                                     caplog):
+def test_a_best_pt_without_last_pt_is_never_overwritten_by_a_new_run_and_resume_starts_it_again(tmp_path):
     """A run whose last.pt was deleted (or that was killed before its first one): a new run there would replace
-    its best.pt; --resume, which has nothing to continue from, starts it again and says so."""
+    its best.pt; --resume, which has nothing to continue from, starts it again (config.cli.start_run says so)."""
     save_checkpoint(tmp_path / "best.pt", {"epoch": 7})
     with pytest.raises(RunDirError, match=f"^{tmp_path} holds best.pt of a run but no last.pt to continue it from: "
                                           "choose another name=... / log_dir=... for a new run, or pass --resume"):
         resume_checkpoint(tmp_path, resume=False)
     assert resume_checkpoint(tmp_path, resume=True) is None
-    assert "holds no last.pt to continue from: the run starts again from its first step" in caplog.text
 
 
 @pytest.mark.parametrize("resume", [False, True])
