@@ -18,8 +18,8 @@ import torch
 from data.build import (NORMALIZATION, LongTailData, Normalization, build_long_tail, check_hold_out, long_tail_subset,
                         training_digest)
 from data.cifar import DatasetFormatError
-from data.image_files import (LIST_DATASETS, ImageFileDataset, ImageList, eval_transform, read_folder_split,
-                              read_list_split, train_transform)
+from data.image_files import (LIST_DATASETS, ImageFileDataset, ImageList, check_split_classes, eval_transform,
+                              read_folder_split, read_list_split, train_transform)
 from data.long_tail import class_counts, hold_out_per_class
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def _subset(images: ImageList, index: torch.Tensor) -> ImageList:
 def _folder_splits(root: Path, imbalance_factor: float, profile: str, subset_seed: int,
                    val_per_class: int, subset_draw: str) -> tuple[ImageList, ImageList | None]:
     full = read_folder_split(root, "train")
+    check_split_classes(root, "test", full.class_names)
     val = read_folder_split(root, "val", full.class_names)
     if val is not None and val_per_class:
         raise DatasetFormatError(f"{root / 'val'} is the validation split; data.val_per_class={val_per_class} would "

@@ -171,10 +171,7 @@ def read_folder_split(root: Path, split: str, class_names: list[str] | None = No
                 f"holds train/<class>/<image> (and optionally val/ and test/ laid out the same way)."
             )
         return None
-    with os.scandir(split_dir) as scan:
-        folders = sorted(e.name for e in scan if e.is_dir() and not e.name.startswith("."))
-    if not folders:
-        raise DatasetFormatError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class>/.")
+    folders = _class_folders(split_dir, class_names)
     names = folders if class_names is None else class_names
     class_index = {name: i for i, name in enumerate(names)}
 
@@ -182,11 +179,6 @@ def read_folder_split(root: Path, split: str, class_names: list[str] | None = No
     labels: list[int] = []
     skipped: list[str] = []
     for folder in folders:
-        if folder not in class_index:
-            raise DatasetFormatError(
-                f"{split_dir / folder}: class {folder!r} has no folder in the training split; "
-                f"rename it to a training class or remove it."
-            )
         # DirEntry.is_file() needs no extra stat on most file systems: this runs once per image.
         with os.scandir(split_dir / folder) as scan:
             entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
@@ -207,6 +199,27 @@ def read_folder_split(root: Path, split: str, class_names: list[str] | None = No
         )
     logger.info("read %s: %d images in %d class folders", split_dir, len(paths), len(folders))
     return ImageList(paths=paths, labels=torch.tensor(labels, dtype=torch.int64), class_names=list(names))
+
+
+def _class_folders(split_dir: Path, class_names: list[str] | None) -> list[str]:
+    """The sorted class folders of split_dir; with class_names (the training split's), each one of them."""
+    with os.scandir(split_dir) as scan:
+        folders = sorted(e.name for e in scan if e.is_dir() and not e.name.startswith("."))
+    if not folders:
+        raise DatasetFormatError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class>/.")
+    for folder in folders if class_names is not None else ():
+        if folder not in class_names:
+            raise DatasetFormatError(f"{split_dir / folder}: class {folder!r} has no folder in the training split; "
+                                     f"rename it to a training class or remove it.")
+    return folders
+
+
+def check_split_classes(root: Path, split: str, class_names: list[str]) -> None:
+    """root/<split>'s class folders, when it exists, are training classes: checked as training starts, so that the
+    --test after the run does not fail on a stray folder."""
+    split_dir = Path(root).expanduser().resolve() / split
+    if split_dir.is_dir():
+        _class_folders(split_dir, class_names)
 
 
 def decoder_reason(err: Exception) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -114,12 +115,17 @@ def test_bad_image_files_are_one_line_each(tmp_path, run):
     folder = write_image_folder(tmp_path / "f", {"train": {"a": 3, "b": 3}, "test": {"a": 1, "c": 1}})
     (folder / "train" / "b" / "0.jpg").write_bytes(b"not a jpeg")
     s1 = tmp_path / "f1"
-    line = _error_line(run("stage1_train.py", "data.dataset=folder", f"data.root={folder}", "data.imbalance_factor=1",
-                           *FAST, "train.iterations=2", "train.batch_size=6", f"log_dir={s1}", check=False))
+    stage1 = ("stage1_train.py", "data.dataset=folder", f"data.root={folder}", "data.imbalance_factor=1", *FAST,
+              f"log_dir={s1}")
+    stray = "test/c: class 'c' has no folder in the training split"
+    line = _error_line(run(*stage1, "train.iterations=2", "train.batch_size=6", check=False))
+    assert line.startswith("error: ") and stray in line  # as training starts, not at the --test after it
+    shutil.move(folder / "test" / "c", tmp_path / "c")
+    line = _error_line(run(*stage1, "train.iterations=2", "train.batch_size=6", check=False))
     assert "cannot decode image" in line and "0.jpg" in line
     (folder / "train" / "b" / "0.jpg").unlink()
-    run("stage1_train.py", "data.dataset=folder", f"data.root={folder}", "data.imbalance_factor=1", *FAST,
-        "train.iterations=1", "train.batch_size=4", f"log_dir={s1}", "--resume")
+    run(*stage1, "train.iterations=1", "train.batch_size=4", "--resume")
+    shutil.move(tmp_path / "c", folder / "test" / "c")  # a class folder that came after the run
     line = _error_line(run("stage1_train.py", f"log_dir={s1}", f"data.root={folder}", "data.workers=1", "--test",
                            check=False))
-    assert line.startswith("error: ") and "test/c: class 'c' has no folder in the training split" in line
+    assert line.startswith("error: ") and stray in line

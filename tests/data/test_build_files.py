@@ -118,6 +118,15 @@ def test_a_folder_without_test_images_is_one_error_at_test_time(tmp_path):
         read_test_split("folder", root, "", list(CLASSES))
 
 
+def test_a_test_class_folder_the_training_split_lacks_is_refused_when_the_training_set_is_built(tmp_path):
+    """Not only at the --test after the run: a stray test/<class> is found before any training."""
+    root = write_image_folder(tmp_path / "f", {"train": {"ant": 2, "bee": 2}, "test": {"ant": 1, "yak": 1}})
+    with pytest.raises(DatasetFormatError, match=rf"^{root.resolve() / 'test' / 'yak'}: class 'yak' has no folder "
+                                                 r"in the training split; rename it to a training class or remove it"):
+        build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16)
+    shutil.rmtree(root / "test" / "yak")
+    assert build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16).class_names == ["ant", "bee"]
+
 def test_a_hold_out_or_imbalance_that_empties_a_class_is_one_error_naming_the_keys(tmp_path):
     root = _folder(tmp_path, train=6)
     with pytest.raises(DatasetFormatError, match=r"data.val_per_class=6 would hold out every training image of "
