@@ -231,9 +231,10 @@ def test_an_override_of_up_to_40_characters_with_its_quotes_is_named_whole_and_a
     ("train.accum_steps=0", ">= 1"), ("stage2.cache_views=-2", ">= 0"), ("data.workers=-1", ">= 0"),
     ("train.seed=-1", ">= 0"), ("train.seed=4294967296", "< 2**32"),
     ("data.subset_seed=18446744073709551616", "< 2**64"),
-    ("train.num_threads=2147483648", "< 2**31"), ("train.batch_size=99999999999999999999", "< 2**31"),
+    ("train.num_threads=2147483648", "< 2**31"), ("train.epochs=99999999999999999999", "< 2**31"),
     ("data.crop_padding=100000", "<= 32 (the CIFAR image side"), ("data.cutout=33", "<= 32 (the CIFAR image side"),
-    ("data.image_size=60000", "<= 4096 (pixels a side"),
+    ("data.image_size=60000", "<= 4096 (pixels a side"), ("train.batch_size=65537", "<= 65536 (images per step"),
+    ("meta_sampler.meta_batch_size=1000000000", "<= 65536 (images per meta step"),
 ])
 def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
     key, value = override.split("=")
@@ -245,6 +246,11 @@ def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(overri
 def test_a_padding_and_cutout_of_the_whole_cifar_side_and_an_image_size_of_4096_are_taken():
     data = load_config(None, ["data.crop_padding=32", "data.cutout=32", "data.image_size=4096"]).data
     assert (data.crop_padding, data.cutout, data.image_size) == (32, 32, 4096)
+
+
+def test_batches_of_65536_images_are_taken():
+    cfg = load_config(None, ["train.batch_size=65536", "meta_sampler.meta_batch_size=65536"], stage="stage2")
+    assert (cfg.train.batch_size, cfg.meta_sampler.meta_batch_size) == (65536, 65536)
 
 
 @pytest.mark.parametrize("grid", ["[]", "[-1.0, 2]"])

@@ -130,6 +130,10 @@ CASES = {
     "stage2_unknown_method": (S2, ["stage1.checkpoint={s1}/last.pt", "stage2.method=bals"],
                               "stage2.method='bals' is not one of balanced_softmax, balms, crt, lws, tau_norm (did "
                               "you mean balms"),
+    "meta_batch_past_memory": (S2, ["stage1.checkpoint={s1}/last.pt", "stage2.method=balms",
+                                    "meta_sampler.meta_batch_size=1000000000"],
+                               "meta_sampler.meta_batch_size=1000000000 is out of range: it must be <= 65536"),
+    # was a 256 GB allocation at the first meta step
     "stage1_key_in_stage2": (S2, ["stage1.checkpoint={s1}/last.pt", "loss.name=focal"],
                              "loss.name='focal' is read by stage1 (stage1_train.py) only; stage2 "
                              "(stage2_classifier.py) does not use it: remove it"),
