@@ -18,7 +18,8 @@ import torch
 
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from data.cifar import DatasetFormatError, get_spec, load_cifar
-from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, LIST_DATASETS
+from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
+from data.image_lists import LIST_DATASETS
 from data.long_tail import class_counts, long_tail_counts, long_tail_split, second_draw
 
 logger = logging.getLogger(__name__)

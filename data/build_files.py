@@ -18,8 +18,8 @@ import torch
 from data.build import (NORMALIZATION, LongTailData, Normalization, build_long_tail, check_hold_out, long_tail_subset,
                         training_digest)
 from data.cifar import DatasetFormatError
-from data.image_files import (LIST_DATASETS, ImageFileDataset, ImageList, check_split_classes, eval_transform,
-                              read_folder_split, read_list_split, train_transform)
+from data.image_files import ImageFileDataset, eval_transform, train_transform
+from data.image_lists import LIST_DATASETS, ImageList, check_split_classes, read_folder_split, read_list_split
 from data.long_tail import class_counts, hold_out_per_class
 
 logger = logging.getLogger(__name__)

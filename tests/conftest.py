@@ -70,6 +70,16 @@ def _write_jpeg(path: Path, image: torch.Tensor) -> None:
     path.write_bytes(encode_jpeg(image, quality=95).numpy().tobytes())
 
 
+def write_noise_jpeg(path: Path, seed: int = 0, size: tuple[int, int] = (40, 56)) -> Path:
+    """A JPEG of uniform noise, (height, width) = size, from `seed`."""
+    from torchvision.io import encode_jpeg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    path.write_bytes(encode_jpeg(image).numpy().tobytes())
+    return path
+
+
 def write_image_folder(root: Path, counts: dict[str, dict[str, int]], size: int = 16) -> Path:
     """root/<split>/<class>/<i>.jpg with counts[split][class] JPEG images each."""
     for split, per_class in counts.items():

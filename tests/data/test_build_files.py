@@ -11,7 +11,8 @@ from data.augment import CIFAR10_MEAN, CIFAR10_STD
 from data.build import recorded_normalization
 from data.build_files import DATASET_KINDS, FILE_DATASETS, build_file_data, data_record, read_test_split
 from data.cifar import DatasetFormatError
-from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, LIST_DATASETS, read_folder_split
+from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
+from data.image_lists import LIST_DATASETS, read_folder_split
 from data.long_tail import long_tail_counts, long_tail_split
 from tests.conftest import write_image_folder, write_image_lists
 
