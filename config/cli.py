@@ -20,7 +20,8 @@ from data.long_tail import shot_groups
 from engine.device import check_amp, set_cuda_flags
 from engine.distributed import Dist, from_rank0, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
-from engine.run import claim_run_dir, default_checkpoint, resume_checkpoint, setup_run, trim_metrics_log
+from engine.run import trim_metrics_log
+from engine.run_dir import claim_run_dir, default_checkpoint, resume_checkpoint, setup_run
 from engine.runlog import RunLog
 from models.checkpoint import remove_stale_temp_files
 

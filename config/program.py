@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from config.keys import ConfigError
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.device import DeviceError
-from engine.run import RunDirError
+from engine.run_dir import RunDirError
 from engine.stopping import Terminated, raise_on_sigterm
 from models.checkpoint import CheckpointError
 from models.download import DownloadError

@@ -15,7 +15,7 @@ from config.keys import ConfigError
 from config.load import config_to_dict, load_config
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.distributed import Dist
-from engine.run import RunDirError
+from engine.run_dir import RunDirError
 from models.checkpoint import CheckpointError, CheckpointNotFoundError, save_checkpoint
 from models.download import DownloadError
 from tests.conftest import REPO

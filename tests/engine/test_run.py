@@ -1,21 +1,17 @@
-"""engine.run: a run directory never overwritten, best/last checkpoints at the end of each epoch, resume."""
+"""engine.run: best/last checkpoints at the end of each epoch, resume, the end of a run."""
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 from engine.distributed import Dist
-from engine.run import (Progress, RunDirError, claim_run_dir, end_epoch, finish_run, finished_run, release_run_dir,
-                        restore, resume_checkpoint, trim_metrics_log)
+from engine.run import Progress, end_epoch, finished_run, restore, trim_metrics_log
+from engine.run_dir import RunDirError
 from engine.stopping import StopRequest
 from engine.runlog import RunLog
-from models.checkpoint import CheckpointError, save_checkpoint
-from tests.conftest import REPO
+from models.checkpoint import CheckpointError
 
 
 def _val(top1, few=None):
@@ -74,14 +70,6 @@ def test_save_every_s_of_zero_writes_last_pt_after_every_epoch(tmp_path, monkeyp
     runlog.close()
 
 
-def test_a_run_directory_with_a_run_is_refused_without_resume_and_returned_with_it(tmp_path):
-    assert resume_checkpoint(tmp_path, resume=False) is None  # nothing there: a new run
-    save_checkpoint(tmp_path / "last.pt", {"epoch": 2})
-    with pytest.raises(RunDirError, match="pass --resume"):
-        resume_checkpoint(tmp_path, resume=False)
-    assert resume_checkpoint(tmp_path, resume=True)["epoch"] == 2
-
-
 def test_a_run_is_finished_when_its_last_pt_says_so_or_is_a_tau_norm_checkpoint_from_before_the_mark(tmp_path):
     """end_epoch marks a run's last.pt "finished"; a tau_norm last.pt (written once, at its end, with its tau)
     of a version before that mark is finished too; a trained run's last.pt without the mark resumes."""
@@ -89,23 +77,6 @@ def test_a_run_is_finished_when_its_last_pt_says_so_or_is_a_tau_norm_checkpoint_
     assert finished_run({"epoch": 3, "finished": True}, tmp_path, Dist())
     assert not finished_run({"epoch": 2, "finished": False}, tmp_path, Dist())
     assert not finished_run({"epoch": 2}, tmp_path, Dist()) and not finished_run(None, tmp_path, Dist())
-
-
-def test_a_best_pt_without_last_pt_is_never_overwritten_by_a_new_run_and_resume_starts_it_again(tmp_path):
-    """A run whose last.pt was deleted (or that was killed before its first one): a new run there would replace
-    its best.pt; --resume, which has nothing to continue from, starts it again (config.cli.start_run says so)."""
-    save_checkpoint(tmp_path / "best.pt", {"epoch": 7})
-    with pytest.raises(RunDirError, match=f"^{tmp_path} holds best.pt of a run but no last.pt to continue it from: "
-                                          "choose another name=... / log_dir=... for a new run, or pass --resume"):
-        resume_checkpoint(tmp_path, resume=False)
-    assert resume_checkpoint(tmp_path, resume=True) is None
-
-
-@pytest.mark.parametrize("resume", [False, True])
-def test_a_last_pt_that_is_not_a_file_is_refused_before_anything_is_written(tmp_path, resume):
-    (tmp_path / "last.pt").mkdir()
-    with pytest.raises(RunDirError, match=f"^{tmp_path / 'last.pt'} is not a checkpoint file: move it away"):
-        resume_checkpoint(tmp_path, resume=resume)
 
 
 def test_restore_loads_every_state_and_returns_the_progress_leaving_the_log_to_the_writing_rank(tmp_path):
@@ -209,60 +180,6 @@ def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved
         saved = torch.load(tmp_path / name, weights_only=True)
         assert saved["epoch"] == 1 and torch.equal(saved["model"]["w"], good["w"])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
-
-
-HOLD = ("import sys, time; from engine.run import claim_run_dir; claim_run_dir(sys.argv[1]); "
-        "print('held', flush=True); time.sleep(60)")
-
-
-@pytest.mark.slow
-def test_a_run_directory_another_process_writes_is_refused_until_that_process_ends(tmp_path):
-    run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(RunDirError, match="is in use: another process is writing a run there"):
-            claim_run_dir(run_dir)
-    finally:
-        holder.kill()  # SIGKILL: the kernel drops its claim
-        holder.wait()
-    claim_run_dir(run_dir)
-    claim_run_dir(run_dir)  # this process holds it already: a second run of it in one process goes on
-    assert list(run_dir.iterdir()) == []  # no lock file
-    # A run that ended in a process that goes on (a notebook, a sweep) lets another process in.
-    finish_run(RunLog(run_dir), Dist())
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-# The holder forks a child that outlives it, as a DataLoader worker does for a moment after its
-# process is killed, and prints the child's pid.
-HOLD_AND_FORK = ("import os, sys, time; from engine.run import claim_run_dir; claim_run_dir(sys.argv[1])\n"
-                 "pid = os.fork()\n"
-                 "if pid == 0: time.sleep(60); os._exit(0)\n"
-                 "print(pid, flush=True); time.sleep(60)")
-
-
-@pytest.mark.slow
-def test_a_killed_run_s_forked_children_do_not_keep_its_run_directory_claimed(tmp_path):
-    run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
-    child = int(holder.stdout.readline())
-    try:
-        with pytest.raises(RunDirError, match="is in use"):
-            claim_run_dir(run_dir)
-        holder.kill()
-        holder.wait()
-        os.kill(child, 0)  # the child still lives
-        claim_run_dir(run_dir)  # and the claim died with the holder
-    finally:
-        release_run_dir(run_dir)
-        os.kill(child, signal.SIGKILL)
 
 
 def test_a_tied_validation_score_keeps_the_earlier_best_epoch(tmp_path):
