@@ -85,6 +85,11 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], digest: str,
     keep_head = keeps_stage1_head(cfg, method)
     if s1 is not None and s1.get("config"):
         check_training_set(s1, counts, digest)
+        if "model" in s1 and "stage2" in s1["config"]:  # a stage-2 run's file (on --resume, s1 is this run's own)
+            logger.warning("%s is a stage-2 run's checkpoint (stage2.method=%s): its backbone is the frozen stage-1 "
+                           "one, %s", cfg.stage1.checkpoint or cfg.model.pretrained, s1["config"]["stage2"]["method"],
+                           f"but {head_choice(cfg, method)} starts from the head that run trained, not stage 1's"
+                           if keep_head else "and its head is not used")
         model, model_args = build_model(**s1["model_args"]), s1["model_args"]
         if "model" in s1:  # (not when resuming: main loads the run's own backbone)
             load_state_checked(model, s1["model"], f"model in {cfg.stage1.checkpoint or cfg.model.pretrained}")

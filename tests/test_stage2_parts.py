@@ -141,3 +141,26 @@ def test_tau_norm_deploys_the_tau_its_search_chose(monkeypatch):
     record = stage2_classifier.fit_tau_norm(cfg, None, None, model, data, {}, Dist())
     assert record["tau"] == saved["tau"] == 0.3 != cfg.stage2.tau_norm_tau
     torch.testing.assert_close(model.head.weight, tau_normalized(stage1, 0.3).weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method, keeps_head", [("tau_norm", True), ("crt", False)])
+def test_a_stage_2_run_s_checkpoint_as_backbone_says_whose_head_a_method_starts_from(caplog, method, keeps_head):
+    """Its backbone is stage 1's, frozen; its head is the one that run trained, which tau_norm (and lws, crt with
+    init_head=stage1) would start from instead of stage 1's: a warning, the run going on. On --resume (s1 then
+    this run's own last.pt, without "model") there is nothing to say."""
+    cfg = load_config(None, [f"stage2.method={method}", "stage1.checkpoint=s2/last.pt"], stage="stage2")
+    trained = build_model("resnet32", 3)
+    saved = load_config(None, ["stage1.checkpoint=s1/last.pt", "stage2.method=balms"], stage="stage2")
+    s2 = {"config": config_to_dict(saved, "stage2"),
+          "model_args": {"name": "resnet32", "num_classes": 3}, "class_counts": [6, 3, 1], "model": trained.state_dict()}
+    with caplog.at_level(logging.WARNING, logger="stage2"):
+        model, _ = stage2_classifier.build_backbone(cfg, s2, [6, 3, 1], "d", check_method(cfg), torch.device("cpu"))
+    head = ("but stage2.method=tau_norm starts from the head that run trained, not stage 1's" if keeps_head
+            else "and its head is not used")
+    assert caplog.messages == ["s2/last.pt is a stage-2 run's checkpoint (stage2.method=balms): its backbone is the "
+                               f"frozen stage-1 one, {head}"]
+    assert torch.equal(model.head.weight, trained.head.weight)
+    caplog.clear()
+    stage2_classifier.build_backbone(cfg, {k: v for k, v in s2.items() if k != "model"}, [6, 3, 1], "d",
+                                     check_method(cfg), torch.device("cpu"))
+    assert caplog.messages == []
