@@ -151,8 +151,8 @@ def test_a_stage_2_run_s_checkpoint_as_backbone_says_whose_head_a_method_starts_
     cfg = load_config(None, [f"stage2.method={method}", "stage1.checkpoint=s2/last.pt"], stage="stage2")
     trained = build_model("resnet32", 3)
     saved = load_config(None, ["stage1.checkpoint=s1/last.pt", "stage2.method=balms"], stage="stage2")
-    s2 = {"config": config_to_dict(saved, "stage2"),
-          "model_args": {"name": "resnet32", "num_classes": 3}, "class_counts": [6, 3, 1], "model": trained.state_dict()}
+    s2 = {"config": config_to_dict(saved, "stage2"), "model_args": {"name": "resnet32", "num_classes": 3},
+          "class_counts": [6, 3, 1], "model": trained.state_dict()}
     with caplog.at_level(logging.WARNING, logger="stage2"):
         model, _ = stage2_classifier.build_backbone(cfg, s2, [6, 3, 1], "d", check_method(cfg), torch.device("cpu"))
     head = ("but stage2.method=tau_norm starts from the head that run trained, not stage 1's" if keeps_head
