@@ -35,7 +35,8 @@ from data.build_files import FileData, build_training_set, data_record
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
 from engine.distributed import Dist, check_same_on_ranks, from_rank0
-from engine.features import CachedFeatures, LiveFeatures, check_cache_fits, compute_views, disk_views
+from engine.features import (CachedFeatures, LiveFeatures, cache_path, check_cache_fits, compute_views, disk_views,
+                             drop_feature_caches)
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
 from engine.run import Progress, end_epoch, finish_run, finished_run, restore
@@ -52,7 +53,6 @@ from models.losses import EmptyClassError, build_loss
 from models.pretrained import HeadMismatchError, training_run
 
 STAGE = "stage2"
-CACHE_NAMES = {VIEW_STREAM: "train", META_VIEW_STREAM: "meta"}  # features_<name>.npy of image-file datasets
 logger = logging.getLogger("stage2")
 
 
@@ -158,20 +158,11 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
                                  cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks, d.workers,
                                  host_half=on_disk)
         if on_disk:
-            path = run_dir / f"features_{CACHE_NAMES[stream]}.npy"
-            return CachedFeatures(disk_views(path, compute, ranks.is_main, shape, ranks), device)
+            return CachedFeatures(disk_views(cache_path(run_dir, stream), compute, ranks.is_main, shape, ranks),
+                                  device)
         return CachedFeatures(compute())
     return LiveFeatures(model, images.to(device), augment, data.mean, data.std, cfg.model.channels_last,
                         bn_train=cfg.stage2.live_bn == "train", amp=cfg.train.amp)
-
-
-def drop_feature_caches(run_dir: Path, ranks: Dist) -> None:
-    """A new run computes its own cached views: those a start that died before its first last.pt left in the
-    run directory (maybe of another backbone, number of views or seed) are removed, never trained on. (Rank 0
-    removes them before it asks whether every rank has them: every rank then computes, as disk_views needs.)"""
-    if ranks.is_main:
-        for name in CACHE_NAMES.values():
-            (run_dir / f"features_{name}.npy").unlink(missing_ok=True)
 
 
 def new_head(cfg: Config, method: Method, stage1_head: nn.Module) -> nn.Module:
@@ -237,7 +228,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if finished_run(ckpt, run_dir, ranks):
         return {}
     if ckpt is None:
-        drop_feature_caches(run_dir, ranks)
+        drop_feature_caches(run_dir, ranks.is_main)
 
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size, recorded_normalization(s1, d.dataset) if s1 else None,

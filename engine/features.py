@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.augment import normalize
-from data.loader import epoch_generator
+from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator
 from data.stream import keep_working_on_sigterm
 from data.transfer import to_device
 from engine.device import DeviceError
@@ -114,6 +114,23 @@ def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Aug
         view = gather_rows(local, d)
         views.append(view.to("cpu", torch.float16) if host_half else view)
     return torch.stack(views)
+
+
+# The views of image-file datasets live on disk in the run directory, as features_<name>.npy, by view stream.
+CACHE_NAMES = {VIEW_STREAM: "train", META_VIEW_STREAM: "meta"}
+
+
+def cache_path(run_dir: Path, stream: int) -> Path:
+    return run_dir / f"features_{CACHE_NAMES[stream]}.npy"
+
+
+def drop_feature_caches(run_dir: Path, writes: bool) -> None:
+    """A new run computes its own cached views: those a start that died before its first last.pt left in the
+    run directory (maybe of another backbone, number of views or seed) are removed, never trained on. (Rank 0,
+    writes, removes them before it asks whether every rank has them: every rank then computes, as disk_views
+    needs.)"""
+    for stream in CACHE_NAMES if writes else ():
+        cache_path(run_dir, stream).unlink(missing_ok=True)
 
 
 def disk_views(path: Path, compute: Callable[[], torch.Tensor], writes: bool, shape: tuple[int, int, int],

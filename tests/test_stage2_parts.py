@@ -112,18 +112,6 @@ def test_balms_meta_split_val_without_a_validation_split_draws_its_meta_batches_
     assert "balms: class-balanced meta batches of 512 from the train split (10 images)" in caplog.messages
 
 
-def test_a_new_run_removes_the_feature_caches_a_dead_start_left_and_nothing_else(tmp_path):
-    """The cached views of a start that died before its first last.pt (features_train.npy, features_meta.npy: maybe
-    of another backbone with the same shape, which no shape check would catch) are removed by rank 0 alone."""
-    names = ("features_train.npy", "features_meta.npy", "train.log", "features.npy")
-    for name in names:
-        (tmp_path / name).write_bytes(b"x")
-    stage2_classifier.drop_feature_caches(tmp_path, Dist(rank=1, world=2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
-    stage2_classifier.drop_feature_caches(tmp_path, Dist())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy", "train.log"]
-
-
 def test_tau_norm_deploys_the_tau_its_search_chose(monkeypatch):
     saved = {}
     monkeypatch.setattr(stage2_classifier, "compute_views", lambda *a, **k: [torch.zeros(4, 64)])

@@ -8,7 +8,7 @@ import torch
 
 from data.augment import BatchAugment
 from data.loader import DATA_STREAM, META_VIEW_STREAM, VIEW_STREAM, epoch_generator
-from engine.features import CachedFeatures, LiveFeatures, compute_views
+from engine.features import CachedFeatures, LiveFeatures, compute_views, drop_feature_caches
 from models import build_model
 
 MEAN = (0.5, 0.4, 0.3)
@@ -422,3 +422,15 @@ def test_views_that_memory_cannot_hold_twice_over_are_refused_before_any_is_comp
         features.check_cache_fits((3, 10, 4), torch.device("meta"), host_half=True, disk=tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 240, 240))
     features.check_cache_fits((3, 10, 4), torch.device("meta"), host_half=True, disk=tmp_path)
+
+
+def test_a_new_run_removes_the_feature_caches_a_dead_start_left_and_nothing_else(tmp_path):
+    """The cached views of a start that died before its first last.pt (features_train.npy, features_meta.npy: maybe
+    of another backbone with the same shape, which no shape check would catch) are removed by rank 0 alone."""
+    names = ("features_train.npy", "features_meta.npy", "train.log", "features.npy")
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    drop_feature_caches(tmp_path, writes=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    drop_feature_caches(tmp_path, writes=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy", "train.log"]
