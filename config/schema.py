@@ -203,7 +203,7 @@ LIMITS: dict[str, tuple[int, str]] = {
     "data.crop_padding": (32, "the CIFAR image side: a wider border only adds crops of zeros"),
     "data.cutout": (32, "the CIFAR image side: a square that large can hide the whole image"),
     "data.image_size": (4096, "pixels a side: a batch of larger crops takes gigabytes"),
-    # A stage-2 step draws its batch with replacement, so nothing else caps it (stage 1 takes at most an epoch).
+    # BALMS draws its batches with replacement, so nothing else caps them (a data sampler gives at most an epoch).
     "train.batch_size": (65536, "images per step over all ranks: beyond published schedules, and gigabytes a step"),
     "meta_sampler.meta_batch_size": (65536, "images per meta step: BALMS uses 512; a larger one takes gigabytes"),
 }
