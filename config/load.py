@@ -149,13 +149,25 @@ def check_ranges(cfg: Config) -> None:
 
 
 def check_schedule_length(cfg: Config) -> None:
-    """The warm-up ends before the run does: else the lr would never reach train.lr."""
+    """The warm-up ends before the run does (else the lr would never reach train.lr), and so does each milestone
+    of the step schedule (else it would never decay there). The cosine schedule reads no milestones or gamma: given
+    on the command line, they are an error; a file's are not (one written for the step schedule may be run with
+    train.schedule=cosine, and a run's config.yaml holds every key)."""
     t = cfg.train
     length, unit = (f"train.iterations={t.iterations}", "steps") if t.iterations else (f"train.epochs={t.epochs}",
                                                                                        "epochs")
     if t.warmup and t.warmup >= (t.iterations or t.epochs):
         raise ConfigError(f"train.warmup={t.warmup:g} ({unit}) is not shorter than the run ({length}): "
                           f"lower train.warmup (0 = none) or lengthen the run")
+    if t.schedule != "step":
+        for key in ("train.milestones", "train.gamma"):
+            if key in cfg.overridden:
+                raise ConfigError(f"{key}={shown(_value(cfg, key))} is read by train.schedule=step only; "
+                                  f"train.schedule={t.schedule} does not use it: remove it, or set train.schedule=step")
+    elif t.milestones and max(t.milestones) >= (t.iterations or t.epochs):
+        raise ConfigError(f"train.milestones={shown(t.milestones)} ({unit}) holds {max(t.milestones):g}, not before "
+                          f"the run's end ({length}): the lr would never decay there; set each milestone within "
+                          f"the run")
 
 
 def check_run_name(name: str) -> None:

@@ -74,7 +74,7 @@ def test_int_key_rejects_non_integers_naming_key_value_and_type(value):
 
 
 def test_list_of_float_key_parses_list_and_coerces_items():
-    milestones = load_config(None, ["train.milestones=[10,20]"]).train.milestones
+    milestones = load_config(None, ["train.schedule=step", "train.milestones=[10,20]"]).train.milestones
     assert milestones == [10.0, 20.0]
     assert all(type(m) is float for m in milestones)
 
@@ -294,6 +294,32 @@ def test_a_warmup_as_long_as_the_run_is_refused_naming_both_keys(overrides, mess
         load_config(None, overrides)
     assert load_config(None, ["train.epochs=5", "train.warmup=0"]).train.warmup == 0
     assert load_config(None, ["train.iterations=100", "train.warmup=99"]).train.iterations == 100
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.schedule=step", "train.epochs=100"], r"train.milestones=\[160.0, 180.0\] \(epochs\) holds 180, not before "
+     r"the run's end \(train.epochs=100\): the lr would never decay there"),
+    (["train.schedule=step", "train.iterations=500", "train.milestones=[100,500]"],
+     r"train.milestones=\[100.0, 500.0\] \(steps\) holds 500, not before the run's end \(train.iterations=500\)"),
+])
+def test_a_step_schedule_milestone_at_or_past_the_run_s_end_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match="^" + message):
+        load_config(None, overrides)
+    assert load_config(None, ["train.schedule=step", "train.epochs=181"]).train.milestones == [160.0, 180.0]
+    assert load_config(None, ["train.schedule=step", "train.iterations=501", "train.milestones=[100,500]"])
+
+
+@pytest.mark.parametrize("override", ["train.milestones=[10,20]", "train.gamma=0.1"])
+def test_step_schedule_keys_given_with_the_cosine_schedule_are_refused_but_a_file_s_are_not(override, tmp_path):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}=.* is read by train.schedule=step only; train.schedule="
+                                          "cosine does not use it: remove it, or set train.schedule=step"):
+        load_config(None, [override])  # train.gamma=0.1 is the default: given, it still does nothing
+    arb = REPO / "config/cifar10_lt/methods_if100_exp/arb.yaml"  # step, milestones [160], as bench/methods_table runs
+    assert load_config(arb, ["train.schedule=cosine"]).train.milestones == [160.0]
+    path = tmp_path / "config.yaml"  # such a run's saved config
+    path.write_text("train:\n  schedule: cosine\n  milestones: [160]\n  gamma: 0.1\n")
+    assert load_config(path).train.schedule == "cosine"
 
 
 def test_train_epochs_given_on_the_command_line_beside_iterations_is_refused_but_a_file_s_epochs_are_not(tmp_path):

@@ -10,7 +10,7 @@ from config.schema import Config
 def test_dump_then_load_round_trips_to_an_equal_config(tmp_path):
     cfg = load_config(None, [
         "name=123", "train.epochs=3", "train.warmup=1", "train.lr=0.025", "train.weight_decay=1e-5",
-        "train.milestones=[1.5,2]",
+        "train.schedule=step", "train.milestones=[1.5,2]",
         "data.flip=false", "data.imbalance_factor=50", "model.channels_last=false", "log_dir=runs/x",
     ])
     path = tmp_path / "dumped.yaml"
@@ -33,8 +33,8 @@ def test_config_from_dict_rebuilds_and_checks():
 
 def test_config_diff_lists_exactly_the_differing_dotted_keys():
     a = config_to_dict(Config())
-    b = config_to_dict(load_config(None, ["train.lr=0.2", "data.flip=false", "train.milestones=[1,2]"]))
-    assert config_diff(a, b) == ["data.flip", "train.lr", "train.milestones"]
+    b = config_to_dict(load_config(None, ["train.lr=0.2", "data.flip=false", "train.gamma=0.5", "train.schedule=step"]))
+    assert config_diff(a, b) == ["data.flip", "train.gamma", "train.lr", "train.schedule"]
     assert config_diff(a, config_to_dict(Config())) == []
     # A key one side lacks (a stage's saved config holds only what it reads) counts as its default.
     assert config_diff({"train": {"epochs": 1}, "data": {"flip": False}}, {"train": {"epochs": 1}}) == ["data.flip"]

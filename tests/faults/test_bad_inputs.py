@@ -57,6 +57,10 @@ CASES = {
     "yaml_alias_inside_its_anchor": (S1, ["--cfg", "{bad}/recursive.yaml"], "config error: train.lr holds itself"),
     "number_of_400_digits": (S1, ["train.lr=" + "1" * 400], "expects a finite number, got 111111111111111111111111... "
                              "(400 characters)"),
+    "milestone_past_the_run": (S1, ["train.schedule=step"], "config error: train.milestones=[160.0, 180.0] (epochs) "
+                               "holds 180, not before the run's end (train.epochs=3): the lr would never decay there"),
+    "milestones_of_no_step_schedule": (S1, ["train.milestones=[1]"], "config error: train.milestones=[1.0] is read by "
+                                       "train.schedule=step only; train.schedule=cosine does not use it"),
     "padding_past_the_image": (S1, ["data.crop_padding=100000"], "config error: data.crop_padding=100000 is out of "
                                "range: it must be <= 32 (the CIFAR image side"),  # was a 28 TB allocation
     "seed_past_64_bits": (S1, ["data.subset_seed=18446744073709551616"], "config error: data.subset_seed="
