@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from config.load import check_names, load_config
+from config.load import check_names, check_schedule_keys, load_config
 from config.program import OneLineParser, nothing_left_of_a_refused_run, run_program, user_errors
 from config.readers import check_dataset_keys
 from config.saved import check_resume, dump_config
@@ -85,7 +85,9 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
         claim_run_dir(Path(cfg.run_dir))  # one writer: a second run there stops here
         return resume_checkpoint(Path(cfg.run_dir), resume)
     ckpt = from_rank0(read, ranks)
-    if ckpt is not None:
+    if ckpt is None:
+        check_schedule_keys(cfg)
+    else:
         check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)
     if ranks.is_main:

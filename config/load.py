@@ -149,25 +149,36 @@ def check_ranges(cfg: Config) -> None:
 
 
 def check_schedule_length(cfg: Config) -> None:
-    """The warm-up ends before the run does (else the lr would never reach train.lr), and so does each milestone
-    of the step schedule (else it would never decay there). The cosine schedule reads no milestones or gamma: given
-    on the command line, they are an error; a file's are not (one written for the step schedule may be run with
-    train.schedule=cosine, and a run's config.yaml holds every key)."""
+    """The warm-up ends before the run does: else the lr would never reach train.lr."""
     t = cfg.train
-    length, unit = (f"train.iterations={t.iterations}", "steps") if t.iterations else (f"train.epochs={t.epochs}",
-                                                                                       "epochs")
+    length, unit = _run_length(cfg)
     if t.warmup and t.warmup >= (t.iterations or t.epochs):
         raise ConfigError(f"train.warmup={t.warmup:g} ({unit}) is not shorter than the run ({length}): "
                           f"lower train.warmup (0 = none) or lengthen the run")
+
+
+def check_schedule_keys(cfg: Config) -> None:
+    """For a new run (config.cli.start_run: a run started before these checks, 2026-12-07, still resumes): each
+    milestone of the step schedule comes before the run's end, else the lr would never decay there; the cosine
+    schedule reads no milestones or gamma, so given on the command line they are an error (a file's are not: one
+    written for the step schedule may be run with train.schedule=cosine, and a run's config.yaml holds every key)."""
+    t = cfg.train
     if t.schedule != "step":
         for key in ("train.milestones", "train.gamma"):
             if key in cfg.overridden:
                 raise ConfigError(f"{key}={shown(_value(cfg, key))} is read by train.schedule=step only; "
                                   f"train.schedule={t.schedule} does not use it: remove it, or set train.schedule=step")
     elif t.milestones and max(t.milestones) >= (t.iterations or t.epochs):
+        length, unit = _run_length(cfg)
         raise ConfigError(f"train.milestones={shown(t.milestones)} ({unit}) holds {max(t.milestones):g}, not before "
                           f"the run's end ({length}): the lr would never decay there; set each milestone within "
                           f"the run")
+
+
+def _run_length(cfg: Config) -> tuple[str, str]:
+    """The key that sets the run's length, as `key=value`, and the unit of warm-up and milestones."""
+    t = cfg.train
+    return (f"train.iterations={t.iterations}", "steps") if t.iterations else (f"train.epochs={t.epochs}", "epochs")
 
 
 def check_run_name(name: str) -> None:

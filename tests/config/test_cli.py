@@ -330,6 +330,21 @@ def test_resume_beside_a_best_pt_without_last_pt_says_the_run_starts_again_once_
            f"is replaced by this run's"
     assert events == ["log open"] + ([said] if rank == 0 else [])
 
+
+
+def test_schedule_keys_are_checked_for_a_new_run_but_a_run_started_before_the_check_still_resumes(tmp_path,
+                                                                                                  monkeypatch):
+    """A step-schedule milestone past the run's end is refused as a run starts, before anything is written;
+    a run that holds one (started by a version without the check) resumes with its own config."""
+    cfg, _ = parse_cli("stage1", "", [f"log_dir={tmp_path}", "train.schedule=step", "train.epochs=100"])
+    monkeypatch.setattr(config.cli, "from_rank0", lambda read, d: read())
+    monkeypatch.setattr(config.cli, "setup_run", lambda run_dir, *_, **__: Path(run_dir))  # no logging or seeds here
+    with pytest.raises(ConfigError, match=r"^train.milestones=\[160.0, 180.0\] \(epochs\) holds 180, not before"):
+        start_run(cfg, "stage1", False, Dist())
+    assert list(tmp_path.iterdir()) == []
+    save_checkpoint(tmp_path / "last.pt", {"config": config_to_dict(cfg, "stage1"), "epoch": 2})
+    assert start_run(cfg, "stage1", True, Dist())[1]["epoch"] == 2
+
 @pytest.mark.slow
 def test_the_entry_scripts_start_without_importing_torchvision():
     # Its import takes about 1 s (it loads torch._dynamo): a CIFAR run, --help or a refused config would
