@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.report import best_index, load_run, results_table
+from bench.report import best_index, confusion_section, load_run, results_table
+from bench.report_figures import Run
+from engine.metrics import DENSE_CONFUSION_MAX
 from tests.conftest import REPO
 
 COUNTS = [200, 60, 20, 5]  # many, medium, medium, few
@@ -113,6 +115,8 @@ def test_a_run_directory_s_epochs_come_from_its_metrics_log_in_epoch_order_last_
     (lambda run: (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo'), "metrics.jsonl line 2 is not valid JSON"),
     (lambda run: (run / "test_metrics.json").write_text('{"top1": 0.5}'), "test_metrics.json lacks some of top1"),
     (lambda run: (run / "config.yaml").write_text("[1, 2"), "config.yaml is not a YAML mapping"),
+    (lambda run: (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "sample_probs": [0.5, 0.3, 0.2]})),
+     "test_metrics.json and its metrics.jsonl disagree on the number of classes; rerun --test for that run"),
 ])
 def test_a_damaged_run_directory_is_refused_with_one_message_that_says_what_to_do(tmp_path, damage, message):
     run = stage2_balms(tmp_path / "balms")
@@ -186,3 +190,13 @@ def test_a_command_line_without_out_is_one_line_naming_the_missing_option_with_e
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "python -m bench.report: error: the following arguments are required: --out; see --help"]
+
+
+@pytest.mark.parametrize("classes, drawn", [(DENSE_CONFUSION_MAX, True), (DENSE_CONFUSION_MAX + 1, False)])
+def test_a_confusion_matrix_is_drawn_up_to_the_dense_limit_of_classes(tmp_path, monkeypatch, classes, drawn):
+    drawn_for = []
+    monkeypatch.setattr("bench.report.plot_confusion", lambda run, role, path: drawn_for.append((run.name, role)))
+    run = Run("big", "stage 1: ce", "100", {"top1": 0.5, "train_class_counts": [1] * classes}, [])
+    md = confusion_section([run], tmp_path)
+    assert drawn_for == ([("big", "baseline run")] if drawn else [])
+    assert ("![confusion matrix of the baseline run](confusion_baseline.png)" in md) is drawn

@@ -382,3 +382,11 @@ def test_a_resumed_run_hides_only_the_tensorboard_events_after_its_checkpoint_s_
     config.cli.open_log(cfg, "stage1", tmp_path, Dist(), {"step": 12, "epoch": 3})
     config.cli.open_log(cfg, "stage1", tmp_path, Dist())  # a new run hides nothing
     assert seen == [13, None]
+
+
+def test_only_rank_0_opens_the_metric_log_and_writes_the_config(tmp_path):
+    cfg = load_config(None, [f"log_dir={tmp_path}"], "stage1")
+    assert config.cli.open_log(cfg, "stage1", tmp_path, Dist(rank=1, world=2)) is None
+    assert list(tmp_path.iterdir()) == []
+    config.cli.open_log(cfg, "stage1", tmp_path, Dist(rank=0, world=2)).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "tb"]

@@ -341,3 +341,10 @@ def test_the_overridden_keys_are_recorded_but_are_no_config_key_of_their_own():
     assert "overridden" not in config_to_dict(cfg) and "overridden" not in flatten(config_to_dict(cfg))
     with pytest.raises(ConfigError, match=r"^unknown config key 'overridden' \(override 'overridden=\[\]'\)"):
         load_config(None, ["overridden=[]"])
+
+
+def test_an_override_s_key_is_recorded_without_the_spaces_around_it():
+    # else " data.sampler =instance", at its default, would slip past stage 2's check of unread keys
+    assert load_config(None, [" data.flip =true"]).overridden == {"data.flip"}
+    with pytest.raises(ConfigError, match=r"^data.sampler='instance' is read by stage1 \(stage1_train.py\) only"):
+        load_config(None, ["data.sampler =instance"], stage="stage2")

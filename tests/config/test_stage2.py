@@ -59,6 +59,22 @@ def test_live_batchnorm_is_refused_with_cached_views_which_never_read_it():
                                          r"backbone on every batch\); the 2 cached views are computed in eval mode"):
         check_method(_stage2("stage2.method=balms", "stage2.cache_views=2", "stage2.live_bn=eval"))
     check_method(_stage2("stage2.method=balms", "stage2.cache_views=0", "stage2.live_bn=eval"))
+    with pytest.raises(SystemExit, match=r"^config error: stage2.live_bn is read with stage2.cache_views=0 only"):
+        check_method(_stage2("stage2.cache_views=2", "stage2.live_bn=train"))  # given at its default: unread too
+
+
+def test_a_meta_sampler_key_is_refused_for_a_method_other_than_balms():
+    with pytest.raises(SystemExit, match=r"^config error: meta_sampler.lr is read by stage2.method=balms only, not by "
+                                         r"crt: remove it$"):
+        check_method(_stage2("stage2.method=crt", "meta_sampler.lr=0.1"))
+    check_method(_stage2("stage2.method=balms", "meta_sampler.lr=0.1"))
+
+
+@pytest.mark.parametrize("method", ["balanced_softmax", "crt", "balms", "lws"])
+def test_every_method_that_trains_refuses_a_warm_up_as_long_as_its_run(method):
+    cfg = load_config(None, ["stage1.checkpoint=x.pt", f"stage2.method={method}", "train.epochs=5"], stage="stage2")
+    with pytest.raises(ConfigError, match=r"^train.warmup=5 \(epochs\) is not shorter than the run \(train.epochs=5\)"):
+        check_method(cfg)
 
 
 def test_tau_norm_refuses_the_tau_key_it_would_not_read():

@@ -13,7 +13,7 @@ from data.build_files import DATASET_KINDS, FILE_DATASETS, build_file_data, data
 from data.cifar import DatasetFormatError
 from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
 from data.image_lists import LIST_DATASETS, read_folder_split
-from data.long_tail import long_tail_counts, long_tail_split
+from data.long_tail import hold_out_per_class, long_tail_counts, long_tail_split
 from tests.conftest import write_image_folder, write_image_lists
 
 CLASSES = ("ant", "bee", "cow", "dog")
@@ -79,11 +79,24 @@ def test_lists_read_from_list_dir_and_inat_holds_validation_out_of_train(tmp_pat
     data = build_file_data("inat2018", root, lists, 1.0, "exp", 0, 1, 16)
     assert data.class_counts[:2] == [2, 2] and data.val_labels.tolist() == [0, 1]
     assert build_file_data("inat2018", root, lists, 1.0, "exp", 0, 0, 16).val_images is None
+    assert read_test_split("inat2018", root, lists, data.class_names).labels.tolist() == [0, 1]  # its test list
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_list_without_a_validation_list_holds_out_the_images_data_subset_seed_picks(tmp_path, seed):
+    root = write_image_lists(tmp_path / "inat", {"iNaturalist18_train.txt": [0, 0, 0, 1, 1, 1],
+                                                 "iNaturalist18_val.txt": [0, 1]})
+    every = build_file_data("inat2018", root, "", 1.0, "exp", seed, 0, 16).train_images.images
+    held = hold_out_per_class(every.labels, 1, seed)[1]  # seeds 1 and 2 hold out other images than seed 0
+    data = build_file_data("inat2018", root, "", 1.0, "exp", seed, 1, 16)
+    assert data.val_images.images.paths == [every.paths[i] for i in held.tolist()]
 
 
 @pytest.mark.parametrize("dataset, lists, jitter, stats", [
     ("inat2018", {"iNaturalist18_train.txt": [0, 1], "iNaturalist18_val.txt": [0, 1]}, False, (INAT_MEAN, INAT_STD)),
     ("imagenet_lt", {"ImageNet_LT_train.txt": [0, 1], "ImageNet_LT_val.txt": [0, 1], "ImageNet_LT_test.txt": [0, 1]},
+     True, (IMAGENET_MEAN, IMAGENET_STD)),
+    ("places_lt", {"Places_LT_train.txt": [0, 1], "Places_LT_val.txt": [0, 1], "Places_LT_test.txt": [0, 1]},
      True, (IMAGENET_MEAN, IMAGENET_STD)),
 ])
 def test_inaturalist_trains_without_colour_jitter_on_its_own_statistics_as_the_decoupling_code(

@@ -424,6 +424,27 @@ def test_views_that_memory_cannot_hold_twice_over_are_refused_before_any_is_comp
     features.check_cache_fits((3, 10, 4), torch.device("meta"), host_half=True, disk=tmp_path)
 
 
+def test_a_refused_cache_names_its_size_and_the_memory_in_gigabytes_of_1e9_bytes(monkeypatch):
+    import engine.features as features
+    from engine.device import DeviceError
+
+    monkeypatch.setattr(features, "memory_bytes", lambda device: 7_999_999_999)
+    with pytest.raises(DeviceError) as e:
+        features.check_cache_fits((1, 1_000_000, 1000), torch.device("meta"))  # 4e9 bytes of fp32
+    assert str(e.value).startswith("stage2.cache_views=1 makes 1 x 1000000 x 1000 features, 4.0 GB, held twice while "
+                                   "they are stacked: more than the 8.0 GB of meta:")
+
+
+def test_a_host_that_cannot_tell_its_memory_is_not_checked_against_it(monkeypatch):
+    import engine.features as features
+
+    def sysconf(name):  # as os.sysconf answers a name the system does not define
+        raise ValueError("unrecognized configuration name")
+    monkeypatch.setattr(os, "sysconf", sysconf)
+    assert features.memory_bytes(torch.device("cpu")) is None
+    features.check_cache_fits((1, 1_000_000, 1000), torch.device("cpu"))
+
+
 def test_a_new_run_removes_the_feature_caches_a_dead_start_left_and_nothing_else(tmp_path):
     """The cached views of a start that died before its first last.pt (features_train.npy, features_meta.npy: maybe
     of another backbone with the same shape, which no shape check would catch) are removed by rank 0 alone."""

@@ -113,3 +113,10 @@ def test_above_the_dense_limit_the_report_holds_the_nonzero_cells_and_reads_back
     dense = confusion_matrix(preds[1:], labels[1:], 8)
     assert confusion_record(preds[1:], labels[1:], 8) == dense.tolist()
     assert torch.equal(dense_confusion(dense.tolist()), dense)
+
+
+def test_at_the_dense_limit_the_report_holds_the_whole_matrix():
+    c = DENSE_CONFUSION_MAX
+    labels, preds = torch.tensor([c - 1, 0]), torch.tensor([0, 0])
+    record = confusion_record(preds, labels, c)
+    assert isinstance(record, list) and len(record) == c and record[c - 1][0] == 1 and record[0][0] == 1

@@ -45,3 +45,16 @@ def test_a_resumed_log_hides_the_tensorboard_events_logged_after_its_checkpoint(
     resumed.log(30, {"loss": 1.5})
     resumed.close()
     assert _scalars(tmp_path, "loss") == [(10, 3.0), (20, 2.0), (30, 1.5)]
+
+
+def test_tensorboard_gets_each_finite_number_and_list_element_at_the_record_s_step_and_no_flag(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = RunLog(tmp_path)
+    log.log(7, {"loss": math.nan, "train_acc": 0.5, "finished": True, "sample_probs": [0.25, 0.75]})
+    # read before close: each record is flushed, so a killed run keeps it and TensorBoard shows it live
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["sample_probs/0", "sample_probs/1", "train_acc"]
+    assert _scalars(tmp_path, "sample_probs/1") == [(7, 0.75)] and _scalars(tmp_path, "train_acc") == [(7, 0.5)]
+    log.close()

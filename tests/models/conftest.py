@@ -9,13 +9,16 @@ import pytest
 
 
 class FileServer(ThreadingHTTPServer):
-    """Serves `payload` at /ckpt.pth (404 elsewhere). Knobs: honour_range, cut_after (bytes sent, then close)."""
+    """Serves `payload` at /ckpt.pth (404 elsewhere). Knobs: honour_range, cut_after (bytes sent, then close),
+    restart_as_206 (a Range answered with the whole file, labelled as such), fail_with (an HTTP error status)."""
 
     def __init__(self, payload: bytes) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.payload = payload
         self.honour_range = True
         self.cut_after: int | None = None
+        self.restart_as_206 = False
+        self.fail_with: int | None = None
         self.ranges: list[str | None] = []  # the Range header of each request, None when absent
         self.bytes_sent = 0
 
@@ -30,18 +33,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         srv = self.server
         srv.ranges.append(self.headers.get("Range"))
-        if self.path != "/ckpt.pth":
-            self.send_error(404)
+        if self.path != "/ckpt.pth" or srv.fail_with:
+            self.send_error(srv.fail_with or 404)
             return
         start = 0
-        if srv.honour_range and self.headers.get("Range"):
+        if srv.honour_range and self.headers.get("Range") and not srv.restart_as_206:
             start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
         if start >= len(srv.payload):
             self.send_error(416)  # Range Not Satisfiable, as real servers answer
             return
         body = srv.payload[start:]
-        self.send_response(206 if start else 200)
-        if start:
+        partial = start or (srv.restart_as_206 and self.headers.get("Range"))
+        self.send_response(206 if partial else 200)
+        if partial:
             self.send_header("Content-Range", f"bytes {start}-{len(srv.payload) - 1}/{len(srv.payload)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

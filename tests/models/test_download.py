@@ -70,6 +70,33 @@ def test_dropped_connection_keeps_the_part_and_the_next_call_resumes_it(serve, t
     assert srv.ranges == [None, "bytes=700000-"]
 
 
+def test_a_206_answer_that_restarts_at_byte_0_replaces_the_part_instead_of_extending_it(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    srv.restart_as_206 = True
+    _part(srv.url, tmp_path).write_bytes(PAYLOAD[:700_000])
+    assert fetch(srv.url, DIGEST, cache=tmp_path).read_bytes() == PAYLOAD
+    assert srv.ranges == ["bytes=700000-"]
+
+
+def test_a_connection_closed_one_byte_short_keeps_the_part_to_resume(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    srv.cut_after = len(PAYLOAD) - 1
+    with pytest.raises(DownloadError, match=f"stopped after {len(PAYLOAD) - 1} bytes .*run the same command again"):
+        fetch(srv.url, None, cache=tmp_path)
+    assert _files(tmp_path) == [_part(srv.url, tmp_path).name]
+
+
+def test_an_unpinned_download_is_logged_with_its_digest_to_pin_it_and_a_pinned_one_is_not(serve, tmp_path, caplog):
+    srv = serve(PAYLOAD)
+    fetch(srv.url, None, cache=tmp_path)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{srv.url} was not checked (no SHA-256 given); its SHA-256 is {DIGEST}: pin it by appending "
+        f"#sha256={DIGEST} to the URL"]
+    caplog.clear()
+    fetch(srv.url, DIGEST, cache=tmp_path / "pinned")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_wrong_sha256_is_a_clear_error_and_leaves_nothing_in_the_cache(serve, tmp_path):
     srv = serve(PAYLOAD)
     with pytest.raises(DownloadError) as err:
@@ -100,6 +127,19 @@ def test_http_404_names_the_status_and_what_to_do(serve, tmp_path):
         fetch(url, DIGEST, cache=tmp_path)
     assert str(err.value).startswith(f"download of {url} failed: HTTP 404 Not Found; the file is not at that address")
     assert _files(tmp_path) == []
+
+
+def test_http_500_says_the_server_failed_and_to_try_again_later(serve, tmp_path):
+    srv = serve(PAYLOAD)
+    srv.fail_with = 500
+    with pytest.raises(DownloadError, match=r"failed: HTTP 500 Internal Server Error; the server failed: try again "):
+        fetch(srv.url, DIGEST, cache=tmp_path)
+
+
+def test_a_416_to_a_request_without_range_is_an_http_error_not_a_restart(serve, tmp_path):
+    srv = serve(b"")  # the server answers 416 to any request for an empty file
+    with pytest.raises(DownloadError, match=r"failed: HTTP 416 Requested Range Not Satisfiable; the file is not at"):
+        fetch(srv.url, DIGEST, cache=tmp_path)
 
 
 def test_server_that_never_answers_times_out_with_a_clear_error(silent_url, tmp_path):
@@ -140,6 +180,11 @@ def test_malformed_sha256_is_a_download_error_naming_the_digest_and_the_fix_befo
     assert str(err.value) == ("SHA-256 'XYZ' for http://127.0.0.1:9/x.pth is not 8 to 64 hex digits: give the file's "
                               "digest as sha256sum prints it, or its first 8 or more hex digits")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_digest_of_seven_hex_digits_is_too_short_to_pin_a_file(tmp_path):
+    with pytest.raises(DownloadError, match=r"^SHA-256 '0676ba6' for .* is not 8 to 64 hex digits"):
+        fetch("http://127.0.0.1:9/x.pth", "0676ba6", cache=tmp_path)
 
 
 def test_an_upper_case_digest_pins_the_file_as_the_lower_case_one(serve, tmp_path):

@@ -76,6 +76,12 @@ def test_url_pinned_by_sha256_fragment_is_checked(serve, balms_bytes, source, im
         load_pretrained(f"{srv.url}#md5=abc", arch="resnet32", cache=tmp_path)
 
 
+def test_a_sha256_fragment_written_with_a_colon_is_told_the_one_form_understood(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^http://127.0.0.1:9/r.pt#sha256:0676ba61: the only URL fragment "
+                                              r"understood is #sha256=<hex digest of the file>$"):
+        load_pretrained("http://127.0.0.1:9/r.pt#sha256:0676ba61", arch="resnet32", cache=tmp_path)
+
+
 @pytest.mark.parametrize("pin", ["xyz", "abc", "", "0676ba61 "])
 def test_malformed_sha256_pin_is_a_checkpoint_error_naming_the_pin_and_the_fix(pin, tmp_path):
     # Port 9 (discard) is never asked: the pin is refused before any download.
