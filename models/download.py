@@ -157,8 +157,15 @@ def _download(url: str, part: Path, timeout: float) -> None:
     except OSError as e:  # URLError (DNS, refused, unreachable) and TimeoutError before the response
         raise _unreachable(url, getattr(e, "reason", e), timeout, part) from None
     with response:
-        range_start = response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
-        resumed = have > 0 and response.status == 206 and range_start
+        first = _range_start(response.headers.get("Content-Range", ""), have) if response.status == 206 else 0
+        if first is None:
+            if have:  # neither the rest of the part nor the whole file: start over without Range
+                part.unlink()
+                return _download(url, part, timeout)
+            raise DownloadError(f"download of {url} failed: the server sent a part of the file that was not asked "
+                                f"for (Content-Range {response.headers.get('Content-Range')!r}); try again later, "
+                                f"or download the file by hand and pass its path")
+        resumed = have > 0 and first == have
         length = response.headers.get("Content-Length")
         start = have if resumed else 0
         received = 0
@@ -177,6 +184,19 @@ def _download(url: str, part: Path, timeout: float) -> None:
         except (OSError, http.client.HTTPException) as e:  # timeout or dropped connection mid-file
             raise DownloadError(f"download of {url} stopped after {part.stat().st_size} bytes "
                                 f"({type(e).__name__}: {e}); run the same command again to resume it") from None
+
+
+def _range_start(content_range: str, have: int) -> int | None:
+    """Where a 206 answer's bytes start, when they run from `have` (the rest of the part) or from 0 to the file's
+    end; None for any other range ("bytes 100-199/1000", a missing or malformed header), which would store a
+    damaged file as whole."""
+    found = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
+    if not found:
+        return None
+    start, end, total = found.groups()
+    if int(start) not in (have, 0) or (total != "*" and int(end) + 1 != int(total)):
+        return None
+    return int(start)
 
 
 def _unreachable(url: str, reason: object, timeout: float, part: Path) -> DownloadError:

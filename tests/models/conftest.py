@@ -10,7 +10,8 @@ import pytest
 
 class FileServer(ThreadingHTTPServer):
     """Serves `payload` at /ckpt.pth (404 elsewhere). Knobs: honour_range, cut_after (bytes sent, then close),
-    restart_as_206 (a Range answered with the whole file, labelled as such), fail_with (an HTTP error status)."""
+    restart_as_206 (a Range answered with the whole file, labelled as such), fail_with (an HTTP error status),
+    wrong_range ((start, end): every request answered with 206 and those bytes, whatever it asked for)."""
 
     def __init__(self, payload: bytes) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -19,6 +20,7 @@ class FileServer(ThreadingHTTPServer):
         self.cut_after: int | None = None
         self.restart_as_206 = False
         self.fail_with: int | None = None
+        self.wrong_range: tuple[int, int] | None = None
         self.ranges: list[str | None] = []  # the Range header of each request, None when absent
         self.bytes_sent = 0
 
@@ -35,6 +37,14 @@ class _Handler(BaseHTTPRequestHandler):
         srv.ranges.append(self.headers.get("Range"))
         if self.path != "/ckpt.pth" or srv.fail_with:
             self.send_error(srv.fail_with or 404)
+            return
+        if srv.wrong_range:
+            start, end = srv.wrong_range
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(srv.payload)}")
+            self.send_header("Content-Length", str(end - start))
+            self.end_headers()
+            self.wfile.write(srv.payload[start:end])
             return
         start = 0
         if srv.honour_range and self.headers.get("Range") and not srv.restart_as_206:

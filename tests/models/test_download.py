@@ -78,6 +78,21 @@ def test_a_206_answer_that_restarts_at_byte_0_replaces_the_part_instead_of_exten
     assert srv.ranges == ["bytes=700000-"]
 
 
+@pytest.mark.parametrize("wrong", [(600_000, len(PAYLOAD)), (0, 100_000)])  # before the part's end; from 0, cut short
+def test_a_206_answer_of_other_bytes_than_asked_is_never_stored_as_the_file(serve, tmp_path, wrong):
+    """A 206 that neither continues the part nor holds the whole file: the part is dropped and the file asked
+    for whole; answered so again, the download fails, leaving nothing (unpinned, it would have been cached)."""
+    srv = serve(PAYLOAD)
+    srv.wrong_range = wrong
+    _part(srv.url, tmp_path).write_bytes(PAYLOAD[:700_000])
+    with pytest.raises(DownloadError, match=f"^download of {srv.url} failed: the server sent a part of the file that "
+                                            f"was not asked for \\(Content-Range 'bytes {wrong[0]}-"):
+        fetch(srv.url, None, cache=tmp_path)
+    assert srv.ranges == ["bytes=700000-", None] and _files(tmp_path) == []
+    srv.wrong_range = None
+    assert fetch(srv.url, None, cache=tmp_path).read_bytes() == PAYLOAD
+
+
 def test_a_connection_closed_one_byte_short_keeps_the_part_to_resume(serve, tmp_path):
     srv = serve(PAYLOAD)
     srv.cut_after = len(PAYLOAD) - 1
