@@ -28,15 +28,20 @@ class RunLog:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(line + "\n")
         for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if _finite_number(value):
                 self.writer.add_scalar(key, value, step)
             elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
                 for i, v in enumerate(value):
-                    self.writer.add_scalar(f"{key}/{i}", v, step)
+                    if _finite_number(v):  # a NaN element leaves a gap in its curve, as a NaN scalar does
+                        self.writer.add_scalar(f"{key}/{i}", v, step)
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _json_number(value: Any) -> Any:

@@ -51,10 +51,10 @@ def test_tensorboard_gets_each_finite_number_and_list_element_at_the_record_s_st
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = RunLog(tmp_path)
-    log.log(7, {"loss": math.nan, "train_acc": 0.5, "finished": True, "sample_probs": [0.25, 0.75]})
+    log.log(7, {"loss": math.nan, "train_acc": 0.5, "finished": True, "sample_probs": [0.25, 0.75, math.nan]})
     # read before close: each record is flushed, so a killed run keeps it and TensorBoard shows it live
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert sorted(events.Tags()["scalars"]) == ["sample_probs/0", "sample_probs/1", "train_acc"]
+    assert sorted(events.Tags()["scalars"]) == ["sample_probs/0", "sample_probs/1", "train_acc"]  # no NaN
     assert _scalars(tmp_path, "sample_probs/1") == [(7, 0.75)] and _scalars(tmp_path, "train_acc") == [(7, 0.5)]
     log.close()
