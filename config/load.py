@@ -125,9 +125,10 @@ def check_ranges(cfg: Config) -> None:
         value = _value(cfg, key)
         if not (value > bound if op == ">" else value >= bound):
             raise ConfigError(f"{key}={shown(value)} is out of range: it must be {op} {bound:g}")
-    for key, (bound, why) in LIMITS.items():
-        if _value(cfg, key) > bound:
-            raise ConfigError(f"{key}={shown(_value(cfg, key))} is out of range: it must be <= {bound} ({why})")
+    for key, (op, bound, why) in LIMITS.items():
+        value = _value(cfg, key)
+        if not (value < bound if op == "<" else value <= bound):
+            raise ConfigError(f"{key}={shown(value)} is out of range: it must be {op} {bound:g} ({why})")
     # Seeds: numpy's global one (from train.seed) and the LDAM draw's take 32 bits, a torch generator's 64.
     seed_bits = {"train.seed": 32, "data.subset_seed": 32 if cfg.data.subset_draw == "ldam" else 64}
     for key, bits in seed_bits.items():

@@ -197,15 +197,18 @@ RANGES: dict[str, tuple[str, float]] = {
     "meta_sampler.lr": (">=", 0), "meta_sampler.meta_batch_size": (">=", 1), "meta_sampler.gumbel_tau": (">", 0),
     "eval.batch_size": (">=", 1), "eval.logit_adjust_tau": (">=", 0),
 }
-# Upper bounds of the keys whose absurd values (a typo's extra zeros) would exhaust memory before any message:
-# {key: (bound, why)}, checked by config.load.check_ranges.
-LIMITS: dict[str, tuple[int, str]] = {
-    "data.crop_padding": (32, "the CIFAR image side: a wider border only adds crops of zeros"),
-    "data.cutout": (32, "the CIFAR image side: a square that large can hide the whole image"),
-    "data.image_size": (4096, "pixels a side: a batch of larger crops takes gigabytes"),
+# Upper bounds, ("<=" or "<", bound, why), checked by config.load.check_ranges: of the keys whose absurd values (a
+# typo's extra zeros) would exhaust memory before any message, and of those past which training cannot work.
+LIMITS: dict[str, tuple[str, float, str]] = {
+    "data.crop_padding": ("<=", 32, "the CIFAR image side: a wider border only adds crops of zeros"),
+    "data.cutout": ("<=", 32, "the CIFAR image side: a square that large can hide the whole image"),
+    "data.image_size": ("<=", 4096, "pixels a side: a batch of larger crops takes gigabytes"),
     # BALMS draws its batches with replacement, so nothing else caps them (a data sampler gives at most an epoch).
-    "train.batch_size": (65536, "images per step over all ranks: beyond published schedules, and gigabytes a step"),
-    "meta_sampler.meta_batch_size": (65536, "images per meta step: BALMS uses 512; a larger one takes gigabytes"),
+    "train.batch_size": ("<=", 65536, "images per step over all ranks: beyond published schedules, and gigabytes a "
+                                      "step"),
+    "meta_sampler.meta_batch_size": ("<=", 65536, "images per meta step: BALMS uses 512; a larger one takes gigabytes"),
+    "train.momentum": ("<", 1, "the share of each update the next one keeps: at 1 or more no update is ever "
+                               "forgotten, and the weights diverge"),
 }
 
 # Keys (or whole sections) that one stage alone reads; every other key is read by both stages.

@@ -235,6 +235,7 @@ def test_an_override_of_up_to_40_characters_with_its_quotes_is_named_whole_and_a
     ("data.crop_padding=100000", "<= 32 (the CIFAR image side"), ("data.cutout=33", "<= 32 (the CIFAR image side"),
     ("data.image_size=60000", "<= 4096 (pixels a side"), ("train.batch_size=65537", "<= 65536 (images per step"),
     ("meta_sampler.meta_batch_size=1000000000", "<= 65536 (images per meta step"),
+    ("train.momentum=1", "< 1 (the share of each update the next one keeps"), ("train.momentum=5", "< 1 (the share"),
 ])
 def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
     key, value = override.split("=")
@@ -246,6 +247,10 @@ def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(overri
 def test_a_padding_and_cutout_of_the_whole_cifar_side_and_an_image_size_of_4096_are_taken():
     data = load_config(None, ["data.crop_padding=32", "data.cutout=32", "data.image_size=4096"]).data
     assert (data.crop_padding, data.cutout, data.image_size) == (32, 32, 4096)
+
+
+def test_a_momentum_just_below_1_is_taken():
+    assert load_config(None, ["train.momentum=0.999"]).train.momentum == 0.999
 
 
 def test_batches_of_65536_images_are_taken():
