@@ -162,8 +162,12 @@ def check_schedule_keys(cfg: Config) -> None:
     """For a new run (config.cli.start_run: a run started before these checks, 2026-12-07, still resumes): each
     milestone of the step schedule comes before the run's end, else the lr would never decay there; the cosine
     schedule reads no milestones or gamma, so given on the command line they are an error (a file's are not: one
-    written for the step schedule may be run with train.schedule=cosine, and a run's config.yaml holds every key)."""
+    written for the step schedule may be run with train.schedule=cosine, and a run's config.yaml holds every key);
+    likewise train.warmup_start without a warm-up."""
     t = cfg.train
+    if not t.warmup and "train.warmup_start" in cfg.overridden:
+        raise ConfigError(f"train.warmup_start={t.warmup_start:g} is read only with a warm-up; train.warmup=0 has "
+                          f"none: remove it, or set train.warmup")
     if t.schedule != "step":
         for key in ("train.milestones", "train.gamma"):
             if key in cfg.overridden:

@@ -236,6 +236,7 @@ def test_an_override_of_up_to_40_characters_with_its_quotes_is_named_whole_and_a
     ("data.image_size=60000", "<= 4096 (pixels a side"), ("train.batch_size=65537", "<= 65536 (images per step"),
     ("meta_sampler.meta_batch_size=1000000000", "<= 65536 (images per meta step"),
     ("train.momentum=1", "< 1 (the share of each update the next one keeps"), ("train.momentum=5", "< 1 (the share"),
+    ("train.warmup_start=1.5", "<= 1 (a fraction of train.lr"),
 ])
 def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
     key, value = override.split("=")
@@ -326,6 +327,14 @@ def test_step_schedule_keys_given_with_the_cosine_schedule_are_refused_but_a_fil
     path = tmp_path / "config.yaml"  # such a run's saved config
     path.write_text("train:\n  schedule: cosine\n  milestones: [160]\n  gamma: 0.1\n")
     check_schedule_keys(load_config(path))
+
+
+def test_a_warmup_start_given_without_a_warmup_is_refused_but_a_file_s_is_not():
+    with pytest.raises(ConfigError, match=r"^train.warmup_start=0.5 is read only with a warm-up; train.warmup=0 has "
+                                          r"none: remove it, or set train.warmup"):
+        check_schedule_keys(load_config(None, ["train.warmup=0", "train.warmup_start=0.5"]))
+    check_schedule_keys(load_config(REPO / "config/cifar10_lt/stage1_softmax.yaml", ["train.warmup=0"]))  # sets 0.5
+    check_schedule_keys(load_config(None, ["train.warmup=1", "train.warmup_start=1"]))
 
 
 def test_train_epochs_given_on_the_command_line_beside_iterations_is_refused_but_a_file_s_epochs_are_not(tmp_path):
