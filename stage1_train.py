@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run
 from config.load import check_names, config_to_dict
-from config.readers import check_loss_keys
+from config.readers import check_drw_epoch, check_loss_keys
 from config.schema import Config, TrainConfig
 from data.augment import BatchAugment
 from data.build import LongTailData, recorded_normalization
@@ -184,6 +184,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     optimizer, scheduler, steps_total = sgd_with_schedule(
         parameter_groups(model, loss_fn), len(loader), t.lr, t.momentum, t.weight_decay, t.nesterov, t.epochs,
         t.iterations, t.warmup, t.schedule, t.milestones, t.gamma, t.warmup_start, fused=t.amp == "fp16")
+    if ckpt is None:
+        check_drw_epoch(cfg, math.ceil(steps_total / len(loader)))
     scaler = grad_scaler(device, t.amp)
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if t.amp == "fp16":

@@ -129,6 +129,9 @@ def check_ranges(cfg: Config) -> None:
         value = _value(cfg, key)
         if not (value < bound if op == "<" else value <= bound):
             raise ConfigError(f"{key}={shown(value)} is out of range: it must be {op} {bound:g} ({why})")
+    if cfg.train.nesterov and cfg.train.momentum == 0:  # torch.optim.SGD refuses it with a traceback
+        raise ConfigError("train.nesterov=true needs a momentum, and train.momentum=0 has none: set train.momentum "
+                          "(e.g. 0.9) or train.nesterov=false")
     # Seeds: numpy's global one (from train.seed) and the LDAM draw's take 32 bits, a torch generator's 64.
     seed_bits = {"train.seed": 32, "data.subset_seed": 32 if cfg.data.subset_draw == "ldam" else 64}
     for key, bits in seed_bits.items():

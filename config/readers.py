@@ -26,3 +26,12 @@ def check_loss_keys(cfg: Config, takes: dict[str, list[str]]) -> None:
         raise ConfigError(f"{key}={value!r} is read by loss.name={' or '.join(readers)} only; loss.name="
                           f"{cfg.loss.name} does not use it (it reads {', '.join(reads) or 'no loss.* key'}): "
                           f"remove it")
+
+
+def check_drw_epoch(cfg: Config, run_epochs: int) -> None:
+    """loss.drw_epoch (0-based) is an epoch of the run, else its re-weighting would never start: checked as a new
+    run starts (one started before the check, 2026-12-07, still resumes); run_epochs counts train.iterations' too."""
+    drw = cfg.loss.drw_epoch
+    if drw is not None and drw >= run_epochs:
+        raise ConfigError(f"loss.drw_epoch={drw} is not an epoch of the run (0 to {run_epochs - 1}): its re-weighting "
+                          f"would never start; set it below {run_epochs} (LDAM-DRW: 160 of 200 epochs), or remove it")

@@ -250,6 +250,12 @@ def test_a_padding_and_cutout_of_the_whole_cifar_side_and_an_image_size_of_4096_
     assert (data.crop_padding, data.cutout, data.image_size) == (32, 32, 4096)
 
 
+def test_nesterov_without_momentum_is_refused():
+    with pytest.raises(ConfigError, match=r"^train.nesterov=true needs a momentum, and train.momentum=0 has none"):
+        load_config(None, ["train.nesterov=true", "train.momentum=0"])
+    assert load_config(None, ["train.nesterov=true"]).train.nesterov
+
+
 def test_a_momentum_just_below_1_is_taken():
     assert load_config(None, ["train.momentum=0.999"]).train.momentum == 0.999
 

@@ -8,7 +8,7 @@ import yaml
 
 from config.keys import ConfigError, renamed
 from config.load import config_to_dict, load_config, stage_of
-from config.readers import check_loss_keys
+from config.readers import check_drw_epoch, check_loss_keys
 from config.saved import check_resume, config_diff, config_from_dict
 from config.schema import RENAMED, STAGE_KEYS, Config, LossConfig
 from models.losses import LOSSES, loss_params
@@ -155,6 +155,16 @@ def test_a_loss_key_the_chosen_loss_does_not_take_names_the_losses_that_do(overr
                                        ["loss.name=ldam", "loss.drw_epoch=160"], ["train.lr=0.2"]])
 def test_loss_keys_the_chosen_loss_takes_pass(overrides):
     check_loss_keys(load_config(None, overrides, stage="stage1"), LOSS_TAKES)
+
+
+def test_a_drw_epoch_past_the_run_s_last_epoch_is_refused_naming_the_run_s_epochs():
+    cfg = load_config(None, ["loss.name=ldam", "loss.drw_epoch=200"], stage="stage1")
+    with pytest.raises(ConfigError) as e:
+        check_drw_epoch(cfg, 200)
+    assert str(e.value) == ("loss.drw_epoch=200 is not an epoch of the run (0 to 199): its re-weighting would never "
+                            "start; set it below 200 (LDAM-DRW: 160 of 200 epochs), or remove it")
+    check_drw_epoch(cfg, 201)  # the last epoch, 0-based
+    check_drw_epoch(load_config(None, ["loss.name=ldam"], stage="stage1"), 1)  # no re-weighting
 
 
 def test_a_stage_saves_only_the_keys_it_reads_and_they_rebuild_the_same_config():

@@ -61,6 +61,10 @@ CASES = {
                                "holds 180, not before the run's end (train.epochs=3): the lr would never decay there"),
     "milestones_of_no_step_schedule": (S1, ["train.milestones=[1]"], "config error: train.milestones=[1.0] is read by "
                                        "train.schedule=step only; train.schedule=cosine does not use it"),
+    "nesterov_without_momentum": (S1, ["train.nesterov=true", "train.momentum=0"], "config error: train.nesterov=true "
+                                  "needs a momentum, and train.momentum=0 has none"),  # was torch's traceback
+    "drw_past_the_run": (S1, ["loss.name=ldam", "loss.drw_epoch=3"], "config error: loss.drw_epoch=3 is not an epoch "
+                         "of the run (0 to 2): its re-weighting would never start"),
     "padding_past_the_image": (S1, ["data.crop_padding=100000"], "config error: data.crop_padding=100000 is out of "
                                "range: it must be <= 32 (the CIFAR image side"),  # was a 28 TB allocation
     "seed_past_64_bits": (S1, ["data.subset_seed=18446744073709551616"], "config error: data.subset_seed="
