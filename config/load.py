@@ -128,7 +128,7 @@ def check_ranges(cfg: Config) -> None:
     for key, (op, bound, why) in LIMITS.items():
         value = _value(cfg, key)
         if not (value < bound if op == "<" else value <= bound):
-            raise ConfigError(f"{key}={shown(value)} is out of range: it must be {op} {bound:g} ({why})")
+            raise ConfigError(f"{key}={shown(value)} is out of range: it must be {op} {bound} ({why})")
     if cfg.train.nesterov and cfg.train.momentum == 0:  # torch.optim.SGD refuses it with a traceback
         raise ConfigError("train.nesterov=true needs a momentum, and train.momentum=0 has none: set train.momentum "
                           "(e.g. 0.9) or train.nesterov=false")

@@ -207,6 +207,7 @@ LIMITS: dict[str, tuple[str, float, str]] = {
     "train.batch_size": ("<=", 65536, "images per step over all ranks: beyond published schedules, and gigabytes a "
                                       "step"),
     "meta_sampler.meta_batch_size": ("<=", 65536, "images per meta step: BALMS uses 512; a larger one takes gigabytes"),
+    "train.dist_timeout_s": ("<=", 31_536_000, "seconds, a year: a collective that waits longer is a hang"),
     "train.warmup_start": ("<=", 1, "a fraction of train.lr, which the warm-up rises to"),
     "train.momentum": ("<", 1, "the share of each update the next one keeps: at 1 or more no update is ever "
                                "forgotten, and the weights diverge"),

@@ -237,6 +237,7 @@ def test_an_override_of_up_to_40_characters_with_its_quotes_is_named_whole_and_a
     ("meta_sampler.meta_batch_size=1000000000", "<= 65536 (images per meta step"),
     ("train.momentum=1", "< 1 (the share of each update the next one keeps"), ("train.momentum=5", "< 1 (the share"),
     ("train.warmup_start=1.5", "<= 1 (a fraction of train.lr"),
+    ("train.dist_timeout_s=100000000", "<= 31536000 (seconds, a year"),  # 1e14 was an OverflowError (torchrun)
 ])
 def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
     key, value = override.split("=")
