@@ -120,7 +120,7 @@ def _value(cfg: Config, key: str) -> Any:
 
 
 def check_ranges(cfg: Config) -> None:
-    """Numeric keys within their bounds (schema.RANGES, schema.LIMITS), and the run named."""
+    """Numeric keys within their bounds (schema.RANGES, schema.LIMITS), Nesterov with a momentum, and the run named."""
     for key, (op, bound) in RANGES.items():
         value = _value(cfg, key)
         if not (value > bound if op == ">" else value >= bound):
