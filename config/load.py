@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from config.keys import ConfigError, flatten, key_fields, set_key, set_override, shown
-from config.schema import CHOICES, LIMITS, RANGES, STAGE_KEYS, STAGE_SCRIPTS, Config
+from config.schema import CHOICES, LIMITS, RANGES, STAGE_KEYS, STAGE_SCRIPTS, TAU_WHY, Config
 from config.yaml12 import load_yaml
 
 
@@ -146,6 +146,9 @@ def check_ranges(cfg: Config) -> None:
     grid = cfg.stage2.tau_norm_grid
     if not grid or min(grid) < 0:
         raise ConfigError(f"stage2.tau_norm_grid={grid} must list at least one tau, each >= 0 (e.g. [0.5, 1.0])")
+    if max(grid) > LIMITS["stage2.tau_norm_tau"][1]:
+        raise ConfigError(f"stage2.tau_norm_grid={shown(grid)} holds {max(grid):g}: each tau must be <= "
+                          f"{LIMITS['stage2.tau_norm_tau'][1]} ({TAU_WHY})")
     if not cfg.name.strip() and not cfg.log_dir:
         raise ConfigError("name is empty: give the run a name (its directory is logs/<name>), or set log_dir")
     if not cfg.log_dir:  # name makes the run directory only without log_dir

@@ -197,6 +197,9 @@ RANGES: dict[str, tuple[str, float]] = {
     "meta_sampler.lr": (">=", 0), "meta_sampler.meta_batch_size": (">=", 1), "meta_sampler.gumbel_tau": (">", 0),
     "eval.batch_size": (">=", 1), "eval.logit_adjust_tau": (">=", 0),
 }
+# tau_norm's exponent (also each tau of stage2.tau_norm_grid): w / ||w||^tau with a large tau scales the class
+# weights by powers of their norms that round to 0 or overflow, which deploys an all-zero or broken head.
+TAU_WHY = "the exponent of each class weight's norm: the papers search 0 to 2, and past that the head underflows"
 # Upper bounds, ("<=" or "<", bound, why), checked by config.load.check_ranges: of the keys whose absurd values (a
 # typo's extra zeros) would exhaust memory before any message, and of those past which training cannot work.
 LIMITS: dict[str, tuple[str, float, str]] = {
@@ -207,6 +210,7 @@ LIMITS: dict[str, tuple[str, float, str]] = {
     "train.batch_size": ("<=", 65536, "images per step over all ranks: beyond published schedules, and gigabytes a "
                                       "step"),
     "meta_sampler.meta_batch_size": ("<=", 65536, "images per meta step: BALMS uses 512; a larger one takes gigabytes"),
+    "stage2.tau_norm_tau": ("<=", 10, TAU_WHY),
     "train.dist_timeout_s": ("<=", 31_536_000, "seconds, a year: a collective that waits longer is a hang"),
     "train.warmup_start": ("<=", 1, "a fraction of train.lr, which the warm-up rises to"),
     "train.momentum": ("<", 1, "the share of each update the next one keeps: at 1 or more no update is ever "

@@ -272,6 +272,17 @@ def test_a_tau_grid_without_a_tau_or_with_a_negative_one_is_refused(grid):
         load_config(None, [f"stage2.tau_norm_grid={grid}"])
 
 
+def test_a_tau_past_10_is_refused_alone_or_in_the_grid():
+    """w / ||w||^1e30 deployed an all-zero head, finite, so the NaN guard said nothing."""
+    with pytest.raises(ConfigError, match=r"^stage2.tau_norm_grid=\[0.5, 1e\+30\] holds 1e\+30: each tau must be <= "
+                                          r"10 \(the exponent of each class weight's norm"):
+        load_config(None, ["stage2.tau_norm_grid=[0.5, 1e30]"])
+    with pytest.raises(ConfigError, match=r"^stage2.tau_norm_tau=10.5 is out of range: it must be <= 10"):
+        load_config(None, ["stage2.tau_norm_tau=10.5"])
+    cfg = load_config(None, ["stage2.tau_norm_grid=[0, 10]", "stage2.tau_norm_tau=10"])
+    assert (cfg.stage2.tau_norm_grid, cfg.stage2.tau_norm_tau) == ([0.0, 10.0], 10.0)
+
+
 def test_an_empty_name_is_refused_unless_log_dir_names_the_run():
     with pytest.raises(ConfigError, match="name is empty"):
         load_config(None, ["name="])
