@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from config.cli import parse_cli
+from config.load import check_schedule_keys
 from config.readers import check_loss_keys
 from config.stage2 import check_method
 from models.losses import LOSSES, loss_params
@@ -67,6 +68,7 @@ def _checked(command: str) -> None:
     script = next(w for w in words if w in SCRIPTS)
     stage = SCRIPTS[script]
     cfg, _ = parse_cli(stage, "", words[words.index(script) + 1:])
+    check_schedule_keys(cfg)  # as a new run starts
     if stage == "stage1":
         check_loss_keys(cfg, {name: loss_params(name) for name in LOSSES})
     else:
