@@ -84,10 +84,12 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
     def read() -> dict | None:  # before the log opens: a refusal writes nothing
         claim_run_dir(Path(cfg.run_dir))  # one writer: a second run there stops here
         return resume_checkpoint(Path(cfg.run_dir), resume)
-    ckpt = from_rank0(read, ranks)
-    if ckpt is None:
+    if not resume:  # a new run (else refused as such): its config's errors before the run directory's
         check_schedule_keys(cfg)
-    else:
+    ckpt = from_rank0(read, ranks)
+    if ckpt is None and resume:  # --resume with nothing to resume: a new run too
+        check_schedule_keys(cfg)
+    elif ckpt is not None:
         check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)
     if ranks.is_main:

@@ -56,16 +56,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if key.strip() == "train.epochs":
             epochs_given = item
     cfg.overridden = frozenset(overridden)
+    if stage is not None:  # a key the stage never reads is named as such before any rule on its value
+        check_stage(cfg, stage, path, from_file)
     check_choices(cfg)
     check_ranges(cfg)
-    if stage != "stage2":  # stage 2 checks it for the methods that train (config.stage2.check_method)
-        check_schedule_length(cfg)
     if epochs_given and cfg.train.iterations > 0:
         raise ConfigError(f"{epochs_given} has no effect: train.iterations={cfg.train.iterations} sets the run's "
                           f"length (and train.warmup's unit) in steps; set train.iterations=N instead, or add "
                           f"train.iterations=0 to count in epochs")
-    if stage is not None:
-        check_stage(cfg, stage, path, from_file)
     return cfg
 
 
@@ -155,22 +153,19 @@ def check_ranges(cfg: Config) -> None:
         check_run_name(cfg.name)
 
 
-def check_schedule_length(cfg: Config) -> None:
-    """The warm-up ends before the run does: else the lr would never reach train.lr."""
+def check_schedule_keys(cfg: Config) -> None:
+    """The schedule of a new run (config.cli.start_run; --test trains nothing, and a run started before the checks
+    added on 2026-12-07 still resumes). The warm-up ends before the run does, else the lr would never reach train.lr;
+    so does each milestone of the step schedule, else the lr would never decay there, and the default milestones
+    (epochs of the 200-epoch schedule) are not taken as steps. The cosine schedule reads no milestones or gamma, so
+    given on the command line they are an error (a file's are not: one written for the step schedule may be run
+    with train.schedule=cosine, and a run's config.yaml holds every key); likewise train.warmup_start without a
+    warm-up."""
     t = cfg.train
     length, unit = _run_length(cfg)
     if t.warmup and t.warmup >= (t.iterations or t.epochs):
         raise ConfigError(f"train.warmup={t.warmup:g} ({unit}) is not shorter than the run ({length}): "
                           f"lower train.warmup (0 = none) or lengthen the run")
-
-
-def check_schedule_keys(cfg: Config) -> None:
-    """For a new run (config.cli.start_run: a run started before these checks, 2026-12-07, still resumes): each
-    milestone of the step schedule comes before the run's end, else the lr would never decay there; the cosine
-    schedule reads no milestones or gamma, so given on the command line they are an error (a file's are not: one
-    written for the step schedule may be run with train.schedule=cosine, and a run's config.yaml holds every key);
-    likewise train.warmup_start without a warm-up."""
-    t = cfg.train
     if not t.warmup and "train.warmup_start" in cfg.overridden:
         raise ConfigError(f"train.warmup_start={t.warmup_start:g} is read only with a warm-up; train.warmup=0 has "
                           f"none: remove it, or set train.warmup")
@@ -179,8 +174,11 @@ def check_schedule_keys(cfg: Config) -> None:
             if key in cfg.overridden:
                 raise ConfigError(f"{key}={shown(_value(cfg, key))} is read by train.schedule=step only; "
                                   f"train.schedule={t.schedule} does not use it: remove it, or set train.schedule=step")
+    elif t.iterations and "train.milestones" not in changed_keys(cfg):
+        raise ConfigError(f"train.milestones keeps its default {shown(t.milestones)}, epochs of a 200-epoch run, but "
+                          f"{length} counts steps: set train.milestones in steps (e.g. "
+                          f"[{round(0.8 * t.iterations)}, {round(0.9 * t.iterations)}])")
     elif t.milestones and max(t.milestones) >= (t.iterations or t.epochs):
-        length, unit = _run_length(cfg)
         raise ConfigError(f"train.milestones={shown(t.milestones)} ({unit}) holds {max(t.milestones):g}, not before "
                           f"the run's end ({length}): the lr would never decay there; set each milestone within "
                           f"the run")

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from config.load import changed_keys, check_names, check_schedule_length
+from config.load import changed_keys, check_names
 from config.saved import config_from_dict
 from config.schema import Config, DataConfig, ModelConfig
 from data.build_files import FILE_DATASETS
@@ -57,8 +57,6 @@ def check_method(cfg: Config) -> Method:
         if cfg.stage2.method not in readers:
             raise SystemExit(f"config error: {key} is read by stage2.method={' | '.join(readers)} only, not by "
                              f"{cfg.stage2.method}: remove it")
-    if method.kind != "posthoc":  # tau_norm reads no schedule
-        check_schedule_length(cfg)
     if cfg.stage2.cache_views and "stage2.live_bn" in changed:
         raise SystemExit(f"config error: stage2.live_bn is read with stage2.cache_views=0 only (the backbone on every "
                          f"batch); the {cfg.stage2.cache_views} cached views are computed in eval mode: remove it, "

@@ -344,6 +344,10 @@ def test_schedule_keys_are_checked_for_a_new_run_but_a_run_started_before_the_ch
     assert list(tmp_path.iterdir()) == []
     save_checkpoint(tmp_path / "last.pt", {"config": config_to_dict(cfg, "stage1"), "epoch": 2})
     assert start_run(cfg, "stage1", True, Dist())[1]["epoch"] == 2
+    with pytest.raises(ConfigError, match=r"^train.milestones="):  # not "already holds a run": fixed, it would be
+        start_run(cfg, "stage1", False, Dist())
+    # --test trains nothing: its config's schedule is not checked (a warm-up as long as the run included)
+    assert parse_cli("stage1", "", [f"log_dir={tmp_path}", "train.epochs=1", "--test"])[0].train.epochs == 1
 
 @pytest.mark.slow
 def test_the_entry_scripts_start_without_importing_torchvision():

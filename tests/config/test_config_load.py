@@ -315,9 +315,17 @@ def test_a_name_with_characters_that_are_not_printable_is_refused(name):
 ])
 def test_a_warmup_as_long_as_the_run_is_refused_naming_both_keys(overrides, message):
     with pytest.raises(ConfigError, match=message + ": lower train.warmup"):
-        load_config(None, overrides)
-    assert load_config(None, ["train.epochs=5", "train.warmup=0"]).train.warmup == 0
-    assert load_config(None, ["train.iterations=100", "train.warmup=99"]).train.iterations == 100
+        check_schedule_keys(load_config(None, overrides))
+    check_schedule_keys(load_config(None, ["train.epochs=5", "train.warmup=0"]))
+    check_schedule_keys(load_config(None, ["train.iterations=100", "train.warmup=99"]))
+
+
+def test_the_default_milestones_are_not_taken_as_steps_of_a_run_counted_in_steps():
+    with pytest.raises(ConfigError, match=r"^train.milestones keeps its default \[160.0, 180.0\], epochs of a "
+                                          r"200-epoch run, but train.iterations=2000 counts steps: set "
+                                          r"train.milestones in steps \(e.g. \[1600, 1800\]\)$"):
+        check_schedule_keys(load_config(None, ["train.schedule=step", "train.iterations=2000"]))
+    check_schedule_keys(load_config(None, ["train.schedule=step", "train.iterations=2000", "train.milestones=[160]"]))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -157,6 +157,13 @@ def test_loss_keys_the_chosen_loss_takes_pass(overrides):
     check_loss_keys(load_config(None, overrides, stage="stage1"), LOSS_TAKES)
 
 
+def test_a_key_the_stage_never_reads_is_named_as_such_before_any_rule_on_its_value():
+    with pytest.raises(ConfigError, match=r"^train.accum_steps=0 is read by stage1 \(stage1_train.py\) only"):
+        load_config(None, ["stage1.checkpoint=x.pt", "train.accum_steps=0"], stage="stage2")
+    with pytest.raises(ConfigError, match=r"^train.accum_steps=0 is out of range"):
+        load_config(None, ["train.accum_steps=0"], stage="stage1")
+
+
 def test_a_drw_epoch_past_the_run_s_last_epoch_is_refused_naming_the_run_s_epochs():
     cfg = load_config(None, ["loss.name=ldam", "loss.drw_epoch=200"], stage="stage1")
     with pytest.raises(ConfigError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from config.keys import ConfigError
-from config.load import config_to_dict, load_config
+from config.load import check_schedule_keys, config_to_dict, load_config
 from config.stage2 import (check_data, check_method, check_tau_norm_keys, check_training_set,
                            with_stage1_training_set)
 
@@ -70,11 +70,11 @@ def test_a_meta_sampler_key_is_refused_for_a_method_other_than_balms():
     check_method(_stage2("stage2.method=balms", "meta_sampler.lr=0.1"))
 
 
-@pytest.mark.parametrize("method", ["balanced_softmax", "crt", "balms", "lws"])
-def test_every_method_that_trains_refuses_a_warm_up_as_long_as_its_run(method):
-    cfg = load_config(None, ["stage1.checkpoint=x.pt", f"stage2.method={method}", "train.epochs=5"], stage="stage2")
+def test_a_stage_2_warm_up_as_long_as_its_run_is_refused_as_the_run_starts():
+    cfg = load_config(None, ["stage1.checkpoint=x.pt", "stage2.method=balms", "train.epochs=5"], stage="stage2")
+    check_method(cfg)
     with pytest.raises(ConfigError, match=r"^train.warmup=5 \(epochs\) is not shorter than the run \(train.epochs=5\)"):
-        check_method(cfg)
+        check_schedule_keys(cfg)  # by config.cli.start_run, for a new run
 
 
 def test_tau_norm_refuses_the_tau_key_it_would_not_read():
@@ -152,5 +152,6 @@ def test_tau_norm_names_the_schedule_key_it_does_not_read_before_any_warm_up_rul
                                          r"crt \| balms \| lws only, not by tau_norm: remove it$"):
         check_method(cfg)
     trained = load_config(None, ["stage1.checkpoint=x.pt", "train.epochs=3"], stage="stage2")
+    check_method(trained)
     with pytest.raises(ConfigError, match=r"train.warmup=5 \(epochs\) is not shorter than the run \(train.epochs=3\)"):
-        check_method(trained)
+        check_schedule_keys(trained)
