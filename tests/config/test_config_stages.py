@@ -43,7 +43,9 @@ def test_every_new_name_exists_and_no_old_name_does():
         assert _schema_field(new), new  # a misspelt new name fails here
         assert not _schema_field(old), old  # an old name still in the schema would shadow its rename
         assert renamed(old) == new
-        message = f"config key '{old}' (override '{old}=1') was renamed: use {new}"
+        script = {"meta_sampler": "stage2_classifier.py", "stage2": "stage2_classifier.py", "loss": "stage1_train.py"}
+        owner = f" (read by {script[new.split('.')[0]]} only)" if new.split(".")[0] in script else ""
+        message = f"config key '{old}' (override '{old}=1') was renamed: use {new}{owner}"
         with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
             load_config(None, [f"{old}=1"])
     assert renamed("sampler.lr") == "meta_sampler.lr" and renamed("train.lr") is None
