@@ -15,6 +15,7 @@ from config.program import OneLineParser, nothing_left_of_a_refused_run, run_pro
 from config.readers import check_dataset_keys
 from config.saved import check_resume, dump_config
 from config.schema import Config
+from config.stage2 import check_method_keys
 from data.build_files import DATASET_KINDS
 from data.long_tail import shot_groups
 from engine.device import check_amp, set_cuda_flags
@@ -45,7 +46,7 @@ def cli_parser(description: str) -> argparse.ArgumentParser:
 def config_of(args: argparse.Namespace, stage: str) -> Config:
     overrides = list(args.overrides) + ([f"model.pretrained={args.pretrained}"] if args.pretrained else [])
     with user_errors():
-        return load_config(args.cfg, overrides, stage)
+        return load_config(args.cfg, overrides, stage, check_method_keys if stage == "stage2" else None)
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:

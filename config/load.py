@@ -22,10 +22,11 @@ from config.yaml12 import load_yaml
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
-                stage: str | None = None) -> Config:
+                stage: str | None = None, check_keys: typing.Callable[[Config], None] | None = None) -> Config:
     """Defaults, then the YAML file's keys, then `key=value` overrides, in that order.
 
     stage ("stage1" | "stage2"): the stage that will run, whose unread keys must stay at their defaults.
+    check_keys: more checks of unread keys (stage 2's method's), made with the stage's, before any rule on values.
     """
     cfg, from_file = Config(), set()
     if path is not None:
@@ -58,6 +59,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     cfg.overridden = frozenset(overridden)
     if stage is not None:  # a key the stage never reads is named as such before any rule on its value
         check_stage(cfg, stage, path, from_file)
+    if check_keys is not None:
+        check_keys(cfg)
     check_choices(cfg)
     check_ranges(cfg)
     if epochs_given and cfg.train.iterations > 0:

@@ -48,15 +48,21 @@ SUBSET_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "subset_
 AUGMENT_KEYS = ("crop_padding", "flip", "autoaugment", "cutout")  # compared with stage 1's (check_data)
 
 
-def check_method(cfg: Config) -> Method:
-    """The method, once the settings that contradict it or each other are refused."""
+def check_method_keys(cfg: Config) -> None:
+    """The method and the model exist, and no key set is one the method never reads: also made as the config loads
+    (config.cli.config_of), so that such a key is named as unread before any rule on its value."""
     check_names({"stage2.method": (cfg.stage2.method, METHODS), "model.name": (cfg.model.name, MODELS)})
-    method, changed = METHODS[cfg.stage2.method], changed_keys(cfg)
-    for key in changed:
+    for key in changed_keys(cfg):
         readers = METHOD_KEYS.get(key) or METHOD_KEYS.get(key.split(".")[0]) or (cfg.stage2.method,)
         if cfg.stage2.method not in readers:
             raise SystemExit(f"config error: {key} is read by stage2.method={' | '.join(readers)} only, not by "
                              f"{cfg.stage2.method}: remove it")
+
+
+def check_method(cfg: Config) -> Method:
+    """The method, once the settings that contradict it or each other are refused."""
+    check_method_keys(cfg)
+    method, changed = METHODS[cfg.stage2.method], changed_keys(cfg)
     if cfg.stage2.cache_views and "stage2.live_bn" in changed:
         raise SystemExit(f"config error: stage2.live_bn is read with stage2.cache_views=0 only (the backbone on every "
                          f"batch); the {cfg.stage2.cache_views} cached views are computed in eval mode: remove it, "

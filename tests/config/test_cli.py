@@ -332,6 +332,17 @@ def test_resume_beside_a_best_pt_without_last_pt_says_the_run_starts_again_once_
 
 
 
+@pytest.mark.parametrize("overrides", [["train.nesterov=true", "train.momentum=0"], ["data.crop_padding=40"]])
+def test_a_key_tau_norm_never_reads_is_named_as_unread_before_any_rule_on_its_value(overrides):
+    """Not "out of range" first and "not read by tau_norm" after that is fixed."""
+    with pytest.raises(SystemExit, match=r"^config error: (train.momentum|data.crop_padding) is read by stage2.method="
+                                         r"balanced_softmax \| crt \| balms \| lws only, not by tau_norm: remove it$"):
+        parse_cli("stage2", "", ["stage1.checkpoint=x.pt", "stage2.method=tau_norm", *overrides])
+    with pytest.raises(SystemExit, match=r"config error: train.nesterov=true needs a momentum"):
+        parse_cli("stage2", "", ["stage1.checkpoint=x.pt", "stage2.method=crt", "train.nesterov=true",
+                                 "train.momentum=0"])
+
+
 def test_schedule_keys_are_checked_for_a_new_run_but_a_run_started_before_the_check_still_resumes(tmp_path,
                                                                                                   monkeypatch):
     """A step-schedule milestone past the run's end is refused as a run starts, before anything is written;
