@@ -88,10 +88,10 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
     if not resume:  # a new run (else refused as such): its config's errors before the run directory's
         check_schedule_keys(cfg)
     ckpt = from_rank0(read, ranks)
-    if ckpt is None and resume:  # --resume with nothing to resume: a new run too
-        check_schedule_keys(cfg)
-    elif ckpt is not None:
+    if ckpt is not None:
         check_resume(ckpt["config"], cfg, stage, Path(cfg.run_dir) / "config.yaml")
+    elif resume:  # --resume with nothing to resume: a new run too
+        check_schedule_keys(cfg)
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main)
     if ranks.is_main:
         if ckpt is None and resume and (run_dir / "best.pt").is_file():  # said once the log is open: train.log has it

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from config.schema import RENAMED, STAGE_KEYS, STAGE_SCRIPTS, Config
+from config.schema import RENAMED, STAGE_SCRIPTS, Config, stage_of
 from config.yaml12 import load_yaml
 
 
@@ -51,7 +51,7 @@ def renamed(key: str) -> str | None:
 def _unknown_key(key: str, source: str) -> ConfigError:
     new = renamed(key)
     if new is not None:
-        owner = STAGE_KEYS.get(new) or STAGE_KEYS.get(new.split(".")[0])  # said now, not after the next try
+        owner = stage_of(new)  # said now, not after the next try
         only = f" (read by {STAGE_SCRIPTS[owner]} only)" if owner else ""
         return ConfigError(f"config key {key!r} ({source}) was renamed: use {new}{only}")
     valid = _leaf_keys(Config)

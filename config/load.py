@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from config.keys import ConfigError, flatten, key_fields, set_key, set_override, shown
-from config.schema import CHOICES, LIMITS, RANGES, STAGE_KEYS, STAGE_SCRIPTS, TAU_WHY, Config
+from config.schema import CHOICES, LIMITS, RANGES, STAGE_SCRIPTS, Config, stage_of
 from config.yaml12 import load_yaml
 
 
@@ -68,11 +68,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                           f"length (and train.warmup's unit) in steps; set train.iterations=N instead, or add "
                           f"train.iterations=0 to count in epochs")
     return cfg
-
-
-def stage_of(key: str) -> str | None:
-    """The stage that alone reads a dotted key, or None when both read it."""
-    return STAGE_KEYS.get(key) or STAGE_KEYS.get(key.split(".", 1)[0])
 
 
 def changed_keys(cfg: Config) -> dict[str, Any]:
@@ -147,9 +142,10 @@ def check_ranges(cfg: Config) -> None:
     grid = cfg.stage2.tau_norm_grid
     if not grid or min(grid) < 0:
         raise ConfigError(f"stage2.tau_norm_grid={grid} must list at least one tau, each >= 0 (e.g. [0.5, 1.0])")
-    if max(grid) > LIMITS["stage2.tau_norm_tau"][1]:
-        raise ConfigError(f"stage2.tau_norm_grid={shown(grid)} holds {max(grid):g}: each tau must be <= "
-                          f"{LIMITS['stage2.tau_norm_tau'][1]} ({TAU_WHY})")
+    _, tau_bound, why = LIMITS["stage2.tau_norm_tau"]  # each tau of the grid, as the one tau
+    if max(grid) > tau_bound:
+        raise ConfigError(f"stage2.tau_norm_grid={shown(grid)} holds {max(grid):g}: each tau must be <= {tau_bound} "
+                          f"({why})")
     if not cfg.name.strip() and not cfg.log_dir:
         raise ConfigError("name is empty: give the run a name (its directory is logs/<name>), or set log_dir")
     if not cfg.log_dir:  # name makes the run directory only without log_dir

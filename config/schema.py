@@ -197,9 +197,6 @@ RANGES: dict[str, tuple[str, float]] = {
     "meta_sampler.lr": (">=", 0), "meta_sampler.meta_batch_size": (">=", 1), "meta_sampler.gumbel_tau": (">", 0),
     "eval.batch_size": (">=", 1), "eval.logit_adjust_tau": (">=", 0),
 }
-# tau_norm's exponent (also each tau of stage2.tau_norm_grid): w / ||w||^tau with a large tau scales the class
-# weights by powers of their norms that round to 0 or overflow, which deploys an all-zero or broken head.
-TAU_WHY = "the exponent of each class weight's norm: the papers search 0 to 2, and past that the head underflows"
 # Upper bounds, ("<=" or "<", bound, why), checked by config.load.check_ranges: of the keys whose absurd values (a
 # typo's extra zeros) would exhaust memory before any message, and of those past which training cannot work.
 LIMITS: dict[str, tuple[str, float, str]] = {
@@ -210,7 +207,9 @@ LIMITS: dict[str, tuple[str, float, str]] = {
     "train.batch_size": ("<=", 65536, "images per step over all ranks: beyond published schedules, and gigabytes a "
                                       "step"),
     "meta_sampler.meta_batch_size": ("<=", 65536, "images per meta step: BALMS uses 512; a larger one takes gigabytes"),
-    "stage2.tau_norm_tau": ("<=", 10, TAU_WHY),
+    # Also each tau of stage2.tau_norm_grid: w / ||w||^tau with a large tau rounds to an all-zero or broken head.
+    "stage2.tau_norm_tau": ("<=", 10, "the exponent of each class weight's norm: the papers search 0 to 2, and past "
+                                      "that the head underflows"),
     "train.dist_timeout_s": ("<=", 31_536_000, "seconds, a year: a collective that waits longer is a hang"),
     "train.warmup_start": ("<=", 1, "a fraction of train.lr, which the warm-up rises to"),
     "train.momentum": ("<", 1, "the share of each update the next one keeps: at 1 or more no update is ever "
@@ -234,6 +233,12 @@ STAGE_KEYS: dict[str, str] = {
     "meta_sampler": "stage2",
 }
 STAGE_SCRIPTS = {"stage1": "stage1_train.py", "stage2": "stage2_classifier.py"}
+
+
+def stage_of(key: str) -> str | None:
+    """The stage that alone reads a dotted key, or None when both read it."""
+    return STAGE_KEYS.get(key) or STAGE_KEYS.get(key.split(".", 1)[0])
+
 
 # Keys that only some kinds of dataset read (data.build_files.DATASET_KINDS: cifar | folder | list);
 # set away from its default for another kind, a key is an error.

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from config.keys import ConfigError, renamed
-from config.load import config_to_dict, load_config, stage_of
+from config.load import config_to_dict, load_config
+from config.schema import stage_of
 from config.readers import check_drw_epoch, check_loss_keys
 from config.saved import check_resume, config_diff, config_from_dict
 from config.schema import RENAMED, STAGE_KEYS, Config, LossConfig
