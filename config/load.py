@@ -193,9 +193,9 @@ def check_run_name(name: str) -> None:
     """name is a relative path under logs/ (`group/run` too; a path elsewhere goes in log_dir), in characters every
     file system and log takes."""
     if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):
-        raise ConfigError(f"name={name!r} is not a folder under logs/ (its run directory is logs/<name>): use "
-                          f"letters, digits, '-', '_', '.' and '/' between folder names, or give the whole path as "
-                          f"log_dir=...")
+        raise ConfigError(f"name={name!r} is not a folder under logs/ (its run directory is logs/<name>): name it "
+                          f"with '/' only between folder names, none of them '.' or '..', and no '\\', or give "
+                          f"the whole path as log_dir=...")
     if not name.isprintable():  # control characters, or bytes not valid in the locale (surrogate escapes)
         raise ConfigError(f"name={name!r} holds characters that are not printable text: name the run in "
                           f"printable characters")

@@ -7,7 +7,7 @@ by a bilevel step (meta_sampler.meta_step) before the head's own step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -78,29 +78,12 @@ def train_head_epoch(
     for step in tqdm(range(steps), desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]
         if meta is None:
-            idx = next(batches, None)
-            if idx is None:
-                raise ValueError(f"index_batches ran out before {steps} steps: give at least as many batches as steps")
-            x = features(idx, generator)
-            y = labels_here[to_device(idx, device)]
-            logits = head(x)
-            loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step_loss, meta_loss = loss.detach(), no_meta_loss
+            logits, y, step_loss = _plain_step(head, optimizer, loss_fn, labels_here, features, batches, generator,
+                                               steps)
+            meta_loss = no_meta_loss
         else:
-            idx, weights = meta.sampler.draw(batch_size, generator, meta.gumbel_tau, meta.relax)
-            x = features(idx, generator)
-            y = labels_here[to_device(idx, device)]
-            with torch.no_grad():  # before meta_step changes the head, as the plain path's logits
-                logits = head(x)
-            midx = balanced_batch(meta.meta_labels, meta.sampler.num_classes, meta.meta_batch_size, generator)
-            # The weights carry theta's gradient from the head's device to the sampler's (the same one in
-            # stage 2; a sampler on the CPU would make each step wait for that gradient).
-            out = meta_step(head, optimizer, meta.sampler, meta.optimizer, x, y, weights.to(x.device),
-                            meta.meta_features(midx, generator), to_device(meta.meta_labels[midx], x.device), loss_fn)
-            step_loss, meta_loss = out["loss"], out["meta_loss"]
+            logits, y, step_loss, meta_loss = _balms_step(head, optimizer, loss_fn, labels_here, features, meta,
+                                                          batch_size, generator)
         losses = torch.stack((step_loss, meta_loss)).to(wide)
         finite &= losses.isfinite()
         if (step + 1) % check_every == 0:
@@ -124,6 +107,40 @@ def train_head_epoch(
         out["meta_loss"] = total_meta / max(1, seen)
         out["sample_probs"] = class_probs  # (C,)
     return out
+
+
+def _plain_step(head: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, labels: torch.Tensor,
+                features: Features, batches: Iterator[torch.Tensor], generator: torch.Generator,
+                steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step on the next batch of indices: the logits before the step (B, C), their labels (B,), the loss."""
+    idx = next(batches, None)
+    if idx is None:
+        raise ValueError(f"index_batches ran out before {steps} steps: give at least as many batches as steps")
+    x = features(idx, generator)
+    y = labels[to_device(idx, labels.device)]
+    logits = head(x)
+    loss = loss_fn(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, y, loss.detach()
+
+
+def _balms_step(head: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, labels: torch.Tensor,
+                features: Features, meta: MetaSampling, batch_size: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One BALMS step on a batch the meta-sampler draws: as _plain_step, and the meta loss."""
+    idx, weights = meta.sampler.draw(batch_size, generator, meta.gumbel_tau, meta.relax)
+    x = features(idx, generator)
+    y = labels[to_device(idx, labels.device)]
+    with torch.no_grad():  # before meta_step changes the head, as the plain path's logits
+        logits = head(x)
+    midx = balanced_batch(meta.meta_labels, meta.sampler.num_classes, meta.meta_batch_size, generator)
+    # The weights carry theta's gradient from the head's device to the sampler's (the same one in
+    # stage 2; a sampler on the CPU would make each step wait for that gradient).
+    out = meta_step(head, optimizer, meta.sampler, meta.optimizer, x, y, weights.to(x.device),
+                    meta.meta_features(midx, generator), to_device(meta.meta_labels[midx], x.device), loss_fn)
+    return logits, y, out["loss"], out["meta_loss"]
 
 
 def _raise_unless_finite(loss_ok: float, meta_ok: float, where: str, lr: float, balms: bool) -> None:

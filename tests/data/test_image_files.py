@@ -86,6 +86,26 @@ def test_16_bit_png_decodes_to_uint8(tmp_path):
     assert torch.equal(image, torch.full((3, 4, 5), 255, dtype=torch.uint8))
 
 
+
+
+def test_cmyk_jpeg_decodes_to_the_rgb_that_pillow_converts_it_to(tmp_path):
+    # ImageNet's training set holds CMYK JPEGs; the papers' loaders read them with Pillow's convert("RGB").
+    rgb = np.random.default_rng(2).integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    with Image.open(tmp_path / "cmyk.jpg") as im:
+        assert im.mode == "CMYK"
+        expected = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(decode_rgb(tmp_path / "cmyk.jpg"), expected)
+
+
+def test_palette_png_and_a_png_named_jpg_decode_to_their_rgb_pixels(tmp_path):
+    rgb = np.random.default_rng(3).integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
+    palette = Image.fromarray(rgb).convert("P")
+    palette.save(tmp_path / "palette.png")
+    Image.fromarray(rgb).save(tmp_path / "really_a_png.jpg", format="PNG")
+    assert torch.equal(decode_rgb(tmp_path / "palette.png"),
+                       torch.from_numpy(np.array(palette.convert("RGB"))).permute(2, 0, 1))
+    assert torch.equal(decode_rgb(tmp_path / "really_a_png.jpg"), torch.from_numpy(rgb).permute(2, 0, 1))
 # --- transforms ------------------------------------------------------------------------------------
 
 
