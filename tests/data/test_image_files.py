@@ -86,8 +86,6 @@ def test_16_bit_png_decodes_to_uint8(tmp_path):
     assert torch.equal(image, torch.full((3, 4, 5), 255, dtype=torch.uint8))
 
 
-
-
 def test_cmyk_jpeg_decodes_to_the_rgb_that_pillow_converts_it_to(tmp_path):
     # ImageNet's training set holds CMYK JPEGs; the papers' loaders read them with Pillow's convert("RGB").
     rgb = np.random.default_rng(2).integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
@@ -106,6 +104,20 @@ def test_palette_png_and_a_png_named_jpg_decode_to_their_rgb_pixels(tmp_path):
     assert torch.equal(decode_rgb(tmp_path / "palette.png"),
                        torch.from_numpy(np.array(palette.convert("RGB"))).permute(2, 0, 1))
     assert torch.equal(decode_rgb(tmp_path / "really_a_png.jpg"), torch.from_numpy(rgb).permute(2, 0, 1))
+
+
+def test_an_exif_orientation_tag_is_not_applied_as_pillow_s_open_does_not_apply_it(tmp_path):
+    rgb = np.random.default_rng(4).integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(rgb).save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "rotated.jpg") as im:
+        assert im.getexif()[0x0112] == 6
+        expected = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    assert expected.shape == (3, 16, 24)
+    assert torch.equal(decode_rgb(tmp_path / "rotated.jpg"), expected)
+
+
 # --- transforms ------------------------------------------------------------------------------------
 
 
