@@ -92,7 +92,9 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
     """The splits of `dataset` (a FILE_DATASETS name): lists are read from list_dir (empty: root), image
     paths are relative to root; images decode when a loader asks for them, normalised with (mean, std)
     `normalization` (default: the dataset's)."""
-    root = Path(root)
+    # The splits hold resolved paths (data.image_lists), so the digest's paths are relative to the resolved root:
+    # a relative, ~ or symlinked data.root gives the same digest as the absolute one.
+    root = Path(root).expanduser().resolve()
     if dataset == "folder":
         train, val = _folder_splits(root, imbalance_factor, profile, subset_seed, val_per_class, subset_draw)
     else:

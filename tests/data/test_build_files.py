@@ -47,6 +47,18 @@ def test_a_balanced_folder_becomes_a_long_tail_with_validation_from_the_images_i
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 0
 
 
+
+def test_a_relative_home_or_symlinked_root_reads_the_same_images_with_the_same_digest(tmp_path, monkeypatch):
+    root = _folder(tmp_path, train=5)
+    absolute = build_file_data("folder", root, "", 2.0, "exp", 0, 0, 16)
+    (tmp_path / "link").symlink_to(root, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for given in ("folder", "./link", "~/folder"):
+        data = build_file_data("folder", given, "", 2.0, "exp", 0, 0, 16)
+        assert data.train_digest == absolute.train_digest, given
+        assert data.train_images.images.paths == absolute.train_images.images.paths, given
+
 def test_imbalance_one_keeps_every_image_and_a_val_folder_is_the_validation_split(tmp_path):
     root = _folder(tmp_path, train=5, val=2)
     data = build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16)
