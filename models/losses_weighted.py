@@ -110,8 +110,14 @@ class FocalLoss(LongTailLoss):
         if self.form == "sigmoid":
             return sigmoid_focal_per_sample(logits, labels, self.gamma).mean()
         ce = nn.functional.cross_entropy(logits, labels, reduction="none")
-        # 1 - p_y = 1 - exp(-ce) = -expm1(-ce), accurate when p_y is close to 1.
-        return (torch.pow(-torch.expm1(-ce), self.gamma) * ce).mean()
+        # 1 - p_y = 1 - exp(-ce) = -expm1(-ce), accurate when p_y is close to 1. It is exactly 0 once the
+        # true logit leads by about 17 (fp32), where x^gamma's slope is infinite for gamma < 1 and autograd's
+        # inf * 0 made the weights NaN: the power is taken of 1 there and replaced by 0^gamma, so those
+        # samples' gradient is 0 (the limit) and the others' unchanged.
+        p_rest = -torch.expm1(-ce)
+        positive = p_rest > 0
+        modulator = torch.where(positive, torch.where(positive, p_rest, 1.0).pow(self.gamma), 0.0 ** self.gamma)
+        return (modulator * ce).mean()
 
 
 class ReweightLoss(LongTailLoss):

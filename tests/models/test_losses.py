@@ -128,6 +128,24 @@ def test_focal_softmax_gamma_two_on_hand_computed_pair():
     assert _value(loss, logits, labels) == pytest.approx(expected, rel=1e-12)
 
 
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 0.9, 2.0])
+def test_focal_softmax_gradient_stays_finite_where_fp32_rounds_the_true_class_probability_to_one(gamma):
+    # Sample 0's true logit leads by 20: its fp32 cross-entropy is exactly 0, where (1 - p_y)^gamma has an
+    # infinite slope for gamma < 1. The gradient must be the float64 one (no rounding to 0 there).
+    logits = torch.tensor([[20.0, 0.0, 0.0], [0.0, 1.0, 0.5]])
+    labels = torch.tensor([0, 2])
+    z32 = logits.clone().requires_grad_()
+    loss = build_loss("focal", [10, 5, 2], gamma=gamma)(z32, labels)
+    loss.backward()
+    z64 = logits.double().requires_grad_()
+    ce = nn.functional.cross_entropy(z64, labels, reduction="none")
+    assert ce[0] > 0 and nn.functional.cross_entropy(logits, labels, reduction="none")[0] == 0
+    ((1 - torch.exp(-ce)) ** gamma * ce).mean().backward()
+    assert torch.isfinite(z32.grad).all()
+    assert torch.allclose(z32.grad.double(), z64.grad, atol=1e-6)
+    assert loss.item() == pytest.approx(((1 - torch.exp(-ce)) ** gamma * ce).mean().item(), rel=1e-6)
+
 def test_focal_sigmoid_form_matches_one_vs_all_formula():
     loss = build_loss("focal", COUNTS, gamma=1.5, form="sigmoid")
     expected = _np_sigmoid_focal_per_sample(np.array(LOGITS), np.array(LABELS), 1.5).mean()
