@@ -118,6 +118,13 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
 def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """load_state_dict(strict) with an error that names every missing, unexpected or misshapen key."""
     own = module.state_dict()
+    # PyTorch before 0.4.1 saved BatchNorm without num_batches_tracked, and files of that time are still
+    # published (torchvision's ImageNet ResNets among them). torch's own loading fills it in for them; so do we,
+    # with the model's value (it is read only by a BatchNorm with momentum=None, which no model here has), where
+    # the file holds the rest of that BatchNorm.
+    old_bn = [k for k in own.keys() - state.keys()
+              if k.endswith(".num_batches_tracked") and k.replace("num_batches_tracked", "running_mean") in state]
+    state = {**{k: own[k] for k in old_bn}, **state}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     misshapen = [

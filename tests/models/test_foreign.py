@@ -116,6 +116,21 @@ def test_torchvision_state_dict_imports_to_identical_logits(images, tmp_path):
     assert torch.equal(_logits(model, images), _logits(reference, images))
 
 
+
+def test_a_file_saved_before_batchnorm_counted_its_batches_imports_as_torch_loads_it(images, tmp_path):
+    # torchvision's ImageNet ResNet files date from PyTorch 0.3: their BatchNorms have no num_batches_tracked.
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None).eval()
+    old = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(old) == 102 and len(reference.state_dict()) == 122
+    torch.save(old, tmp_path / "resnet18-f37072fd.pth")
+    model = load_pretrained(str(tmp_path / "resnet18-f37072fd.pth"), arch="resnet18")
+    assert torch.equal(_logits(model, images), _logits(reference, images))
+    del old["layer1.0.bn1.running_mean"]  # any other missing key is still named
+    torch.save(old, tmp_path / "damaged.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \(2\): layer1.0.bn1.num_batches_tracked, layer1.0.bn1.running_mean;"):
+        load_pretrained(str(tmp_path / "damaged.pth"), arch="resnet18")
+
 def test_resnet50_keys_are_torchvision_keys_with_fc_renamed_head():
     ours = set(build_model("resnet50", 1000).state_dict())
     theirs = set(torchvision.models.resnet50(weights=None).state_dict())
