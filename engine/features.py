@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,26 @@ from engine.distributed import Dist, gather_rows, sum_over_ranks
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 logger = logging.getLogger(__name__)
+
+
+# Images augmented with one generator in compute_views: the unit of the views' seeding, fixed so that the views do
+# not depend on the forward batch size (this was eval.batch_size, whose default is 128, before 2026-12-07).
+VIEW_CHUNK = 128
+
+
+def _rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """The rows of `chunks` ((n_i, ...) tensors) in order, as batches of batch_size rows (the last one shorter)."""
+    pending: list[torch.Tensor] = []
+    held = 0
+    for x in chunks:
+        pending.append(x)
+        held += len(x)
+        while held >= batch_size:
+            rows = torch.cat(pending) if len(pending) > 1 else pending[0]
+            yield rows[:batch_size]
+            pending, held = [rows[batch_size:]], held - batch_size
+    if held:
+        yield torch.cat(pending)
 
 
 def _view_chunk(images: torch.Tensor, augment: Augment | None, mean: Sequence[float], std: Sequence[float],
@@ -73,15 +93,16 @@ def check_cache_fits(shape: tuple[int, int, int], device: torch.device, host_hal
 def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Augment | None, num_views: int,
                   mean: Sequence[float], std: Sequence[float], seed: int, stream: int, batch_size: int,
                   channels_last: bool = False, amp: str = "off", d: Dist = Dist(), workers: int = 0,
-                  host_half: bool = False) -> torch.Tensor:
+                  host_half: bool = False, chunk: int = VIEW_CHUNK) -> torch.Tensor:
     """(K, N, D) fp32 features of K views of uint8 images (N, 3, H, W) or of an image-file Dataset
     (indexed by (index, seed), its own transform augmenting), BatchNorm in eval mode, on the model's
     device (a batch at a time; forward passes under autocast `amp`). host_half: float16 on the host
     instead, each view moved there as soon as it is computed, so the device holds one view at a time
     (disk_views; iNaturalist's 437,513 images at D = 2048 take 3.6 GB a view in fp32).
 
-    Uint8 images: chunk j (images j*batch_size ...) of view k is augmented with epoch_generator(seed,
-    k * chunks + j, stream) (data.loader's *_STREAM constants). Image files: sample i of view k gets
+    Uint8 images: chunk j (images j*chunk ...) of view k is augmented with epoch_generator(seed,
+    k * chunks + j, stream) (data.loader's *_STREAM constants), then forwarded batch_size images at a time, so
+    that batch_size (eval.batch_size, a speed setting) never changes the views. Image files: sample i of view k gets
     the i-th seed drawn from epoch_generator(seed, k, stream), decoded in `workers` processes. Either
     way the views are the same whoever computes a part: with several processes each rank computes its
     share and every rank gets all of it. augment=None gives K identical views of uint8 images.
@@ -97,12 +118,12 @@ def compute_views(model: nn.Module, images: torch.Tensor | Dataset, augment: Aug
     for k in range(num_views):
         desc = f"features view {k + 1}/{num_views}"
         if isinstance(images, torch.Tensor):
-            starts = range(0, len(images), batch_size)
+            starts = range(0, len(images), chunk)
             mine = starts[d.shard(len(starts))]
-            chunks = (_view_chunk(images[start : start + batch_size], augment, mean, std, device,
-                                  epoch_generator(seed, k * len(starts) + start // batch_size, stream))
-                      for start in mine)
-            local = features(tqdm(chunks, total=len(mine), desc=desc, leave=False, disable=None))
+            chunks = (_view_chunk(images[start : start + chunk], augment, mean, std, device,
+                                  epoch_generator(seed, k * len(starts) + start // chunk, stream))
+                      for start in tqdm(mine, desc=desc, leave=False, disable=None))
+            local = features(_rebatch(chunks, batch_size))
         else:
             shard = d.shard(len(images))
             sample_seeds = torch.randint(0, 2**62, (len(images),), generator=epoch_generator(seed, k, stream))

@@ -8,7 +8,7 @@ import torch
 
 from data.augment import BatchAugment
 from data.loader import DATA_STREAM, META_VIEW_STREAM, VIEW_STREAM, epoch_generator
-from engine.features import CachedFeatures, LiveFeatures, compute_views, drop_feature_caches
+from engine.features import VIEW_CHUNK, CachedFeatures, LiveFeatures, compute_views, drop_feature_caches
 from models import build_model
 
 MEAN = (0.5, 0.4, 0.3)
@@ -332,21 +332,22 @@ class _SeedShowingFiles(torch.utils.data.Dataset):
         return torch.full((3, 2, 2), float(index) + (seed % 1000) / 1000.0), 0
 
 
-def _rank_shares(monkeypatch, images, batch_size: int) -> list[torch.Tensor]:
+def _rank_shares(monkeypatch, images, batch_size: int, chunk: int = VIEW_CHUNK) -> list[torch.Tensor]:
     import engine.features as features
     from engine.distributed import Dist
 
     shares = []
     monkeypatch.setattr(features, "gather_rows", lambda local, d: (shares.append(local), local)[1])
     for rank in (0, 1):
-        compute_views(_MeanFeatures(), images, None, 1, (0.0,) * 3, (1.0,) * 3, 7, 2, batch_size, d=Dist(rank, 2))
+        compute_views(_MeanFeatures(), images, None, 1, (0.0,) * 3, (1.0,) * 3, 7, 2, batch_size, d=Dist(rank, 2),
+                      chunk=chunk)
     return shares
 
 
 def test_two_ranks_compute_disjoint_shares_of_the_uint8_chunks_that_make_up_the_one_process_view(monkeypatch):
     images = torch.randint(0, 256, (5, 3, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     whole = compute_views(_MeanFeatures(), images, None, 1, (0.0,) * 3, (1.0,) * 3, 7, 2, 2)[0]
-    first, second = _rank_shares(monkeypatch, images, 2)
+    first, second = _rank_shares(monkeypatch, images, 3, chunk=2)
     assert (len(first), len(second)) == (4, 1)  # chunks of 2 images: two for rank 0, one for rank 1
     torch.testing.assert_close(torch.cat([first, second]), whole, rtol=0, atol=0)
 
@@ -366,10 +367,23 @@ def test_chunk_j_of_view_k_is_augmented_with_generator_k_times_chunks_plus_j():
         draws.append(torch.rand(1, generator=generator))
         return x
     compute_views(_MeanFeatures(), torch.zeros(5, 3, 2, 2, dtype=torch.uint8), augment, 2, (0.0,) * 3, (1.0,) * 3,
-                  7, VIEW_STREAM, 2)
+                  7, VIEW_STREAM, 4, chunk=2)
     expected = [torch.rand(1, generator=epoch_generator(7, i, VIEW_STREAM)) for i in range(6)]
     assert torch.equal(torch.cat(draws), torch.cat(expected))
 
+
+
+def test_the_forward_batch_size_never_changes_the_augmented_views(model):
+    # eval.batch_size is a speed setting that --resume may change: the views' crops and flips must not follow it.
+    images = torch.randint(0, 256, (11, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    augment = BatchAugment(4, True)
+    views = {b: compute_views(model, images, augment, 2, MEAN, STD, seed=3, stream=0, batch_size=b, chunk=4)
+             for b in (1, 3, 4, 11, 128)}
+    for b, v in views.items():
+        torch.testing.assert_close(v, views[4], rtol=1e-5, atol=1e-5, msg=f"batch_size {b}")
+    chunks = [augment(images[i : i + 4], epoch_generator(3, 3 + j)) for j, i in enumerate(range(0, 11, 4))]
+    torch.testing.assert_close(views[3][1], _eval_features(model, torch.cat(chunks)), rtol=1e-5, atol=1e-5)
+    assert VIEW_CHUNK == 128  # the default eval.batch_size that made the views before: committed results hold
 
 def test_every_rank_computes_the_disk_views_when_another_rank_lacks_its_file(tmp_path, monkeypatch):
     """Machines without a shared disk: rank 0 has the file, rank 1 not; computing takes collectives, so rank 0
