@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.distributed import launched_world
 from engine.runlog import RunLog
-from models.checkpoint import save_checkpoint
+from models.checkpoint import check_weights_finite, save_checkpoint
 
 if TYPE_CHECKING:  # engine.run imports this module
     from engine.run import Progress
@@ -71,6 +71,7 @@ class StopRequest:
 def stop_run(run_dir: Path, runlog: RunLog | None, progress: Progress, payload: dict, signum: int) -> None:
     """Save last.pt mid-epoch (progress.step counts the steps taken), say how to resume, and exit
     with 128 + the signal's number, as a shell reports a process a signal ended."""
+    check_weights_finite(payload, progress.epoch + 1)  # a step can leave them so with a finite loss: keep the last good
     if runlog is not None:
         save_checkpoint(run_dir / "last.pt", {**payload, **progress.as_checkpoint()})
         runlog.close()

@@ -144,3 +144,16 @@ def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], wha
     if problems:
         raise CheckpointError(f"{what} does not fit the model: " + " | ".join(problems))
     module.load_state_dict(state)
+
+
+def check_weights_finite(payload: dict, epoch: int) -> None:
+    """Raise FloatingPointError, before a checkpoint of them is written, when payload's model weights are no
+    longer all finite (a loss can stay finite through the step that makes them so)."""
+    floats = {k: v for k, v in payload.get("model", {}).items() if v.is_floating_point()}
+    # One flag per tensor, read back together: on a GPU, one wait rather than one per tensor (about 190 for ResNet-32).
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist() if floats else []
+    bad = [k for k, ok in zip(floats, finite) if not ok]
+    if bad:
+        raise FloatingPointError(f"the weights became NaN or infinite in epoch {epoch} ({bad[0]} and "
+                                 f"{len(bad) - 1} more); nothing of this epoch was saved: lower train.lr, or "
+                                 f"--resume from the last checkpoint with other settings")

@@ -9,7 +9,7 @@ from torch import nn
 from engine.distributed import Dist
 from engine.run import Progress, end_epoch, finished_run, restore, trim_metrics_log
 from engine.run_dir import RunDirError
-from engine.stopping import StopRequest
+from engine.stopping import StopRequest, stop_run
 from engine.runlog import RunLog
 from models.checkpoint import CheckpointError
 
@@ -181,6 +181,20 @@ def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved
         assert saved["epoch"] == 1 and torch.equal(saved["model"]["w"], good["w"])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
+
+
+def test_a_stop_after_a_step_that_left_the_weights_not_finite_keeps_the_last_good_last_pt(tmp_path):
+    runlog, progress = RunLog(tmp_path), Progress("top1", epoch=1, step=4)
+    end_epoch(tmp_path, runlog, progress, {}, None, {"model": {"w": torch.ones(2)}}, 3)
+    progress.step = 6  # two steps into epoch 2, the second one diverged with a finite loss
+    with pytest.raises(FloatingPointError, match=r"epoch 2 \(w and 0 more\); nothing of this epoch was saved"):
+        stop_run(tmp_path, runlog, progress, {"model": {"w": torch.tensor([1.0, float("inf")])}}, signal.SIGTERM)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["step"] == 4 and torch.equal(saved["model"]["w"], torch.ones(2))
+    with pytest.raises(SystemExit) as stopped:  # finite weights: saved, and the signal's exit status
+        stop_run(tmp_path, runlog, progress, {"model": {"w": torch.full((2,), 3.0)}}, signal.SIGTERM)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 6
 
 def test_a_tied_validation_score_keeps_the_earlier_best_epoch(tmp_path):
     progress = Progress("top1", epoch=3, best_value=0.5, best_epoch=2)
