@@ -214,6 +214,11 @@ LIMITS: dict[str, tuple[str, float, str]] = {
     "train.warmup_start": ("<=", 1, "a fraction of train.lr, which the warm-up rises to"),
     "train.momentum": ("<", 1, "the share of each update the next one keeps: at 1 or more no update is ever "
                                "forgotten, and the weights diverge"),
+    # Values past these ended in torch's overflow traceback (above ~3e38, the float32 range) or diverged at once.
+    "train.lr": ("<=", 100, "the linear scaling rule, 0.1 per 256 images, gives 25.6 at the largest batch, 65536"),
+    "train.weight_decay": ("<=", 1, "L2 factor: the papers use 1e-4 to 5e-4; at lr x decay >= 1 a step zeroes the "
+                                    "weights"),
+    "meta_sampler.lr": ("<=", 100, "Adam's step on the class logits, about lr a step: BALMS uses 0.01"),
 }
 
 # Keys (or whole sections) that one stage alone reads; every other key is read by both stages.

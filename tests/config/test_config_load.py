@@ -238,12 +238,20 @@ def test_an_override_of_up_to_40_characters_with_its_quotes_is_named_whole_and_a
     ("train.momentum=1", "< 1 (the share of each update the next one keeps"), ("train.momentum=5", "< 1 (the share"),
     ("train.warmup_start=1.5", "<= 1 (a fraction of train.lr"),
     ("train.dist_timeout_s=100000000", "<= 31536000 (seconds, a year"),  # 1e14 was an OverflowError (torchrun)
+    # 1e300 ended in torch's "value cannot be converted to type float without overflow"
+    ("train.lr=1000", "<= 100 (the linear scaling rule"), ("train.weight_decay=2", "<= 1 (L2 factor"),
+    ("meta_sampler.lr=1000", "<= 100 (Adam's step"), ("train.lr=101", "<= 100"),
 ])
 def test_a_value_out_of_its_range_is_one_error_naming_key_value_and_range(override, rule):
     key, value = override.split("=")
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(f"{key}=") and value in str(err.value) and f"it must be {rule}" in str(err.value)
+
+
+def test_the_largest_learning_rates_and_weight_decay_are_taken():
+    cfg = load_config(None, ["train.lr=100", "train.weight_decay=1", "meta_sampler.lr=100"], stage="stage2")
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.meta_sampler.lr) == (100, 1, 100)
 
 
 def test_a_padding_and_cutout_of_the_whole_cifar_side_and_an_image_size_of_4096_are_taken():

@@ -41,6 +41,8 @@ CASES = {
     "abbreviated_option": (S1, ["--resum"], "stage1_train.py: error: unrecognized arguments: --resum"),
     "negative_lr": (S1, ["train.lr=-0.1"], "config error: train.lr=-0.1 is out of range: it must be >= 0"),
     "nan_lr": (S1, ["train.lr=nan"], "expects a finite number, got 'nan'"),
+    "overflowing_weight_decay": (S1, ["train.weight_decay=1e300"],  # was torch's overflow traceback at step 1
+                                 "config error: train.weight_decay=1e+300 is out of range: it must be <= 1"),
     "batch_of_one": (S1, ["train.batch_size=1"], "train.batch_size=1 is out of range: it must be >= 2"),
     "zero_epochs": (S1, ["train.epochs=0"], "train.epochs=0 is out of range: it must be >= 1"),
     "negative_iterations": (S1, ["train.iterations=-1"], "train.iterations=-1 is out of range: it must be >= 0"),
