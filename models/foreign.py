@@ -114,6 +114,10 @@ def _is_mislas(ckpt: dict) -> bool:
 
 
 def _from_mislas(ckpt: dict) -> Converted:
+    if ckpt.get("state_dict_block"):  # its Places-LT runs: the backbone's features go through one more block
+        raise CheckpointError("this MiSLAS checkpoint has a state_dict_block (its Places-LT models pass the "
+                              "backbone's features through one more trained block, which no model here has): "
+                              "its features cannot be rebuilt; import a checkpoint without it")
     state = _backbone_and_classifier(ckpt["state_dict_model"], ckpt.get("state_dict_classifier"))
     lws = _strip_module(ckpt.get("state_dict_lws_model") or {})
     if "learned_norm" in lws and "head.weight" in state:

@@ -85,6 +85,15 @@ def test_mislas_checkpoint_imports_to_identical_logits(source, images, tmp_path)
     assert torch.equal(_logits(model, images), _logits(source, images))
 
 
+
+def test_a_mislas_places_checkpoint_with_its_extra_block_is_refused_not_imported_without_it(source, tmp_path):
+    feat, classifier = _parallel_parts(source)
+    block = nn.DataParallel(nn.Conv2d(64, 64, 1)).state_dict()  # stands for its trained Bottleneck
+    path = tmp_path / "places_stage2.pth.tar"
+    torch.save({"state_dict_model": feat, "state_dict_classifier": classifier, "state_dict_block": block}, path)
+    with pytest.raises(CheckpointError, match="has a state_dict_block .*one more trained block"):
+        load_pretrained(str(path), arch="resnet32")
+
 def test_mislas_stage2_scales_are_folded_into_the_head(source, images, tmp_path):
     feat, classifier = _parallel_parts(source)
     scales = torch.linspace(0.5, 2.0, 10).reshape(1, 10)  # LearnableWeightScaling.learned_norm
