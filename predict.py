@@ -12,7 +12,9 @@ to 8 bits), then resized straight to 32x32 (bilinear) for the CIFAR models, or, 
 (data.dataset folder, imagenet_lt, places_lt, inat2018), shorter side to S * 256/224 and the centre
 S x S crop, S = the data.image_size they were trained at. The probability is the softmax of the logits
 times the scale the training loss applied to them: loss.scale for ldam (30 by default, meant for
-model.head=cosine), 1 for every other loss and for stage 2. A cosine-head model that records no
+model.head=cosine), 1 for every other loss and for stage 2; for a model trained with a one-vs-all sigmoid
+loss (focal with form sigmoid, class_balanced with variant sigmoid or focal), the sigmoid of the predicted
+class's logit, the probability that loss fitted. A cosine-head model that records no
 training config (an import) has no such scale: its third column is the cosine score in [-1, 1], and a
 note on stderr says so. Checkpoints without a training config (`python -m models import` results)
 need --dataset for their normalisation.
@@ -40,7 +42,7 @@ from engine.device import DeviceError, resolve_device
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.export import (META_FILE, WEIGHTS_FILE, export_meta, load_export, model_from_export, path_error_message,
                            write_export)
-from models.losses import LOSSES
+from models.losses import LOSSES, output_probability
 
 
 def positive_int(text: str) -> int:
@@ -102,6 +104,13 @@ def training_logit_scale(ckpt: dict) -> float | None:
     return float(default.default) if default is not None else 1.0
 
 
+def training_probability(ckpt: dict) -> str:
+    """"sigmoid" when the stage-1 loss fitted each class's logit by a sigmoid, else "softmax" (stage 2's
+    methods, imports)."""
+    loss = (ckpt["config"] or {}).get("loss") or {}
+    return output_probability(loss["name"], loss) if loss.get("name") in LOSSES else "softmax"
+
+
 def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict]:
     """(state dict, export meta) of a checkpoint of this tool; dataset=None takes its training config's."""
     ckpt = load_checkpoint(path)
@@ -122,7 +131,7 @@ def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict
     else:
         size, resize = IMAGE_SHAPE[1], "square"
     meta = export_meta(ckpt["model_args"], ckpt["class_names"], ckpt["class_counts"], mean, std, size, resize,
-                       training_logit_scale(ckpt))
+                       training_logit_scale(ckpt), training_probability(ckpt))
     return ckpt["model"], meta
 
 
@@ -155,7 +164,12 @@ def classify(model: torch.nn.Module, meta: dict, paths: Sequence[str], batch_siz
             continue
         with torch.no_grad():
             logits = model(torch.stack([prepare(image) for image in images]).to(device)).float().cpu()
-        scores = logits if scale is None else (scale * logits).softmax(dim=1)
+        if scale is None:
+            scores = logits
+        elif meta["probability"] == "sigmoid":
+            scores = (scale * logits).sigmoid()
+        else:
+            scores = (scale * logits).softmax(dim=1)
         confidence, predicted = scores.max(dim=1)
         for path, c, p in zip(read, predicted.tolist(), confidence.tolist()):
             print(f"{path}\t{names[c] if names else c}\t{p:.4f}")

@@ -3,17 +3,19 @@
     <dir>/model.pt    state dict of models.build_model(arch, num_classes, head), backbone + head (linear
                       but for a stage-1 cosine head); loads with torch.load(weights_only=True)
     <dir>/model.json  {"format", "arch", "head", "num_classes", "class_names", "class_counts",
-                       "mean", "std", "image_size", "resize", "logit_scale"}: images are resized (below),
-                       scaled to [0, 1] and normalised per channel by mean / std; probabilities are the
-                       softmax of logit_scale * logits (null: no probability, the logits are scores)
+                       "mean", "std", "image_size", "resize", "logit_scale", "probability"}: images are
+                       resized (below), scaled to [0, 1] and normalised per channel by mean / std;
+                       probabilities are the softmax of logit_scale * logits (null: no probability, the
+                       logits are scores), or with "probability": "sigmoid" each class's sigmoid of its logit
 
 resize is how the model's evaluation (--test) prepared its images: "square" resizes straight to
 image_size x image_size (bilinear; the CIFAR models, 32), "shorter_side_crop" resizes the shorter side
 to round(image_size * 256 / 224) and takes the centre image_size x image_size crop (the image-file
 models: data.image_files.eval_transform). logit_scale is the factor the training loss multiplied the
-logits by before its softmax: LDAM's loss.scale (30 for its cosine head), else 1. Exports written before
-these two keys existed read as "square" (as they were resized then) and 1, or null for a cosine head,
-whose scale they did not record.
+logits by before its softmax: LDAM's loss.scale (30 for its cosine head), else 1. probability is "sigmoid"
+for a model trained with a one-vs-all sigmoid loss (models.losses.SIGMOID_CHOICES), else "softmax". Exports
+written before these keys existed read as "square" (as they were resized then), 1 (or null for a cosine head,
+whose scale they did not record) and "softmax".
 """
 from __future__ import annotations
 
@@ -33,23 +35,26 @@ EXPORT_FORMAT = "lt-decoupled-export/1"  # bumped when model.json changes meanin
 WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
 META_KEYS = ("arch", "num_classes", "class_names", "mean", "std", "image_size")  # those inference reads
 RESIZES = ("square", "shorter_side_crop")  # model.json "resize" (module docstring)
+PROBABILITIES = ("softmax", "sigmoid")  # model.json "probability"
 
 
 def export_meta(model_args: dict, class_names: Sequence[str] | None, class_counts: Sequence[int] | None,
                 mean: Sequence[float], std: Sequence[float], image_size: int, resize: str = "square",
-                logit_scale: float | None = 1.0) -> dict:
+                logit_scale: float | None = 1.0, probability: str = "softmax") -> dict:
     """The model.json dict; class names and counts may be None (imported checkpoints lack them)."""
     num_classes = model_args["num_classes"]
     if class_names is not None and len(class_names) != num_classes:
         raise CheckpointError(f"{len(class_names)} class names for a {num_classes}-class model")
     if resize not in RESIZES:
         raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
+    if probability not in PROBABILITIES:
+        raise ValueError(f"probability must be one of {', '.join(PROBABILITIES)}, got {probability!r}")
     return {"format": EXPORT_FORMAT, "arch": model_args["name"], "head": model_args.get("head", "linear"),
             "num_classes": num_classes,
             "class_names": None if class_names is None else list(class_names),
             "class_counts": None if class_counts is None else list(class_counts),
             "mean": list(mean), "std": list(std), "image_size": image_size, "resize": resize,
-            "logit_scale": logit_scale}
+            "logit_scale": logit_scale, "probability": probability}
 
 
 # The errno words of the OSErrors of a path through a file, which name neither the file nor the cause.
@@ -110,6 +115,8 @@ def meta_problem(meta: dict) -> str | None:
             and all(isinstance(c, int) and c >= 0 for c in meta["class_counts"])),
         f"logit_scale {meta['logit_scale']!r} is not a number > 0 or null": meta["logit_scale"] is None or (
             number(meta["logit_scale"]) and meta["logit_scale"] > 0),
+        f"probability {meta['probability']!r} is none of {', '.join(PROBABILITIES)}":
+            meta["probability"] in PROBABILITIES,
     }
     return next((what for what, ok in checks.items() if not ok), None)
 
@@ -139,6 +146,7 @@ def load_export(out_dir: str | Path) -> tuple[nn.Module, dict]:
     # Exports from before these keys: read as they were then (module docstring).
     meta.setdefault("resize", "square")
     meta.setdefault("logit_scale", 1.0 if meta.get("head", "linear") == "linear" else None)
+    meta.setdefault("probability", "softmax")
     problem = meta_problem(meta)
     if problem:
         raise CheckpointError(f"{meta_path} is damaged ({problem}); {export_again}")

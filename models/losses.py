@@ -20,7 +20,7 @@ from models.losses_base import EmptyClassError, LongTailLoss
 from models.losses_logit import ARBLoss, BalancedSoftmaxLoss, CrossEntropyLoss, LogitAdjustLoss, posthoc_logit_adjust
 from models.losses_weighted import ClassBalancedLoss, FocalLoss, LDAMLoss, ReweightLoss
 
-__all__ = ["LOSSES", "EmptyClassError", "LongTailLoss", "build_loss", "posthoc_logit_adjust"]
+__all__ = ["LOSSES", "EmptyClassError", "LongTailLoss", "build_loss", "output_probability", "posthoc_logit_adjust"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,21 @@ LOSSES: dict[str, type[LongTailLoss]] = {
     "ldam": LDAMLoss,
     "arb": ARBLoss,
 }
+
+
+# Losses that fit each class's logit by its own sigmoid (one-vs-all) rather than a softmax over the classes, by the
+# parameter that chooses it and its sigmoid values: what a trained model's probabilities are (predict.py).
+SIGMOID_CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "focal": ("form", ("sigmoid",)),
+    "class_balanced": ("variant", ("sigmoid", "focal")),
+}
+
+
+def output_probability(name: str, params: dict[str, Any]) -> str:
+    """"sigmoid" or "softmax": how loss `name` with `params` (None or absent = its default) maps logits to the class
+    probabilities it fits."""
+    param, sigmoid_values = SIGMOID_CHOICES.get(name, ("", ()))
+    return "sigmoid" if params.get(param) in sigmoid_values else "softmax"
 
 
 def loss_params(name: str) -> list[str]:

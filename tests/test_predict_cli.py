@@ -146,7 +146,8 @@ def test_export_writes_plain_state_dict_and_json_that_predict_the_same(checkpoin
     assert meta == {"format": "lt-decoupled-export/1", "arch": "resnet32", "head": "linear", "num_classes": 10,
                     "class_names": NAMES,
                     "class_counts": [50, 40, 30, 25, 20, 15, 12, 10, 7, 5], "mean": list(CIFAR10_MEAN),
-                    "std": list(CIFAR10_STD), "image_size": 32, "resize": "square", "logit_scale": 1.0}
+                    "std": list(CIFAR10_STD), "image_size": 32, "resize": "square", "logit_scale": 1.0,
+                    "probability": "softmax"}
     state = torch.load(out / "model.pt", weights_only=True)
     assert set(state) == set(model.state_dict())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -381,6 +382,33 @@ def test_cosine_head_probabilities_use_the_logit_scale_the_training_loss_applied
     assert json.loads((tmp_path / "exported" / "model.json").read_text())["logit_scale"] == applied
     assert _classify([str(tmp_path / "exported"), str(image_files[0])], capsys) == (expected, "")
 
+
+
+@pytest.mark.parametrize("loss, params, probability", [
+    ("focal", {"form": "sigmoid"}, "sigmoid"), ("class_balanced", {"variant": "sigmoid"}, "sigmoid"),
+    ("class_balanced", {"variant": "focal"}, "sigmoid"), ("class_balanced", {}, "softmax"), ("focal", {}, "softmax"),
+])
+def test_a_model_trained_with_a_sigmoid_loss_reports_the_sigmoid_of_its_logit(loss, params, probability, image_files,
+                                                                              tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model("resnet32", 10).eval()
+    cfg = Config()
+    cfg.loss.name = loss
+    for key, value in params.items():
+        setattr(cfg.loss, key, value)
+    path = tmp_path / "sigmoid.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": {"name": "resnet32", "num_classes": 10},
+                           "class_counts": [50, 40, 30, 25, 20, 15, 12, 10, 7, 5], "class_names": NAMES,
+                           "config": config_to_dict(cfg, "stage1")})
+    x = normalize(torch.stack(predict.read_images([str(image_files[0])])[1]), CIFAR10_MEAN, CIFAR10_STD)
+    with torch.no_grad():
+        logits = model(x)
+    expected = _line(image_files[0], logits.sigmoid() if probability == "sigmoid" else logits.softmax(dim=1), NAMES)
+    assert _classify([str(path), str(image_files[0])], capsys) == (expected, "")
+    predict.main([str(path), "--export", str(tmp_path / "exported")])
+    capsys.readouterr()
+    assert json.loads((tmp_path / "exported" / "model.json").read_text())["probability"] == probability
+    assert _classify([str(tmp_path / "exported"), str(image_files[0])], capsys) == (expected, "")
 
 def test_cosine_head_without_a_recorded_scale_prints_its_cosine_labelled_as_a_score(image_files, tmp_path, capsys):
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ def test_export_round_trips_to_the_same_logits_and_plain_files(model, tmp_path):
         "format": EXPORT_FORMAT, "arch": "resnet32", "head": "linear", "num_classes": 3,
         "class_names": ["cat", "dog", "eel"],
         "class_counts": [50, 10, 2], "mean": list(MEAN), "std": list(STD), "image_size": 32, "resize": "square",
-        "logit_scale": 1.0}
+        "logit_scale": 1.0, "probability": "softmax"}
     state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)  # a plain dict of tensors
     assert set(state) == set(model.state_dict())
     loaded, loaded_meta = load_export(tmp_path / "out")
@@ -95,15 +95,16 @@ def test_damaged_export_names_the_file_and_says_to_export_again(model, tmp_path,
 
 
 @pytest.mark.parametrize("head, scale", [("linear", 1.0), ("cosine", None)])
-def test_export_from_before_resize_and_logit_scale_reads_as_it_was_then(head, scale, tmp_path):
+def test_export_from_before_resize_logit_scale_and_probability_reads_as_it_was_then(head, scale, tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet32", 3, head=head).eval()
     meta = export_meta({"name": "resnet32", "num_classes": 3, "head": head}, None, None, MEAN, STD, 32)
     write_export(tmp_path / "out", model.state_dict(), meta)
-    old = {k: v for k, v in meta.items() if k not in ("resize", "logit_scale")}
+    old = {k: v for k, v in meta.items() if k not in ("resize", "logit_scale", "probability")}
     (tmp_path / "out" / "model.json").write_text(json.dumps(old))
     # resized straight to 32x32 as those exports documented; softmax of plain logits, none for cosines
-    assert load_export(tmp_path / "out")[1] == {**old, "resize": "square", "logit_scale": scale}
+    assert load_export(tmp_path / "out")[1] == {**old, "resize": "square", "logit_scale": scale,
+                                                "probability": "softmax"}
 
 
 def test_export_with_an_unknown_resize_is_damaged_and_says_to_export_again(model, tmp_path):
@@ -123,6 +124,7 @@ def test_export_with_an_unknown_resize_is_damaged_and_says_to_export_again(model
     ({"class_names": ["a", "b"]}, "class_names must be 3 names"),
     ({"class_counts": [5, -1, 2]}, "class_counts must be 3 counts"),
     ({"logit_scale": "x"}, "logit_scale 'x' is not a number > 0 or null"),
+    ({"probability": "tanh"}, "probability 'tanh' is none of softmax, sigmoid"),
 ])
 def test_an_edited_model_json_is_damaged_naming_the_key_before_any_image_is_read(model, tmp_path, edit, problem):
     """A hand edit that inference would trip over mid-way (a resize to 0 pixels, a class without a name)."""

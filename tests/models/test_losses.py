@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.losses import LOSSES, build_loss, posthoc_logit_adjust
+from models.losses import LOSSES, build_loss, output_probability, posthoc_logit_adjust
 from models.losses_base import EmptyClassError, effective_number_weights
 
 LOGITS = [[2.0, -1.0, 0.5], [0.3, 0.8, -0.4], [-1.2, 0.1, 1.7], [0.0, 0.0, 0.0]]
@@ -379,3 +379,14 @@ def test_every_loss_runs_forward_and_backward_without_float64_on_the_device(no_f
     logits = _logits().float().to("meta").requires_grad_()
     loss(logits, _labels().to("meta")).backward()
     assert logits.grad.shape == logits.shape and logits.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name, params", [
+    ("ce", {}), ("balanced_softmax", {}), ("ldam", {}), ("focal", {}), ("focal", {"form": "softmax"}),
+    ("focal", {"form": "sigmoid"}), ("class_balanced", {}), ("class_balanced", {"variant": "softmax"}),
+    ("class_balanced", {"variant": "sigmoid"}), ("class_balanced", {"variant": "focal"}),
+])
+def test_a_loss_s_output_probability_is_sigmoid_exactly_when_it_fits_one_vs_all_sigmoids(name, params):
+    # The sigmoid forms are the ones whose head starts from the one-vs-all prior bias (RetinaNet's init).
+    sigmoid = build_loss(name, COUNTS, **params).init_bias() is not None
+    assert output_probability(name, {**params, "unrelated": None}) == ("sigmoid" if sigmoid else "softmax")
