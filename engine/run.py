@@ -40,8 +40,10 @@ class Progress:
                 "best": {"metric": self.metric, "value": self.best_value, "epoch": self.best_epoch}}
 
     def steps_this_epoch(self, steps_total: int, epoch_len: int) -> int:
-        """Steps the epoch in progress takes: the rest of its epoch_len, no further than steps_total."""
-        return min(epoch_len - self.epoch_step, steps_total - self.step)
+        """Steps the epoch in progress takes: the rest of its epoch_len, no further than steps_total; none when
+        it took epoch_len already (stopped after its last step by one process, whose epochs keep a short last
+        batch, and resumed under several, whose epochs drop it: one step shorter)."""
+        return max(0, min(epoch_len - self.epoch_step, steps_total - self.step))
 
     def took(self, steps: int) -> None:
         """Count `steps` optimiser steps of the epoch in progress."""

@@ -145,6 +145,15 @@ def test_the_final_epoch_reaches_the_schedule_s_total_steps_whatever_the_epochs_
     assert Progress("top1", epoch=epoch, step=step, epoch_step=epoch_step).final_epoch(25, 10) == expected
 
 
+
+@pytest.mark.parametrize("step, epoch_step, expected", [
+    (4, 4, 6),  # resumed 4 steps into an epoch of 10
+    (22, 2, 3),  # 3 steps left of the run: the epoch is cut to them
+    (11, 11, 0),  # one process took all 11 steps of its epoch, stopped after the last; several take 10 an epoch
+])
+def test_the_steps_of_the_epoch_in_progress_are_what_is_left_of_it_and_never_negative(step, epoch_step, expected):
+    assert Progress("top1", epoch=1, step=step, epoch_step=epoch_step).steps_this_epoch(25, 10) == expected
+
 def test_restore_from_a_checkpoint_without_a_state_it_needs_says_to_start_a_new_run(tmp_path):
     ckpt = {"model": nn.Linear(3, 2).state_dict(), "epoch": 1, "step": 1, "best": {}, "class_counts": [5, 2]}
     with pytest.raises(CheckpointError, match="holds no head.*start a new run"):
