@@ -61,13 +61,14 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
     """--resume continues a run only with the config it was started with. Where things lie may differ
     (a moved or renamed run directory, another copy or spelling of the data folder): the run is the
     directory's last.pt, and the data's class counts are checked against the checkpoint's. So may the
-    host's resources (the device, threads, decoding processes, cuDNN's algorithm search, the collective
-    timeout, how often last.pt is written), whether the data may be downloaded, and how evaluation is
+    host's resources (the device, threads, decoding processes, augmenting ahead in a thread (data.prefetch: the
+    same batches), cuDNN's algorithm search, the collective timeout, how often last.pt is written), whether the
+    data may be downloaded, and how evaluation is
     batched or adjusted at --test: a run moved to another machine continues, to float precision rather
     than bit for bit when the device or the thread count changes (a BALMS run with meta_sampler.relax=image,
     whose noise a GPU makes itself, on other draws between a CPU and a GPU)."""
     where = ("data.root", "data.list_dir", "data.download", "log_dir", "name", "train.device", "train.num_threads",
-             "data.workers", "train.cudnn_benchmark", "train.dist_timeout_s", "train.save_every_s", "eval.batch_size",
+             "data.workers", "data.prefetch", "train.cudnn_benchmark", "train.dist_timeout_s", "train.save_every_s", "eval.batch_size",
              "eval.logit_adjust_tau")
     check_stage_of_run(saved, stage, Path(saved_at).parent)
     current = config_to_dict(cfg, stage)

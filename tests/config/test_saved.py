@@ -60,7 +60,7 @@ def test_resuming_a_run_directory_of_the_other_stage_is_refused_as_such(saved_st
     check_resume(saved, Config(), saved_stage, "logs/x/config.yaml")  # its own stage: the same config resumes
 
 
-@pytest.mark.parametrize("key", ["train.save_every_s=60", "train.device=cpu", "data.workers=3",
+@pytest.mark.parametrize("key", ["train.save_every_s=60", "train.device=cpu", "data.workers=3", "data.prefetch=true",
                                  "eval.logit_adjust_tau=1.0", "train.num_threads=2", "train.dist_timeout_s=30"])
 def test_resume_accepts_a_setting_of_the_machine_or_of_saving_changed_since_the_run_started(key):
     saved = config_to_dict(load_config(None, [], "stage1"), "stage1")
