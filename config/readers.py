@@ -9,10 +9,15 @@ from config.schema import DATASET_KEYS, Config
 
 def check_dataset_keys(cfg: Config, kind: str) -> None:
     """No key that another kind of dataset alone reads is set away from its default."""
-    for key, value in changed_keys(cfg).items():
+    changed = changed_keys(cfg)
+    for key, value in changed.items():
         if key in DATASET_KEYS and kind not in DATASET_KEYS[key]:
             raise ConfigError(f"{key}={value!r} is read for {' and '.join(DATASET_KEYS[key])} datasets only; "
                               f"data.dataset={cfg.data.dataset} ({kind}) does not use it: remove it")
+    if kind == "list" and not cfg.data.val_per_class and "data.subset_seed" in changed:
+        raise ConfigError(f"data.subset_seed={cfg.data.subset_seed} picks the validation images held out of a split "
+                          f"list's training images (data.val_per_class > 0); data.dataset={cfg.data.dataset} holds "
+                          f"none out and trains on its list as published: remove it")
 
 
 def check_loss_keys(cfg: Config, takes: dict[str, list[str]]) -> None:

@@ -9,7 +9,7 @@ import yaml
 from config.keys import ConfigError, renamed
 from config.load import config_to_dict, load_config
 from config.schema import stage_of
-from config.readers import check_drw_epoch, check_loss_keys
+from config.readers import check_dataset_keys, check_drw_epoch, check_loss_keys
 from config.saved import check_resume, config_diff, config_from_dict
 from config.schema import RENAMED, STAGE_KEYS, Config, LossConfig
 from models.losses import LOSSES, loss_params
@@ -249,3 +249,16 @@ def test_resume_on_another_machine_may_change_device_threads_downloads_timeout_c
     # numerics are the run's
     with pytest.raises(ConfigError, match=r"differs from the run's at train.amp \(the run's off, now bf16\);"):
         check_resume(saved, load_config(None, ["train.num_threads=16", "train.amp=bf16"]), "stage1", "x.yaml")
+
+
+@pytest.mark.parametrize("dataset", ["imagenet_lt", "places_lt", "inat2018"])
+def test_a_subset_seed_is_refused_for_a_split_list_that_holds_no_validation_images_out(dataset):
+    # The lists are used as published; the seed picks only the images data.val_per_class holds out (inat2018).
+    cfg = load_config(None, [f"data.dataset={dataset}", "data.subset_seed=7"], "stage1")
+    with pytest.raises(ConfigError, match=rf"^data.subset_seed=7 picks the validation images .*data.dataset="
+                                          rf"{dataset} holds none out .*: remove it"):
+        check_dataset_keys(cfg, "list")
+    check_dataset_keys(load_config(None, [f"data.dataset={dataset}"], "stage1"), "list")
+    check_dataset_keys(load_config(None, ["data.dataset=inat2018", "data.val_per_class=2", "data.subset_seed=7"],
+                                   "stage1"), "list")
+    check_dataset_keys(load_config(None, ["data.dataset=folder", "data.subset_seed=7"], "stage1"), "folder")
