@@ -57,7 +57,7 @@ def build_data(cfg: Config, device: torch.device, ranks: Dist,
     d, t = cfg.data, cfg.train
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size, recorded_normalization(ckpt, d.dataset) if ckpt else None,
-                              d.subset_draw)
+                              d.subset_draw, d.flip)
     sampler_params = {}
     if d.sampler == "progressive":  # interpolates from instance to class-balanced over the whole run
         epoch_len = epoch_steps(len(data.train_labels), t.batch_size, ranks.world)

@@ -232,7 +232,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
                               d.val_per_class, d.image_size, recorded_normalization(s1, d.dataset) if s1 else None,
-                              d.subset_draw)
+                              d.subset_draw, d.flip)
     model, model_args = build_backbone(cfg, s1, data.class_counts, data.train_digest, method, device)
     loss_fn = method_loss(cfg, method, data, device)
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)

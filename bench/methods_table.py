@@ -54,7 +54,7 @@ def run_epochs(cfg: Config) -> int:
     """Epochs of a stage-1 run of `cfg` in one process (train.iterations rounded up to whole epochs)."""
     d, t = cfg.data, cfg.train
     data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
-                              d.val_per_class, d.image_size, subset_draw=d.subset_draw)
+                              d.val_per_class, d.image_size, subset_draw=d.subset_draw, flip=d.flip)
     params = {"total_epochs": 1} if d.sampler == "progressive" else {}  # its epoch is every image for any T
     try:
         n = build_sampler(d.sampler, data.train_labels, len(data.class_counts), **params).num_samples

@@ -88,10 +88,11 @@ def read_test_split(dataset: str, root: str | Path, list_dir: str | Path, class_
 
 def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbalance_factor: float, profile: str,
                     subset_seed: int, val_per_class: int, image_size: int,
-                    normalization: Normalization | None = None, subset_draw: str = "torch") -> FileData:
+                    normalization: Normalization | None = None, subset_draw: str = "torch",
+                    flip: bool = True) -> FileData:
     """The splits of `dataset` (a FILE_DATASETS name): lists are read from list_dir (empty: root), image
     paths are relative to root; images decode when a loader asks for them, normalised with (mean, std)
-    `normalization` (default: the dataset's)."""
+    `normalization` (default: the dataset's); flip: the training images' random horizontal flip."""
     # The splits hold resolved paths (data.image_lists), so the digest's paths are relative to the resolved root:
     # a relative, ~ or symlinked data.root gives the same digest as the absolute one.
     root = Path(root).expanduser().resolve()
@@ -105,7 +106,7 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
                 len(train.paths), len(val.paths) if val else 0, len(counts), max(counts), min(counts))
     return FileData(
         train_images=ImageFileDataset(train, train_transform(image_size, mean, std,
-                                                             color_jitter=dataset != "inat2018")),
+                                                             color_jitter=dataset != "inat2018", flip=flip)),
         train_labels=train.labels,
         val_images=ImageFileDataset(val, eval_transform(image_size, mean, std)) if val else None,
         val_labels=val.labels if val else torch.empty(0, dtype=torch.int64),
@@ -117,13 +118,14 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
 
 def build_training_set(dataset: str, root: str | Path, list_dir: str | Path, download: bool, imbalance_factor: float,
                        profile: str, subset_seed: int, val_per_class: int, image_size: int,
-                       normalization: Normalization | None = None,
-                       subset_draw: str = "torch") -> LongTailData | FileData:
+                       normalization: Normalization | None = None, subset_draw: str = "torch",
+                       flip: bool = True) -> LongTailData | FileData:
     """The training and validation splits of any data.dataset: CIFAR in memory (data/build.py), or image files;
-    normalization: the (mean, std) a checkpoint being continued records (None: the dataset's)."""
+    normalization: the (mean, std) a checkpoint being continued records (None: the dataset's); flip: image files'
+    training flip (CIFAR's is data.augment.BatchAugment's)."""
     if dataset in FILE_DATASETS:
         return build_file_data(dataset, root, list_dir, imbalance_factor, profile, subset_seed, val_per_class,
-                               image_size, normalization, subset_draw)
+                               image_size, normalization, subset_draw, flip)
     return build_long_tail(dataset, root, download, imbalance_factor, profile, subset_seed, val_per_class,
                            normalization, subset_draw)
 

@@ -63,15 +63,15 @@ def _check_size(image_size: int) -> None:
 
 
 def train_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                    color_jitter: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+                    color_jitter: bool = True, flip: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (3, H, W) -> float32 (3, S, S): the Decoupling / BALMS ImageNet-LT training pipeline (its
-    iNaturalist one: color_jitter=False and INAT_MEAN / INAT_STD)."""
+    iNaturalist one: color_jitter=False and INAT_MEAN / INAT_STD); flip=False leaves out its horizontal flip."""
     _check_size(image_size)
     from torchvision.transforms import v2
     jitter = [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)] if color_jitter else []
     return v2.Compose([
         v2.RandomResizedCrop(image_size, antialias=True),
-        v2.RandomHorizontalFlip(),
+        *([v2.RandomHorizontalFlip()] if flip else []),
         *jitter,
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(mean), list(std)),

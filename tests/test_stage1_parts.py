@@ -13,6 +13,7 @@ from models import build_model
 from models.losses import build_loss
 import stage1_train
 from stage1_train import build_criterion, build_data, check_global_batch, main, parameter_groups
+from tests.conftest import write_image_folder
 
 
 def test_a_bias_the_class_balanced_sigmoid_loss_sets_is_kept_out_of_weight_decay():
@@ -54,6 +55,16 @@ def test_stage1_trains_on_the_images_its_subset_draw_keeps(fake_cifar10, draw):
     kept = long_tail_split(full.labels, counts, 0, 2, draw)[0]
     assert torch.equal(data.train_images, full.images[kept]) and torch.equal(data.train_labels, full.labels[kept])
 
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_data_flip_reaches_an_image_folder_s_training_transform(tmp_path, flip):
+    root = write_image_folder(tmp_path / "f", {"train": {"a": 4, "b": 4}, "test": {"a": 1, "b": 1}})
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={root}", "data.imbalance_factor=1",
+                             f"data.flip={str(flip).lower()}", "data.image_size=16", "data.workers=0"], "stage1")
+    data, _ = build_data(cfg, torch.device("cpu"), Dist(rank=0, world=1))
+    kinds = [type(t).__name__ for t in data.train_images.transform.transforms]
+    assert ("RandomHorizontalFlip" in kinds) == flip
 
 def test_a_run_in_process_gives_the_signals_back_when_it_ends(fake_cifar10, tmp_path, tiny_stage1):
     # bench/sweep.py runs several stage-1 mains in one process: a Ctrl-C between two of them must stop it.

@@ -59,6 +59,19 @@ def test_a_relative_home_or_symlinked_root_reads_the_same_images_with_the_same_d
         assert data.train_digest == absolute.train_digest, given
         assert data.train_images.images.paths == absolute.train_images.images.paths, given
 
+
+@pytest.mark.parametrize("dataset", ["folder", "places_lt", "inat2018"])
+def test_data_flip_reaches_the_training_images_transform_of_every_image_file_dataset(tmp_path, dataset):
+    if dataset == "folder":
+        root = _folder(tmp_path, train=5)
+    else:
+        files = {"places_lt": ("Places_LT_train.txt", "Places_LT_val.txt"), "inat2018": ("iNaturalist18_train.txt",)}
+        root = write_image_lists(tmp_path / dataset, {name: [0, 0, 1] for name in files[dataset]})
+    for flip in (True, False):
+        data = build_file_data(dataset, root, "", 1.0 if dataset == "folder" else 100.0, "exp", 0, 0, 16, flip=flip)
+        flips = [t for t in data.train_images.transform.transforms if isinstance(t, v2.RandomHorizontalFlip)]
+        assert len(flips) == flip, (dataset, flip)
+
 def test_imbalance_one_keeps_every_image_and_a_val_folder_is_the_validation_split(tmp_path):
     root = _folder(tmp_path, train=5, val=2)
     data = build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16)

@@ -166,6 +166,11 @@ def test_train_transform_is_the_decoupling_imagenet_lt_pipeline():
     assert (normalize.mean, normalize.std) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
+def test_train_transform_without_flip_leaves_only_the_flip_out():
+    kinds = [type(t).__name__ for t in train_transform(224, flip=False).transforms]
+    assert kinds == ["RandomResizedCrop", "ColorJitter", "ToDtype", "Normalize"]
+
+
 @pytest.mark.parametrize("size", [0, -3, 2.5, True])
 def test_transform_size_must_be_a_positive_int(size):
     with pytest.raises(ValueError, match="image_size must be a positive int"):
