@@ -36,7 +36,7 @@ from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_pe
 from data.samplers import build_sampler
 from engine.distributed import Dist, check_same_on_ranks, from_rank0
 from engine.features import (CachedFeatures, LiveFeatures, cache_path, check_cache_fits, compute_views, disk_views,
-                             drop_feature_caches)
+                             drop_feature_caches, view_chunk)
 from engine.head_loop import Features, MetaSampling, train_head_epoch
 from engine.loop import evaluate
 from engine.run import Progress, end_epoch, finish_run, finished_run, restore
@@ -142,7 +142,7 @@ def validate(cfg: Config, model: nn.Module, data: LongTailData | FileData, ranks
 
 
 def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset, data: LongTailData | FileData,
-                   stream: int, ranks: Dist, run_dir: Path) -> Features:
+                   stream: int, ranks: Dist, run_dir: Path, chunk: int) -> Features:
     """Features of `images` by index, on the backbone's device: stage2.cache_views views computed once (each rank
     its share, every rank then all of them; for image files, float16 on disk in the run directory, reused on
     resume), or the backbone per batch (the images then wait on that device; every rank runs the whole batch)."""
@@ -156,7 +156,7 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
             check_cache_fits(shape, device, on_disk, run_dir if on_disk and ranks.is_main else None)
             return compute_views(model, images, augment, views, data.mean, data.std, cfg.train.seed, stream,
                                  cfg.eval.batch_size, cfg.model.channels_last, cfg.train.amp, ranks, d.workers,
-                                 host_half=on_disk)
+                                 host_half=on_disk, chunk=chunk)
         if on_disk:
             return CachedFeatures(disk_views(cache_path(run_dir, stream), compute, ranks.is_main, shape, ranks),
                                   device)
@@ -176,7 +176,7 @@ def new_head(cfg: Config, method: Method, stage1_head: nn.Module) -> nn.Module:
 
 
 def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, features: Features,
-                  ranks: Dist, run_dir: Path) -> MetaSampling:
+                  ranks: Dist, run_dir: Path, chunk: int) -> MetaSampling:
     """BALMS: the class sampler, its optimiser, and the split its class-balanced meta batches come from
     (meta_sampler.meta_split: validation when there is one, the training set, or a second long-tailed
     draw of CIFAR's training split)."""
@@ -186,10 +186,10 @@ def meta_sampling(cfg: Config, model: nn.Module, data: LongTailData | FileData, 
         images, labels = build_meta_resample(d.dataset, d.root, d.download, d.imbalance_factor, d.profile,
                                              d.subset_seed, d.val_per_class, d.subset_draw)
         split = "resampled"
-        meta_features = feature_source(cfg, model, images, data, META_VIEW_STREAM, ranks, run_dir)
+        meta_features = feature_source(cfg, model, images, data, META_VIEW_STREAM, ranks, run_dir, chunk)
     elif len(data.val_labels) and ms.meta_split == "val":
         labels, split = data.val_labels, "val"
-        meta_features = feature_source(cfg, model, data.val_images, data, META_VIEW_STREAM, ranks, run_dir)
+        meta_features = feature_source(cfg, model, data.val_images, data, META_VIEW_STREAM, ranks, run_dir, chunk)
     # On the backbone's device, so that a step's class draws, meta-gradient and update never wait for it.
     sampler = ClassSampler(data.train_labels, len(data.class_counts), ms.init_pow).to(next(model.parameters()).device)
     logger.info("balms: class-balanced meta batches of %d from the %s split (%d images)", ms.meta_batch_size,
@@ -238,19 +238,20 @@ def main(cfg: Config, resume: bool = False) -> dict:
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)
     if augment_note:
         logger.warning(augment_note)
+    chunk = view_chunk(ckpt)
     payload = {"config": config_to_dict(cfg, STAGE), "model_args": model_args, **data_record(data),
-               "stage1_checkpoint": cfg.stage1.checkpoint or cfg.model.pretrained}
+               "stage1_checkpoint": cfg.stage1.checkpoint or cfg.model.pretrained, "view_chunk": chunk}
     if method.kind == "posthoc":
         return fit_tau_norm(cfg, run_dir, runlog, model, data, payload, ranks)
 
     # ---- features, head, loss, batches (a data sampler, or the BALMS meta-sampler), optimiser
     if ckpt is not None:  # the run's own backbone (and BN statistics), whatever stage1.checkpoint holds by now
         load_backbone_state(model, ckpt["model"], f"model in {run_dir / 'last.pt'}")
-    features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM, ranks, run_dir)
+    features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM, ranks, run_dir, chunk)
     model.head = head = new_head(cfg, method, copy.deepcopy(model.head))
     meta = sampler = None
     if method.kind == "meta":
-        meta = meta_sampling(cfg, model, data, features, ranks, run_dir)
+        meta = meta_sampling(cfg, model, data, features, ranks, run_dir, chunk)
     else:
         sampler = build_sampler(method.sampler, data.train_labels, len(data.class_counts))
     epoch_len = steps_per_epoch(len(data.train_labels) if meta else sampler.num_samples, t.batch_size)

@@ -38,6 +38,14 @@ logger = logging.getLogger(__name__)
 VIEW_CHUNK = 128
 
 
+def view_chunk(ckpt: dict | None) -> int:
+    """The chunk a stage-2 run draws its views' augmentation in: VIEW_CHUNK, except for a run whose last.pt (written
+    before 2026-12-07) records none, which drew them in chunks of its eval.batch_size and resumes on those views."""
+    if ckpt is None:
+        return VIEW_CHUNK
+    return ckpt.get("view_chunk") or ckpt["config"].get("eval", {}).get("batch_size", VIEW_CHUNK)
+
+
 def _rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     """The rows of `chunks` ((n_i, ...) tensors) in order, as batches of batch_size rows (the last one shorter)."""
     pending: list[torch.Tensor] = []

@@ -11,6 +11,7 @@ from config.load import config_to_dict, load_config
 from config.stage2 import METHODS, check_method
 from data.samplers import ClassBalancedSampler, InstanceSampler, build_sampler
 from engine.distributed import Dist
+from engine.features import view_chunk
 from models.checkpoint import CheckpointNotFoundError, save_checkpoint
 import stage2_classifier
 from meta_sampler.learner import ClassSampler
@@ -89,7 +90,7 @@ def test_balms_takes_its_sampler_s_settings_from_the_meta_sampler_section():
     labels = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 3, 1]))
     data = SimpleNamespace(train_labels=labels, val_labels=torch.empty(0, dtype=torch.long), class_counts=[6, 3, 1])
     meta = meta_sampling(cfg, build_model("resnet32", 3), data, lambda idx, gen: torch.zeros(len(idx), 64), Dist(),
-                         None)
+                         None, 128)
     assert (meta.meta_batch_size, meta.gumbel_tau, meta.relax, meta.optimizer.param_groups[0]["lr"]) == \
         (7, 0.7, "class", 0.0123)
     assert torch.equal(meta.meta_labels, labels)  # meta_split=train
@@ -107,10 +108,24 @@ def test_balms_meta_split_val_without_a_validation_split_draws_its_meta_batches_
                            val_images=torch.empty(0, 3, 32, 32, dtype=torch.uint8))
     with caplog.at_level(logging.INFO, logger="stage2"):
         meta = meta_sampling(cfg, build_model("resnet32", 3), data, lambda idx, gen: torch.zeros(len(idx), 64),
-                             Dist(), None)
+                             Dist(), None, 128)
     assert torch.equal(meta.meta_labels, labels)
     assert "balms: class-balanced meta batches of 512 from the train split (10 images)" in caplog.messages
 
+
+
+def test_the_cached_views_are_drawn_in_the_chunk_the_run_was_started_with(monkeypatch):
+    calls = []
+    monkeypatch.setattr(stage2_classifier, "compute_views", lambda *a, **k: calls.append(k) or torch.zeros(1, 4, 64))
+    cfg = load_config(None, ["stage1.checkpoint=s1/last.pt", "stage2.cache_views=1", "eval.batch_size=32"],
+                      stage="stage2")
+    data = SimpleNamespace(mean=(0.5,) * 3, std=(0.2,) * 3)
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    for ckpt, chunk in ((None, 128), ({"view_chunk": 128, "config": {"eval": {"batch_size": 64}}}, 128),
+                        ({"config": {"eval": {"batch_size": 64}}}, 64)):  # a last.pt of before 2026-12-07
+        stage2_classifier.feature_source(cfg, build_model("resnet32", 3), images, data, 0, Dist(), None,
+                                         view_chunk(ckpt))
+        assert calls.pop()["chunk"] == chunk
 
 def test_tau_norm_deploys_the_tau_its_search_chose(monkeypatch):
     saved = {}
