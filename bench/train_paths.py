@@ -96,8 +96,12 @@ def train_bench(data, device, batch, amp, channels_last, chunk, augment, prefetc
         first, next_epoch[0] = next_epoch[0], next_epoch[0] + -(-n // len(loader))
         batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count(first))
         timed_batches = timed_iter(islice(batches, n), load_seconds, annotate)
-        return train_one_epoch(run_model, timed_batches, n, loss_fn, optimizer, scheduler, amp=amp, scaler=scaler,
+        seen = train_one_epoch(run_model, timed_batches, n, loss_fn, optimizer, scheduler, amp=amp, scaler=scaler,
                                desc="real")["sums"][2]
+        # With prefetch the next epoch's first chunk is in the making: a run would wait for what is left of it,
+        # so the window does, rather than let it finish for free while the pure model is timed.
+        loader.wait_ahead()
+        return seen
 
     x = torch.randn(batch, 3, 32, 32, device=device)
     if channels_last:

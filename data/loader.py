@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -114,6 +115,8 @@ class BatchLoader:
         self._chunks = _ChunkMaker(images, labels, batch_size, sampler, augment, tuple(mean), tuple(std), seed,
                                    channels_last, rank, world, self.steps_per_chunk)
         self._next: tuple[int, Iterator] | None = None  # (epoch, its chunks and all later epochs') made ahead
+        self._made_ahead = threading.Event()  # set while the prefetch thread has made the chunk ahead
+        self._made_ahead.set()
 
     def __len__(self) -> int:
         return self._chunks.steps()
@@ -134,7 +137,17 @@ class BatchLoader:
         if ahead is not None and ahead[0] == epoch:
             return ahead[1]
         chunks = itertools.chain.from_iterable(map(self._chunks, itertools.count(epoch)))
-        return prefetched(chunks, self._chunks.images.device) if self.prefetch else chunks
+        if not self.prefetch:
+            return chunks
+        self._made_ahead = threading.Event()  # the old stream's thread may still set its own
+        self._made_ahead.set()  # until the stream starts (prefetched clears it then)
+        return prefetched(chunks, self._chunks.images.device, self._made_ahead)
+
+    def wait_ahead(self, timeout: float | None = None) -> bool:
+        """Wait until the prefetch thread has made the chunk it is making ahead (at once without prefetch, or
+        before the stream has started); False if `timeout` seconds passed first. bench/train_paths.py: a timed
+        window ends when a run's next epoch could start, as a run pays for that chunk's unfinished part."""
+        return self._made_ahead.wait(timeout)
 
 
 @dataclass(frozen=True, eq=False)

@@ -29,11 +29,13 @@ T = TypeVar("T")
 _END = object()  # what the thread hands over after the source's last item
 
 
-def prefetched(items: Iterator[T], device: torch.device) -> Iterator[T]:
+def prefetched(items: Iterator[T], device: torch.device, made_ahead: threading.Event | None = None) -> Iterator[T]:
     """The items of `items`, each made one ahead in a background thread (on its own stream on CUDA).
 
     An item is a tensor or a tuple whose tensors are on `device`; on CUDA the caller's current stream
-    of `device` waits for it before its use.
+    of `device` waits for it before its use. `made_ahead`, when given, is set while the thread has nothing
+    to make (the item ahead is made, or the source ended) and cleared as the caller takes an item:
+    bench/train_paths.py waits for it, so that a timed window pays for the item its last step left in progress.
     """
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     made: queue.SimpleQueue = queue.SimpleQueue()  # (item, CUDA event or None) | (None, exception) | _END
@@ -41,7 +43,9 @@ def prefetched(items: Iterator[T], device: torch.device) -> Iterator[T]:
     stop = threading.Event()
     # Not a daemon: at exit the interpreter waits for the item in progress (a daemon thread still running
     # torch operators while the interpreter shuts down can abort the process), and the thread ends by itself.
-    thread = threading.Thread(target=_make, args=(items, stream, made, wanted, stop), name="prefetch")
+    made_ahead = made_ahead if made_ahead is not None else threading.Event()
+    made_ahead.clear()
+    thread = threading.Thread(target=_make, args=(items, stream, made, wanted, stop, made_ahead), name="prefetch")
     thread.start()
     try:
         while True:
@@ -51,6 +55,7 @@ def prefetched(items: Iterator[T], device: torch.device) -> Iterator[T]:
             item, extra = got
             if isinstance(extra, BaseException):
                 raise extra
+            made_ahead.clear()  # before the thread may start the next item: a wait never sees a stale "made"
             wanted.release()  # the thread starts the next item while the caller uses this one
             if extra is not None:
                 _use_on(torch.cuda.current_stream(device), item, extra)
@@ -61,7 +66,7 @@ def prefetched(items: Iterator[T], device: torch.device) -> Iterator[T]:
 
 
 def _make(items: Iterator, stream: torch.cuda.Stream | None, made: queue.SimpleQueue,
-          wanted: threading.Semaphore, stop: threading.Event) -> None:
+          wanted: threading.Semaphore, stop: threading.Event, made_ahead: threading.Event) -> None:
     """The thread: make each item of `items` when the caller allows it, on `stream` (CUDA)."""
     if stream is not None:
         torch.cuda.set_device(stream.device)  # the current device is per thread
@@ -70,6 +75,7 @@ def _make(items: Iterator, stream: torch.cuda.Stream | None, made: queue.SimpleQ
             if not threading.main_thread().is_alive():
                 return  # the interpreter is exiting: it joins this thread, after the item in progress
         if stop.is_set():
+            made_ahead.set()
             return
         try:
             # A named range, so that a profile tells this thread's work (and the kernels it launches) apart.
@@ -83,11 +89,14 @@ def _make(items: Iterator, stream: torch.cuda.Stream | None, made: queue.SimpleQ
                     event = stream.record_event()
         except StopIteration:
             made.put(_END)
+            made_ahead.set()
             return
         except BaseException as e:  # noqa: BLE001 (handed to the caller, who raises it)
             made.put((None, e))
+            made_ahead.set()
             return
         made.put((item, event))
+        made_ahead.set()
 
 
 def _use_on(stream: torch.cuda.Stream, item, event: torch.cuda.Event) -> None:

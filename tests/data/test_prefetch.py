@@ -43,6 +43,47 @@ def test_items_come_in_order_made_in_another_thread():
     assert all(m is not threading.current_thread() and m.name == "prefetch" for m in makers)
 
 
+
+def test_made_ahead_is_set_once_the_item_ahead_is_made_and_cleared_as_the_caller_takes_one():
+    gate = threading.Event()  # item 1 is made only when the test opens the gate
+
+    def source():
+        yield 0
+        gate.wait(10)
+        yield 1
+
+    made_ahead = threading.Event()
+    it = prefetched(source(), CPU, made_ahead)
+    assert next(it) == 0 and not made_ahead.is_set()  # taking item 0 cleared it; item 1 is in the making
+    assert not made_ahead.wait(0.2)
+    gate.set()
+    assert made_ahead.wait(10)  # item 1 made, the thread waits for the caller
+    assert next(it) == 1
+    assert made_ahead.wait(10)  # the source ended: nothing left to make
+    assert list(it) == []
+
+
+def test_a_loader_s_wait_ahead_returns_once_the_next_epoch_s_first_chunk_is_made():
+    labels = torch.arange(12) % 3
+    gate, calls = threading.Event(), []
+
+    def augment(x, generator):  # chunks of 4 images: calls 0-2 are epoch 0's, call 3 epoch 1's first
+        calls.append(len(calls))
+        if len(calls) == 4:
+            gate.wait(10)
+        return x
+
+    loader = BatchLoader(torch.zeros(12, 3, 4, 4, dtype=torch.uint8), labels, 4, build_sampler("instance", labels, 3),
+                         augment, (0.0,) * 3, (1.0,) * 3, 0, augment_chunk=4, prefetch=True)
+    assert loader.wait_ahead(0)  # nothing in the making before the first epoch
+    assert len(list(loader.epoch(0))) == 3
+    assert not loader.wait_ahead(0.2)  # epoch 1's first chunk is in the making, held at the gate
+    gate.set()
+    assert loader.wait_ahead(10) and calls == [0, 1, 2, 3]
+    plain = BatchLoader(torch.zeros(12, 3, 4, 4, dtype=torch.uint8), labels, 4, build_sampler("instance", labels, 3),
+                        None, (0.0,) * 3, (1.0,) * 3, 0, augment_chunk=4)
+    assert len(list(plain.epoch(0))) == 3 and plain.wait_ahead(0)  # without prefetch nothing is made ahead
+
 def test_the_next_item_is_made_while_the_caller_holds_the_current_one_and_no_further():
     started = []
 
