@@ -21,12 +21,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare_runs import pct, read_metrics  # noqa: E402
 from config.cli import test  # noqa: E402
 from config.program import OneLineParser, nothing_left_of_a_refused_run, run_program, user_errors  # noqa: E402
-from config.load import load_config  # noqa: E402
+from config.load import config_to_dict, load_config  # noqa: E402
+from config.saved import SAME_RUN_KEYS, config_diff  # noqa: E402
 from config.schema import Config  # noqa: E402
 from data.build_files import build_training_set  # noqa: E402
 from data.loader import steps_per_epoch  # noqa: E402
@@ -70,9 +73,16 @@ def method_config(path: Path, iterations: int, out: Path, overrides: Sequence[st
 
 
 def train_and_test(cfg: Config) -> dict:
-    """The run's test metrics: read when its directory has them, else trained (resuming a killed run) and tested."""
+    """The run's test metrics: read when its directory has them (from a run of this config: another one's are
+    refused), else trained (resuming a killed run) and tested."""
     run_dir = Path(cfg.run_dir)
     path = run_dir / "test_metrics.json"
+    if path.is_file() and (run_dir / "config.yaml").is_file():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        diff = [k for k in config_diff(saved, config_to_dict(cfg, "stage1")) if k not in SAME_RUN_KEYS]
+        if diff:
+            sys.exit(f"error: {run_dir} holds the tested run of other settings ({', '.join(diff)} differ): its "
+                     f"figures are not this table's; give --out another folder, or delete the run to train it again")
     if not path.is_file():
         with nothing_left_of_a_refused_run(run_dir), user_errors():  # as the entry scripts: no stray folder
             stage1_main(cfg, resume=True)

@@ -57,6 +57,13 @@ def check_stage_of_run(saved: dict, stage: str, run_dir: str | Path) -> None:
                           f"name=... (or log_dir=...)")
 
 
+# Keys whose values may differ between a run's saved config and the one that continues it (check_resume): where
+# things lie, the host's resources, and how evaluation is batched or adjusted at --test.
+SAME_RUN_KEYS = ("data.root", "data.list_dir", "data.download", "log_dir", "name", "train.device", "train.num_threads",
+                 "data.workers", "data.prefetch", "train.cudnn_benchmark", "train.dist_timeout_s", "train.save_every_s",
+                 "eval.batch_size", "eval.logit_adjust_tau")
+
+
 def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> None:
     """--resume continues a run only with the config it was started with. Where things lie may differ
     (a moved or renamed run directory, another copy or spelling of the data folder): the run is the
@@ -67,12 +74,9 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
     batched or adjusted at --test: a run moved to another machine continues, to float precision rather
     than bit for bit when the device or the thread count changes (a BALMS run with meta_sampler.relax=image,
     whose noise a GPU makes itself, on other draws between a CPU and a GPU)."""
-    where = ("data.root", "data.list_dir", "data.download", "log_dir", "name", "train.device", "train.num_threads",
-             "data.workers", "data.prefetch", "train.cudnn_benchmark", "train.dist_timeout_s", "train.save_every_s", "eval.batch_size",
-             "eval.logit_adjust_tau")
     check_stage_of_run(saved, stage, Path(saved_at).parent)
     current = config_to_dict(cfg, stage)
-    diff = [k for k in config_diff(saved, current) if k not in where]
+    diff = [k for k in config_diff(saved, current) if k not in SAME_RUN_KEYS]
     if diff:
         defaults, run, now = flatten(config_to_dict(Config())), _saved_flat(saved), flatten(current)
         values = ", ".join(f"{k} (the run's {run.get(k, defaults.get(k))}, now {now.get(k, defaults.get(k))})"

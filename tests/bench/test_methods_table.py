@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.methods_table import method_config
+from bench.methods_table import method_config, train_and_test
 from data.build import build_long_tail
 from data.loader import steps_per_epoch
 from tests.conftest import write_fake_cifar10
@@ -39,3 +39,16 @@ def test_a_users_drw_epoch_wins_and_a_method_without_drw_gets_none(root, tmp_pat
     assert cfg.loss.drw_epoch == 2
     ce = method_config(LDAM.with_name("ce.yaml"), 60, tmp_path, [f"data.root={root}", "train.batch_size=512"])
     assert ce.loss.drw_epoch is None and ce.train.batch_size == 512
+
+
+def test_a_tested_run_of_other_settings_is_refused_not_tabulated_as_this_one(root, tmp_path):
+    ce = LDAM.with_name("ce.yaml")
+    small = [f"data.root={root}", "train.batch_size=64", "train.num_threads=1", "eval.batch_size=64"]
+    first = train_and_test(method_config(ce, 2, tmp_path, small))
+    # the same settings, another thread count (a setting of the machine): read back, nothing trained
+    assert train_and_test(method_config(ce, 2, tmp_path, [*small, "train.num_threads=2"])) == first
+    with pytest.raises(SystemExit) as e:
+        train_and_test(method_config(ce, 3, tmp_path, small))
+    assert e.value.code == (f"error: {tmp_path / 'ce'} holds the tested run of other settings (train.iterations "
+                            f"differ): its figures are not this table's; give --out another folder, or delete the run "
+                            f"to train it again")
