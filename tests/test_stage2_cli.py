@@ -251,7 +251,9 @@ def test_stage2_balms_on_an_explicit_cpu_device_with_bf16_features(fake_cifar10,
 
 def test_a_head_that_diverges_ends_in_one_line_and_saves_no_nan_weights(fake_cifar10, stage1_run, tmp_path, run):
     log_dir = tmp_path / "nan"
-    proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=crt", "train.lr=1e30"), check=False)
+    # The largest lr and weight decay taken: each step multiplies the weights by about 1 - lr * decay = -99.
+    proc = run(*_stage2(fake_cifar10, stage1_run, log_dir, "stage2.method=crt", "train.lr=100", "train.weight_decay=1",
+                        "train.iterations=40"), check=False)
     [line] = proc.stderr.strip().splitlines()[-1:]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert line.startswith("error: ") and ("became nan" in line or "NaN or infinite" in line)
