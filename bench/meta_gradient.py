@@ -13,16 +13,19 @@ agree where both are over 3 standard errors from 0.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config.program import OneLineParser, at_least
-from meta_sampler.learner import RELAXATIONS, ClassSampler, balanced_batch
-from meta_sampler.meta_step import lookahead
-from models.losses import build_loss
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as python bench/meta_gradient.py
+
+from config.program import OneLineParser, at_least  # noqa: E402
+from meta_sampler.learner import RELAXATIONS, ClassSampler, balanced_batch  # noqa: E402
+from meta_sampler.meta_step import lookahead  # noqa: E402
+from models.losses import build_loss  # noqa: E402
 
 COUNTS = (60, 25, 10, 4)
 BATCH, META_BATCH, DIM = 32, 64, 6

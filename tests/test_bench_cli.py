@@ -160,8 +160,8 @@ def test_a_bench_driver_refuses_bad_input_in_one_line_with_status_2_and_leaves_n
     assert not out.exists()  # methods_table: no stray run directory (nor its parents) of the refused run
 
 
-@pytest.mark.parametrize("script", ["augment_speed", "compare_runs", "loader_speed", "methods_table", "report",
-                                    "stage2_speed", "sweep", "throughput"])
+@pytest.mark.parametrize("script", ["augment_speed", "compare_runs", "loader_speed", "meta_gradient", "methods_table",
+                                    "report", "stage2_speed", "sweep", "throughput"])
 def test_every_bench_driver_answers_help_as_a_script_and_refuses_an_unknown_option(run, script):
     proc = run(f"bench/{script}.py", "--help")
     assert proc.stdout.startswith("usage: ") and script in proc.stdout.splitlines()[0] and not proc.stderr
