@@ -22,8 +22,8 @@ def _exp_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[i
 
 
 def _step_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
-    head = num_classes // 2
-    return [n_max] * head + [int(n_max / imbalance_factor)] * (num_classes - head)
+    head = num_classes // 2  # the LDAM code's img_max * imb_factor, imb_factor = 1 / IF: the same rounding
+    return [n_max] * head + [int(n_max * (1 / imbalance_factor))] * (num_classes - head)
 
 
 PROFILES: dict[str, Callable[[int, int, float], list[int]]] = {

@@ -45,6 +45,11 @@ def test_step_profile_keeps_head_half_and_divides_tail_half(n_max, num_classes, 
     assert long_tail_counts(n_max, num_classes, imbalance_factor, "step") == expected
 
 
+def test_step_profile_rounds_a_fractional_factor_as_the_ldam_code_does():
+    # img_max * imb_factor with imb_factor = 1 / IF: 1300 * (1 / 10.4) is 124.99999999999999, 1300 / 10.4 is 125.0
+    assert long_tail_counts(1300, 4, 10.4, "step") == [1300, 1300, 124, 124]
+
+
 def test_step_profile_odd_class_count_puts_middle_class_in_tail():
     assert long_tail_counts(100, 5, 10, "step") == [100, 100, 10, 10, 10]
 
