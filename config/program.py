@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from config.keys import ConfigError
 from data.cifar import DatasetFormatError, DatasetNotFoundError
 from engine.device import DeviceError
-from engine.run_dir import RunDirError
+from engine.run_dir import RunDirError, created_here, forget_run_dir
 from engine.stopping import Terminated, raise_on_sigterm
 from models.checkpoint import CheckpointError
 from models.download import DownloadError
@@ -157,15 +157,21 @@ def _file_handlers() -> list[logging.FileHandler]:
 @contextmanager
 def nothing_left_of_a_refused_run(run_dir: Path) -> Iterator[None]:
     """A run refused before it starts training (a user error before its config.yaml is written) removes
-    the run directory it created: the next try is not told that the name is taken, nor sees a stray
-    folder. A directory that was there before is never touched."""
-    existed = run_dir.exists()
+    the run directory it created, and the parent folders it created if they are empty: the next try is not
+    told that the name is taken, nor sees a stray folder. A directory that was there before is never touched,
+    nor one another process created meanwhile (the same command started twice: the refused one found it)."""
+    created = [q for q in [run_dir, *run_dir.parents] if not q.exists()]  # deepest first
     try:
         yield
     except SystemExit as e:
-        if isinstance(e.code, str) and not existed and run_dir.is_dir() and not (run_dir / "config.yaml").exists():
-            for handler in _file_handlers():
-                logging.getLogger().removeHandler(handler)
-                handler.close()
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(e.code, str) and created:
+            if run_dir.is_dir() and created_here(run_dir) and not (run_dir / "config.yaml").exists():
+                for handler in _file_handlers():
+                    logging.getLogger().removeHandler(handler)
+                    handler.close()
+                forget_run_dir(run_dir)
+                shutil.rmtree(run_dir, ignore_errors=True)
+            for parent in created[1:]:
+                with suppress(OSError):  # not empty: another run's directory is there
+                    parent.rmdir()
         raise

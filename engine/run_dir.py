@@ -29,7 +29,7 @@ def setup_run(run_dir: str | Path, seed: int, num_threads: int, writes: bool = T
     """
     run_dir = Path(run_dir)
     if writes:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(run_dir)
     root = logging.getLogger()
     root.setLevel(logging.INFO if writes else logging.WARNING)
     for h in list(root.handlers):
@@ -50,6 +50,30 @@ def setup_run(run_dir: str | Path, seed: int, num_threads: int, writes: bool = T
 
 
 _claimed: dict[Path, int] = {}  # run directories this process writes: path -> its open descriptor, flock()ed
+_created: set[Path] = set()  # run directories this process created (resolved paths)
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run directory (and its parents) unless it exists, noting whether this process created it:
+    only its creator may remove it again (config.program.nothing_left_of_a_refused_run), never a second
+    process that found it there a moment later."""
+    try:
+        run_dir.mkdir(parents=True)
+        _created.add(run_dir.resolve())
+    except FileExistsError:
+        if not run_dir.is_dir():
+            raise
+
+
+def created_here(run_dir: Path) -> bool:
+    """Whether this process created `run_dir` (make_run_dir) and still holds it, if it claimed it."""
+    return Path(run_dir).resolve() in _created
+
+
+def forget_run_dir(run_dir: Path) -> None:
+    """Before a refused run's directory is removed: give up its claim and the note that this process made it."""
+    release_run_dir(run_dir)
+    _created.discard(Path(run_dir).resolve())
 
 
 def _forget_claims_in_child() -> None:
@@ -75,7 +99,7 @@ def claim_run_dir(run_dir: Path) -> None:
     run_dir, key = Path(run_dir), Path(run_dir).resolve()
     if key in _claimed:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -182,14 +182,31 @@ def test_an_error_a_dataloader_worker_raised_is_its_own_message_not_the_worker_s
 
 def test_a_refused_run_removes_the_directory_it_created_and_nothing_else(tmp_path):
     from config.program import nothing_left_of_a_refused_run
+    from engine.run_dir import claim_run_dir, make_run_dir
 
-    new = tmp_path / "new"
+    new = tmp_path / "group" / "sub" / "new"
     with pytest.raises(SystemExit):
         with nothing_left_of_a_refused_run(new):
-            new.mkdir()
+            claim_run_dir(new)
             (new / "train.log").write_text("started\n")
             raise SystemExit("error: data.root=x does not exist")
-    assert not new.exists()
+    assert not (tmp_path / "group").exists()  # nor the parent folders it made
+    claim_run_dir(new)  # claimed again by this process (a sweep's next try): made again, not taken as its own
+    assert new.is_dir()
+    tested = tmp_path / "tested"  # --test makes its directory without a claim (setup_run)
+    with pytest.raises(SystemExit):
+        with nothing_left_of_a_refused_run(tested):
+            make_run_dir(tested)
+            raise SystemExit("error: no checkpoint at tested/last.pt")
+    assert not tested.exists()
+    raced = tmp_path / "raced" / "run"  # the same command started twice: the other process made it meanwhile
+    with pytest.raises(SystemExit):
+        with nothing_left_of_a_refused_run(raced):
+            raced.mkdir(parents=True)
+            (raced / "train.log").write_text("the other run's\n")
+            claim_run_dir(raced)  # found there, not made here
+            raise SystemExit("error: raced is in use")
+    assert (raced / "train.log").read_text() == "the other run's\n"
     existing = tmp_path / "existing"
     existing.mkdir()
     with pytest.raises(SystemExit):
