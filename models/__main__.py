@@ -13,6 +13,8 @@ $LT_PRETRAINED_CACHE, else ~/.cache/lt-decoupled/pretrained.
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -51,7 +53,14 @@ def fetch_source(args: argparse.Namespace) -> None:
     print(path)
 
 
+def refuse_existing(out: str) -> None:
+    """OUT is written new: an argument order mixed up must not replace a run's last.pt (or the source itself)."""
+    if Path(out).exists():
+        raise CheckpointError(f"{out} exists: give OUT the path of a new file (nothing is overwritten)")
+
+
 def import_source(args: argparse.Namespace) -> None:
+    refuse_existing(args.out)
     payload = import_checkpoint(args.source, args.out, arch=args.arch, timeout=args.timeout)
     model_args = payload["model_args"]
     print(f"wrote {args.out}: {model_args['name']}, {model_args['num_classes']} classes, converted from the "
@@ -59,11 +68,23 @@ def import_source(args: argparse.Namespace) -> None:
 
 
 def release_run(args: argparse.Namespace) -> None:
+    refuse_existing(args.out)
     sha256, size = write_release(args.checkpoint, args.out)
     where = Path(args.out).resolve()
     entry = (f"its models/zoo.py entry takes url {str(where.relative_to(RELEASED_DIR))!r} and that digest"
              if where.is_relative_to(RELEASED_DIR) else "to ship it, write it into models/released/")
     print(f"wrote {args.out}: {size} bytes, SHA-256 {sha256}; {entry}")
+
+
+def seconds(text: str) -> float:
+    """--timeout: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -104,17 +125,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     rel.add_argument("checkpoint", help="a stage-1 run's checkpoint (logs/<run>/last.pt)")
     rel.add_argument("out", help="path of the release to write (models/released/NAME.pt to ship it)")
     for p in (fetch, imp):
-        p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+        p.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT,
                        help="seconds to wait for the server before giving up (default %(default)s)")
     args = parser.parse_args(argv)
+    # A SIGTERM ends the command as a Ctrl-C does: the download's lock and part files are tidied up on the way out.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         COMMANDS[args.command](args)
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if e.args == ("SIGTERM",) else "SIGINT (Ctrl-C)"
+        print(f"stopped by {name}" + ("; fetching the same source again resumes the download"
+                                      if args.command in ("fetch", "import") else ""), file=sys.stderr)
+        raise SystemExit(143 if name == "SIGTERM" else 130) from None
     except (DownloadError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)  # one line, and exit status 2 as for every user error
         raise SystemExit(2) from None
     except OSError as e:  # writing OUT or into the cache: a folder on the path is a file, permissions, a full disk
         print(f"error: {path_error_message(e)}; {WRITE_FIXES[args.command]}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 if __name__ == "__main__":

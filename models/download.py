@@ -74,7 +74,10 @@ def fetch(url: str, sha256: str | None = None, cache: str | Path | None = None,
                             f"sha256sum prints it, or its first 8 or more hex digits")
     sha256 = sha256.lower() if sha256 is not None else None  # digests are printed in either case
     cache = Path(cache) if cache is not None else cache_dir()
-    dest = cache_path(url, cache)
+    try:
+        dest = cache_path(url, cache)
+    except ValueError as e:  # urlsplit: an unclosed [ of an IPv6 host
+        raise _invalid_url(url, e) from None
     if _cached(dest, sha256):  # dest only ever appears whole (os.replace): no lock needed to read it
         return dest
     cache.mkdir(parents=True, exist_ok=True)
@@ -156,6 +159,8 @@ def _download(url: str, part: Path, timeout: float) -> None:
         raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}; {hint}") from None
     except OSError as e:  # URLError (DNS, refused, unreachable) and TimeoutError before the response
         raise _unreachable(url, getattr(e, "reason", e), timeout, part) from None
+    except (http.client.InvalidURL, ValueError) as e:  # a space, a bad port or host (UnicodeError is a ValueError)
+        raise _invalid_url(url, e) from None
     with response:
         first = _range_start(response.headers.get("Content-Range", ""), have) if response.status == 206 else 0
         if first is None:
@@ -197,6 +202,10 @@ def _range_start(content_range: str, have: int) -> int | None:
     if int(start) not in (have, 0) or (total != "*" and int(end) + 1 != int(total)):
         return None
     return int(start)
+
+
+def _invalid_url(url: str, e: Exception) -> DownloadError:
+    return DownloadError(f"{url!r} is not a valid URL ({e}): check it, or download the file by hand and pass its path")
 
 
 def _unreachable(url: str, reason: object, timeout: float, part: Path) -> DownloadError:

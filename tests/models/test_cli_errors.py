@@ -1,12 +1,19 @@
 """`python -m models` and the stages as a user runs them: a bad pin or an unwritable path is one line, exit 2."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 from models.checkpoint import save_checkpoint
 from models.download import CACHE_ENV
 from models.registry import build_model
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +71,50 @@ def test_fetch_into_a_cache_under_a_file_is_one_line_naming_it_and_the_fix(tmp_p
     proc = run("-m", "models", "fetch", f"{URL}#sha256=0676ba61", check=False)
     assert _one_error_line(proc) == (f"error: {tmp_path}/file/cache: a folder on this path is a file; point "
                                      f"${CACHE_ENV} at a folder you can write")
+
+
+@pytest.mark.parametrize("command", ["import", "release"])
+def test_import_and_release_never_overwrite_an_existing_out(command, tmp_path, run):
+    # Arguments swapped by mistake (`release out.pt logs/run/last.pt`) must not replace a run's last.pt.
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ours.pt", {"model": build_model("resnet32", 10).state_dict(),
+                                           "model_args": {"name": "resnet32", "num_classes": 10},
+                                           "class_counts": [5] * 10, "class_names": None, "config": {}})
+    (tmp_path / "last.pt").write_bytes(b"a run's checkpoint")
+    proc = run("-m", "models", command, str(tmp_path / "ours.pt"), str(tmp_path / "last.pt"), check=False)
+    assert _one_error_line(proc) == f"error: {tmp_path}/last.pt exists: give OUT the path of a new file (nothing " \
+                                    f"is overwritten)"
+    assert (tmp_path / "last.pt").read_bytes() == b"a run's checkpoint"
+
+
+@pytest.mark.parametrize("url, reason", [("http://127.0.0.1:9/my model.pt", "URL can't contain control characters"),
+                                         ("http://127.0.0.1:80a/x.pt", "nonnumeric port: '80a'"),
+                                         ("http://[::1", "Invalid IPv6 URL")])
+def test_a_malformed_url_is_one_line_naming_it(url, reason, tmp_path, run, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    line = _one_error_line(run("-m", "models", "fetch", url, check=False))
+    assert line.startswith(f"error: {url!r} is not a valid URL (") and reason in line
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "1e309", "soon"])
+def test_a_timeout_that_is_not_a_positive_finite_number_of_seconds_is_refused(timeout, run):
+    line = _one_error_line(run("-m", "models", "fetch", "resnet50_imagenet", "--timeout", timeout, check=False))
+    assert line == (f"python -m models fetch: error: argument --timeout: must be a number of seconds above 0, got "
+                    f"'{timeout}'; see --help")
+
+
+@pytest.mark.parametrize("sig, status, name", [(signal.SIGTERM, 143, "SIGTERM"),
+                                              (signal.SIGINT, 130, "SIGINT (Ctrl-C)")])
+def test_a_signal_during_a_download_is_one_line_and_leaves_no_lock_file(sig, status, name, silent_url, tmp_path):
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "models", "fetch", silent_url], cwd=REPO, text=True,
+                            env={**os.environ, CACHE_ENV: str(cache)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(3000):  # the lock is taken just before the request, which the server never answers
+        if list(cache.glob("*.lock")) or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == status and "Traceback" not in err, err
+    assert err.splitlines()[-1] == f"stopped by {name}; fetching the same source again resumes the download"
+    assert not list(cache.glob("*.lock"))
