@@ -138,7 +138,12 @@ def resume_checkpoint(run_dir: Path, resume: bool) -> dict | None:
     if not resume:
         raise RunDirError(f"{run_dir} already holds a run ({last}); pass --resume to continue it, "
                           f"or choose another name=... / log_dir=... for a new run")
-    return load_checkpoint(last)
+    ckpt = load_checkpoint(last)
+    if not isinstance(ckpt.get("config"), dict) or "epoch" not in ckpt:  # a release or an import copied there
+        raise RunDirError(f"{last} holds weights but no run to continue (no config or epoch: a release or an "
+                          f"imported checkpoint?): start a new run with it as model.pretrained, in another "
+                          f"name=... / log_dir=...")
+    return ckpt
 
 
 def default_checkpoint(run_dir: Path) -> Path:

@@ -17,10 +17,18 @@ from tests.conftest import REPO
 
 def test_a_run_directory_with_a_run_is_refused_without_resume_and_returned_with_it(tmp_path):
     assert resume_checkpoint(tmp_path, resume=False) is None  # nothing there: a new run
-    save_checkpoint(tmp_path / "last.pt", {"epoch": 2})
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 2, "config": {}})
     with pytest.raises(RunDirError, match="pass --resume"):
         resume_checkpoint(tmp_path, resume=False)
     assert resume_checkpoint(tmp_path, resume=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("payload", [{"model": {}, "config": None}, {"model": {}, "config": {}}])
+def test_a_last_pt_that_holds_weights_but_no_run_is_one_line_on_resume(tmp_path, payload):
+    # an import (config None) or a release (no epoch) copied or written over a run's last.pt
+    save_checkpoint(tmp_path / "last.pt", payload)
+    with pytest.raises(RunDirError, match=r"last.pt holds weights but no run to continue .*model.pretrained"):
+        resume_checkpoint(tmp_path, resume=True)
 
 
 def test_a_best_pt_without_last_pt_is_never_overwritten_by_a_new_run_and_resume_starts_it_again(tmp_path):
