@@ -63,6 +63,10 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(f"error: {own_message(e)}") from None
     except OSError as e:  # the disk, permissions, a file the user named
         raise SystemExit(f"error: {os_error_message(e)}") from None
+    except RuntimeError as e:  # Path.resolve() before Python 3.13 (an OSError, ELOOP, since)
+        if not str(e).startswith("Symlink loop from"):
+            raise
+        raise SystemExit(f"error: {e}; {OS_ERROR_HINTS[errno.ELOOP]}") from None
 
 
 # What to do about the OSErrors a user can cause (others get their own message only).
@@ -74,6 +78,7 @@ OS_ERROR_HINTS = {
     **{no: f"{what}: move it away (for the run directory: or choose another log_dir=... / name=...)"
        for no, what in PATH_THROUGH_A_FILE.items()},
     errno.EROFS: "that file system is read-only: choose log_dir=... on a writable one",
+    errno.ELOOP: "a symbolic link on that path leads back into it: fix the link, or give another path",
 }
 
 

@@ -68,6 +68,20 @@ def test_a_programming_error_is_not_disguised_as_a_user_error():
     with pytest.raises(KeyError):
         with user_errors():
             raise KeyError("bug")
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        with user_errors():
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+
+def test_a_path_through_a_symlink_loop_is_one_line_naming_it_and_the_fix(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(SystemExit) as exit_info:
+        with user_errors():
+            (tmp_path / "a" / "run").resolve()  # claim_run_dir's; Python 3.11 raises a RuntimeError, 3.13 ELOOP
+    assert exit_info.value.code.startswith("error: ") and str(tmp_path / "a") in exit_info.value.code
+    assert exit_info.value.code.endswith("; a symbolic link on that path leads back into it: fix the link, or give "
+                                         "another path")
 
 
 def test_a_user_error_prints_its_line_and_exits_2_but_a_bug_keeps_its_traceback(capsys):
