@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -204,7 +206,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # a model path that cannot be read
         raise SystemExit(f"error: {path_error_message(e)}") from None
-    if args.images and classify(model, meta, args.images, args.batch_size, device):
+    try:
+        skipped = args.images and classify(model, meta, args.images, args.batch_size, device)
+    except BrokenPipeError:  # the reader stopped reading (`| head`): stop quietly, as SIGPIPE ends other programs
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush then goes nowhere
+        raise SystemExit(128 + signal.SIGPIPE) from None
+    if skipped:
         raise SystemExit(USER_ERROR_STATUS)  # the skipped images have their error lines
 
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from data.image_files import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, eval_trans
 from models.checkpoint import save_checkpoint
 from models.export import export_meta, write_export
 from models.registry import build_model
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -464,3 +468,14 @@ def test_an_export_directory_is_never_exported_again(checkpoint, image_files, tm
             predict.main([str(out), "--export", str(tmp_path / "again"), *extra, "--device", "cpu"])
         assert e.value.code == f"error: {out} is already an export directory"
         assert capsys.readouterr() == ("", "") and not (tmp_path / "again").exists()
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_reading_ends_predict_quietly_as_sigpipe_would(checkpoint, image_files, tmp_path):
+    many = [str(image_files[i % 3]) for i in range(400)]  # lines still to come when the reader closes
+    proc = subprocess.Popen([sys.executable, "predict.py", str(checkpoint[0]), *many, "--batch-size", "50"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith(str(image_files[0]))  # `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and err == ""
