@@ -29,14 +29,23 @@ from models.checkpoint import remove_stale_temp_files
 logger = logging.getLogger("cli")
 
 
+class Once(argparse.Action):
+    """An option that names one thing (a file, weights): given twice, one of the two would be dropped unsaid."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): give it once")
+        setattr(namespace, self.dest, values)
+
+
 def cli_parser(description: str) -> argparse.ArgumentParser:
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", help="experiment YAML (only what differs from config/schema.py)")
+    parser.add_argument("--cfg", action=Once, help="experiment YAML (only what differs from config/schema.py)")
     parser.add_argument("--test", action="store_true", help="evaluate a checkpoint on the test split and exit")
-    parser.add_argument("--ckpt", help="checkpoint for --test (default: the run's best.pt, else last.pt)")
+    parser.add_argument("--ckpt", action=Once, help="checkpoint for --test (default: the run's best.pt, else last.pt)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the run directory from its last.pt (starts fresh if there is none)")
-    parser.add_argument("--pretrained", metavar="NAME|URL|PATH",
+    parser.add_argument("--pretrained", action=Once, metavar="NAME|URL|PATH",
                         help="start from these weights: same as model.pretrained=... (python -m models list)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=30")
@@ -57,6 +66,8 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         parser.error("--ckpt names the checkpoint that --test evaluates: add --test, or drop --ckpt")
     if args.test and args.resume:
         parser.error("--test evaluates a checkpoint and --resume trains on: give one of them")
+    if args.pretrained and any(o.split("=", 1)[0].strip() == "model.pretrained" for o in args.overrides):
+        parser.error("--pretrained and model.pretrained=... both name the weights to start from: give one of them")
     return args
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import config.cli
-from config.cli import check_select_metric, parse_cli, start_run
+from config.cli import check_select_metric, parse_args, parse_cli, start_run
 from config.program import user_errors
 from config.keys import ConfigError
 from config.load import config_to_dict, load_config
@@ -436,3 +436,16 @@ def test_only_rank_0_opens_the_metric_log_and_writes_the_config(tmp_path):
     assert list(tmp_path.iterdir()) == []
     config.cli.open_log(cfg, "stage1", tmp_path, Dist(rank=0, world=2)).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "tb"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cfg", "a.yaml", "--cfg", "b.yaml"], "--cfg given twice (a.yaml and b.yaml): give it once"),
+    (["--test", "--ckpt", "a.pt", "--ckpt", "b.pt"], "--ckpt given twice (a.pt and b.pt): give it once"),
+    (["--pretrained", "a.pt", "train.epochs=3", "--pretrained", "b.pt"], "--pretrained given twice (a.pt and b.pt)"),
+    (["--pretrained", "a.pt", "model.pretrained=b.pt"],
+     "--pretrained and model.pretrained=... both name the weights to start from: give one of them"),
+])
+def test_an_option_naming_one_file_given_twice_is_one_line_not_the_last_one_silently(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args("", argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
