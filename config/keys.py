@@ -159,7 +159,7 @@ def set_override(cfg: Any, key: str, raw: str, source: str) -> None:
     try:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config key {key!r} ({source}): {raw!r} is not a valid value "
+        raise ConfigError(f"config key {key!r} ({source}): {shown(raw)} is not a valid value "
                           f"({str(e).splitlines()[0]}); lists look like [10, 20]") from None
     setattr(node, leaf, _coerce(key, value, tp, source))
 

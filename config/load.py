@@ -41,7 +41,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except yaml.YAMLError as e:  # PyYAML names the stream "<unicode string>": name the file
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+            # A reader error (a control character) has no `problem`: its message's first line, without the stream.
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(tree).__name__}")
         for key, value in flatten(tree).items():

@@ -30,6 +30,8 @@ class StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys come first, ours override them
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, collections.abc.Hashable):  # SafeLoader's own error names it
                 break
@@ -54,5 +56,9 @@ StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yam
 
 
 def load_yaml(text: str) -> object:
-    """Parse YAML text with StrictLoader (yaml.YAMLError on bad text)."""
-    return yaml.load(text, Loader=StrictLoader)
+    """Parse YAML text with StrictLoader (yaml.YAMLError on bad text, nesting past Python's recursion limit too)."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply (lists or mappings inside one another past Python's recursion "
+                             "limit)") from None

@@ -54,3 +54,30 @@ def test_a_file_that_is_not_utf8_text_is_one_config_error(tmp_path):
 def test_a_mapping_key_yaml_cannot_hash_is_one_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"exp.yaml is not valid YAML at line 1, column 3: found unhashable key"):
         _load_file(tmp_path, "? [train, lr]\n: 0.3\n")
+
+
+def test_a_control_character_is_one_line_naming_it_without_the_parser_s_stream(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        _load_file(tmp_path, "train:\n  epochs: 3\x00\n")
+    assert str(e.value).endswith("exp.yaml is not valid YAML: unacceptable character #x0000: special characters are "
+                                 "not allowed") and "\n" not in str(e.value)
+
+
+def test_a_merge_key_reads_its_mapping_and_the_keys_beside_it_win_while_a_repeated_key_is_still_refused(tmp_path):
+    # `<<: *anchor` (YAML 1.1 merge) as PyYAML's SafeLoader read it before the repeated-key check
+    tree = "_: &fast\n  epochs: 3\n  lr: 0.2\n"
+    with pytest.raises(ConfigError, match=r"unknown config key '_.epochs'"):  # the anchor's own section is a key
+        _load_file(tmp_path, tree + "train:\n  <<: *fast\n  lr: 0.3\n")
+    from config.yaml12 import load_yaml
+    assert load_yaml(tree + "train:\n  <<: *fast\n  lr: 0.3\n")["train"] == {"epochs": 3, "lr": 0.3}
+    with pytest.raises(ConfigError, match="key 'lr' appears twice"):
+        _load_file(tmp_path, tree + "train:\n  <<: *fast\n  lr: 0.3\n  lr: 0.4\n")
+
+
+def test_nesting_past_the_recursion_limit_is_one_short_line_in_a_file_and_in_an_override(tmp_path):
+    deep = "[" * 3000 + "]" * 3000
+    with pytest.raises(ConfigError, match=r"exp.yaml is not valid YAML: nested too deeply"):
+        _load_file(tmp_path, f"train:\n  milestones: {deep}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"train.milestones={deep}"])
+    assert "nested too deeply" in str(e.value) and len(str(e.value)) < 400
