@@ -152,6 +152,9 @@ def check_ranges(cfg: Config) -> None:
         raise ConfigError("name is empty: give the run a name (its directory is logs/<name>), or set log_dir")
     if not cfg.log_dir:  # name makes the run directory only without log_dir
         check_run_name(cfg.name)
+    elif not cfg.log_dir.isprintable():  # bytes not valid in the locale (surrogate escapes), control characters
+        raise ConfigError(f"log_dir={cfg.log_dir!r} holds characters that are not printable text (TensorBoard and "
+                          f"the logs cannot write it): give log_dir a path in printable characters")
 
 
 def check_schedule_keys(cfg: Config) -> None:

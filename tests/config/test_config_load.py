@@ -310,10 +310,14 @@ def test_a_name_of_nested_folders_under_logs_is_a_run_directory_there():
 
 
 @pytest.mark.parametrize("name", ["tab\there", "\udcff"])  # \udcff: the byte 0xff of an argv not in UTF-8
-def test_a_name_with_characters_that_are_not_printable_is_refused(name):
+def test_a_name_or_log_dir_with_characters_that_are_not_printable_is_refused(name):
     with pytest.raises(ConfigError, match="holds characters that are not printable text"):
         load_config(None, [f"name={name}"])
     assert load_config(None, ["name=run-1.b_ü"]).run_dir == "logs/run-1.b_ü"
+    # a log_dir of such bytes wrote config.yaml, then TensorBoard failed with a UnicodeEncodeError traceback
+    with pytest.raises(ConfigError, match=r"^log_dir=.* holds characters that are not printable text"):
+        load_config(None, [f"log_dir=/tmp/{name}"])
+    assert load_config(None, ["log_dir=/tmp/runs ü/1"]).run_dir == "/tmp/runs ü/1"
 
 
 @pytest.mark.parametrize("overrides, message", [
