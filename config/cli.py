@@ -181,4 +181,4 @@ def run_cli(stage: str, description: str, main: Callable[..., dict]) -> None:
             else:
                 main(cfg, resume=args.resume)
 
-    run_program(command, args.debug, resumable=True)
+    run_program(command, args.debug, resumable=not args.test)  # --test has nothing to resume

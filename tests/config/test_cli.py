@@ -449,3 +449,14 @@ def test_an_option_naming_one_file_given_twice_is_one_line_not_the_last_one_sile
     with pytest.raises(SystemExit) as e:
         parse_args("", argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, resumable", [(["--test"], False), ([], True), (["--resume"], True)])
+def test_only_a_training_command_s_signal_line_says_that_resume_continues(argv, resumable, monkeypatch):
+    import config.cli
+
+    seen = {}
+    monkeypatch.setattr(config.cli, "run_program", lambda command, debug, resumable: seen.update(r=resumable))
+    monkeypatch.setattr(sys, "argv", ["stage1_train.py", *argv])
+    config.cli.run_cli("stage1", "", lambda cfg, resume: {})
+    assert seen == {"r": resumable}
