@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from config.keys import ConfigError
 from config.load import check_names, check_schedule_keys, load_config
 from config.program import OneLineParser, nothing_left_of_a_refused_run, run_program, user_errors
 from config.readers import check_dataset_keys
@@ -25,6 +26,7 @@ from engine.run import trim_metrics_log
 from engine.run_dir import claim_run_dir, default_checkpoint, resume_checkpoint, setup_run
 from engine.runlog import RunLog
 from models.checkpoint import remove_stale_temp_files
+from models.losses import EmptyClassError
 
 logger = logging.getLogger("cli")
 
@@ -156,9 +158,12 @@ def test(cfg: Config, ckpt_path: Path | None) -> dict:
     ranks, device = start_processes(cfg)
     run_dir = setup_run(cfg.run_dir, cfg.train.seed, cfg.train.num_threads, writes=ranks.is_main, log_file=False)
     ckpt_path = ckpt_path or from_rank0(lambda: default_checkpoint(run_dir), ranks)  # the run's own: rank 0 has it
-    metrics, class_names = evaluate_checkpoint(ckpt_path, cfg.data.root, cfg.data.download, cfg.eval.batch_size,
-                                               device, cfg.model.channels_last, cfg.eval.logit_adjust_tau,
-                                               cfg.train.amp, ranks, cfg.data.list_dir, cfg.data.workers)
+    try:
+        metrics, class_names = evaluate_checkpoint(ckpt_path, cfg.data.root, cfg.data.download, cfg.eval.batch_size,
+                                                   device, cfg.model.channels_last, cfg.eval.logit_adjust_tau,
+                                                   cfg.train.amp, ranks, cfg.data.list_dir, cfg.data.workers)
+    except EmptyClassError as e:  # eval.logit_adjust_tau with a class that had no training image
+        raise ConfigError(str(e)) from None
     if ranks.is_main:
         write_test_report(metrics, class_names, report_path(run_dir, Path(ckpt_path)), ckpt_path,
                           cfg.eval.logit_adjust_tau)

@@ -22,7 +22,7 @@ from engine.distributed import Dist, from_rank0
 from engine.loop import metrics_from_logits, predict_all_ranks
 from engine.metrics import format_table
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked
-from models.losses import posthoc_logit_adjust
+from models.losses import EmptyClassError, posthoc_logit_adjust
 from models.registry import build_model
 
 
@@ -69,6 +69,12 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     if len(counts) != len(class_names):
         raise CheckpointError(f"{path} has {len(counts)} class counts, but the {dataset} test split has "
                               f"{len(class_names)} classes: the checkpoint is damaged or edited")
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if logit_adjust_tau and empty:  # log 0: refused before the forward passes, not after them
+        raise EmptyClassError(f"eval.logit_adjust_tau={logit_adjust_tau:g} subtracts tau * log(prior), and {len(empty)} "
+                         f"class(es) of {path} had no training image ({', '.join(map(str, empty[:5]))}"
+                         f"{', ...' if len(empty) > 5 else ''}): test it without the adjustment "
+                         f"(eval.logit_adjust_tau=0)")
     model = build_model(**ckpt["model_args"])
     load_state_checked(model, ckpt["model"], f"model in {path}")
     if channels_last:

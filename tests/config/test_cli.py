@@ -460,3 +460,17 @@ def test_only_a_training_command_s_signal_line_says_that_resume_continues(argv, 
     monkeypatch.setattr(sys, "argv", ["stage1_train.py", *argv])
     config.cli.run_cli("stage1", "", lambda cfg, resume: {})
     assert seen == {"r": resumable}
+
+
+def test_a_logit_adjustment_the_checkpoint_s_counts_cannot_take_is_a_config_error_of_test(tmp_path, monkeypatch):
+    import config.cli
+    from models.losses import EmptyClassError
+
+    def refuse(*args, **kwargs):
+        raise EmptyClassError("eval.logit_adjust_tau=1 subtracts tau * log(prior), and ...")
+    monkeypatch.setattr(config.cli, "evaluate_checkpoint", refuse)
+    cfg, _ = parse_cli("stage1", "", [f"log_dir={tmp_path}", "eval.logit_adjust_tau=1", "train.num_threads=1"])
+    with pytest.raises(SystemExit) as e:
+        with user_errors():
+            config.cli.test(cfg, tmp_path / "last.pt")
+    assert e.value.code == "config error: eval.logit_adjust_tau=1 subtracts tau * log(prior), and ..."

@@ -2,6 +2,7 @@
 import pickle
 
 import numpy as np
+import pytest
 import torch
 import torchvision.transforms as T
 from PIL import Image
@@ -10,6 +11,7 @@ from engine import evaluate
 from engine.loop import metrics_from_logits, predict_logits
 from models import build_model
 from models.checkpoint import save_checkpoint
+from models.losses import EmptyClassError
 from tests.conftest import write_fake_cifar10
 
 
@@ -63,3 +65,18 @@ def test_test_time_logit_adjustment_subtracts_the_given_tau_times_the_log_prior(
     assert expected[0.5]["confusion_matrix"] != expected[1.0]["confusion_matrix"]  # the two taus predict otherwise
     for tau in (0.5, 1.0):
         assert scored(tau) == expected[tau]
+
+
+def test_logit_adjustment_of_a_checkpoint_with_a_class_of_no_training_image_is_refused_before_any_forward_pass(
+        tmp_path, monkeypatch):
+    root = write_fake_cifar10(tmp_path, train_per_class=1, test_per_class=2)
+    counts = [500, 200, 100, 50, 20, 10, 5, 2, 1, 0]
+    save_checkpoint(tmp_path / "last.pt", {"config": {"data": {"dataset": "cifar10"}},
+                                           "model": build_model("resnet32", num_classes=10).state_dict(),
+                                           "model_args": {"name": "resnet32", "num_classes": 10},
+                                           "class_counts": counts})
+    monkeypatch.setattr(evaluate, "predict_all_ranks", lambda *a, **k: pytest.fail("forward passes before refusing"))
+    with pytest.raises(EmptyClassError, match=r"^eval.logit_adjust_tau=1 subtracts tau \* log\(prior\), and 1 "
+                                              r"class\(es\) of .*last.pt had no training image \(9\): test it "
+                                              r"without the adjustment \(eval.logit_adjust_tau=0\)$"):
+        evaluate.evaluate_checkpoint(tmp_path / "last.pt", root, False, 32, logit_adjust_tau=1.0)
