@@ -64,6 +64,17 @@ def test_tau_search_takes_the_first_of_equal_scores():
     assert tau == 0.0
 
 
+def test_tau_search_takes_the_first_of_scores_equal_but_for_their_last_float_bit(monkeypatch):
+    # Class accuracies (0.3, 0.0) and (0.1, 0.2) average to 0.15 and 0.15000000000000002.
+    import engine.tau_norm
+    scores = iter([(0.3 + 0.0) / 2, (0.1 + 0.2) / 2])
+    assert (0.1 + 0.2) / 2 > (0.3 + 0.0) / 2
+    monkeypatch.setattr(engine.tau_norm, "metrics_from_logits",
+                        lambda *a, **k: dict.fromkeys(("top1", "medium", "few"), 0.5) | {"many": next(scores)})
+    tau, _ = tau_search(_stage1_head(), VAL_FEATS, VAL_LABELS, COUNTS, [0.0, 1.0], "many")
+    assert tau == 0.0
+
+
 def test_tau_search_by_a_metric_with_no_classes_takes_the_first_tau_without_failing():
     # No medium-shot class: every record's val_medium is None (whether a group has classes depends on the counts
     # and labels, never on tau, so no grid mixes None and scores), and the first grid value is chosen.
