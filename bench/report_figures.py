@@ -64,14 +64,17 @@ def save(fig: plt.Figure, path: Path) -> None:
 
 
 def plot_per_class(runs: list[Run], path: Path) -> None:
+    """Each class's test accuracy against its training images, on a log axis: a class with none (a split list's)
+    is drawn at 0.5, labelled 0, where the log axis would leave it out."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, run in enumerate(runs):
         order = np.argsort(-run.counts, kind="stable")
-        ax.plot(run.counts[order], 100 * floats(run.test["per_class"])[order], color=f"C{i % 10}",
+        ax.plot(np.maximum(run.counts[order], 0.5), 100 * floats(run.test["per_class"])[order], color=f"C{i % 10}",
                 marker=MARKERS[i % len(MARKERS)], markersize=6 if len(run.counts) <= NAMED_AXES else 3, alpha=0.8,
                 label=run.name)
     ax.set_xscale("log")
-    log_axis(ax.xaxis, np.concatenate([r.counts for r in runs]))
+    log_axis(ax.xaxis, np.maximum(np.concatenate([r.counts for r in runs]), 0.5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "0" if v == 0.5 else f"{v:g}"))
     ax.set(xlabel="training images of the class (log scale)", ylabel="test accuracy of the class (%)", ylim=(-3, 103))
     ax.grid(alpha=0.3)
     legend_below(fig, *ax.get_legend_handles_labels())

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bench.report_figures as figures
-from bench.report_figures import Run, plot_confusion, plot_curves
+from bench.report_figures import Run, plot_confusion, plot_curves, plot_per_class
 
 
 @pytest.fixture
@@ -39,3 +39,11 @@ def test_the_loss_axis_is_logarithmic_only_for_positive_losses_spanning_more_tha
 
 def test_the_runs_that_log_no_training_loss_are_returned_by_name(drawn, tmp_path):
     assert plot_curves([_run("trained", [1.0, 0.5]), _run("tau_norm")], tmp_path / "curves.png") == ["tau_norm"]
+
+
+def test_a_class_with_no_training_image_is_drawn_at_the_tick_0_not_left_out_of_the_log_axis(drawn, tmp_path):
+    run = Run("r", "stage 1: ce", "10", {"train_class_counts": [30, 3, 0], "per_class": [0.9, 0.5, 0.25]}, [])
+    plot_per_class([run], tmp_path / "p.png")
+    ax = drawn[0].axes[0]
+    assert list(ax.lines[0].get_xdata()) == [30, 3, 0.5] and list(ax.lines[0].get_ydata()) == [90, 50, 25]
+    assert ax.xaxis.get_major_formatter()(0.5, 0) == "0" and ax.xaxis.get_major_formatter()(3, 0) == "3"
