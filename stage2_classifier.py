@@ -8,8 +8,7 @@ Methods (stage2.method): balanced_softmax, crt, balms (Balanced Softmax + meta-l
 (learnable weight scaling), tau_norm (post-hoc, tau searched on the validation split). The head trains on
 cached features of stage2.cache_views augmented views of the training set; cache_views=0 runs the backbone on
 every batch, as the BALMS code does. The training set (data.dataset, imbalance_factor, profile, subset_seed,
-subset_draw, val_per_class, image_size) and model.name are read from the stage-1 checkpoint (by --resume, from the
-run's last.pt).
+subset_draw, val_per_class, image_size) and model.name are read from the stage-1 checkpoint (--resume: last.pt).
 Writes a run directory as stage 1 does; the saved model is backbone + plain linear head, so --test and any
 consumer of stage-1 checkpoints read it unchanged.
 """

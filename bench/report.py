@@ -126,7 +126,8 @@ def write_report(runs: list[Run], out: Path) -> Path:
           "medium- (20-100) and few-shot (< 20) classes; - where a run has no class in that group.", "",
           "## Per-class accuracy", "", "![per-class test accuracy against training images](per_class.png)", "",
           "Each point is one class: its test accuracy against its number of training images (log scale; a class "
-          "with none is drawn left of 1, at the tick 0), one line per run.", "", *confusion_section(runs, out), *sampling_section(runs, out),
+          "with none is drawn left of 1, at the tick 0), one line per run.", "", *confusion_section(runs, out),
+          *sampling_section(runs, out),
           "## Training curves", "", "![training loss and validation top-1 per epoch](curves.png)", "",
           "Training loss (left) and validation top-1 (right, where the run logs it) per epoch, one line per run"
           + (f"; {', '.join(f'`{n}`' for n in no_loss)} logs no training loss." if no_loss else "."), ""]

@@ -71,10 +71,10 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
                               f"{len(class_names)} classes: the checkpoint is damaged or edited")
     empty = [c for c, n in enumerate(counts) if n == 0]
     if logit_adjust_tau and empty:  # log 0: refused before the forward passes, not after them
-        raise EmptyClassError(f"eval.logit_adjust_tau={logit_adjust_tau:g} subtracts tau * log(prior), and {len(empty)} "
-                         f"class(es) of {path} had no training image ({', '.join(map(str, empty[:5]))}"
-                         f"{', ...' if len(empty) > 5 else ''}): test it without the adjustment "
-                         f"(eval.logit_adjust_tau=0)")
+        raise EmptyClassError(f"eval.logit_adjust_tau={logit_adjust_tau:g} subtracts tau * log(prior), and "
+                              f"{len(empty)} class(es) of {path} had no training image "
+                              f"({', '.join(map(str, empty[:5]))}{', ...' if len(empty) > 5 else ''}): test it "
+                              f"without the adjustment (eval.logit_adjust_tau=0)")
     model = build_model(**ckpt["model_args"])
     load_state_checked(model, ckpt["model"], f"model in {path}")
     if channels_last:

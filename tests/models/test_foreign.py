@@ -137,7 +137,8 @@ def test_a_file_saved_before_batchnorm_counted_its_batches_imports_as_torch_load
     assert torch.equal(_logits(model, images), _logits(reference, images))
     del old["layer1.0.bn1.running_mean"]  # any other missing key is still named
     torch.save(old, tmp_path / "damaged.pth")
-    with pytest.raises(CheckpointError, match=r"missing keys \(2\): layer1.0.bn1.num_batches_tracked, layer1.0.bn1.running_mean;"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing keys \(2\): layer1.0.bn1.num_batches_tracked, layer1.0.bn1.running_mean;"):
         load_pretrained(str(tmp_path / "damaged.pth"), arch="resnet18")
 
 def test_resnet50_keys_are_torchvision_keys_with_fc_renamed_head():
