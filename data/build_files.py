@@ -111,9 +111,18 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
         val_images=ImageFileDataset(val, eval_transform(image_size, mean, std)) if val else None,
         val_labels=val.labels if val else torch.empty(0, dtype=torch.int64),
         class_names=train.class_names, class_counts=counts, mean=mean, std=std,
-        train_digest=training_digest("".join(f"{p.relative_to(root).as_posix()}\t{label}\n" for p, label in
+        train_digest=training_digest("".join(f"{_under(p, root)}\t{label}\n" for p, label in
                                              zip(train.paths, train.labels.tolist())).encode()),
     )
+
+
+def _under(path: Path, root: Path) -> str:
+    """`path` relative to `root` as the digest reads it; a split list may name absolute paths elsewhere (or through a
+    link of root), which keep their own form."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def build_training_set(dataset: str, root: str | Path, list_dir: str | Path, download: bool, imbalance_factor: float,

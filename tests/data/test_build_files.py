@@ -72,6 +72,18 @@ def test_data_flip_reaches_the_training_images_transform_of_every_image_file_dat
         flips = [t for t in data.train_images.transform.transforms if isinstance(t, v2.RandomHorizontalFlip)]
         assert len(flips) == flip, (dataset, flip)
 
+
+def test_a_split_list_of_absolute_paths_outside_the_resolved_root_is_read_and_digested(tmp_path):
+    root = write_image_lists(tmp_path / "real root", {"Places_LT_train.txt": [0, 0, 1], "Places_LT_val.txt": [0, 1]})
+    (tmp_path / "link").symlink_to(root, target_is_directory=True)
+    for name in ("Places_LT_train.txt", "Places_LT_val.txt"):  # absolute paths through the link
+        lines = (root / name).read_text().splitlines()
+        (root / name).write_text("".join(f"{tmp_path / 'link'}/{line}\n" for line in lines))
+    data = build_file_data("places_lt", tmp_path / "link", "", 100.0, "exp", 0, 0, 16)  # was a ValueError traceback
+    assert data.class_counts[:2] == [2, 1] and len(data.train_digest) > 0
+    assert build_file_data("places_lt", tmp_path / "link", "", 100.0, "exp", 0, 0, 16).train_digest == \
+        data.train_digest
+
 def test_imbalance_one_keeps_every_image_and_a_val_folder_is_the_validation_split(tmp_path):
     root = _folder(tmp_path, train=5, val=2)
     data = build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16)
