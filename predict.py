@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             state, meta = checkpoint_for_inference(args.model, args.dataset)
             if args.export:
-                export_to(args.export, state, meta)
+                export_to(os.path.expanduser(args.export), state, meta)
             model = model_from_export(state, meta, args.model)
     except (CheckpointError, DeviceError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -182,7 +182,7 @@ def run_cli(stage: str, description: str, main: Callable[..., dict]) -> None:
         cfg = config_of(args, stage)
         with nothing_left_of_a_refused_run(Path(cfg.run_dir)), user_errors():
             if args.test:
-                test(cfg, Path(args.ckpt) if args.ckpt else None)
+                test(cfg, Path(args.ckpt).expanduser() if args.ckpt else None)
             else:
                 main(cfg, resume=args.resume)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """
     cfg, from_file = Config(), set()
     if path is not None:
-        path = Path(path)
+        path = Path(path).expanduser()  # --cfg=~/x.yaml: no shell expands a ~ after =
         if not path.is_file():
             what = "does not exist" if not path.exists() else "is not a file"
             raise ConfigError(f"config file {str(path)!r} {what}; pass --cfg with a YAML under config/")
@@ -59,6 +60,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if key.strip() == "train.epochs":
             epochs_given = item
     cfg.overridden = frozenset(overridden)
+    # A ~ after key= is expanded by no shell (nor in a YAML file): the run directory and the stage-1 checkpoint
+    # would be read as a folder named ~. (data.root, data.list_dir and model.pretrained are expanded where read.)
+    cfg.log_dir, cfg.stage1.checkpoint = os.path.expanduser(cfg.log_dir), os.path.expanduser(cfg.stage1.checkpoint)
     if stage is not None:  # a key the stage never reads is named as such before any rule on its value
         check_stage(cfg, stage, path, from_file)
     if check_keys is not None:

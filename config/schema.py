@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 def _default_data_root() -> str:
     # One environment variable points every run at a shared copy of the datasets.
-    return os.environ.get("LT_DATA_ROOT", "datasets")
+    return os.environ.get("LT_DATA_ROOT") or "datasets"  # set but empty: the default, not the working directory
 
 
 @dataclass

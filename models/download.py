@@ -43,7 +43,7 @@ class DownloadError(OSError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lt-decoupled" / "pretrained")
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lt-decoupled" / "pretrained").expanduser()
 
 
 def cache_path(url: str, cache: Path) -> Path:

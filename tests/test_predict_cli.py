@@ -479,3 +479,9 @@ def test_a_reader_that_stops_reading_ends_predict_quietly_as_sigpipe_would(check
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and err == ""
+
+
+def test_an_export_folder_given_with_a_tilde_is_in_the_home_folder(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    predict.main([str(checkpoint[0]), "--export=~/exported"])  # no shell expands a ~ after =
+    assert (tmp_path / "home" / "exported" / "model.json").is_file() and not (tmp_path / "~").exists()

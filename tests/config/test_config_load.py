@@ -400,3 +400,17 @@ def test_an_override_s_key_is_recorded_without_the_spaces_around_it():
     assert load_config(None, [" data.flip =true"]).overridden == {"data.flip"}
     with pytest.raises(ConfigError, match=r"^data.sampler='instance' is read by stage1 \(stage1_train.py\) only"):
         load_config(None, ["data.sampler =instance"], stage="stage2")
+
+
+def test_a_tilde_in_log_dir_stage1_checkpoint_and_the_cfg_path_is_the_home_folder(tmp_path, monkeypatch):
+    # `key=~/x` reaches the program unexpanded (no shell expands a ~ after =), and YAML never expands it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "exp.yaml").write_text("log_dir: ~/runs/a\n")
+    cfg = load_config("~/exp.yaml", ["stage1.checkpoint=~/s1/last.pt"], "stage2")
+    assert (cfg.log_dir, cfg.run_dir, cfg.stage1.checkpoint) == (f"{tmp_path}/runs/a", f"{tmp_path}/runs/a",
+                                                                 f"{tmp_path}/s1/last.pt")
+
+
+def test_an_empty_lt_data_root_is_the_default_data_folder_not_the_working_directory(monkeypatch):
+    monkeypatch.setenv("LT_DATA_ROOT", "")
+    assert load_config(None, []).data.root == "datasets"

@@ -251,3 +251,9 @@ def test_two_processes_fetching_one_url_download_it_once_while_the_second_waits(
     assert srv.ranges == [None] and srv.bytes_sent == len(PAYLOAD)  # one download in all
     assert sum(WAITING in log.read_text() for log in logs) == 1
     assert dest.read_bytes() == PAYLOAD and _files(cache) == [dest.name]  # no .part, no .lock
+
+
+def test_a_cache_folder_given_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, "~/cache")
+    assert cache_dir() == tmp_path / "cache"
