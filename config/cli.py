@@ -110,6 +110,8 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
         if ckpt is None and resume and (run_dir / "best.pt").is_file():  # said once the log is open: train.log has it
             logger.warning("%s holds no last.pt to continue from: the run starts again from its first step, and "
                            "its best.pt is replaced by this run's", run_dir)
+        elif ckpt is None and resume:  # a run's config.yaml given from elsewhere names a log_dir relative to there
+            logger.warning("--resume: %s holds no run to continue: a new run starts there", run_dir.resolve())
         remove_stale_temp_files(run_dir)  # of checkpoint and metric-log writes a kill interrupted
         if ckpt is None:  # a start killed before its first last.pt may have logged an epoch: it is redone
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)

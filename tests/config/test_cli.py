@@ -360,6 +360,11 @@ def test_resume_beside_a_best_pt_without_last_pt_says_the_run_starts_again_once_
     said = f"{tmp_path} holds no last.pt to continue from: the run starts again from its first step, and its best.pt " \
            f"is replaced by this run's"
     assert events == ["log open"] + ([said] if rank == 0 else [])
+    (tmp_path / "best.pt").unlink()  # nothing at all there: --resume from elsewhere named a relative log_dir
+    events.clear()
+    assert start_run(cfg, "stage1", True, Dist(rank=rank, world=2)) == (tmp_path, None)
+    assert events == ["log open"] + ([f"--resume: {tmp_path.resolve()} holds no run to continue: a new run starts "
+                                      f"there"] if rank == 0 else [])
 
 
 
