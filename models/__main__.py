@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -140,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (DownloadError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)  # one line, and exit status 2 as for every user error
         raise SystemExit(2) from None
+    except BrokenPipeError:  # `list | head`: the reader stopped reading; stop quietly, as SIGPIPE ends programs
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE) from None
     except OSError as e:  # writing OUT or into the cache: a folder on the path is a file, permissions, a full disk
         print(f"error: {path_error_message(e)}; {WRITE_FIXES[args.command]}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -118,3 +118,13 @@ def test_a_signal_during_a_download_is_one_line_and_leaves_no_lock_file(sig, sta
     assert proc.returncode == status and "Traceback" not in err, err
     assert err.splitlines()[-1] == f"stopped by {name}; fetching the same source again resumes the download"
     assert not list(cache.glob("*.lock"))
+
+
+def test_a_listing_read_by_a_reader_that_stops_ends_quietly_as_sigpipe_would(tmp_path):
+    for i in range(300):  # output beyond stdout's 8 KB buffer: writes follow the reader's close
+        (tmp_path / f"file_{i}.pt").write_text("x")
+    proc = subprocess.Popen([sys.executable, "-m", "models", "list"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, CACHE_ENV: str(tmp_path)})
+    assert proc.stdout.readline().startswith("cache: ")  # `| head -1`
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE and proc.stderr.read() == ""
