@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -141,7 +142,8 @@ def export_to(folder: str, state: dict, meta: dict) -> None:
     """write_export, its OSErrors one line each: a folder of the path that is a file, permissions, a full disk."""
     try:
         out = write_export(folder, state, meta)
-        print(f"wrote {out / WEIGHTS_FILE} and {out / META_FILE}; classify with: python predict.py {out} IMAGE ...")
+        command = f"python predict.py {shlex.quote(str(out))} IMAGE ..."
+        print(f"wrote {out / WEIGHTS_FILE} and {out / META_FILE}; classify with: {command}")
     except OSError as e:
         if e.errno is None:  # write_export's refusal to overwrite an export, which says what to do
             raise SystemExit(f"error: {e}") from None

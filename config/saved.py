@@ -3,6 +3,7 @@ config a --resume or a stage-2 run brings (old key names read as their new ones)
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -87,5 +88,6 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
         own = [f"log_dir={Path(saved_at).parent}"]
         own += [f"data.root={cfg.data.root}"] if cfg.data.root != run.get("data.root") else []
         own += [f"{k}={run[k]}" for k in diff if k in run and k not in written]
+        command = shlex.join(["python", STAGE_SCRIPTS[stage], "--cfg", str(saved_at), "--resume", *own])
         raise ConfigError(f"--resume with a config that differs from the run's at {values}; resume with the run's "
-                          f"own config: python {STAGE_SCRIPTS[stage]} --cfg {saved_at} --resume {' '.join(own)}")
+                          f"own config: {command}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def import_source(args: argparse.Namespace) -> None:
     payload = import_checkpoint(args.source, args.out, arch=args.arch, timeout=args.timeout)
     model_args = payload["model_args"]
     print(f"wrote {args.out}: {model_args['name']}, {model_args['num_classes']} classes, converted from the "
-          f"{payload['layout']} layout; use it as model.pretrained={args.out}")
+          f"{payload['layout']} layout; use it as {shlex.quote(f'model.pretrained={args.out}')}")
 
 
 def release_run(args: argparse.Namespace) -> None:

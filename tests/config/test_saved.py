@@ -1,4 +1,6 @@
 """A run's saved config: dumped and loaded back equal, rebuilt with the same checks, compared key by key."""
+import shlex
+
 import pytest
 
 from config.keys import ConfigError
@@ -67,3 +69,13 @@ def test_resume_accepts_a_setting_of_the_machine_or_of_saving_changed_since_the_
     check_resume(saved, load_config(None, [key], "stage1"), "stage1", "logs/x/config.yaml")
     with pytest.raises(ConfigError):  # a setting of the training itself is refused
         check_resume(saved, load_config(None, ["train.lr=0.2"], "stage1"), "stage1", "logs/x/config.yaml")
+
+
+def test_the_resume_command_a_refusal_suggests_is_quoted_for_the_shell():
+    saved = config_to_dict(load_config(None, ["train.milestones=[100, 150]", "train.schedule=step"], "stage1"),
+                           "stage1")
+    with pytest.raises(ConfigError) as e:
+        check_resume(saved, load_config(None, ["train.lr=0.2"], "stage1"), "stage1", "/tmp/my runs/é/config.yaml")
+    command = str(e.value).split("resume with the run's own config: ")[1]
+    assert shlex.split(command)[:5] == ["python", "stage1_train.py", "--cfg", "/tmp/my runs/é/config.yaml", "--resume"]
+    assert "log_dir=/tmp/my runs/é" in shlex.split(command)
