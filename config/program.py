@@ -22,7 +22,7 @@ from engine.run_dir import RunDirError, created_here, forget_run_dir
 from engine.stopping import Terminated, raise_on_sigterm
 from models.checkpoint import CheckpointError
 from models.download import DownloadError
-from models.export import PATH_THROUGH_A_FILE
+from models.export import PATH_THROUGH_A_FILE, dangling_link
 
 USER_ERROR_STATUS = 2  # the exit status of a user error, as argparse uses for a bad command line
 
@@ -84,8 +84,8 @@ OS_ERROR_HINTS = {
 
 def os_error_message(e: OSError) -> str:
     """'<path>: <what failed>; <what to do>' for an OSError of the disk or permissions."""
-    what = e.strerror or str(e)
-    hint = OS_ERROR_HINTS.get(e.errno)
+    what = dangling_link(e) or e.strerror or str(e)
+    hint = None if dangling_link(e) else OS_ERROR_HINTS.get(e.errno)
     return (f"{e.filename}: {what}" if e.filename else what) + (f"; {hint}" if hint else "")
 
 

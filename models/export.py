@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -67,8 +68,17 @@ def path_error_message(e: OSError) -> str:
     cache), for a one-line error; an OSError without an errno is one of ours, whose message says it all."""
     if e.errno is None:
         return str(e)
-    what = PATH_THROUGH_A_FILE.get(e.errno) or e.strerror or str(e)
+    what = dangling_link(e) or PATH_THROUGH_A_FILE.get(e.errno) or e.strerror or str(e)
     return f"{e.filename}: {what}" if e.filename else what
+
+
+def dangling_link(e: OSError) -> str | None:
+    """What an OSError's file is when it is a symbolic link to nothing (a folder on an unmounted disk): mkdir
+    says 'File exists' of it, which reads as a file standing there."""
+    path = Path(e.filename) if isinstance(e.filename, str) else None
+    if path is None or not path.is_symlink() or path.exists():
+        return None
+    return f"a symbolic link to {os.readlink(path)}, which does not exist (a disk not mounted?)"
 
 
 def model_from_export(state: dict[str, torch.Tensor], meta: dict, what: str) -> nn.Module:

@@ -479,3 +479,14 @@ def test_a_logit_adjustment_the_checkpoint_s_counts_cannot_take_is_a_config_erro
         with user_errors():
             config.cli.test(cfg, tmp_path / "last.pt")
     assert e.value.code == "config error: eval.logit_adjust_tau=1 subtracts tau * log(prior), and ..."
+
+
+def test_a_path_through_a_symbolic_link_to_nothing_is_named_as_such_not_as_a_file(tmp_path, monkeypatch):
+    # `logs` linked to a disk that is not mounted: mkdir says "File exists"
+    (tmp_path / "logs").symlink_to(tmp_path / "unmounted")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        with user_errors():
+            (tmp_path / "logs" / "run").mkdir(parents=True)
+    assert e.value.code == f"error: {tmp_path / 'logs'}: a symbolic link to {tmp_path / 'unmounted'}, which does not " \
+                           f"exist (a disk not mounted?)"

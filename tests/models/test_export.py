@@ -146,3 +146,11 @@ def test_an_edited_model_json_is_damaged_naming_the_key_before_any_image_is_read
      "out already holds an export; give another --export folder")])
 def test_path_error_message_names_the_path_and_what_is_in_the_way(error, message):
     assert path_error_message(error) == message
+
+
+def test_an_export_path_through_a_symbolic_link_to_nothing_is_named_as_such(tmp_path):
+    (tmp_path / "exp").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OSError) as e:
+        (tmp_path / "exp").mkdir(parents=True)
+    assert path_error_message(e.value) == f"{tmp_path / 'exp'}: a symbolic link to {tmp_path / 'nowhere'}, which " \
+                                          f"does not exist (a disk not mounted?)"
