@@ -85,7 +85,8 @@ def train_and_test(cfg: Config) -> dict:
                      f"figures are not this table's; give --out another folder, or delete the run to train it again")
     if not path.is_file():
         with nothing_left_of_a_refused_run(run_dir), user_errors():  # as the entry scripts: no stray folder
-            stage1_main(cfg, resume=True)
+            # a killed run continues; a new one is not announced as a --resume of nothing
+            stage1_main(cfg, resume=any((run_dir / name).exists() for name in ("last.pt", "best.pt")))
             test(cfg, run_dir / "best.pt")
     return read_metrics(path)
 
