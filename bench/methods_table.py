@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.compare_runs import pct, read_metrics  # noqa: E402
 from config.cli import test  # noqa: E402
 from config.program import OneLineParser, nothing_left_of_a_refused_run, run_program, user_errors  # noqa: E402
-from config.load import config_to_dict, load_config  # noqa: E402
-from config.saved import SAME_RUN_KEYS, config_diff  # noqa: E402
+from config.load import load_config  # noqa: E402
+from config.saved import run_changes  # noqa: E402
 from config.schema import Config  # noqa: E402
 from data.build_files import build_training_set  # noqa: E402
 from data.loader import steps_per_epoch  # noqa: E402
@@ -79,7 +79,7 @@ def train_and_test(cfg: Config) -> dict:
     path = run_dir / "test_metrics.json"
     if path.is_file() and (run_dir / "config.yaml").is_file():
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        diff = [k for k in config_diff(saved, config_to_dict(cfg, "stage1")) if k not in SAME_RUN_KEYS]
+        diff = run_changes(saved, cfg, "stage1")
         if diff:
             sys.exit(f"error: {run_dir} holds the tested run of other settings ({', '.join(diff)} differ): its "
                      f"figures are not this table's; give --out another folder, or delete the run to train it again")

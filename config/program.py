@@ -84,8 +84,9 @@ OS_ERROR_HINTS = {
 
 def os_error_message(e: OSError) -> str:
     """'<path>: <what failed>; <what to do>' for an OSError of the disk or permissions."""
-    what = dangling_link(e) or e.strerror or str(e)
-    hint = None if dangling_link(e) else OS_ERROR_HINTS.get(e.errno)
+    link = dangling_link(e)  # a link to nothing: the errno's hint (a file in the way) would mislead
+    what = link or e.strerror or str(e)
+    hint = None if link else OS_ERROR_HINTS.get(e.errno)
     return (f"{e.filename}: {what}" if e.filename else what) + (f"; {hint}" if hint else "")
 
 

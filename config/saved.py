@@ -65,6 +65,11 @@ SAME_RUN_KEYS = ("data.root", "data.list_dir", "data.download", "log_dir", "name
                  "eval.batch_size", "eval.logit_adjust_tau")
 
 
+def run_changes(saved: dict, cfg: Config, stage: str) -> list[str]:
+    """The keys of a `stage` run's saved config that `cfg` changes beyond SAME_RUN_KEYS: a run of other settings."""
+    return [k for k in config_diff(saved, config_to_dict(cfg, stage)) if k not in SAME_RUN_KEYS]
+
+
 def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> None:
     """--resume continues a run only with the config it was started with. Where things lie may differ
     (a moved or renamed run directory, another copy or spelling of the data folder): the run is the
@@ -76,10 +81,9 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
     than bit for bit when the device or the thread count changes (a BALMS run with meta_sampler.relax=image,
     whose noise a GPU makes itself, on other draws between a CPU and a GPU)."""
     check_stage_of_run(saved, stage, Path(saved_at).parent)
-    current = config_to_dict(cfg, stage)
-    diff = [k for k in config_diff(saved, current) if k not in SAME_RUN_KEYS]
+    diff = run_changes(saved, cfg, stage)
     if diff:
-        defaults, run, now = flatten(config_to_dict(Config())), _saved_flat(saved), flatten(current)
+        defaults, run, now = flatten(config_to_dict(Config())), _saved_flat(saved), flatten(config_to_dict(cfg, stage))
         values = ", ".join(f"{k} (the run's {run.get(k, defaults.get(k))}, now {now.get(k, defaults.get(k))})"
                            for k in diff)
         # The run's config.yaml, where it is now, with the data where it is now, and the keys that file lacks
