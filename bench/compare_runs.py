@@ -57,7 +57,9 @@ def table(runs: list[Path]) -> str:
             sys.exit(f"error: {run} is not a directory; pass run directories (logs/<run>) that --test has been run on")
         if not path.is_file():
             sys.exit(f"error: {path} does not exist: run the script with --test for that run first")
-        results.append((run.name, read_metrics(path, (*GROUPS, "per_class", "train_class_counts"))))
+        m = read_metrics(path, (*GROUPS, "per_class", "train_class_counts"))
+        tau = m.get("logit_adjust_tau")  # a --test with eval.logit_adjust_tau: not the run's plain result
+        results.append((f"{run.name} (post-hoc tau {tau:g})" if tau else run.name, m))
     first = results[0][1]
     names = first.get("class_names") or [str(c) for c in range(len(first["per_class"]))]
     head = [f"{name} ({n})" for name, n in zip(names, first["train_class_counts"])]

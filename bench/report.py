@@ -72,6 +72,8 @@ def load_run(path: Path) -> Run:
     test = read_metrics(path / "test_metrics.json", TEST_KEYS)
     check_test(path / "test_metrics.json", test, epochs)
     method = f"stage 2: {cfg['stage2'].get('method')}" if stage2 else f"stage 1: {cfg.get('loss', {}).get('name')}"
+    if test.get("logit_adjust_tau"):  # the --test that wrote it adjusted the logits: another result of the same run
+        method += f", post-hoc tau {test['logit_adjust_tau']:g}"
     imbalance = (cfg.get("data") or {}).get("imbalance_factor")
     return Run(path.resolve().name, method, "-" if imbalance is None else f"{imbalance:g}", test, epochs)
 

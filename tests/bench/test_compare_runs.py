@@ -6,10 +6,10 @@ import pytest
 from bench.compare_runs import table
 
 
-def _run(path, top1, many, medium, few, per_class, counts):
+def _run(path, top1, many, medium, few, per_class, counts, **more):
     path.mkdir()
     (path / "test_metrics.json").write_text(json.dumps({"top1": top1, "many": many, "medium": medium, "few": few,
-                                                        "per_class": per_class, "train_class_counts": counts}))
+                                                        "per_class": per_class, "train_class_counts": counts, **more}))
     return path
 
 
@@ -33,3 +33,10 @@ def test_runs_trained_on_other_class_counts_are_refused(tmp_path):
     b = _run(tmp_path / "b", 0.5, 0.9, None, 0.125, [0.9, 0.1], [100, 10])
     with pytest.raises(SystemExit, match="b was trained on other class counts than a"):
         table([a, b])
+
+
+def test_a_run_tested_with_post_hoc_logit_adjustment_is_named_with_its_tau(tmp_path):
+    a = _run(tmp_path / "a", 0.5, 0.9, None, 0.125, [0.9, 0.1], [200, 10], logit_adjust_tau=0.0)
+    b = _run(tmp_path / "b", 0.625, 0.75, None, 0.5, [0.75, 0.5], [200, 10], logit_adjust_tau=1.0)
+    rows = table([a, b]).splitlines()
+    assert rows[2].startswith("| a | 50.0 |") and rows[3].startswith("| b (post-hoc tau 1) | 62.5 |")

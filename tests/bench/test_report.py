@@ -90,6 +90,16 @@ def test_the_results_table_prints_the_written_fractions_in_percent_and_null_as_a
     assert best_index([runs[2], runs[0]]) == 0  # the baseline is the best
 
 
+def test_a_run_tested_with_post_hoc_logit_adjustment_says_its_tau_in_the_method_column(tmp_path):
+    run = stage1_ce(tmp_path / "ce")
+    test = json.loads((run / "test_metrics.json").read_text())
+    (run / "test_metrics.json").write_text(json.dumps({**test, "logit_adjust_tau": 1.5}))
+    row = results_table([load_run(run)]).splitlines()[2]
+    assert row == "| ce | stage 1: ce, post-hoc tau 1.5 | 40 | 50.0 | 90.0 | 50.0 | 10.0 |"
+    (run / "test_metrics.json").write_text(json.dumps({**test, "logit_adjust_tau": 0.0}))  # 0: no adjustment
+    assert results_table([load_run(run)]).splitlines()[2].startswith("| ce | stage 1: ce | 40 |")
+
+
 def test_the_best_run_of_a_tie_is_the_first_of_them_and_runs_without_a_test_score_never_are():
     from types import SimpleNamespace
 
