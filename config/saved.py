@@ -3,6 +3,7 @@ config a --resume or a stage-2 run brings (old key names read as their new ones)
 """
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,23 @@ SAME_RUN_KEYS = ("data.root", "data.list_dir", "data.download", "log_dir", "name
                  "eval.batch_size", "eval.logit_adjust_tau")
 
 
+# Keys naming a file the run started from: another spelling of the same file (relative or absolute, through a
+# symlink, with ~) is the same run.
+FILE_KEYS = ("stage1.checkpoint", "model.pretrained")
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    try:
+        return bool(a) and bool(b) and os.path.samefile(Path(str(a)).expanduser(), Path(str(b)).expanduser())
+    except (OSError, ValueError):  # gone, unreadable, or a name that is no path (a release's)
+        return False
+
+
 def run_changes(saved: dict, cfg: Config, stage: str) -> list[str]:
     """The keys of a `stage` run's saved config that `cfg` changes beyond SAME_RUN_KEYS: a run of other settings."""
-    return [k for k in config_diff(saved, config_to_dict(cfg, stage)) if k not in SAME_RUN_KEYS]
+    run, now = _saved_flat(saved), flatten(config_to_dict(cfg, stage))
+    return [k for k in config_diff(saved, config_to_dict(cfg, stage))
+            if k not in SAME_RUN_KEYS and not (k in FILE_KEYS and _same_file(run.get(k), now.get(k)))]
 
 
 def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> None:

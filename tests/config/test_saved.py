@@ -79,3 +79,21 @@ def test_the_resume_command_a_refusal_suggests_is_quoted_for_the_shell():
     command = str(e.value).split("resume with the run's own config: ")[1]
     assert shlex.split(command)[:5] == ["python", "stage1_train.py", "--cfg", "/tmp/my runs/é/config.yaml", "--resume"]
     assert "log_dir=/tmp/my runs/é" in shlex.split(command)
+
+
+def test_resume_accepts_another_spelling_of_the_stage_1_checkpoint_and_refuses_another_file(tmp_path, monkeypatch):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "last.pt").write_bytes(b"x")
+    (tmp_path / "other.pt").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "s1")
+    monkeypatch.chdir(tmp_path)
+    saved = config_to_dict(load_config(None, ["stage1.checkpoint=s1/last.pt"], "stage2"), "stage2")
+    for spelling in (tmp_path / "s1" / "last.pt", "./s1/../s1/last.pt", "link/last.pt"):
+        check_resume(saved, load_config(None, [f"stage1.checkpoint={spelling}"], "stage2"), "stage2",
+                     "logs/x/config.yaml")
+    with pytest.raises(ConfigError, match=r"stage1.checkpoint \(the run's s1/last.pt, now other.pt\)"):
+        check_resume(saved, load_config(None, ["stage1.checkpoint=other.pt"], "stage2"), "stage2", "logs/x/config.yaml")
+    (tmp_path / "s1" / "last.pt").unlink()  # gone: no file to compare, so the spelling must be the run's
+    with pytest.raises(ConfigError, match="stage1.checkpoint"):
+        check_resume(saved, load_config(None, [f"stage1.checkpoint={tmp_path}/s1/last.pt"], "stage2"), "stage2",
+                     "logs/x/config.yaml")
