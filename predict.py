@@ -22,7 +22,6 @@ need --dataset for their normalisation.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import shlex
 import signal
@@ -45,7 +44,7 @@ from engine.device import DeviceError, resolve_device
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.export import (META_FILE, WEIGHTS_FILE, export_meta, load_export, model_from_export, path_error_message,
                            write_export)
-from models.losses import LOSSES, output_probability
+from models.losses import training_logit_scale, training_probability
 
 
 def positive_int(text: str) -> int:
@@ -89,29 +88,6 @@ def model_input(meta: dict) -> Callable[[torch.Tensor], torch.Tensor]:
             image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         return normalize(image, meta["mean"], meta["std"])
     return square
-
-
-def training_logit_scale(ckpt: dict) -> float | None:
-    """The factor the training loss multiplied the logits by before its softmax, so that predict's
-    probabilities are the ones training fitted: loss.scale for ldam (its default, 30, when unset), else
-    1; stage 2's config has no loss (its linear head learns from plain logits). None for a cosine head
-    without a training config (an import): no scale is recorded, and 1 would squeeze the cosines'
-    softmax towards uniform (each of 10 classes about 0.1)."""
-    head = ckpt["model_args"].get("head", "linear")
-    if ckpt["config"] is None:
-        return None if head == "cosine" else 1.0  # foreign linear heads: trained on plain logits
-    loss = ckpt["config"].get("loss") or {}
-    if loss.get("scale") is not None:
-        return float(loss["scale"])
-    default = inspect.signature(LOSSES[loss["name"]]).parameters.get("scale") if loss.get("name") in LOSSES else None
-    return float(default.default) if default is not None else 1.0
-
-
-def training_probability(ckpt: dict) -> str:
-    """"sigmoid" when the stage-1 loss fitted each class's logit by a sigmoid, else "softmax" (stage 2's
-    methods, imports)."""
-    loss = (ckpt["config"] or {}).get("loss") or {}
-    return output_probability(loss["name"], loss) if loss.get("name") in LOSSES else "softmax"
 
 
 def checkpoint_for_inference(path: str, dataset: str | None) -> tuple[dict, dict]:

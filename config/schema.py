@@ -166,7 +166,7 @@ class MetaSamplerConfig:
 class EvalConfig:
     # images per evaluation batch; on CPU, ResNet-32 runs 1.7x faster per image at 128 than at 512 (cache)
     batch_size: int = 128
-    logit_adjust_tau: float = 0.0  # --test: logits - tau * log prior (post-hoc logit adjustment); 0 = off
+    logit_adjust_tau: float = 0.0  # --test: logits - tau * log prior (post-hoc; ldam: scale * cosines); 0 = off
 
 
 # Keys whose values form a closed set that no registry owns (registries check their own names).

@@ -22,7 +22,7 @@ from engine.distributed import Dist, from_rank0
 from engine.loop import metrics_from_logits, predict_all_ranks
 from engine.metrics import format_table
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked
-from models.losses import EmptyClassError, posthoc_logit_adjust
+from models.losses import EmptyClassError, posthoc_logit_adjust, training_logit_scale
 from models.registry import build_model
 
 
@@ -60,7 +60,8 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     computed on `device` under autocast `amp` (with several processes rank 0 reads the checkpoint and sends
     it to the others, each rank predicts its shard and every rank gets the metrics of the whole split).
 
-    logit_adjust_tau > 0 subtracts tau * log prior (the checkpoint's class counts) from the logits.
+    logit_adjust_tau > 0 subtracts tau * log prior (the checkpoint's class counts) from the logits the training
+    loss's softmax fitted: the head's outputs times its scale (ldam's cosines x 30), as Menon et al. adjust.
     """
     ckpt = from_rank0(lambda: load_checkpoint(path), d)  # only rank 0's machine may hold it
     dataset = checkpoint_dataset(ckpt, path)
@@ -82,7 +83,8 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     logits = predict_all_ranks(model.to(device), images, batch_size, mean, std, channels_last, "test", amp, d,
                                workers)
     if logit_adjust_tau:
-        logits = posthoc_logit_adjust(logits, counts, logit_adjust_tau)
+        # checkpoint_dataset refused a checkpoint without its training config: its scale is known (not None)
+        logits = posthoc_logit_adjust(logits * training_logit_scale(ckpt), counts, logit_adjust_tau)
     return metrics_from_logits(logits, labels, counts, confusion=True), class_names
 
 

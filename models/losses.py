@@ -20,7 +20,8 @@ from models.losses_base import EmptyClassError, LongTailLoss
 from models.losses_logit import ARBLoss, BalancedSoftmaxLoss, CrossEntropyLoss, LogitAdjustLoss, posthoc_logit_adjust
 from models.losses_weighted import ClassBalancedLoss, FocalLoss, LDAMLoss, ReweightLoss
 
-__all__ = ["LOSSES", "EmptyClassError", "LongTailLoss", "build_loss", "output_probability", "posthoc_logit_adjust"]
+__all__ = ["LOSSES", "EmptyClassError", "LongTailLoss", "build_loss", "output_probability", "posthoc_logit_adjust",
+           "training_logit_scale", "training_probability"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,29 @@ def output_probability(name: str, params: dict[str, Any]) -> str:
     probabilities it fits."""
     param, sigmoid_values = SIGMOID_CHOICES.get(name, ("", ()))
     return "sigmoid" if params.get(param) in sigmoid_values else "softmax"
+
+
+def training_logit_scale(ckpt: dict) -> float | None:
+    """The factor checkpoint `ckpt`'s training loss multiplied the logits by before its softmax, so that the
+    probabilities (predict.py) and the post-hoc logit adjustment (--test) act on the logits training fitted:
+    loss.scale for ldam (its default, 30, when unset), else 1; stage 2's config has no loss (its linear head
+    learns from plain logits). None for a cosine head without a training config (an import): no scale is
+    recorded, and 1 would squeeze the cosines' softmax towards uniform (each of 10 classes about 0.1)."""
+    head = ckpt["model_args"].get("head", "linear")
+    if ckpt["config"] is None:
+        return None if head == "cosine" else 1.0  # foreign linear heads: trained on plain logits
+    loss = ckpt["config"].get("loss") or {}
+    if loss.get("scale") is not None:
+        return float(loss["scale"])
+    default = inspect.signature(LOSSES[loss["name"]]).parameters.get("scale") if loss.get("name") in LOSSES else None
+    return float(default.default) if default is not None else 1.0
+
+
+def training_probability(ckpt: dict) -> str:
+    """"sigmoid" when the stage-1 loss fitted each class's logit by a sigmoid, else "softmax" (stage 2's
+    methods, imports)."""
+    loss = (ckpt["config"] or {}).get("loss") or {}
+    return output_probability(loss["name"], loss) if loss.get("name") in LOSSES else "softmax"
 
 
 def loss_params(name: str) -> list[str]:

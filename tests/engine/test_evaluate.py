@@ -80,3 +80,28 @@ def test_logit_adjustment_of_a_checkpoint_with_a_class_of_no_training_image_is_r
                                               r"class\(es\) of .*last.pt had no training image \(9\): test it "
                                               r"without the adjustment \(eval.logit_adjust_tau=0\)$"):
         evaluate.evaluate_checkpoint(tmp_path / "last.pt", root, False, 32, logit_adjust_tau=1.0)
+
+
+def _cosine_checkpoint(tmp_path, counts, config):
+    torch.manual_seed(0)
+    model = build_model("resnet32", num_classes=10, head="cosine").eval()
+    save_checkpoint(tmp_path / "last.pt", {"config": config, "model": model.state_dict(),
+                                           "model_args": {"name": "resnet32", "num_classes": 10, "head": "cosine"},
+                                           "class_counts": counts})
+    return model
+
+
+@pytest.mark.parametrize("loss, scale", [({"name": "ldam"}, 30.0), ({"name": "ldam", "scale": 16.0}, 16.0)])
+def test_logit_adjustment_of_an_ldam_cosine_head_acts_on_the_cosines_times_the_loss_scale(tmp_path, loss, scale):
+    """LDAM's softmax fitted scale * cos: Menon et al.'s post-hoc rule subtracts tau log prior from those logits,
+    not from the raw cosines in [-1, 1], which the log prior (a spread of 6.9 here) would swamp."""
+    root = write_fake_cifar10(tmp_path, train_per_class=1, test_per_class=12)
+    counts = [5000, 2000, 1000, 500, 200, 100, 50, 20, 10, 5]
+    log_prior = torch.tensor(counts, dtype=torch.float32).div(sum(counts)).log()
+    model = _cosine_checkpoint(tmp_path, counts, {"data": {"dataset": "cifar10"}, "loss": loss})
+    images, labels, _, mean, std = evaluate.test_split({}, "cifar10", root, "", download=False)
+    cosines = predict_logits(model, images, 32, mean, std)
+    expected = metrics_from_logits(scale * cosines - log_prior, labels, counts, confusion=True)
+    assert metrics_from_logits(cosines - log_prior, labels, counts, confusion=True) != expected  # the scale matters
+    assert evaluate.evaluate_checkpoint(tmp_path / "last.pt", root, False, 32, logit_adjust_tau=1.0)[0] == expected
+
