@@ -119,8 +119,10 @@ class ARBLoss(LongTailLoss):
             counts = self.class_counts
         else:
             # (C,) label counts of the batch; not bincount, whose output size depends on the labels (a GPU
-            # waits for their maximum) and which the meta device (the tests' stand-in for a GPU) lacks.
-            counts = logits.new_zeros(self.num_classes).index_add_(0, batch_labels, logits.new_ones(len(batch_labels)))
+            # waits for their maximum) and which the meta device (the tests' stand-in for a GPU) lacks. Counted in
+            # float32 at least: bfloat16 counts no further than 256, float16 than 2048.
+            ones = logits.new_ones(len(batch_labels), dtype=torch.promote_types(logits.dtype, torch.float32))
+            counts = ones.new_zeros(self.num_classes).index_add_(0, batch_labels, ones)
         # log 0 = -inf removes absent classes; the true class is always present so each row
         # keeps a finite maximum and log-softmax (and its gradient) stays finite.
         shifted = clamped + torch.log(counts).to(logits.dtype)

@@ -233,6 +233,21 @@ def test_arb_micro_batches_take_the_whole_batch_s_counts_and_their_share_of_its_
     assert first + last == pytest.approx(arb(logits, labels).item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_arb_counts_a_batch_s_labels_exactly_when_the_logits_are_half_precision(dtype):
+    """20000 labels of class 0 and 12 of class 1: bfloat16 stops counting at 256 and float16 at 2048 (a loss 15 and
+    2.4 times too large), so the batch counts are summed in float32 and only their log is cast to the logits' dtype
+    (bfloat16's log 20000 is 0.06 off: within 25 %)."""
+    labels = torch.tensor([0] * 20000 + [1] * 12)
+    logits = torch.zeros(len(labels), 2)
+    logits[:, 1] = 0.5
+    arb = build_loss("arb", [1, 1])
+    m = torch.tensor([20000.0, 12.0]).log()
+    expected = nn.functional.cross_entropy(logits + m, labels).item()
+    assert arb(logits.to(dtype), labels).item() == pytest.approx(expected, rel=0.25)
+    assert arb(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_arb_clamps_logits_to_30():
     labels = torch.tensor([0, 1])
     big = torch.tensor([[100.0, 0.0], [0.0, -100.0]], dtype=torch.float64)
