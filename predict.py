@@ -62,9 +62,7 @@ def read_images(paths: Sequence[str]) -> tuple[list[str], list[torch.Tensor]]:
         try:
             with open(path, "rb"):  # a missing or unreadable path gets the plain words of its OSError
                 pass
-            image = decode_rgb(Path(path))
-            # An animated GIF decodes to its frames (N, 3, H, W): classify the first, as Pillow read it.
-            images.append(image[0] if image.dim() == 4 else image)
+            images.append(decode_rgb(Path(path)))  # an animated GIF: its first frame
             read.append(path)
         except OSError as e:
             print(f"error: cannot read {path} as an image ({e}); skipped", file=sys.stderr)

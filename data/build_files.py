@@ -111,9 +111,15 @@ def build_file_data(dataset: str, root: str | Path, list_dir: str | Path, imbala
         val_images=ImageFileDataset(val, eval_transform(image_size, mean, std)) if val else None,
         val_labels=val.labels if val else torch.empty(0, dtype=torch.int64),
         class_names=train.class_names, class_counts=counts, mean=mean, std=std,
-        train_digest=training_digest("".join(f"{_under(p, root)}\t{label}\n" for p, label in
-                                             zip(train.paths, train.labels.tolist())).encode()),
+        train_digest=training_digest(_listing(train, root)),
     )
+
+
+def _listing(split: ImageList, root: Path) -> bytes:
+    """The training images and labels the digest reads; a file name that is not UTF-8 (an old archive's Latin-1)
+    comes from the file system as surrogates, which take back their own bytes."""
+    text = "".join(f"{_under(p, root)}\t{label}\n" for p, label in zip(split.paths, split.labels.tolist()))
+    return text.encode(errors="surrogateescape")
 
 
 def _under(path: Path, root: Path) -> str:

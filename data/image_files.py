@@ -37,7 +37,8 @@ def decoder_reason(err: Exception) -> str:
 
 
 def decode_rgb(path: Path) -> torch.Tensor:
-    """Decode the image file ``path`` to uint8 (3, H, W) RGB (grayscale and alpha images included)."""
+    """Decode the image file ``path`` to uint8 (3, H, W) RGB (grayscale and alpha images included; an animated
+    GIF's first frame, as Pillow reads it)."""
     # torchvision is imported where it is used: its import takes about 1 s (it loads torch._dynamo),
     # which every command that reads no image file (CIFAR runs, --help, a refused config) would pay.
     from torchvision.io import ImageReadMode, decode_image, read_file
@@ -48,8 +49,11 @@ def decode_rgb(path: Path) -> torch.Tensor:
             raise DatasetNotFoundError(f"image {path} does not exist; restore it or re-read the split.") from err
         if Path(path).is_dir():
             raise DatasetFormatError(f"image {path} is a folder, not an image file; remove it from the split") from err
-        raise DatasetFormatError(f"cannot decode image {path}: {decoder_reason(err)}; re-download or remove "
-                                 f"it.") from err
+        raise DatasetFormatError(f"cannot decode image {path}: {decoder_reason(err)}; restore it from the "
+                                 f"dataset's source (without it the training set is another, which --resume "
+                                 f"refuses: a run on it starts anew).") from err
+    if image.dim() == 4:  # an animated GIF: (frames, 3, H, W)
+        image = image[0]
     # 16-bit PNGs decode to uint16: scale them to uint8 so every image takes the same path.
     if image.dtype != torch.uint8:
         from torchvision.transforms import v2

@@ -165,17 +165,19 @@ def read_folder_split(root: Path, split: str, class_names: list[str] | None = No
     paths: list[Path] = []
     labels: list[int] = []
     skipped: list[str] = []
+    empty: list[str] = []
     for folder in folders:
         # DirEntry.is_file() needs no extra stat on most file systems: this runs once per image.
         with os.scandir(split_dir / folder) as scan:
             entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
         is_image = [e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file() for e in entries]
         images = [e.name for e, keep in zip(entries, is_image) if keep]
-        if not images:
+        if not images and class_names is None:  # a training class with no image
             raise DatasetFormatError(
                 f"{split_dir / folder}: class folder holds no images ({' '.join(IMAGE_EXTENSIONS)}); "
                 f"add its images or remove the folder."
             )
+        empty += [] if images else [folder]  # another split's class without images there, as without its folder
         skipped += [f"{folder}/{e.name}" for e, keep in zip(entries, is_image) if not keep]
         paths += [split_dir / folder / n for n in images]
         labels += [class_index[folder]] * len(images)
@@ -184,6 +186,12 @@ def read_folder_split(root: Path, split: str, class_names: list[str] | None = No
             "%s: skipped %d entries that are not %s images, e.g. %s",
             split_dir, len(skipped), "/".join(IMAGE_EXTENSIONS), skipped[0],
         )
+    if empty:
+        logger.warning("%s: %d class folders hold no images (%s): those classes have no %s images",
+                       split_dir, len(empty), ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""), split)
+    if not paths:
+        raise DatasetFormatError(f"{split_dir}: no class folder holds images ({' '.join(IMAGE_EXTENSIONS)}); add "
+                                 f"the {split} images or remove {split_dir}.")
     logger.info("read %s: %d images in %d class folders", split_dir, len(paths), len(folders))
     return ImageList(paths=paths, labels=torch.tensor(labels, dtype=torch.int64), class_names=list(names))
 
@@ -202,8 +210,6 @@ def _class_folders(split_dir: Path, class_names: list[str] | None) -> list[str]:
 
 
 def check_split_classes(root: Path, split: str, class_names: list[str]) -> None:
-    """root/<split>'s class folders, when it exists, are training classes: checked as training starts, so that the
-    --test after the run does not fail on a stray folder."""
-    split_dir = Path(root).expanduser().resolve() / split
-    if split_dir.is_dir():
-        _class_folders(split_dir, class_names)
+    """root/<split>, when it exists, reads as a split of the training classes: checked as training starts (one
+    listing of its folders), so that the --test after the run does not fail on a stray or empty folder."""
+    read_folder_split(root, split, class_names)

@@ -37,7 +37,8 @@ def setup_run(run_dir: str | Path, seed: int, num_threads: int, writes: bool = T
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stderr)]
     if writes and log_file:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        # UTF-8 whatever the locale; a file name that is not UTF-8 (a surrogate) is written as its \x escapes
+        handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8", errors="backslashreplace"))
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)

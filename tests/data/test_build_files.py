@@ -1,6 +1,7 @@
 """data.build_files: the splits of image-folder and split-list datasets, on tiny real JPEG files."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -178,6 +179,14 @@ def test_a_test_class_folder_the_training_split_lacks_is_refused_when_the_traini
     shutil.rmtree(root / "test" / "yak")
     assert build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16).class_names == ["ant", "bee"]
 
+
+def test_a_test_folder_without_any_image_is_refused_when_the_training_set_is_built(tmp_path):
+    root = write_image_folder(tmp_path / "f", {"train": {"ant": 2, "bee": 2}})
+    (root / "test" / "ant").mkdir(parents=True)
+    with pytest.raises(DatasetFormatError, match=rf"^{root.resolve() / 'test'}: no class folder holds images"):
+        build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16)
+
+
 def test_a_hold_out_or_imbalance_that_empties_a_class_is_one_error_naming_the_keys(tmp_path):
     root = _folder(tmp_path, train=6)
     with pytest.raises(DatasetFormatError, match=r"data.val_per_class=6 would hold out every training image of "
@@ -204,6 +213,18 @@ def test_the_training_digest_of_image_files_names_them_relative_to_the_root(tmp_
     there = shutil.copytree(here, tmp_path / "there")
     assert build_file_data("folder", there, "", 4.0, "exp", 0, 0, 16).train_digest == data.train_digest
     assert build_file_data("folder", here, "", 4.0, "exp", 1, 0, 16).train_digest != data.train_digest  # other files
+
+
+def test_a_file_name_that_is_not_utf_8_is_read_and_digested_by_its_bytes(tmp_path):
+    """An old archive's Latin-1 name (caf\xe9.jpg) comes from the file system as a surrogate, which str.encode
+    refuses; the digest takes the name's own bytes."""
+    root = _folder(tmp_path, train=3)
+    latin1 = root / "train" / "ant" / os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(root / "train" / "ant" / "0.jpg", latin1)
+    data = build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16)
+    assert latin1 in data.train_images.images.paths and data.class_counts == [4, 3, 3, 3]
+    os.rename(latin1, root / "train" / "ant" / "cafe.jpg")
+    assert build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16).train_digest != data.train_digest
 
 
 def test_a_folder_s_long_tail_keeps_the_files_its_subset_draw_keeps(tmp_path):

@@ -23,6 +23,11 @@ def write_png(path: Path, image: torch.Tensor) -> Path:
 # --- decoding --------------------------------------------------------------------------------------
 
 
+# Not "remove it": a run then has another training set, which --resume refuses.
+RESTORE_ADVICE = ("; restore it from the dataset's source (without it the training set is another, which --resume "
+                  "refuses: a run on it starts anew).")
+
+
 @pytest.mark.parametrize("content", [b"not an image at all", b"", b"\xff\xd8\xff\xe0 truncated jpeg"])
 def test_corrupt_image_is_a_format_error_naming_the_file(tmp_path, content):
     path = tmp_path / "bad.jpg"
@@ -31,7 +36,7 @@ def test_corrupt_image_is_a_format_error_naming_the_file(tmp_path, content):
         decode_rgb(path)
     message = str(err.value)
     assert message.startswith(f"cannot decode image {path}: ")
-    assert message.endswith("; re-download or remove it.")
+    assert message.endswith(RESTORE_ADVICE)
     assert "\n" not in message and ".cpp" not in message
 
 
@@ -51,7 +56,7 @@ def test_a_decoder_error_reads_as_its_reason_without_torchvision_s_source_or_adv
         decode_rgb(path)
     message = str(err.value)
     assert message.startswith(f"cannot decode image {path}: {reason}")
-    assert message.endswith("; re-download or remove it.")
+    assert message.endswith(RESTORE_ADVICE)
     assert ".cpp" not in message and "decode_avif" not in message and "\n" not in message
 
 
@@ -84,6 +89,22 @@ def test_16_bit_png_decodes_to_uint8(tmp_path):
     image = decode_rgb(tmp_path / "deep.png")
     assert image.dtype == torch.uint8
     assert torch.equal(image, torch.full((3, 4, 5), 255, dtype=torch.uint8))
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_where_pillow_s_convert_clips_it_white(tmp_path):
+    Image.fromarray(np.array([[4096, 32768, 65535]], dtype=np.uint16)).save(tmp_path / "deep.png")
+    assert decode_rgb(tmp_path / "deep.png")[:, 0].tolist() == [[16, 128, 255]] * 3
+    with Image.open(tmp_path / "deep.png") as im:
+        assert np.array(im.convert("RGB"))[0, :, 0].tolist() == [255, 255, 255]
+
+
+def test_an_animated_gif_decodes_to_its_first_frame_as_pillow_reads_it(tmp_path):
+    frames = [Image.fromarray(np.full((4, 6, 3), v, dtype=np.uint8)) for v in (0, 255, 128)]
+    frames[0].save(tmp_path / "anim.jpg", format="GIF", save_all=True, append_images=frames[1:])  # under a .jpg name
+    with Image.open(tmp_path / "anim.jpg") as im:
+        assert im.n_frames == 3
+        expected = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(decode_rgb(tmp_path / "anim.jpg"), expected)  # (3, 4, 6): one frame
 
 
 def test_cmyk_jpeg_decodes_to_the_rgb_that_pillow_converts_it_to(tmp_path):

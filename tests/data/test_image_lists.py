@@ -193,6 +193,20 @@ def test_empty_class_folder_is_a_format_error_naming_it(tmp_path):
     assert str(err.value).startswith(f"{tmp_path.resolve() / 'train' / 'b'}: class folder holds no images")
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_an_empty_class_folder_of_another_split_is_that_class_without_images_there(tmp_path, split, caplog):
+    """As a class whose folder that split lacks: the metrics report such a class as "-"; a split of no images at
+    all is refused."""
+    write_noise_jpeg(tmp_path / split / "a" / "1.jpg")
+    (tmp_path / split / "b").mkdir(parents=True)
+    images = read_folder_split(tmp_path, split, ["a", "b"])
+    assert [p.name for p in images.paths] == ["1.jpg"] and images.labels.tolist() == [0]
+    assert f"1 class folders hold no images (b): those classes have no {split} images" in caplog.text
+    (tmp_path / split / "a" / "1.jpg").unlink()
+    with pytest.raises(DatasetFormatError, match=rf"^{tmp_path.resolve() / split}: no class folder holds images "):
+        read_folder_split(tmp_path, split, ["a", "b"])
+
+
 def test_split_folder_without_class_folders_is_a_format_error(tmp_path):
     write_noise_jpeg(tmp_path / "train" / "loose.jpg")
     with pytest.raises(DatasetFormatError, match=r"has no class folders"):

@@ -100,3 +100,15 @@ def test_a_killed_run_s_forked_children_do_not_keep_its_run_directory_claimed(tm
     finally:
         release_run_dir(run_dir)
         os.kill(child, signal.SIGKILL)
+
+
+def test_train_log_is_utf_8_and_writes_a_file_name_that_is_not_utf_8_as_its_escapes(tmp_path):
+    """A skipped file of an old archive (caf\\xe9.txt, a surrogate in Python) logged by name: without errors= the
+    FileHandler printed a 'Logging error' traceback instead of the line; the C locale does not change the file."""
+    code = ("import logging, sys; from engine.run_dir import setup_run; setup_run(sys.argv[1], 0, 1); "
+            "logging.getLogger('data').warning('skipped caf\\udce9.txt and d\\u00e9j\\u00e0.txt')")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                          timeout=120, env={**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"})
+    assert done.returncode == 0 and b"Logging error" not in done.stderr
+    log = (tmp_path / "run" / "train.log").read_bytes()
+    assert log.endswith(b"skipped caf\\udce9.txt and d\xc3\xa9j\xc3\xa0.txt\n")
