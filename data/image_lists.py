@@ -97,6 +97,7 @@ def read_list_split(dataset: str, split: str, list_dir: Path, root: Path, check_
 
     paths: list[Path] = []
     labels: list[int] = []
+    missing: list[tuple[int, Path]] = []  # (line, image): all of them counted, so one rerun finds every gap
     with list_file.open("rb") as handle:  # bytes, decoded line by line, so a bad byte gets its line number
         for line_no, raw in enumerate(handle, start=1):
             try:
@@ -110,12 +111,17 @@ def read_list_split(dataset: str, split: str, list_dir: Path, root: Path, check_
             path, label = _parse_line(line, f"{list_file}:{line_no}", spec.num_classes)
             path = root / path
             if check_files and not path.is_file():
-                raise DatasetNotFoundError(
-                    f"{list_file}:{line_no}: image {path} does not exist; point data.root at the folder "
-                    f"the list's paths are relative to (now {root}) or restore the missing file."
-                )
+                missing.append((line_no, path))
             paths.append(path)
             labels.append(label)
+    if missing:
+        line_no, path = missing[0]
+        more = (f" (and {len(missing) - 1} more of its {len(paths)} images, e.g. line {missing[-1][0]})"
+                if len(missing) > 1 else "")
+        raise DatasetNotFoundError(
+            f"{list_file}:{line_no}: image {path} does not exist{more}; point data.root at the folder the list's "
+            f"paths are relative to (now {root}) or restore the missing files."
+        )
     if not paths:
         raise DatasetFormatError(f"{list_file} lists no images; replace it with the original list ({_LIST_SOURCE}).")
     logger.info("read %s %s: %d images listed in %s", spec.display_name, split, len(paths), list_file)

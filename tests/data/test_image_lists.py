@@ -110,13 +110,23 @@ def test_empty_list_is_a_format_error(tmp_path):
         read_list_split("places_lt", "test", tmp_path, tmp_path, check_files=False)
 
 
+def test_every_missing_listed_image_is_counted_in_the_one_error(tmp_path):
+    """A partly extracted archive: one run names the first gap and counts the others, not one rerun per file."""
+    write_noise_jpeg(tmp_path / "a.jpg")
+    list_file = write_list(tmp_path, "Places_LT_train.txt", "x.jpg 0\na.jpg 0\ny.jpg 1\nz.jpg 1\n")
+    with pytest.raises(DatasetNotFoundError) as err:
+        read_list_split("places_lt", "train", tmp_path, tmp_path)
+    assert str(err.value).startswith(f"{list_file}:1: image {tmp_path.resolve() / 'x.jpg'} does not exist (and 2 "
+                                     f"more of its 4 images, e.g. line 4); point data.root at the folder")
+
+
 def test_missing_listed_image_names_list_file_line_and_image(tmp_path):
     root = tmp_path / "places"
     write_noise_jpeg(root / "a.jpg")
     list_file = write_list(tmp_path, "Places_LT_train.txt", "a.jpg 0\nmissing/b.jpg 1\n")
     with pytest.raises(DatasetNotFoundError) as err:
         read_list_split("places_lt", "train", tmp_path, root)
-    assert str(err.value).startswith(f"{list_file}:2: image {root.resolve() / 'missing/b.jpg'} does not exist")
+    assert str(err.value).startswith(f"{list_file}:2: image {root.resolve() / 'missing/b.jpg'} does not exist; ")
     # Without the check the list is read as is.
     split = read_list_split("places_lt", "train", tmp_path, root, check_files=False)
     assert split.labels.tolist() == [0, 1]
