@@ -67,6 +67,9 @@ class ClassBalancedLoss(LongTailLoss):
         check_choice("variant", variant, CB_VARIANTS)
         if gamma is not None and variant != "focal":
             raise ValueError(f"gamma only applies to variant='focal', got gamma={gamma} with variant={variant!r}")
+        if variant != "softmax" and self.num_classes < 2:  # init_bias's prior 1/C: -log(C - 1)
+            raise ValueError(f"variant={variant!r} starts each class's sigmoid at the prior 1/C, which needs at "
+                             f"least 2 classes, and the training set has {self.num_classes}")
         self.gamma = DEFAULT_CB_GAMMA if gamma is None else gamma
         _check_gamma(self.gamma)
         self.variant = variant

@@ -405,3 +405,11 @@ def test_a_loss_s_output_probability_is_sigmoid_exactly_when_it_fits_one_vs_all_
     # The sigmoid forms are the ones whose head starts from the one-vs-all prior bias (RetinaNet's init).
     sigmoid = build_loss(name, COUNTS, **params).init_bias() is not None
     assert output_probability(name, {**params, "unrelated": None}) == ("sigmoid" if sigmoid else "softmax")
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "focal"])
+def test_class_balanced_sigmoid_variants_refuse_a_single_class_whose_prior_bias_is_log_0(variant):
+    with pytest.raises(ValueError, match=rf"^variant='{variant}' starts each class's sigmoid at the prior 1/C, which "
+                                         r"needs at least 2 classes, and the training set has 1$"):
+        build_loss("class_balanced", [7], variant=variant)
+    assert build_loss("class_balanced", [7]).init_bias() is None  # softmax: no bias, one class trains
