@@ -20,19 +20,19 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run
+from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run, training_set
 from config.load import check_names, config_to_dict
 from config.readers import check_drw_epoch, check_loss_keys
 from config.schema import Config, TrainConfig
 from data.augment import BatchAugment
 from data.build import LongTailData, recorded_normalization
-from data.build_files import FileData, build_training_set, data_record
+from data.build_files import FileData, data_record
 from data.loader import MIXUP_STREAM, BatchLoader, epoch_steps
 from data.samplers import SAMPLERS, build_sampler
 from data.stream import StreamLoader
 from engine.compiled import CompiledForBatchSizes
 from engine.device import grad_scaler
-from engine.distributed import Dist, broadcast_module, sync_batchnorm
+from engine.distributed import Dist, broadcast_module, from_rank0, sync_batchnorm
 from engine.loop import evaluate, micro_batch_sizes, train_one_epoch
 from engine.run import Progress, end_epoch, finish_run, finished_run, restore
 from engine.stopping import StopRequest, stop_run
@@ -55,9 +55,7 @@ def build_data(cfg: Config, device: torch.device, ranks: Dist,
     gathered, augmented and normalised; image files: decoded and augmented in data.workers processes.
     A resumed run (ckpt, its last.pt) keeps the normalisation it started with."""
     d, t = cfg.data, cfg.train
-    data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
-                              d.val_per_class, d.image_size, recorded_normalization(ckpt, d.dataset) if ckpt else None,
-                              d.subset_draw, d.flip)
+    data = training_set(cfg, ranks, recorded_normalization(ckpt, d.dataset) if ckpt else None)
     sampler_params = {}
     if d.sampler == "progressive":  # interpolates from instance to class-balanced over the whole run
         epoch_len = epoch_steps(len(data.train_labels), t.batch_size, ranks.world)
@@ -75,10 +73,12 @@ def build_data(cfg: Config, device: torch.device, ranks: Dist,
     return data, loader
 
 
-def build_network(cfg: Config, num_classes: int, device: torch.device, resuming: bool) -> tuple[nn.Module, dict, bool]:
+def build_network(cfg: Config, num_classes: int, device: torch.device, resuming: bool,
+                  ranks: Dist) -> tuple[nn.Module, dict, bool]:
     """(model, its model_args, whether its head is new): a random init, or model.pretrained to
-    fine-tune (its own head, or a new one with model.reset_head). A resumed run's weights all come
-    from its last.pt: the pretrained file is not read again (a cleared cache, a node offline)."""
+    fine-tune (its own head, or a new one with model.reset_head), read (or downloaded) by rank 0 and sent to
+    the others. A resumed run's weights all come from its last.pt: the pretrained file is not read again (a
+    cleared cache, a node offline)."""
     m = cfg.model
     if m.reset_head and not m.pretrained:
         raise SystemExit("config error: model.reset_head=true replaces the head of pretrained weights, and no "
@@ -86,8 +86,8 @@ def build_network(cfg: Config, num_classes: int, device: torch.device, resuming:
     model_args = {"name": m.name, "num_classes": num_classes, "head": m.head}
     if m.pretrained and not resuming:
         try:
-            model = load_pretrained(m.pretrained, arch=m.name, num_classes=num_classes, reset_head=m.reset_head,
-                                    head=m.head)
+            model = from_rank0(lambda: load_pretrained(m.pretrained, arch=m.name, num_classes=num_classes,
+                                                       reset_head=m.reset_head, head=m.head), ranks)
         except (CheckpointError, DownloadError) as e:
             raise SystemExit(f"error: model.pretrained={m.pretrained}: {e}") from None
     else:
@@ -178,7 +178,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     data, loader = build_data(cfg, device, d, ckpt)
     check_select_metric(t.select_metric, data.class_counts, len(data.val_labels) > 0)
-    model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device, resuming=ckpt is not None)
+    model, model_args, fresh_head = build_network(cfg, len(data.class_counts), device, ckpt is not None, d)
     loss_fn = build_criterion(cfg, data.class_counts, model, fresh_head).to(device)
     train_model = wrap_for_training(model, t, device, d)  # checkpoints save `model`
     optimizer, scheduler, steps_total = sgd_with_schedule(

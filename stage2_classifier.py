@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run
+from config.cli import check_select_metric, open_log, run_cli, start_processes, start_run, training_set
 from config.load import config_to_dict
 from config.saved import check_stage_of_run
 from config.schema import Config
@@ -30,10 +30,10 @@ from config.stage2 import (Method, check_data, check_method, check_tau_norm_keys
                            keeps_stage1_head, with_stage1_training_set)
 from data.augment import BatchAugment
 from data.build import LongTailData, build_meta_resample, recorded_normalization
-from data.build_files import FileData, build_training_set, data_record
+from data.build_files import FileData, data_record
 from data.loader import META_VIEW_STREAM, VIEW_STREAM, epoch_generator, steps_per_epoch
 from data.samplers import build_sampler
-from engine.distributed import Dist, check_same_on_ranks, from_rank0
+from engine.distributed import Dist, broadcast_module, check_same_on_ranks, from_rank0
 from engine.features import (CachedFeatures, LiveFeatures, cache_path, check_cache_fits, compute_views, disk_views,
                              drop_feature_caches, view_chunk)
 from engine.head_loop import Features, MetaSampling, train_head_epoch
@@ -77,7 +77,7 @@ def stage1_run(cfg: Config, ranks: Dist, resume: bool) -> dict | None:
 
 
 def build_backbone(cfg: Config, s1: dict | None, counts: list[int], digest: str, method: Method,
-                   device: torch.device) -> tuple[nn.Module, dict]:
+                   device: torch.device, ranks: Dist) -> tuple[nn.Module, dict]:
     """The frozen backbone with its stage-1 head, and the model_args of stage 2's checkpoints: a
     stage-1 run of this tool (its training set compared with counts and digest), or pretrained / imported
     weights (no training set to match)."""
@@ -95,7 +95,8 @@ def build_backbone(cfg: Config, s1: dict | None, counts: list[int], digest: str,
     else:
         source = cfg.stage1.checkpoint or cfg.model.pretrained
         try:
-            model = load_pretrained(source, arch=cfg.model.name, num_classes=len(counts), reset_head=not keep_head)
+            model = from_rank0(lambda: load_pretrained(source, arch=cfg.model.name, num_classes=len(counts),
+                                                       reset_head=not keep_head), ranks)  # only rank 0's machine
         except HeadMismatchError as e:  # its advice, model.reset_head=true, is refused for these methods
             raise SystemExit(f"error: {source}: {e.problem}; stage2.method={cfg.stage2.method} starts from the "
                              f"backbone's own classifier, which must have this training set's {len(counts)} classes: "
@@ -161,16 +162,18 @@ def feature_source(cfg: Config, model: nn.Module, images: torch.Tensor | Dataset
                                   device)
         return CachedFeatures(compute())
     return LiveFeatures(model, images.to(device), augment, data.mean, data.std, cfg.model.channels_last,
-                        bn_train=cfg.stage2.live_bn == "train", amp=cfg.train.amp)
+                        bn_train=cfg.stage2.live_bn == "train", amp=cfg.train.amp, d=ranks)
 
 
-def new_head(cfg: Config, method: Method, stage1_head: nn.Module) -> nn.Module:
-    """The head stage 2 trains, on the stage-1 head's device."""
+def new_head(cfg: Config, method: Method, stage1_head: nn.Module, ranks: Dist) -> nn.Module:
+    """The head stage 2 trains, on the stage-1 head's device; rank 0's on every rank (an init from each rank's
+    global generator, moved on rank 0 alone when only it read the backbone: imported weights)."""
     if method.head == "lws":
-        return ScaledLinear(stage1_head)
+        return ScaledLinear(stage1_head)  # the stage-1 head (the same on every rank) scaled by ones
     head = nn.Linear(stage1_head.in_features, stage1_head.out_features, device=stage1_head.weight.device)
     if cfg.stage2.init_head == "stage1":
         head.load_state_dict(stage1_head.state_dict())
+    broadcast_module(head, ranks)
     return head
 
 
@@ -229,10 +232,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if ckpt is None:
         drop_feature_caches(run_dir, ranks.is_main)
 
-    data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
-                              d.val_per_class, d.image_size, recorded_normalization(s1, d.dataset) if s1 else None,
-                              d.subset_draw, d.flip)
-    model, model_args = build_backbone(cfg, s1, data.class_counts, data.train_digest, method, device)
+    data = training_set(cfg, ranks, recorded_normalization(s1, d.dataset) if s1 else None)
+    model, model_args = build_backbone(cfg, s1, data.class_counts, data.train_digest, method, device, ranks)
     loss_fn = method_loss(cfg, method, data, device)
     runlog = open_log(cfg, STAGE, run_dir, ranks, ckpt)
     if augment_note:
@@ -247,7 +248,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if ckpt is not None:  # the run's own backbone (and BN statistics), whatever stage1.checkpoint holds by now
         load_backbone_state(model, ckpt["model"], f"model in {run_dir / 'last.pt'}")
     features = feature_source(cfg, model, data.train_images, data, VIEW_STREAM, ranks, run_dir, chunk)
-    model.head = head = new_head(cfg, method, copy.deepcopy(model.head))
+    model.head = head = new_head(cfg, method, copy.deepcopy(model.head), ranks)
     meta = sampler = None
     if method.kind == "meta":
         meta = meta_sampling(cfg, model, data, features, ranks, run_dir, chunk)

@@ -17,10 +17,11 @@ from config.readers import check_dataset_keys
 from config.saved import check_resume, dump_config
 from config.schema import Config
 from config.stage2 import check_method_keys
-from data.build_files import DATASET_KINDS
+from data.build import LongTailData, Normalization
+from data.build_files import DATASET_KINDS, FileData, build_training_set
 from data.long_tail import shot_groups
 from engine.device import check_amp, set_cuda_flags
-from engine.distributed import Dist, from_rank0, init_distributed, shutdown
+from engine.distributed import Dist, check_same_data, from_rank0, init_distributed, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import trim_metrics_log
 from engine.run_dir import claim_run_dir, default_checkpoint, resume_checkpoint, setup_run
@@ -118,6 +119,17 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
         else:  # lines of epochs after last.pt (logged before a kill) are redone too
             trim_metrics_log(run_dir, ckpt["epoch"])
     return run_dir, ckpt
+
+
+def training_set(cfg: Config, ranks: Dist, normalization: Normalization | None) -> LongTailData | FileData:
+    """The run's training set and validation split (data.*; `normalization`: a recorded one, else the dataset's),
+    the same on every rank: each reads its own data.root, so another copy on one machine is one error here."""
+    d = cfg.data
+    data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
+                              d.val_per_class, d.image_size, normalization, d.subset_draw, d.flip)
+    check_same_data(f"{len(data.train_labels)} training images, {len(data.val_labels)} validation, digest "
+                    f"{data.train_digest}", "training set", ranks)
+    return data
 
 
 def open_log(cfg: Config, stage: str, run_dir: Path, ranks: Dist, ckpt: dict | None = None) -> RunLog | None:

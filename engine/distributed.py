@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn  # differentiable collectives
 from torch import nn
 
+from data.cifar import DatasetFormatError
 from engine.device import DeviceError, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,21 @@ def check_same_on_ranks(modules: dict[str, nn.Module], d: Dist) -> None:
                                f"{float((part - parts[0]).abs().max()):.3g}: the ranks no longer train the same model")
 
 
+def check_same_data(summary: str, what: str, d: Dist) -> None:
+    """Each rank reads the data at its own data.root: stop every rank with one error naming the first rank whose
+    `summary` of it (sizes and digest) differs from rank 0's, before another copy of the dataset hangs the job
+    in mismatched collectives (other lengths) or trains it on a mix of two datasets (other pixels)."""
+    if d.world == 1:
+        return
+    summaries: list = [None] * d.world
+    dist.all_gather_object(summaries, summary)
+    for rank, theirs in enumerate(summaries[1:], start=1):
+        if theirs != summaries[0]:
+            raise DatasetFormatError(f"rank {rank} reads another {what} than rank 0 ({theirs}; rank 0: "
+                                     f"{summaries[0]}): every process reads its own data.root, so each machine "
+                                     f"needs the same copy of the dataset there")
+
+
 def sum_over_ranks(values: list[float], d: Dist) -> list[float]:
     """Each value summed over all ranks (float64)."""
     if d.world == 1:
@@ -149,6 +165,15 @@ def from_rank0(read: Callable[[], T], d: Dist) -> T:
     if error is not None:
         raise error
     return value
+
+
+def from_rank0_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Rank 0's `t` (same shape and dtype on every rank) on every rank, on t's device."""
+    if d.world == 1:
+        return t
+    via = t.to(_collective_device()).contiguous()
+    dist.broadcast(via, src=0)
+    return via.to(t.device)
 
 
 def broadcast_module(module: nn.Module, d: Dist) -> None:

@@ -14,11 +14,11 @@ import torch
 
 from torch.utils.data import Dataset
 
-from data.build import recorded_normalization
+from data.build import recorded_normalization, training_digest
 from data.build_files import DATASET_KINDS, FILE_DATASETS, read_test_split
 from data.cifar import load_cifar
 from data.image_files import ImageFileDataset, eval_transform
-from engine.distributed import Dist, from_rank0
+from engine.distributed import Dist, check_same_data, from_rank0
 from engine.loop import metrics_from_logits, predict_all_ranks
 from engine.metrics import format_table
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked
@@ -67,6 +67,9 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     dataset = checkpoint_dataset(ckpt, path)
     counts = ckpt["class_counts"]
     images, labels, class_names, mean, std = test_split(ckpt, dataset, data_root, list_dir, download)
+    pixels = [memoryview(images.numpy())] if isinstance(images, torch.Tensor) else []  # files: roots may differ
+    check_same_data(f"{len(labels)} images, digest {training_digest(labels.numpy().tobytes(), *pixels)}",
+                    f"{dataset} test split", d)
     if len(counts) != len(class_names):
         raise CheckpointError(f"{path} has {len(counts)} class counts, but the {dataset} test split has "
                               f"{len(class_names)} classes: the checkpoint is damaged or edited")

@@ -27,7 +27,7 @@ from data.stream import keep_working_on_sigterm
 from data.transfer import to_device
 from engine.device import DeviceError
 from engine.loop import forward_each
-from engine.distributed import Dist, gather_rows, sum_over_ranks
+from engine.distributed import Dist, from_rank0_tensor, gather_rows, sum_over_ranks
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 logger = logging.getLogger(__name__)
@@ -223,12 +223,16 @@ class LiveFeatures:
     The backbone's weights stay frozen. With bn_train (the BALMS code) it runs in train mode, so
     BatchNorm uses batch statistics and updates its running averages; without, it keeps the
     stage-1 statistics (eval mode), as compute_views does. Its forward pass runs under autocast
-    with amp (off | bf16 | fp16), as compute_views's; the features come back in fp32.
+    with amp (off | bf16 | fp16), as compute_views's; the features come back in fp32. Under torchrun every
+    rank runs the whole batch (BatchNorm's batch statistics are the one-process ones) and takes rank 0's
+    features: ranks with other thread counts (machines with other numbers of cores) compute them a few ulp
+    apart, and the head, which every rank trains alike, must stay identical.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, augment: Augment, mean: Sequence[float],
-                 std: Sequence[float], channels_last: bool = False, bn_train: bool = True, amp: str = "off") -> None:
-        self.model, self.images, self.augment = model, images, augment
+                 std: Sequence[float], channels_last: bool = False, bn_train: bool = True, amp: str = "off",
+                 d: Dist = Dist()) -> None:
+        self.model, self.images, self.augment, self.d = model, images, augment, d
         self.mean, self.std, self.channels_last, self.bn_train, self.amp = mean, std, channels_last, bn_train, amp
 
     @torch.no_grad()
@@ -237,4 +241,5 @@ class LiveFeatures:
         images = self.images[to_device(indices, self.images.device)].to(next(self.model.parameters()).device,
                                                                          non_blocking=True)
         x = normalize(self.augment(images, generator), self.mean, self.std)
-        return forward_each(self.model.forward_features, (x,), x.device, self.channels_last, self.amp)[0]  # (B, D)
+        features = forward_each(self.model.forward_features, (x,), x.device, self.channels_last, self.amp)[0]
+        return from_rank0_tensor(features, self.d)  # (B, D)

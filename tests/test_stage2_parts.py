@@ -78,7 +78,7 @@ def test_a_new_head_starts_from_the_stage_1_classifier_only_with_init_head_stage
                       stage="stage2")
     torch.manual_seed(0)
     stage1 = torch.nn.Linear(64, 10)
-    head = new_head(cfg, METHODS["crt"], stage1)
+    head = new_head(cfg, METHODS["crt"], stage1, Dist())
     assert (torch.equal(head.weight, stage1.weight) and torch.equal(head.bias, stage1.bias)) == (init == "stage1")
 
 
@@ -157,7 +157,8 @@ def test_a_stage_2_run_s_checkpoint_as_backbone_says_whose_head_a_method_starts_
     s2 = {"config": config_to_dict(saved, "stage2"), "model_args": {"name": "resnet32", "num_classes": 3},
           "class_counts": [6, 3, 1], "model": trained.state_dict()}
     with caplog.at_level(logging.WARNING, logger="stage2"):
-        model, _ = stage2_classifier.build_backbone(cfg, s2, [6, 3, 1], "d", check_method(cfg), torch.device("cpu"))
+        model, _ = stage2_classifier.build_backbone(cfg, s2, [6, 3, 1], "d", check_method(cfg), torch.device("cpu"),
+                                                    Dist())
     head = ("but stage2.method=tau_norm starts from the head that run trained, not stage 1's" if keeps_head
             else "and its head is not used")
     assert caplog.messages == ["s2/last.pt is a stage-2 run's checkpoint (stage2.method=balms): its backbone is the "
@@ -165,5 +166,5 @@ def test_a_stage_2_run_s_checkpoint_as_backbone_says_whose_head_a_method_starts_
     assert torch.equal(model.head.weight, trained.head.weight)
     caplog.clear()
     stage2_classifier.build_backbone(cfg, {k: v for k, v in s2.items() if k != "model"}, [6, 3, 1], "d",
-                                     check_method(cfg), torch.device("cpu"))
+                                     check_method(cfg), torch.device("cpu"), Dist())
     assert caplog.messages == []
