@@ -124,8 +124,8 @@ def fit_tau_norm(cfg: Config, run_dir, runlog: RunLog | None, model: nn.Module, 
                                   cfg.data.workers)[0]
         tau, records = tau_search(stage1_head, val_feats, data.val_labels, data.class_counts,
                                   cfg.stage2.tau_norm_grid, cfg.train.select_metric)
-        for i, r in enumerate(records if runlog is not None else []):
-            runlog.log(i, r)
+        for i, r in enumerate(records if runlog is not None else []):  # step = grid index; the result's is 0
+            runlog.log(i, {f"search_{k}": v for k, v in r.items()})
     model.head = tau_normalized(stage1_head, tau)
     logger.info("tau_norm: tau = %g (%s)", tau, "searched on the validation set" if has_val else "stage2.tau_norm_tau")
     record = {"tau": tau}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -114,8 +115,9 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
         elif ckpt is None and resume:  # a run's config.yaml given from elsewhere names a log_dir relative to there
             logger.warning("--resume: %s holds no run to continue: a new run starts there", run_dir.resolve())
         remove_stale_temp_files(run_dir)  # of checkpoint and metric-log writes a kill interrupted
-        if ckpt is None:  # a start killed before its first last.pt may have logged an epoch: it is redone
+        if ckpt is None:  # a start killed before its first last.pt may have logged epochs: they are redone
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)  # its TensorBoard events too
         else:  # lines of epochs after last.pt (logged before a kill) are redone too
             trim_metrics_log(run_dir, ckpt["epoch"])
     return run_dir, ckpt
@@ -139,7 +141,10 @@ def open_log(cfg: Config, stage: str, run_dir: Path, ranks: Dist, ckpt: dict | N
     if not ranks.is_main:
         return None
     dump_config(cfg, run_dir / "config.yaml", stage)
-    return RunLog(run_dir, purge_step=ckpt["step"] + 1 if ckpt is not None and "step" in ckpt else None)
+    # From the step after the last epoch last.pt closed: a run stopped in an epoch's last step saved step (e + 1) L
+    # before logging epoch e + 1 at that step, which a resume killed before its next last.pt may have logged.
+    purge = ckpt["step"] - ckpt.get("epoch_step", 0) + 1 if ckpt is not None and "step" in ckpt else None
+    return RunLog(run_dir, purge_step=purge)
 
 
 def check_select_metric(metric: str, class_counts: list[int], has_val: bool, chooses: str = "best.pt") -> None:

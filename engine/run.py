@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,12 @@ class Progress:
     epoch_step: int = 0  # steps done of epoch `epoch` + 1: > 0 only when a run stopped inside it
     # time.monotonic() when last.pt was last written (or the run started): end_epoch's clock, not saved
     saved_at: float = field(default_factory=time.monotonic, compare=False, repr=False)
+    # Drawn when a run starts (again: a restart in a directory without last.pt) and kept by its resumes: a best.pt
+    # of another id is an earlier attempt's, which this run replaces (None: a run started before 2026-12-07).
+    run_id: str | None = field(default_factory=lambda: secrets.token_hex(8), compare=False)
 
     def as_checkpoint(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "epoch_step": self.epoch_step,
+        return {"epoch": self.epoch, "step": self.step, "epoch_step": self.epoch_step, "run_id": self.run_id,
                 "best": {"metric": self.metric, "value": self.best_value, "epoch": self.best_epoch}}
 
     def steps_this_epoch(self, steps_total: int, epoch_len: int) -> int:
@@ -86,22 +90,24 @@ def restore(ckpt: dict, objects: dict[str, Any], run_dir: Path, class_counts: li
         else:
             obj.load_state_dict(ckpt[name])
     logger.info("resumed from %s at epoch %d, step %d", run_dir / "last.pt", ckpt["epoch"], ckpt["step"])
-    best = _best_saved(run_dir, ckpt["best"])
+    best = _best_saved(run_dir, ckpt["best"], ckpt.get("run_id"))
     legacy = ckpt["step"] - ckpt["epoch"] * epoch_len if "epoch_sums" in ckpt else 0
     return Progress(best["metric"], ckpt["epoch"], ckpt["step"], best["value"], best["epoch"],
-                    ckpt.get("epoch_step", legacy))
+                    ckpt.get("epoch_step", legacy), run_id=ckpt.get("run_id"))
 
 
-def _best_saved(run_dir: Path, best: dict) -> dict:
+def _best_saved(run_dir: Path, best: dict, run_id: str | None) -> dict:
     """The best score so far: last.pt's record, or best.pt's where that is higher. best.pt is written before
     last.pt, and under train.save_every_s last.pt may wait several epochs, so a run killed in between has a
     best.pt of an epoch last.pt does not know; from last.pt's record alone, a resumed run would overwrite that
-    best.pt with any weaker epoch that beats last.pt's record."""
+    best.pt with any weaker epoch that beats last.pt's record. A best.pt of another run_id is an earlier
+    attempt's in this directory (killed before its first last.pt, then started again): never this run's best."""
     path = run_dir / "best.pt"
     if not path.is_file():
         return best
-    saved = load_checkpoint(path, mmap=True).get("best", {})
-    if saved.get("metric") != best["metric"] or saved.get("value") is None:
+    ckpt = load_checkpoint(path, mmap=True)
+    saved = ckpt.get("best", {})
+    if saved.get("metric") != best["metric"] or saved.get("value") is None or ckpt.get("run_id") != run_id:
         return best
     if best["value"] is None or saved["value"] > best["value"]:
         logger.info("%s holds epoch %d (%s %.4g), after last.pt: a resumed epoch must beat it to replace it",

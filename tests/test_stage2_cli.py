@@ -46,8 +46,13 @@ def test_stage1_then_stage2_method_then_test_table(fake_cifar10, stage1_run, tmp
     for key in stage1:  # the backbone is frozen and, with cached features, BN statistics too
         if not key.startswith("head."):
             assert torch.equal(stage1[key], stage2[key]), key
-    if method != "tau_norm":
-        lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    if method == "tau_norm":  # the search, a line per tau at its grid index, then the result at step 0
+        searched = [line for line in lines if "search_tau" in line]
+        assert [line["step"] for line in searched] == list(range(len(searched))) and len(searched) > 1
+        assert lines[-1]["step"] == 0 and lines[-1]["tau"] in [line["search_tau"] for line in searched]
+        assert not any("tau" in line for line in searched)  # one value of tag "tau" at step 0 in TensorBoard
+    else:
         assert lines[-1]["step"] == 12 and "val_top1" in lines[-1]
         if method == "balms":
             probs = lines[-1]["sample_probs"]

@@ -367,6 +367,20 @@ def test_resume_beside_a_best_pt_without_last_pt_says_the_run_starts_again_once_
                                       f"there"] if rank == 0 else [])
 
 
+def test_a_run_started_again_drops_the_metric_lines_and_tensorboard_events_of_the_attempt_before(tmp_path,
+                                                                                                  monkeypatch):
+    """An attempt killed before its first last.pt logged epochs; the run started again logs them anew (before
+    2026-12-07 TensorBoard showed both attempts' events, every epoch twice)."""
+    cfg, _ = parse_cli("stage1", "", [f"log_dir={tmp_path}"])
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events.out.tfevents.1.host").write_bytes(b"x")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (tmp_path / "keep.txt").write_text("the user's")
+    monkeypatch.setattr(config.cli, "setup_run", lambda run_dir, *_, **__: Path(run_dir))
+    assert start_run(cfg, "stage1", True, Dist()) == (tmp_path, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
 
 @pytest.mark.parametrize("overrides", [["train.nesterov=true", "train.momentum=0"], ["data.crop_padding=40"]])
 def test_a_key_tau_norm_never_reads_is_named_as_unread_before_any_rule_on_its_value(overrides):
@@ -432,7 +446,10 @@ def test_a_resumed_run_hides_only_the_tensorboard_events_after_its_checkpoint_s_
     cfg = load_config(None, [f"log_dir={tmp_path}"], "stage1")
     config.cli.open_log(cfg, "stage1", tmp_path, Dist(), {"step": 12, "epoch": 3})
     config.cli.open_log(cfg, "stage1", tmp_path, Dist())  # a new run hides nothing
-    assert seen == [13, None]
+    # stopped in epoch 4's last step (4 steps an epoch): epoch 4's line, at step 16, was not logged before the stop
+    # and may have been by a resume killed before its next last.pt: it is hidden too
+    config.cli.open_log(cfg, "stage1", tmp_path, Dist(), {"step": 16, "epoch": 3, "epoch_step": 4})
+    assert seen == [13, None, 13]
 
 
 def test_only_rank_0_opens_the_metric_log_and_writes_the_config(tmp_path):

@@ -11,7 +11,7 @@ from engine.run import Progress, end_epoch, finished_run, restore, trim_metrics_
 from engine.run_dir import RunDirError
 from engine.stopping import StopRequest, stop_run
 from engine.runlog import RunLog
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, save_checkpoint
 
 
 def _val(top1, few=None):
@@ -118,6 +118,24 @@ def test_a_resumed_run_keeps_a_best_pt_written_after_its_last_pt_until_an_epoch_
         assert torch.load(tmp_path / "best.pt", weights_only=True)["payload"] == best_payload
     runlog.close()
     assert progress.as_checkpoint()["best"] == {"metric": "top1", "value": 0.85, "epoch": 3}
+
+
+def test_a_best_pt_left_by_an_earlier_attempt_in_the_directory_is_not_the_resumed_run_s_best(tmp_path):
+    """An attempt killed before its first last.pt left best.pt (0.9); the run started again there is stopped inside
+    its first epoch (last.pt: no best yet) and resumed: its first epoch's 0.2 is its best.pt, not the stale 0.9."""
+    earlier = Progress("top1", epoch=7, step=70, best_value=0.9, best_epoch=7)
+    save_checkpoint(tmp_path / "best.pt", {"model": {}, **earlier.as_checkpoint()})
+    restarted = Progress("top1", step=3, epoch_step=3)  # its own run_id
+    assert restarted.run_id != earlier.run_id and len(restarted.run_id) == 16
+    ckpt = {"model": nn.Linear(3, 2).state_dict(), "class_counts": [5, 2], **restarted.as_checkpoint()}
+    progress = restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], epoch_len=10, train_digest="d")
+    assert (progress.best_value, progress.best_epoch, progress.run_id) == (None, None, restarted.run_id)
+    progress.epoch, progress.step = 1, 10
+    end_epoch(tmp_path, RunLog(tmp_path), progress, {}, _val(0.2), {"payload": 1}, 5)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["best"] == {"metric": "top1", "value": 0.2, "epoch": 1}
+    # a run of its own: the best.pt it wrote counts on its next resume, also when higher than last.pt's record
+    ckpt = {**ckpt, **progress.as_checkpoint(), "best": {"metric": "top1", "value": 0.1, "epoch": 1}}
+    assert restore(ckpt, {"model": nn.Linear(3, 2)}, tmp_path, [5, 2], 10, train_digest="d").best_value == 0.2
 
 
 @pytest.mark.parametrize("saved, epoch_len, expected", [
