@@ -127,13 +127,13 @@ def train_one_epoch(
             if mixup_alpha > 0:
                 loss = lam * loss + (1 - lam) * micro_batch_loss(loss_fn, logits, yb, batch_yb) * ranks
             finite &= torch.isfinite(loss)
-            if (step + 1) % check_every == 0 and not finite:
-                raise FloatingPointError(f"{desc}, step {step + 1}: the loss became NaN or infinite (lr {lr:.4g}); "
-                                         "nothing of this epoch was saved: lower train.lr or check the data")
             scaler.scale(loss).backward()
             pred = logits.argmax(1)
             total_correct += lam * (pred == ya).sum() + (1 - lam) * (pred == yb).sum()
             total_loss += loss.detach() * len(y)
+        if (step + 1) % check_every == 0 and not finite:  # one read of the device for the step's micro-batches
+            raise FloatingPointError(f"{desc}, step {step + 1}: the loss became NaN or infinite (lr {lr:.4g}); "
+                                     "nothing of this epoch was saved: lower train.lr or check the data")
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

@@ -171,6 +171,17 @@ def test_a_nan_loss_on_the_cpu_stops_the_epoch_before_its_optimiser_step():
         assert torch.equal(value, before[name])
 
 
+@pytest.mark.parametrize("accum_steps", [1, 4])
+def test_the_nan_check_reads_the_device_once_a_checked_step_whatever_its_micro_batches(monkeypatch, accum_steps):
+    """On an accelerator each read waits for it: a checked step (every step on the CPU) reads its finiteness once
+    after its micro-batches, not once per micro-batch (before 2026-12-07, accum_steps reads)."""
+    reads, as_bool = [], torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t.shape) or as_bool(t))
+    torch.manual_seed(0)
+    _train(Tiny(), _batches(n_batches=3), accum_steps=accum_steps)
+    assert len(reads) == 3
+
+
 def _fixed_epoch(model, batches, loss_fn, **kwargs):
     """train_one_epoch at lr 0 (plain SGD): the model the metrics are taken with is `model` throughout."""
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
