@@ -67,8 +67,12 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+# Prefixes of wrapped models' state dicts: DataParallel / DistributedDataParallel's, torch.compile's.
+_WRAPPERS = re.compile(r"^(?:module\.|_orig_mod\.)+")
+
+
 def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return {_WRAPPERS.sub("", k): v for k, v in state.items()}
 
 
 def _backbone_and_classifier(backbone: dict, classifier: dict | None) -> dict[str, torch.Tensor]:

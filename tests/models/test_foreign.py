@@ -154,10 +154,14 @@ def test_our_checkpoint_imports_without_naming_the_architecture(source, images, 
     assert torch.equal(_logits(load_pretrained(str(path)), images), _logits(source, images))
 
 
-def test_plain_state_dict_with_dataparallel_prefix_imports(source, images, tmp_path):
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."])
+def test_plain_state_dict_of_a_data_parallel_or_compiled_model_imports(source, images, tmp_path, prefix):
+    """nn.DataParallel / DistributedDataParallel name the keys module.*, torch.compile _orig_mod.*, both nest."""
     path = tmp_path / "plain.pt"
-    torch.save(nn.DataParallel(source).state_dict(), path)
+    torch.save({prefix + k: v for k, v in source.state_dict().items()}, path)
     assert torch.equal(_logits(load_pretrained(str(path), arch="resnet32"), images), _logits(source, images))
+    assert next(iter(nn.DataParallel(source).state_dict())).startswith("module.")
+    assert next(iter(torch.compile(source).state_dict())).startswith("_orig_mod.")
 
 
 def test_reset_head_loads_the_backbone_only_for_another_number_of_classes(source, images, tmp_path):
