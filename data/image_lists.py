@@ -98,22 +98,27 @@ def read_list_split(dataset: str, split: str, list_dir: Path, root: Path, check_
     paths: list[Path] = []
     labels: list[int] = []
     missing: list[tuple[int, Path]] = []  # (line, image): all of them counted, so one rerun finds every gap
-    with list_file.open("rb") as handle:  # bytes, decoded line by line, so a bad byte gets its line number
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM some editors write first
-            except UnicodeDecodeError as err:
-                raise DatasetFormatError(
-                    f"{list_file}:{line_no}: not UTF-8 text ({err.reason}); replace the file with the original list."
-                ) from err
-            if not line.strip():
-                continue
-            path, label = _parse_line(line, f"{list_file}:{line_no}", spec.num_classes)
-            path = root / path
-            if check_files and not path.is_file():
-                missing.append((line_no, path))
-            paths.append(path)
-            labels.append(label)
+    seen: dict[Path, tuple[int, int]] = {}  # image -> (line, label) where first listed
+    # Bytes, decoded line by line, so a bad byte gets its line number; lines end in \n, \r\n or an old Mac's \r.
+    for line_no, raw in enumerate(list_file.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM some editors write first
+        except UnicodeDecodeError as err:
+            raise DatasetFormatError(
+                f"{list_file}:{line_no}: not UTF-8 text ({err.reason}); replace the file with the original list."
+            ) from err
+        if not line.strip():
+            continue
+        path, label = _parse_line(line, f"{list_file}:{line_no}", spec.num_classes)
+        path = root / path
+        first_line, first_label = seen.setdefault(path, (line_no, label))
+        if first_label != label:
+            raise DatasetFormatError(f"{list_file}:{line_no}: image {path} is listed with label {label}, and with "
+                                     f"{first_label} at line {first_line}; replace the file with the original list.")
+        if check_files and not path.is_file():
+            missing.append((line_no, path))
+        paths.append(path)
+        labels.append(label)
     if missing:
         line_no, path = missing[0]
         more = (f" (and {len(missing) - 1} more of its {len(paths)} images, e.g. line {missing[-1][0]})"

@@ -53,6 +53,23 @@ def test_a_list_saved_with_a_byte_order_mark_reads_its_first_path_without_it(tmp
     assert split.paths == [(tmp_path / "root").resolve() / "train/n01/a.JPEG"] and split.labels.tolist() == [3]
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_unix_windows_and_old_mac_line_endings_read_alike(tmp_path, newline):
+    list_file = tmp_path / "Places_LT_train.txt"
+    list_file.write_bytes(newline.join(["a b.jpg 0", "", "c.jpg 1", ""]).encode())
+    split = read_list_split("places_lt", "train", tmp_path, tmp_path, check_files=False)
+    assert [p.name for p in split.paths] == ["a b.jpg", "c.jpg"] and split.labels.tolist() == [0, 1]
+
+
+def test_an_image_listed_twice_with_two_labels_is_refused_and_twice_with_one_is_read_twice(tmp_path):
+    list_file = write_list(tmp_path, "Places_LT_train.txt", "a.jpg 0\nb.jpg 1\n./a.jpg 0\na.jpg 2\n")
+    with pytest.raises(DatasetFormatError, match=rf"^{list_file}:4: image {tmp_path.resolve() / 'a.jpg'} is listed "
+                                                 r"with label 2, and with 0 at line 1; replace the file"):
+        read_list_split("places_lt", "train", tmp_path, tmp_path, check_files=False)
+    write_list(tmp_path, "Places_LT_train.txt", "a.jpg 0\nb.jpg 1\na.jpg 0\n")
+    assert read_list_split("places_lt", "train", tmp_path, tmp_path, check_files=False).labels.tolist() == [0, 1, 0]
+
+
 def test_inat_test_split_reads_the_official_val_list(tmp_path):
     write_list(tmp_path, "iNaturalist18_val.txt", "train_val2018/Aves/3124/x.jpg 8141\n")
     split = read_list_split("inat2018", "test", tmp_path, tmp_path / "root", check_files=False)
