@@ -22,7 +22,7 @@ from data.build import LongTailData, Normalization
 from data.build_files import DATASET_KINDS, FileData, build_training_set
 from data.long_tail import shot_groups
 from engine.device import check_amp, set_cuda_flags
-from engine.distributed import Dist, check_same_data, from_rank0, init_distributed, shutdown
+from engine.distributed import Dist, check_same_data, from_rank0, init_distributed, local_rank0_first, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import trim_metrics_log
 from engine.run_dir import claim_run_dir, default_checkpoint, resume_checkpoint, setup_run
@@ -127,8 +127,11 @@ def training_set(cfg: Config, ranks: Dist, normalization: Normalization | None) 
     """The run's training set and validation split (data.*; `normalization`: a recorded one, else the dataset's),
     the same on every rank: each reads its own data.root, so another copy on one machine is one error here."""
     d = cfg.data
-    data = build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile, d.subset_seed,
-                              d.val_per_class, d.image_size, normalization, d.subset_draw, d.flip)
+
+    def build() -> LongTailData | FileData:
+        return build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile,
+                                  d.subset_seed, d.val_per_class, d.image_size, normalization, d.subset_draw, d.flip)
+    data = local_rank0_first(build, ranks) if d.download else build()  # one download per machine
     check_same_data(f"{len(data.train_labels)} training images, {len(data.val_labels)} validation, digest "
                     f"{data.train_digest}", "training set", ranks)
     return data

@@ -121,6 +121,19 @@ def check_same_on_ranks(modules: dict[str, nn.Module], d: Dist) -> None:
                                f"{float((part - parts[0]).abs().max()):.3g}: the ranks no longer train the same model")
 
 
+def local_rank0_first(make: Callable[[], T], d: Dist) -> T:
+    """make() on each machine's local rank 0 first, then on its other ranks: what make() downloads into a folder
+    (data.download) is fetched once per machine, not by every process into the same files at once."""
+    if d.world == 1:
+        return make()
+    if d.local_rank == 0:
+        value = make()
+        dist.barrier()
+        return value
+    dist.barrier()
+    return make()
+
+
 def check_same_data(summary: str, what: str, d: Dist) -> None:
     """Each rank reads the data at its own data.root: stop every rank with one error naming the first rank whose
     `summary` of it (sizes and digest) differs from rank 0's, before another copy of the dataset hangs the job

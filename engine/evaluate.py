@@ -18,7 +18,7 @@ from data.build import recorded_normalization, training_digest
 from data.build_files import DATASET_KINDS, FILE_DATASETS, read_test_split
 from data.cifar import load_cifar
 from data.image_files import ImageFileDataset, eval_transform
-from engine.distributed import Dist, check_same_data, from_rank0
+from engine.distributed import Dist, check_same_data, from_rank0, local_rank0_first
 from engine.loop import metrics_from_logits, predict_all_ranks
 from engine.metrics import format_table
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_checked
@@ -66,7 +66,9 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, download: bool,
     ckpt = from_rank0(lambda: load_checkpoint(path), d)  # only rank 0's machine may hold it
     dataset = checkpoint_dataset(ckpt, path)
     counts = ckpt["class_counts"]
-    images, labels, class_names, mean, std = test_split(ckpt, dataset, data_root, list_dir, download)
+    def read() -> tuple[torch.Tensor | Dataset, torch.Tensor, list[str], tuple, tuple]:
+        return test_split(ckpt, dataset, data_root, list_dir, download)
+    images, labels, class_names, mean, std = local_rank0_first(read, d) if download else read()  # one download
     pixels = [memoryview(images.numpy())] if isinstance(images, torch.Tensor) else []  # files: roots may differ
     check_same_data(f"{len(labels)} images, digest {training_digest(labels.numpy().tobytes(), *pixels)}",
                     f"{dataset} test split", d)

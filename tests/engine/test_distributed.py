@@ -200,3 +200,30 @@ def test_two_ranks_take_the_one_process_step_of_a_loss_that_looks_at_the_whole_b
         for p, q in zip(model.parameters(), got["weights"]):
             torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-6)
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def _download_worker(rank: int, store: str, folder: str) -> None:
+    """Each rank 'downloads' unless the file is there, as load_cifar(download=True) does, taking 0.5 s to write."""
+    import time
+    from pathlib import Path
+
+    from engine.distributed import local_rank0_first
+    _join(rank, store)
+
+    def make() -> str:
+        archive = Path(folder) / "archive"
+        if archive.exists():
+            return archive.read_text()
+        (Path(folder) / f"downloaded_by_{rank}").touch()
+        time.sleep(0.5)
+        archive.write_text(f"from rank {rank}")
+        return archive.read_text()
+    assert local_rank0_first(make, Dist(rank=rank, world=2, local_rank=rank)) == "from rank 0"
+    dist.destroy_process_group()
+
+
+def test_a_download_is_made_by_a_machine_s_local_rank_0_before_its_other_ranks_look(tmp_path):
+    """data.download under torchrun: every process fetched the archive into the same folder at once."""
+    (tmp_path / "data").mkdir()
+    mp.spawn(_download_worker, args=(str(tmp_path / "store"), str(tmp_path / "data")), nprocs=2)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["archive", "downloaded_by_0"]
