@@ -91,13 +91,15 @@ PAPER_SGD = {
     "cifar10_lt/decoupled_if100/[!t]*.yaml": (0.9, 5e-4, False, 0.1, 512),  # all but tau_norm, which trains nothing
     "cifar*_lt/methods_*/*.yaml": (0.9, 2e-4, False, 0.1, 128),  # LDAM-DRW's cifar_train.py
     "imagenet_lt/*[!m]_res*.yaml": (0.9, 5e-4, False, 0.2, 512),  # Decoupling's ImageNet_LT configs, tau_norm aside
+    "imagenet_lt/stage2_balms_resnet10.yaml": (0.9, 5e-4, False, 0.5, 512),  # BALMS's balms_resnet10.yaml classifier
     "inat2018/*.yaml": (0.9, 1e-4, False, 0.2, 512),  # Decoupling's iNaturalist18 configs
 }
 
 
 @pytest.mark.parametrize("pattern", list(PAPER_SGD))
 def test_paper_configs_train_with_their_paper_s_sgd_settings(pattern):
-    paths = sorted((ROOT / "config").glob(pattern))
+    paths = [p for p in sorted((ROOT / "config").glob(pattern)) if not any(  # the most specific pattern holds
+        other != pattern and len(other) > len(pattern) and p.match(other) for other in PAPER_SGD)]
     assert paths, pattern
     for path in paths:
         stage = "stage2" if "stage2_classifier" in path.read_text().splitlines()[0] else "stage1"
