@@ -155,5 +155,6 @@ def check_weights_finite(payload: dict, epoch: int) -> None:
     bad = [k for k, ok in zip(floats, finite) if not ok]
     if bad:
         raise FloatingPointError(f"the weights became NaN or infinite in epoch {epoch} ({bad[0]} and "
-                                 f"{len(bad) - 1} more); nothing of this epoch was saved: lower train.lr, or "
-                                 f"--resume from the last checkpoint with other settings")
+                                 f"{len(bad) - 1} more); nothing of this epoch was saved: lower train.lr in a new "
+                                 f"run (--resume keeps the run's settings), which may start from the last good "
+                                 f"weights: model.pretrained=<the run's last.pt>")

@@ -201,7 +201,11 @@ def test_weights_that_are_no_longer_finite_stop_the_run_before_anything_is_saved
     # Integer buffers (BatchNorm's batch count) are skipped; the first tensor that went bad is named.
     model = {"a": torch.ones(2), "count": torch.tensor(3), "w": torch.tensor([1.0, float("nan")]),
              "v": torch.tensor([float("inf")])}
-    with pytest.raises(FloatingPointError, match=r"epoch 2 \(w and 1 more\); nothing of this epoch was saved"):
+    # --resume refuses another train.lr: the advice is a new run, from the last good weights if wanted
+    with pytest.raises(FloatingPointError, match=r"epoch 2 \(w and 1 more\); nothing of this epoch was saved: lower "
+                                                 r"train.lr in a new run \(--resume keeps the run's settings\), which "
+                                                 r"may start from the last good weights: model.pretrained=<the run's "
+                                                 r"last.pt>$"):
         end_epoch(tmp_path, runlog, progress, {}, _val(0.9), {"model": model}, 2)
     for name in ("last.pt", "best.pt"):
         saved = torch.load(tmp_path / name, weights_only=True)
