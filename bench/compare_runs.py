@@ -40,6 +40,18 @@ def parse_json(text: str, where: str) -> object:
                  f"(a killed write leaves a partial line: delete it)")
 
 
+def row_name(run: Path, m: dict) -> str:
+    """The run's name in a table, with what else its test_metrics.json `m` scored: a checkpoint from outside the
+    run directory (`--test --ckpt` of another run's, in a log_dir of its own or in a run not yet tested), logits
+    adjusted post hoc (eval.logit_adjust_tau)."""
+    notes = []
+    if m.get("checkpoint") and Path(m["checkpoint"]).resolve().parent != run.resolve():
+        notes.append(f"tests {m['checkpoint']}")
+    if m.get("logit_adjust_tau"):
+        notes.append(f"post-hoc tau {m['logit_adjust_tau']:g}")
+    return f"{run.name} ({'; '.join(notes)})" if notes else run.name
+
+
 def read_metrics(path: Path, keys: tuple[str, ...] = GROUPS) -> dict:
     """A run's test_metrics.json (written by --test), holding `keys`; a file that cannot be read, is not JSON
     or lacks a key ends the program with one line (SystemExit)."""
@@ -58,8 +70,7 @@ def table(runs: list[Path]) -> str:
         if not path.is_file():
             sys.exit(f"error: {path} does not exist: run the script with --test for that run first")
         m = read_metrics(path, (*GROUPS, "per_class", "train_class_counts"))
-        tau = m.get("logit_adjust_tau")  # a --test with eval.logit_adjust_tau: not the run's plain result
-        results.append((f"{run.name} (post-hoc tau {tau:g})" if tau else run.name, m))
+        results.append((row_name(run, m), m))
     first = results[0][1]
     names = first.get("class_names") or [str(c) for c in range(len(first["per_class"]))]
     head = [f"{name} ({n})" for name, n in zip(names, first["train_class_counts"])]

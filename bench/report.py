@@ -18,7 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.compare_runs import parse_json, pct, read_metrics, read_text  # noqa: E402
+from bench.compare_runs import parse_json, pct, read_metrics, read_text, row_name  # noqa: E402
 from bench.report_figures import Run, plot_confusion, plot_curves, plot_per_class, plot_sampling  # noqa: E402
 from config.program import OneLineParser, run_program  # noqa: E402
 from engine.metrics import DENSE_CONFUSION_MAX  # noqa: E402
@@ -57,25 +57,38 @@ def read_config(path: Path) -> dict:
 
 
 def load_run(path: Path) -> Run:
+    """A run directory's test and training records; for a directory that holds only a --test of another run's
+    checkpoint (`--test --ckpt` in a log_dir of its own), the training records are that run's."""
     if not path.is_dir():
         sys.exit(f"error: {path} is not a directory; pass run directories (logs/<run>) that --test has been run on")
+    source, test_path = path, path / "test_metrics.json"
+    if not (path / "config.yaml").is_file() and test_path.is_file():
+        source = Path(read_metrics(test_path, TEST_KEYS).get("checkpoint") or path).parent
     for name in ("config.yaml", "metrics.jsonl"):
-        if not (path / name).is_file():
-            sys.exit(f"error: {path} has no {name}: not a run directory of stage1_train.py or stage2_classifier.py")
-    cfg = read_config(path / "config.yaml")
+        if not (source / name).is_file():
+            sys.exit(f"error: {source} has no {name}: not a run directory of stage1_train.py or stage2_classifier.py")
+    cfg = read_config(source / "config.yaml")
     stage2 = isinstance(cfg.get("stage2"), dict)
-    if not (path / "test_metrics.json").is_file():
+    if not test_path.is_file():
         script = "stage2_classifier.py" if stage2 else "stage1_train.py"
         sys.exit(f"error: {path} has no test_metrics.json; run `python {script} --cfg {path}/config.yaml "
                  f"log_dir={path} --test` first")
-    epochs = read_epochs(path / "metrics.jsonl")
-    test = read_metrics(path / "test_metrics.json", TEST_KEYS)
-    check_test(path / "test_metrics.json", test, epochs)
-    method = f"stage 2: {cfg['stage2'].get('method')}" if stage2 else f"stage 1: {cfg.get('loss', {}).get('name')}"
-    if test.get("logit_adjust_tau"):  # the --test that wrote it adjusted the logits: another result of the same run
-        method += f", post-hoc tau {test['logit_adjust_tau']:g}"
+    epochs = read_epochs(source / "metrics.jsonl")
+    test = read_metrics(test_path, TEST_KEYS)
+    check_test(test_path, test, epochs)
     imbalance = (cfg.get("data") or {}).get("imbalance_factor")
-    return Run(path.resolve().name, method, "-" if imbalance is None else f"{imbalance:g}", test, epochs)
+    return Run(row_name(path.resolve(), test), method_name(cfg), "-" if imbalance is None else f"{imbalance:g}",
+               test, epochs)
+
+
+def method_name(cfg: dict) -> str:
+    """What a run's saved config trains: stage 2's method, or stage 1's loss with its mixup and sampler."""
+    if isinstance(cfg.get("stage2"), dict):
+        return f"stage 2: {cfg['stage2'].get('method')}"
+    train, data = cfg.get("train") or {}, cfg.get("data") or {}
+    extras = (["mixup"] if train.get("mixup_alpha") else []) + (
+        [f"{data['sampler']} sampling"] if data.get("sampler", "instance") != "instance" else [])
+    return " + ".join([f"stage 1: {(cfg.get('loss') or {}).get('name')}", *extras])
 
 
 def best_index(runs: list[Run]) -> int:

@@ -35,8 +35,11 @@ def test_runs_trained_on_other_class_counts_are_refused(tmp_path):
         table([a, b])
 
 
-def test_a_run_tested_with_post_hoc_logit_adjustment_is_named_with_its_tau(tmp_path):
+def test_a_run_tested_post_hoc_or_on_another_run_s_checkpoint_is_named_so(tmp_path):
     a = _run(tmp_path / "a", 0.5, 0.9, None, 0.125, [0.9, 0.1], [200, 10], logit_adjust_tau=0.0)
-    b = _run(tmp_path / "b", 0.625, 0.75, None, 0.5, [0.75, 0.5], [200, 10], logit_adjust_tau=1.0)
-    rows = table([a, b]).splitlines()
+    b = _run(tmp_path / "b", 0.625, 0.75, None, 0.5, [0.75, 0.5], [200, 10], logit_adjust_tau=1.0,
+             checkpoint=str(tmp_path / "b" / "best.pt"))
+    c = _run(tmp_path / "c", 0.625, 0.75, None, 0.5, [0.75, 0.5], [200, 10], checkpoint=str(tmp_path / "a" / "x.pt"))
+    rows = table([a, b, c]).splitlines()
     assert rows[2].startswith("| a | 50.0 |") and rows[3].startswith("| b (post-hoc tau 1) | 62.5 |")
+    assert rows[4].startswith(f"| c (tests {tmp_path / 'a' / 'x.pt'}) | 62.5 |")  # another run's checkpoint

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.report import best_index, confusion_section, load_run, results_table
+from bench.report import best_index, confusion_section, load_run, method_name, results_table
 from bench.report_figures import Run
 from engine.metrics import DENSE_CONFUSION_MAX
 from tests.conftest import REPO
@@ -90,14 +90,38 @@ def test_the_results_table_prints_the_written_fractions_in_percent_and_null_as_a
     assert best_index([runs[2], runs[0]]) == 0  # the baseline is the best
 
 
-def test_a_run_tested_with_post_hoc_logit_adjustment_says_its_tau_in_the_method_column(tmp_path):
+def test_a_run_tested_with_post_hoc_logit_adjustment_or_another_checkpoint_says_so_beside_its_name(tmp_path):
     run = stage1_ce(tmp_path / "ce")
-    test = json.loads((run / "test_metrics.json").read_text())
+    test = json.loads((run / "test_metrics.json").read_text())  # its checkpoint: ce/best.pt
     (run / "test_metrics.json").write_text(json.dumps({**test, "logit_adjust_tau": 1.5}))
     row = results_table([load_run(run)]).splitlines()[2]
-    assert row == "| ce | stage 1: ce, post-hoc tau 1.5 | 40 | 50.0 | 90.0 | 50.0 | 10.0 |"
+    assert row == "| ce (post-hoc tau 1.5) | stage 1: ce | 40 | 50.0 | 90.0 | 50.0 | 10.0 |"
     (run / "test_metrics.json").write_text(json.dumps({**test, "logit_adjust_tau": 0.0}))  # 0: no adjustment
     assert results_table([load_run(run)]).splitlines()[2].startswith("| ce | stage 1: ce | 40 |")
+    # a run not yet tested holding the --test --ckpt of another run's checkpoint: that checkpoint is named
+    other = str(tmp_path / "other" / "best.pt")
+    (run / "test_metrics.json").write_text(json.dumps({**test, "checkpoint": other}))
+    assert results_table([load_run(run)]).splitlines()[2].startswith(f"| ce (tests {other}) | stage 1: ce |")
+
+
+def test_a_log_dir_holding_only_a_test_of_another_run_s_checkpoint_reports_with_that_run_s_records(tmp_path):
+    run = stage1_ce(tmp_path / "ce")
+    tested = tmp_path / "ce_posthoc"
+    tested.mkdir()
+    test = json.loads((run / "test_metrics.json").read_text())
+    (tested / "test_metrics.json").write_text(json.dumps({**test, "logit_adjust_tau": 1.0}))
+    loaded = load_run(tested)
+    assert loaded.name == f"ce_posthoc (tests {run / 'best.pt'}; post-hoc tau 1)" and loaded.imbalance == "40"
+    assert [e["epoch"] for e in loaded.epochs] == [1, 2, 3]  # ce's metrics.jsonl
+
+
+@pytest.mark.parametrize("config, method", [
+    ({"loss": {"name": "ce"}, "train": {"mixup_alpha": 0.0}, "data": {"sampler": "instance"}}, "stage 1: ce"),
+    ({"loss": {"name": "ce"}, "train": {"mixup_alpha": 0.2}}, "stage 1: ce + mixup"),
+    ({"loss": {"name": "focal"}, "data": {"sampler": "sqrt"}}, "stage 1: focal + sqrt sampling"),
+    ({"stage2": {"method": "lws"}, "data": {"sampler": "class_balanced"}}, "stage 2: lws")])
+def test_the_method_column_names_stage_1_s_mixup_and_sampler_beside_its_loss(config, method):
+    assert method_name(config) == method
 
 
 def test_the_best_run_of_a_tie_is_the_first_of_them_and_runs_without_a_test_score_never_are():
