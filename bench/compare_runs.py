@@ -45,7 +45,8 @@ def row_name(run: Path, m: dict) -> str:
     run directory (`--test --ckpt` of another run's, in a log_dir of its own or in a run not yet tested), logits
     adjusted post hoc (eval.logit_adjust_tau)."""
     notes = []
-    if m.get("checkpoint") and Path(m["checkpoint"]).resolve().parent != run.resolve():
+    # By the folder's name: a run directory moved since its --test (logs/ to results/) holds its own checkpoint still.
+    if m.get("checkpoint") and Path(m["checkpoint"]).parent.name != run.resolve().name:
         notes.append(f"tests {m['checkpoint']}")
     if m.get("logit_adjust_tau"):
         notes.append(f"post-hoc tau {m['logit_adjust_tau']:g}")
