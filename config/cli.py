@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import yaml
 
 from config.keys import ConfigError
 from config.load import check_names, check_schedule_keys, load_config
 from config.program import OneLineParser, nothing_left_of_a_refused_run, run_program, user_errors
 from config.readers import check_dataset_keys
-from config.saved import check_resume, dump_config
+from config.saved import check_resume, check_stage_of_run, dump_config
 from config.schema import Config
 from config.stage2 import check_method_keys
 from data.build import LongTailData, Normalization
@@ -25,7 +26,7 @@ from engine.device import check_amp, set_cuda_flags
 from engine.distributed import Dist, check_same_data, from_rank0, init_distributed, local_rank0_first, shutdown
 from engine.evaluate import evaluate_checkpoint, write_test_report
 from engine.run import trim_metrics_log
-from engine.run_dir import claim_run_dir, default_checkpoint, resume_checkpoint, setup_run
+from engine.run_dir import RunDirError, claim_run_dir, default_checkpoint, resume_checkpoint, setup_run
 from engine.runlog import RunLog
 from models.checkpoint import remove_stale_temp_files
 from models.losses import EmptyClassError
@@ -99,7 +100,13 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
     check_dataset_keys(cfg, DATASET_KINDS[cfg.data.dataset])
     def read() -> dict | None:  # before the log opens: a refusal writes nothing
         claim_run_dir(Path(cfg.run_dir))  # one writer: a second run there stops here
-        return resume_checkpoint(Path(cfg.run_dir), resume)
+        try:
+            return resume_checkpoint(Path(cfg.run_dir), resume)
+        except RunDirError:  # a run there: of the other stage (its config.yaml says), --resume would not help
+            saved = {} if resume else _saved_config(Path(cfg.run_dir))
+            if saved:
+                check_stage_of_run(saved, stage, cfg.run_dir, resume=False)
+            raise
     if not resume:  # a new run (else refused as such): its config's errors before the run directory's
         check_schedule_keys(cfg)
     ckpt = from_rank0(read, ranks)
@@ -121,6 +128,15 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
         else:  # lines of epochs after last.pt (logged before a kill) are redone too
             trim_metrics_log(run_dir, ckpt["epoch"])
     return run_dir, ckpt
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """A run directory's config.yaml as written, {} where it is missing or unreadable (a refusal reads it)."""
+    try:
+        tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return tree if isinstance(tree, dict) else {}
 
 
 def training_set(cfg: Config, ranks: Dist, normalization: Normalization | None) -> LongTailData | FileData:

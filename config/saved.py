@@ -48,15 +48,15 @@ def config_diff(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
 
 
-def check_stage_of_run(saved: dict, stage: str, run_dir: str | Path) -> None:
+def check_stage_of_run(saved: dict, stage: str, run_dir: str | Path, resume: bool = True) -> None:
     """A run directory holds the run of one stage (a saved config holds the sections its stage reads:
-    stage 2's has "stage2"): --resume of the other stage there is refused as such, not as a config
-    that differs at many keys."""
+    stage 2's has "stage2"): --resume of the other stage there, or a new run there without it (whose refusal
+    would advise --resume), is refused as such, not as a config that differs at many keys."""
     saved_stage = "stage2" if "stage2" in saved else "stage1"
     if saved_stage != stage:
-        raise ConfigError(f"--resume: {run_dir} holds a {saved_stage} run ({STAGE_SCRIPTS[saved_stage]}), not a "
-                          f"{stage} one: each stage writes its own run directory; give the {stage} run its own "
-                          f"name=... (or log_dir=...)")
+        raise ConfigError(f"{'--resume: ' if resume else ''}{run_dir} holds a {saved_stage} run "
+                          f"({STAGE_SCRIPTS[saved_stage]}), not a {stage} one: each stage writes its own run "
+                          f"directory; give the {stage} run its own name=... (or log_dir=...)")
 
 
 # Keys whose values may differ between a run's saved config and the one that continues it (check_resume): where

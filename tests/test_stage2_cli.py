@@ -173,6 +173,17 @@ def test_refused_resume_leaves_the_run_config_as_it_was(fake_cifar10, stage1_run
     assert (log_dir / "config.yaml").read_text() == before
 
 
+def test_stage2_in_a_stage1_run_s_directory_is_refused_as_the_other_stage_s_not_told_to_resume(fake_cifar10, stage1_run,
+                                                                                                  run):
+    """Without --resume the refusal used to advise --resume, which then refused the directory as stage 1's."""
+    before = sorted(p.name for p in stage1_run.iterdir())
+    proc = run(*_stage2(fake_cifar10, stage1_run, stage1_run), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"config error: {stage1_run} holds a stage1 run (stage1_train.py), not a stage2 one: each stage writes its "
+        f"own run directory; give the stage2 run its own name=... (or log_dir=...)")
+    assert sorted(p.name for p in stage1_run.iterdir()) == before
+
+
 @pytest.mark.parametrize("method", ["balms", "lws"])
 def test_stage2_checkpoint_holds_the_backbone_once(fake_cifar10, stage1_run, tmp_path, run, method):
     log_dir = tmp_path / method
