@@ -153,7 +153,7 @@ def with_stage1_training_set(cfg: Config, s1: dict) -> Config:
             raise SystemExit(f"config error: {key}={value!r}, but the stage-1 run "
                              f"{cfg.stage1.checkpoint or cfg.model.pretrained} has "
                              f"{key}={recorded!r}: stage 2 reads it from the checkpoint; remove {key} from the "
-                             f"stage-2 config")
+                             f"{'command line' if key in cfg.overridden else 'stage-2 config'}")
     data = dataclasses.replace(cfg.data, **{k: getattr(saved, k) for k in SUBSET_KEYS})
     model = dataclasses.replace(cfg.model, name=s1["model_args"]["name"])
     return dataclasses.replace(cfg, data=data, model=model)

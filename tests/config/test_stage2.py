@@ -140,7 +140,8 @@ def test_a_training_set_key_given_at_its_default_on_the_command_line_must_match_
     s1 = {**_stage1(imbalance_factor=10, val_per_class=20, dataset="cifar100"), "model_args": {"name": "resnet32"}}
     key = override.split("=")[0]
     with pytest.raises(SystemExit, match=rf"^config error: {key}=\S+, but the stage-1 run x.pt has {key}="
-                                         rf"{recorded}: stage 2 reads it from the checkpoint"):
+                                         rf"{recorded}: stage 2 reads it from the checkpoint; remove {key} from the "
+                                         r"command line$"):
         with_stage1_training_set(_stage2(override), s1)
     assert with_stage1_training_set(_stage2(), s1).data.imbalance_factor == 10
 
@@ -155,3 +156,12 @@ def test_tau_norm_names_the_schedule_key_it_does_not_read_before_any_warm_up_rul
     check_method(trained)
     with pytest.raises(ConfigError, match=r"train.warmup=5 \(epochs\) is not shorter than the run \(train.epochs=3\)"):
         check_schedule_keys(trained)
+
+
+def test_a_training_set_key_the_stage_2_file_sets_against_stage_1_is_to_be_removed_from_that_file(tmp_path):
+    (tmp_path / "s2.yaml").write_text("stage1:\n  checkpoint: x.pt\ndata:\n  imbalance_factor: 50\n")
+    with pytest.raises(SystemExit, match=r"data.imbalance_factor=50.0, but the stage-1 run x.pt has data.imbalance_"
+                                         r"factor=10.0: stage 2 reads it from the checkpoint; remove "
+                                         r"data.imbalance_factor from the stage-2 config$"):
+        with_stage1_training_set(load_config(tmp_path / "s2.yaml", []), {**_stage1(imbalance_factor=10),
+                                                                            "model_args": {"name": "resnet32"}})
