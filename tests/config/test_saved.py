@@ -97,3 +97,10 @@ def test_resume_accepts_another_spelling_of_the_stage_1_checkpoint_and_refuses_a
     with pytest.raises(ConfigError, match="stage1.checkpoint"):
         check_resume(saved, load_config(None, [f"stage1.checkpoint={tmp_path}/s1/last.pt"], "stage2"), "stage2",
                      "logs/x/config.yaml")
+
+
+def test_a_refused_resume_shows_a_float_key_as_given_not_with_a_trailing_point_zero():
+    saved = config_to_dict(load_config(None, ["train.warmup=800", "train.iterations=1000"], "stage1"), "stage1")
+    with pytest.raises(ConfigError, match=r"at train.warmup \(the run's 800, now 2\); resume"):
+        check_resume(saved, load_config(None, ["train.warmup=2", "train.iterations=1000"], "stage1"), "stage1",
+                     "logs/x/config.yaml")
