@@ -10,7 +10,7 @@ deferred re-weighting starts at 80 % of the run's epochs (counted with the key=v
 train.batch_size=512), as at epoch 160 of 200 in its paper.
 Runs are resumable: a method whose run directory already holds test_metrics.json is not rerun.
 Prints a Markdown table of test top-1 / many / medium / few (in %) and writes it to
-<out>/table.md; each run's metrics.jsonl has the seconds of each epoch.
+<out>/<the configs folder's name>/table.md, beside the runs; each run's metrics.jsonl has the seconds of each epoch.
 """
 from __future__ import annotations
 
