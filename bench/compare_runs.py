@@ -45,12 +45,15 @@ def row_name(run: Path, m: dict) -> str:
     run directory (`--test --ckpt` of another run's, in a log_dir of its own or in a run not yet tested), logits
     adjusted post hoc (eval.logit_adjust_tau)."""
     notes = []
-    # By the folder's name: a run directory moved since its --test (logs/ to results/) holds its own checkpoint still.
-    if m.get("checkpoint") and Path(m["checkpoint"]).parent.name != run.resolve().name:
+    # By the folder's name, as given or resolved (a run directory moved since its --test, logs/ to results/, or
+    # reached through a link holds its own checkpoint still); "" or ".": a --test run inside the run directory.
+    folder = Path(m.get("checkpoint") or ".").parent.name
+    if folder not in ("", ".", run.name, run.resolve().name):
         notes.append(f"tests {m['checkpoint']}")
     if m.get("logit_adjust_tau"):
         notes.append(f"post-hoc tau {m['logit_adjust_tau']:g}")
-    return f"{run.name} ({'; '.join(notes)})" if notes else run.name
+    name = run.name or run.resolve().name  # "." given: the folder's own name
+    return f"{name} ({'; '.join(notes)})" if notes else name
 
 
 def read_metrics(path: Path, keys: tuple[str, ...] = GROUPS) -> dict:

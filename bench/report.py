@@ -77,7 +77,7 @@ def load_run(path: Path) -> Run:
     test = read_metrics(test_path, TEST_KEYS)
     check_test(test_path, test, epochs)
     imbalance = (cfg.get("data") or {}).get("imbalance_factor")
-    return Run(row_name(path.resolve(), test), method_name(cfg), "-" if imbalance is None else f"{imbalance:g}",
+    return Run(row_name(path, test), method_name(cfg), "-" if imbalance is None else f"{imbalance:g}",
                test, epochs)
 
 
@@ -87,7 +87,7 @@ def method_name(cfg: dict) -> str:
         return f"stage 2: {cfg['stage2'].get('method')}"
     train, data = cfg.get("train") or {}, cfg.get("data") or {}
     extras = (["mixup"] if train.get("mixup_alpha") else []) + (
-        [f"{data['sampler']} sampling"] if data.get("sampler", "instance") != "instance" else [])
+        [f"{data['sampler']} sampling"] if (data.get("sampler") or "instance") != "instance" else [])
     return " + ".join([f"stage 1: {(cfg.get('loss') or {}).get('name')}", *extras])
 
 

@@ -99,8 +99,8 @@ def check_resume(saved: dict, cfg: Config, stage: str, saved_at: str | Path) -> 
     diff = run_changes(saved, cfg, stage)
     if diff:
         defaults, run, now = flatten(config_to_dict(Config())), _saved_flat(saved), flatten(config_to_dict(cfg, stage))
-        def shown(v: Any) -> str:  # 2 rather than 2.0 for a float key given as train.warmup=2
-            return f"{v:g}" if isinstance(v, float) else str(v)
+        def shown(v: Any) -> str:  # 2 rather than 2.0 for a float key given as train.warmup=2; 0.1 as 0.1
+            return str(int(v)) if isinstance(v, float) and v.is_integer() and abs(v) < 1e15 else str(v)
         values = ", ".join(f"{k} (the run's {shown(run.get(k, defaults.get(k)))}, now "
                            f"{shown(now.get(k, defaults.get(k)))})" for k in diff)
         # The run's config.yaml, where it is now, with the data where it is now, and the keys that file lacks

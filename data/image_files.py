@@ -41,10 +41,14 @@ def decode_rgb(path: Path) -> torch.Tensor:
     GIF's first frame, as Pillow reads it)."""
     # torchvision is imported where it is used: its import takes about 1 s (it loads torch._dynamo),
     # which every command that reads no image file (CIFAR runs, --help, a refused config) would pay.
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.io import ImageReadMode, decode_image
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as err:
+        # The bytes read here, not by torchvision's read_file, which refuses a name that is not UTF-8 (Latin-1).
+        data = Path(path).read_bytes()
+        if not data:
+            raise ValueError("the file is empty (0 bytes)")
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (FileNotFoundError, IsADirectoryError, RuntimeError, ValueError) as err:  # others: their own words
         if not Path(path).exists():
             raise DatasetNotFoundError(f"image {path} does not exist; restore it or re-read the split.") from err
         if Path(path).is_dir():

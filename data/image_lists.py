@@ -221,6 +221,7 @@ def _class_folders(split_dir: Path, class_names: list[str] | None) -> list[str]:
 
 
 def check_split_classes(root: Path, split: str, class_names: list[str]) -> None:
-    """root/<split>, when it exists, reads as a split of the training classes: checked as training starts (one
-    listing of its folders), so that the --test after the run does not fail on a stray or empty folder."""
+    """root/<split>, when it exists, reads as a split of the training classes: read as training starts (a listing
+    of its folders and files, no image decoded), so that the --test after the run does not fail on a stray or
+    empty folder."""
     read_folder_split(root, split, class_names)

@@ -1,9 +1,10 @@
 """bench.compare_runs: its table's numbers in their columns, and runs of other class counts refused."""
 import json
+from pathlib import Path
 
 import pytest
 
-from bench.compare_runs import table
+from bench.compare_runs import row_name, table
 
 
 def _run(path, top1, many, medium, few, per_class, counts, **more):
@@ -43,3 +44,17 @@ def test_a_run_tested_post_hoc_or_on_another_run_s_checkpoint_is_named_so(tmp_pa
     rows = table([a, b, c]).splitlines()
     assert rows[2].startswith("| a | 50.0 |") and rows[3].startswith("| b (post-hoc tau 1) | 62.5 |")
     assert rows[4].startswith(f"| c (tests {tmp_path / 'a' / 'x.pt'}) | 62.5 |")  # another run's checkpoint
+
+
+def test_a_run_s_own_checkpoint_is_not_flagged_however_its_path_was_written(tmp_path, monkeypatch):
+    """--test inside the run directory (checkpoint "best.pt"), the run reached through a link, moved since its
+    --test: its own; a checkpoint of a folder by another name: another run's."""
+    run = tmp_path / "logs" / "cifar_ce"
+    run.mkdir(parents=True)
+    (tmp_path / "latest").symlink_to(run)
+    for given, checkpoint in [(run, "best.pt"), (run, "./last.pt"), (tmp_path / "latest", str(run / "best.pt")),
+                              (tmp_path / "latest", "latest/best.pt"), (run, "results/cifar_ce/best.pt")]:
+        assert row_name(given, {"checkpoint": checkpoint}) == given.name, (given, checkpoint)
+    assert row_name(run, {"checkpoint": "logs/other/best.pt"}) == "cifar_ce (tests logs/other/best.pt)"
+    monkeypatch.chdir(run)
+    assert row_name(Path("."), {"checkpoint": "best.pt"}) == "cifar_ce"

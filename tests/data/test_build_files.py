@@ -12,7 +12,7 @@ from data.augment import CIFAR10_MEAN, CIFAR10_STD
 from data.build import recorded_normalization
 from data.build_files import DATASET_KINDS, FILE_DATASETS, build_file_data, data_record, read_test_split
 from data.cifar import DatasetFormatError
-from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
+from data.image_files import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, decode_rgb
 from data.image_lists import LIST_DATASETS, read_folder_split
 from data.long_tail import hold_out_per_class, long_tail_counts, long_tail_split
 from tests.conftest import write_image_folder, write_image_lists
@@ -223,6 +223,9 @@ def test_a_file_name_that_is_not_utf_8_is_read_and_digested_by_its_bytes(tmp_pat
     shutil.copy(root / "train" / "ant" / "0.jpg", latin1)
     data = build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16)
     assert latin1 in data.train_images.images.paths and data.class_counts == [4, 3, 3, 3]
+    assert torch.equal(decode_rgb(latin1), decode_rgb(root / "train" / "ant" / "0.jpg"))  # and decoded (read_file
+    x, y = data.train_images[(data.train_images.images.paths.index(latin1), 0)]  # refused its name)
+    assert x.shape == (3, 16, 16) and y == 0
     os.rename(latin1, root / "train" / "ant" / "cafe.jpg")
     assert build_file_data("folder", root, "", 1.0, "exp", 0, 0, 16).train_digest != data.train_digest
 
