@@ -107,4 +107,5 @@ def test_a_refused_resume_shows_a_float_key_as_given_not_with_a_trailing_point_z
     with pytest.raises(ConfigError, match=r"at train.lr \(the run's 0.1, now 0.1000001\), train.weight_decay "
                                           r"\(the run's 0.0005, now 0.00051234567\); resume"):  # all digits
         check_resume(saved, load_config(None, ["train.warmup=800", "train.iterations=1000", "train.lr=0.1000001",
-                                               "train.weight_decay=0.00051234567"], "stage1"), "stage1", "logs/x/c.yaml")
+                                               "train.weight_decay=0.00051234567"], "stage1"), "stage1",
+                     "logs/x/c.yaml")
