@@ -101,12 +101,16 @@ def start_run(cfg: Config, stage: str, resume: bool, ranks: Dist) -> tuple[Path,
     def read() -> dict | None:  # before the log opens: a refusal writes nothing
         claim_run_dir(Path(cfg.run_dir))  # one writer: a second run there stops here
         try:
-            return resume_checkpoint(Path(cfg.run_dir), resume)
+            ckpt = resume_checkpoint(Path(cfg.run_dir), resume)
         except RunDirError:  # a run there: of the other stage (its config.yaml says), --resume would not help
             saved = {} if resume else _saved_config(Path(cfg.run_dir))
             if saved:
                 check_stage_of_run(saved, stage, cfg.run_dir, resume=False)
             raise
+        saved = _saved_config(Path(cfg.run_dir)) if ckpt is None else {}  # the other stage's start, no checkpoint
+        if saved:  # yet: its metric log and events are not this stage's to drop
+            check_stage_of_run(saved, stage, cfg.run_dir, resume=resume)
+        return ckpt
     if not resume:  # a new run (else refused as such): its config's errors before the run directory's
         check_schedule_keys(cfg)
     ckpt = from_rank0(read, ranks)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import config.cli
 from config.cli import check_select_metric, parse_args, parse_cli, start_run
@@ -507,3 +508,18 @@ def test_a_path_through_a_symbolic_link_to_nothing_is_named_as_such_not_as_a_fil
             (tmp_path / "logs" / "run").mkdir(parents=True)
     assert e.value.code == f"error: {tmp_path / 'logs'}: a symbolic link to {tmp_path / 'unmounted'}, which does not " \
                            f"exist (a disk not mounted?)"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_of_the_other_stage_without_a_checkpoint_yet_is_refused_and_its_logs_kept(tmp_path, monkeypatch, resume):
+    """A stage-1 run killed before its first last.pt: a stage-2 run there would drop its metrics.jsonl and tb/."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.1}, "loss": {"name": "ce"}}))
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (tmp_path / "tb").mkdir()
+    cfg, _ = parse_cli("stage2", "", [f"log_dir={tmp_path}", "stage1.checkpoint=x.pt"])
+    monkeypatch.setattr(config.cli, "setup_run", lambda run_dir, *_, **__: Path(run_dir))
+    with pytest.raises(ConfigError, match=rf"{tmp_path} holds a stage1 run \(stage1_train.py\), not a stage2 one"):
+        start_run(cfg, "stage2", resume, Dist())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "metrics.jsonl", "tb"]
+    cfg1, _ = parse_cli("stage1", "", [f"log_dir={tmp_path}"])  # its own stage starts it again
+    assert start_run(cfg1, "stage1", True, Dist()) == (tmp_path, None)
