@@ -61,20 +61,21 @@ def load_run(path: Path) -> Run:
     checkpoint (`--test --ckpt` in a log_dir of its own), the training records are that run's."""
     if not path.is_dir():
         sys.exit(f"error: {path} is not a directory; pass run directories (logs/<run>) that --test has been run on")
-    source, test_path = path, path / "test_metrics.json"
-    if not (path / "config.yaml").is_file() and test_path.is_file():
-        source = Path(read_metrics(test_path, TEST_KEYS).get("checkpoint") or path).parent
+    test_path = path / "test_metrics.json"
+    test = read_metrics(test_path, TEST_KEYS) if test_path.is_file() else None
+    source = path
+    if not (path / "config.yaml").is_file() and test is not None:
+        source = Path(test.get("checkpoint") or path).parent
     for name in ("config.yaml", "metrics.jsonl"):
         if not (source / name).is_file():
             sys.exit(f"error: {source} has no {name}: not a run directory of stage1_train.py or stage2_classifier.py")
     cfg = read_config(source / "config.yaml")
     stage2 = isinstance(cfg.get("stage2"), dict)
-    if not test_path.is_file():
+    if test is None:
         script = "stage2_classifier.py" if stage2 else "stage1_train.py"
         sys.exit(f"error: {path} has no test_metrics.json; run `python {script} --cfg {path}/config.yaml "
                  f"log_dir={path} --test` first")
     epochs = read_epochs(source / "metrics.jsonl")
-    test = read_metrics(test_path, TEST_KEYS)
     check_test(test_path, test, epochs)
     imbalance = (cfg.get("data") or {}).get("imbalance_factor")
     return Run(row_name(path, test), method_name(cfg), "-" if imbalance is None else f"{imbalance:g}",

@@ -152,8 +152,8 @@ def training_set(cfg: Config, ranks: Dist, normalization: Normalization | None) 
         return build_training_set(d.dataset, d.root, d.list_dir, d.download, d.imbalance_factor, d.profile,
                                   d.subset_seed, d.val_per_class, d.image_size, normalization, d.subset_draw, d.flip)
     data = local_rank0_first(build, ranks) if d.download else build()  # one download per machine
-    check_same_data(f"{len(data.train_labels)} training images, {len(data.val_labels)} validation, digest "
-                    f"{data.train_digest}", "training set", ranks)
+    check_same_data(lambda: f"{len(data.train_labels)} training images, {len(data.val_labels)} validation, digest "
+                            f"{data.train_digest}", "training set", ranks)
     return data
 
 

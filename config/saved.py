@@ -80,8 +80,9 @@ def _same_file(a: Any, b: Any) -> bool:
 
 def run_changes(saved: dict, cfg: Config, stage: str) -> list[str]:
     """The keys of a `stage` run's saved config that `cfg` changes beyond SAME_RUN_KEYS: a run of other settings."""
-    run, now = _saved_flat(saved), flatten(config_to_dict(cfg, stage))
-    return [k for k in config_diff(saved, config_to_dict(cfg, stage))
+    current = config_to_dict(cfg, stage)
+    run, now = _saved_flat(saved), flatten(current)
+    return [k for k in config_diff(saved, current)
             if k not in SAME_RUN_KEYS and not (k in FILE_KEYS and _same_file(run.get(k), now.get(k)))]
 
 

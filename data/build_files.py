@@ -19,7 +19,7 @@ from data.build import (NORMALIZATION, LongTailData, Normalization, build_long_t
                         training_digest)
 from data.cifar import DatasetFormatError
 from data.image_files import ImageFileDataset, eval_transform, train_transform
-from data.image_lists import LIST_DATASETS, ImageList, check_split_classes, read_folder_split, read_list_split
+from data.image_lists import LIST_DATASETS, ImageList, read_folder_split, read_list_split
 from data.long_tail import class_counts, hold_out_per_class
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ def _subset(images: ImageList, index: torch.Tensor) -> ImageList:
 def _folder_splits(root: Path, imbalance_factor: float, profile: str, subset_seed: int,
                    val_per_class: int, subset_draw: str) -> tuple[ImageList, ImageList | None]:
     full = read_folder_split(root, "train")
-    check_split_classes(root, "test", full.class_names)
+    # test/, when there, read now (a listing, no image decoded): the --test after the run must not fail on a stray
+    # or empty class folder
+    read_folder_split(root, "test", full.class_names)
     val = read_folder_split(root, "val", full.class_names)
     if val is not None and val_per_class:
         raise DatasetFormatError(f"{root / 'val'} is the validation split; data.val_per_class={val_per_class} would "

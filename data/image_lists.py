@@ -218,10 +218,3 @@ def _class_folders(split_dir: Path, class_names: list[str] | None) -> list[str]:
             raise DatasetFormatError(f"{split_dir / folder}: class {folder!r} has no folder in the training split; "
                                      f"rename it to a training class or remove it.")
     return folders
-
-
-def check_split_classes(root: Path, split: str, class_names: list[str]) -> None:
-    """root/<split>, when it exists, reads as a split of the training classes: read as training starts (a listing
-    of its folders and files, no image decoded), so that the --test after the run does not fail on a stray or
-    empty folder."""
-    read_folder_split(root, split, class_names)

@@ -134,14 +134,15 @@ def local_rank0_first(make: Callable[[], T], d: Dist) -> T:
     return make()
 
 
-def check_same_data(summary: str, what: str, d: Dist) -> None:
+def check_same_data(summary: Callable[[], str], what: str, d: Dist) -> None:
     """Each rank reads the data at its own data.root: stop every rank with one error naming the first rank whose
-    `summary` of it (sizes and digest) differs from rank 0's, before another copy of the dataset hangs the job
-    in mismatched collectives (other lengths) or trains it on a mix of two datasets (other pixels)."""
+    summary() of it (sizes and digest; made only with several processes) differs from rank 0's, before another
+    copy of the dataset hangs the job in mismatched collectives (other lengths) or trains it on a mix of two
+    datasets (other pixels)."""
     if d.world == 1:
         return
     summaries: list = [None] * d.world
-    dist.all_gather_object(summaries, summary)
+    dist.all_gather_object(summaries, summary())
     for rank, theirs in enumerate(summaries[1:], start=1):
         if theirs != summaries[0]:
             raise DatasetFormatError(f"rank {rank} reads another {what} than rank 0 ({theirs}; rank 0: "
