@@ -121,7 +121,9 @@ def test_a_signal_during_a_download_is_one_line_and_leaves_no_lock_file(sig, sta
 
 
 def test_a_listing_read_by_a_reader_that_stops_ends_quietly_as_sigpipe_would(tmp_path):
-    for i in range(300):  # output beyond stdout's 8 KB buffer: writes follow the reader's close
+    # Output beyond the pipe's 64 KB (2000 lines, about 95 KB), not only stdout's 8 KB buffer: with 300 lines (14 KB)
+    # the pipe could take all of it before the reader's close, and the program rightly exited 0 (a flaky failure).
+    for i in range(2000):
         (tmp_path / f"file_{i}.pt").write_text("x")
     proc = subprocess.Popen([sys.executable, "-m", "models", "list"], cwd=REPO, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, CACHE_ENV: str(tmp_path)})
